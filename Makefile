@@ -1,0 +1,51 @@
+# MushroomCLIP. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Extra pip spec installed before requirements.txt, e.g. TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+TORCH_SPEC ?=
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+DEMO ?= demo
+BENCH ?= /tmp/mushroomclip-bench
+NPROC ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: help setup test demo bench-prepare lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed  ## create .venv with requirements.txt and the package (editable)
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet $(TORCH_SPEC))
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --editable .
+	touch $@
+
+test: setup  ## run the test suite (offline, CPU, tiny data)
+	$(OFFLINE) $(PY) -m pytest -q
+
+demo: setup  ## synthetic download -> prepare -> trivial-baseline metrics, offline
+	$(OFFLINE) $(PY) data_scripts/make_synthetic.py --output $(DEMO)/kaggle --classes 8 --per-class 40 --corrupt 2 --dirty
+	$(OFFLINE) $(PY) data_scripts/prepare_kaggle.py --source $(DEMO)/kaggle --output $(DEMO)/prepared --no-progress
+	$(OFFLINE) $(PY) -m mushroomclip.baselines --data $(DEMO)/prepared --split test --output $(DEMO)/results/baselines
+
+bench-prepare: setup  ## prepare a 169-class synthetic download of ~20k 500px images; prints images/s
+	$(PY) data_scripts/make_synthetic.py --output $(BENCH)/kaggle --classes 169 --per-class 120 --size 500 --num-proc $(NPROC)
+	rm -rf $(BENCH)/prepared
+	$(PY) data_scripts/prepare_kaggle.py --source $(BENCH)/kaggle --output $(BENCH)/prepared --max-side 512 --num-proc $(NPROC) --no-progress
+	@$(PY) -c "import json; r = json.load(open('$(BENCH)/prepared/prepare_report.json')); n = $(NPROC); \
+	print(f\"bench-prepare: {r['unique_images']} images in {r['seconds']} s = {r['images_per_second']} images/s on {n} cores ({r['images_per_second'] / n:.0f} per core)\")"
+
+lint: setup  ## ruff lint + format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup  ## apply ruff fixes and formatting
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:  ## remove demo outputs and caches (keeps .venv)
+	rm -rf $(DEMO) results .pytest_cache .ruff_cache

@@ -1,0 +1,60 @@
+"""Figures saved beside metrics: the confusion matrix (taxonomic order) and rank-level accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mushroomclip.taxonomy import Taxonomy
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_confusion_png(confusion: np.ndarray, taxonomy: Taxonomy, path: str | Path, title: str = "") -> Path:
+    """Row-normalised confusion of the classes present, axes sorted by lineage so related species sit together."""
+    plt = _pyplot()
+    confusion = np.asarray(confusion)
+    present = np.flatnonzero(confusion.sum(0) + confusion.sum(1))
+    order = taxonomy.taxonomic_order(present)
+    cm = confusion[np.ix_(order, order)].astype(float)
+    cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    n = len(order)
+    size = min(4 + 0.12 * n, 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(cm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    if n <= 60:  # beyond that labels are unreadable; the order still groups families
+        names = [taxonomy.classes[i] for i in order]
+        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"confusion ({n} classes, rows normalised, taxonomic order)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_rank_accuracy_png(metrics: dict, path: str | Path, title: str = "") -> Path:
+    """Bar chart of accuracy at species (OA) and every higher rank."""
+    plt = _pyplot()
+    ranks = {"species": metrics["oa"], **metrics["rank_accuracy"]}
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(list(ranks), [100 * v for v in ranks.values()], color="#6a994e")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title or "accuracy by taxonomic rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
