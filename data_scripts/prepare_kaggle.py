@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Turn the Kaggle "Mushroom species recognition" download into a Hugging Face ImageFolder.
 
-    python data_scripts/prepare_kaggle.py --source data/kaggle --output data/mushrooms
+python data_scripts/prepare_kaggle.py --source data/kaggle --output data/mushrooms
 """
 
 from __future__ import annotations
@@ -16,19 +16,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--source", required=True, help="the unzipped Kaggle download: holds train.csv, val.csv, test.csv "
-                   "and merged_dataset/<species>/ (directly or in one sub-folder)")
-    p.add_argument("--output", required=True, help="folder to write the ImageFolder to (created; re-runs reuse finished files)")
-    p.add_argument("--split", choices=("official", "random"), default="official",
-                   help="official: the Kaggle CSVs; random: a stratified 80/10/10 split of every image under merged_dataset/")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="the unzipped Kaggle download: holds train.csv, val.csv, test.csv "
+        "and merged_dataset/<species>/ (directly or in one sub-folder)",
+    )
+    p.add_argument(
+        "--output", required=True, help="folder to write the ImageFolder to (created; re-runs reuse finished files)"
+    )
+    p.add_argument(
+        "--split",
+        choices=("official", "random"),
+        default="official",
+        help="official: the Kaggle CSVs; random: a stratified 80/10/10 split of every image under merged_dataset/",
+    )
     p.add_argument("--seed", type=int, default=42, help="seed of the random split (same seed, same files)")
-    p.add_argument("--keep-oversampling", action="store_true",
-                   help="keep train.csv's repeated rows (as repeated metadata rows) for parity with runs that used it as is")
-    p.add_argument("--max-side", type=int, default=512,
-                   help="with --copy-mode resize, re-encode images whose long side is larger, once; 0 keeps every size")
-    p.add_argument("--copy-mode", choices=("resize", "copy", "link"), default="resize",
-                   help="resize: copy, re-encoding large or EXIF-rotated images; copy: bytes as they are; "
-                   "link: hard links (symbolic across file systems), no extra disk")
+    p.add_argument(
+        "--keep-oversampling",
+        action="store_true",
+        help="keep train.csv's repeated rows (as repeated metadata rows) for parity with runs that used it as is",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=512,
+        help="with --copy-mode resize, re-encode images whose long side is larger, once; 0 keeps every size",
+    )
+    p.add_argument(
+        "--copy-mode",
+        choices=("resize", "copy", "link"),
+        default="resize",
+        help="resize: copy, re-encoding large or EXIF-rotated images; copy: bytes as they are; "
+        "link: hard links (symbolic across file systems), no extra disk",
+    )
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images")
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
     p.add_argument("--taxonomy", default=None, help="species table CSV to use instead of the bundled one")

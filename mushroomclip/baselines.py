@@ -1,6 +1,6 @@
 """Trivial reference points for any model: the majority class and colour-histogram nearest centroid.
 
-    python -m mushroomclip.baselines --data demo/prepared --split test --output results/baselines
+python -m mushroomclip.baselines --data demo/prepared --split test --output results/baselines
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def colour_histograms(images, size: int = 64) -> np.ndarray:
     return features
 
 
-def nearest_centroid_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int) -> np.ndarray:
+def nearest_centroid_scores(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int
+) -> np.ndarray:
     """Negative Euclidean distance to each class centroid; classes without training images score -inf."""
     scores = np.full((len(test_x), num_classes), -np.inf, dtype=np.float64)
     classes = np.unique(train_y)

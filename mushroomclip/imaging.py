@@ -17,7 +17,9 @@ EXIF_ORIENTATION = 0x0112
 JPEG_NAMES = (".jpg", ".jpeg")
 
 
-def _write_atomically(dest: Path, data: bytes | None = None, image: Image.Image | None = None, quality: int = 90) -> None:
+def _write_atomically(
+    dest: Path, data: bytes | None = None, image: Image.Image | None = None, quality: int = 90
+) -> None:
     # Write-then-rename, so an interrupted run never leaves a half-written image behind.
     tmp = dest.with_name(dest.name + ".part")
     if image is not None:
@@ -68,7 +70,14 @@ def process_image(src: str, dest_dir: str, mode: str, max_side: int, quality: in
                     dest = dest.with_name(dest.name + ".jpg")  # "a.png" -> "a.png.jpg": cannot collide
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 _write_atomically(dest, image=upright, quality=quality)
-                return {"status": "ok", "sha1": sha1, "dest": str(dest), "width": width, "height": height, "reencoded": True}
+                return {
+                    "status": "ok",
+                    "sha1": sha1,
+                    "dest": str(dest),
+                    "width": width,
+                    "height": height,
+                    "reencoded": True,
+                }
             image.load()  # a full decode is the only reliable test for truncated files
     except UnidentifiedImageError:
         return {"status": "not_an_image", "detail": "not a format Pillow can read"}

@@ -72,7 +72,9 @@ def _validate(y_true, scores_or_pred, num_classes: int) -> tuple[np.ndarray, np.
         raise ValueError(f"y_true must be a non-empty 1-D array of class ids, got shape {y_true.shape}")
     if values.ndim == 2:
         if values.shape != (len(y_true), num_classes):
-            raise ValueError(f"scores must have shape (N, num_classes) = ({len(y_true)}, {num_classes}), got {values.shape}")
+            raise ValueError(
+                f"scores must have shape (N, num_classes) = ({len(y_true)}, {num_classes}), got {values.shape}"
+            )
         scores, y_pred = values, values.argmax(axis=1)
     elif values.ndim == 1 and len(values) == len(y_true):
         scores, y_pred = None, values
@@ -80,7 +82,9 @@ def _validate(y_true, scores_or_pred, num_classes: int) -> tuple[np.ndarray, np.
         raise ValueError(f"expected {len(y_true)} predictions or an (N, C) score matrix, got shape {values.shape}")
     for name, ids in (("y_true", y_true), ("predictions", y_pred)):
         if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= num_classes:
-            raise ValueError(f"{name} must be integer class ids in [0, {num_classes}), got {ids.dtype} in [{ids.min()}, {ids.max()}]")
+            raise ValueError(
+                f"{name} must be integer class ids in [0, {num_classes}), got {ids.dtype} in [{ids.min()}, {ids.max()}]"
+            )
     return y_true.astype(np.int64), y_pred.astype(np.int64), scores
 
 
@@ -188,7 +192,9 @@ def format_report(metrics: dict, title: str = "") -> str:
     lines = [title] if title else []
     lines.append("  ".join(f"{k.upper()} {pct(metrics.get(k))}" for k in (*HEADLINE, "balanced_acc")))
     if "ci" in metrics:
-        lines.append("95% CI  " + "  ".join(f"{k.upper()} [{pct(lo)}, {pct(hi)}]" for k, (lo, hi) in metrics["ci"].items()))
+        lines.append(
+            "95% CI  " + "  ".join(f"{k.upper()} [{pct(lo)}, {pct(hi)}]" for k, (lo, hi) in metrics["ci"].items())
+        )
     if "rank_accuracy" in metrics:
         lines.append("rank accuracy  " + "  ".join(f"{r} {pct(v)}" for r, v in metrics["rank_accuracy"].items()))
         sev = metrics["mistake_severity"]

@@ -11,12 +11,18 @@ from mushroomclip.provenance import run_provenance
 from mushroomclip.taxonomy import Taxonomy
 
 
-def write_results(out_dir: str | Path, metrics: dict, taxonomy: Taxonomy, config: dict, seed: int | None, name: str = "") -> Path:
+def write_results(
+    out_dir: str | Path, metrics: dict, taxonomy: Taxonomy, config: dict, seed: int | None, name: str = ""
+) -> Path:
     """``out_dir/metrics.json`` (metrics + what produced them), ``confusion.png``, ``rank_accuracy.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"name": name, "metrics": to_jsonable(metrics), "taxonomy_sha256": taxonomy.fingerprint,
-              **run_provenance(config, seed)}
+    record = {
+        "name": name,
+        "metrics": to_jsonable(metrics),
+        "taxonomy_sha256": taxonomy.fingerprint,
+        **run_provenance(config, seed),
+    }
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
     save_confusion_png(metrics["confusion"], taxonomy, out_dir / "confusion.png", title=f"{name} confusion".strip())
     if "rank_accuracy" in metrics:

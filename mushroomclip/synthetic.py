@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mushroomclip.prepare import CSV_FOR_SPLIT, IMAGES_DIR, KAGGLE_PREFIX
+from mushroomclip.kaggle import CSV_FOR_SPLIT, IMAGES_DIR, KAGGLE_PREFIX
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 
 SHAPES = ("ellipse", "rectangle", "triangle", "stripes")
@@ -134,8 +134,15 @@ def make_synthetic_download(
         for job in jobs:
             _render_job(job)
 
-    injected = {"corrupt_image": 0, "not_an_image": 0, "missing_file": 0, "unknown_label": 0,
-                "cross_split_duplicate": 0, "within_split_duplicate": 0, "empty_class": 0}
+    injected = {
+        "corrupt_image": 0,
+        "not_an_image": 0,
+        "missing_file": 0,
+        "unknown_label": 0,
+        "cross_split_duplicate": 0,
+        "within_split_duplicate": 0,
+        "empty_class": 0,
+    }
     first = species[0]
     for k in range(corrupt):
         bad = root / IMAGES_DIR / first / f"corrupt{k}.jpg"
@@ -161,8 +168,14 @@ def make_synthetic_download(
         rows["train"].append((str(twin), first))
         empty = next(s for s in taxonomy.classes if s not in species)
         (root / IMAGES_DIR / empty).mkdir()
-        injected.update(not_an_image=1, missing_file=1, unknown_label=1, cross_split_duplicate=1,
-                        within_split_duplicate=1, empty_class=1)
+        injected.update(
+            not_an_image=1,
+            missing_file=1,
+            unknown_label=1,
+            cross_split_duplicate=1,
+            within_split_duplicate=1,
+            empty_class=1,
+        )
         injected["empty_class_name"] = empty
 
     # Oversample train.csv the Kaggle way: cycle each class's rows up to the largest class's count.
@@ -182,7 +195,9 @@ def make_synthetic_download(
     manifest = {
         "species": species,
         "images": sum(len(v) for v in files_by_class.values()),
-        "per_split": {split: sum(_split_counts(len(v))[split] for v in files_by_class.values()) for split in CSV_FOR_SPLIT},
+        "per_split": {
+            split: sum(_split_counts(len(v))[split] for v in files_by_class.values()) for split in CSV_FOR_SPLIT
+        },
         "train_csv_rows": len(rows["train"]),
         "size": size,
         "seed": seed,

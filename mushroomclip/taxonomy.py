@@ -169,15 +169,19 @@ def _parse(text: str, source: str) -> list[Species]:
         if row["label"] in seen:
             raise TaxonomyError(f"{where}: species {row['label']!r} appears twice")
         if row["edibility"] not in EDIBILITY:
-            raise TaxonomyError(
-                f"{where}: edibility {row['edibility']!r} is not one of {', '.join(EDIBILITY)}"
-            )
+            raise TaxonomyError(f"{where}: edibility {row['edibility']!r} is not one of {', '.join(EDIBILITY)}")
         seen.add(row["label"])
         species.append(
             Species(
-                label=row["label"], kingdom=row["kingdom"], phylum=row["phylum"],
-                class_=row["class"], order=row["order"], family=row["family"], genus=row["genus"],
-                common_name=row["common_name"], edibility=row["edibility"],
+                label=row["label"],
+                kingdom=row["kingdom"],
+                phylum=row["phylum"],
+                class_=row["class"],
+                order=row["order"],
+                family=row["family"],
+                genus=row["genus"],
+                common_name=row["common_name"],
+                edibility=row["edibility"],
                 lichen=row["lichen"].lower() in ("yes", "true", "1"),
                 synonym_of=row["synonym_of"] or None,
             )  # fmt: skip
@@ -195,7 +199,9 @@ def _load_cached(path: str | None) -> Taxonomy:
     else:
         p = Path(path)
         if not p.is_file():
-            raise TaxonomyError(f"taxonomy file {p} does not exist; pass --taxonomy with a CSV of columns {','.join(COLUMNS)}")
+            raise TaxonomyError(
+                f"taxonomy file {p} does not exist; pass --taxonomy with a CSV of columns {','.join(COLUMNS)}"
+            )
         data, source = p.read_bytes(), str(p)
     return Taxonomy(_parse(data.decode("utf-8-sig"), source), source, data)
 

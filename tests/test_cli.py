@@ -1,0 +1,76 @@
+"""The command-line tools as a user runs them: flags documented, summaries printed, errors in one line."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.mark.parametrize("script", ["data_scripts/prepare_kaggle.py", "data_scripts/make_synthetic.py"])
+def test_every_flag_is_in_help_and_readme(script):
+    help_text = run(script, "--help").stdout
+    flags = set(re.findall(r"--[a-z][a-z-]+", help_text)) - {"--help"}
+    assert "--output" in flags and "--num-proc" in flags and "--taxonomy" in flags
+    readme = (ROOT / "README.md").read_text()
+    assert not [f for f in flags if f not in readme], "flags missing from README.md"
+
+
+def test_synthetic_then_prepare_prints_the_summary(tmp_path):
+    made = run(
+        "data_scripts/make_synthetic.py",
+        "--output",
+        str(tmp_path / "dl"),
+        "--classes",
+        "3",
+        "--per-class",
+        "8",
+        "--size",
+        "16",
+        "--corrupt",
+        "1",
+        "--num-proc",
+        "1",
+    )
+    assert "wrote" in made.stdout
+    result = run(
+        "data_scripts/prepare_kaggle.py",
+        "--source",
+        str(tmp_path / "dl"),
+        "--output",
+        str(tmp_path / "out"),
+        "--num-proc",
+        "2",
+        "--no-progress",
+    )
+    assert re.search(r"^total\s+\d+\s+3$", result.stdout, re.M)
+    assert "skipped: 1 (corrupt_image 1)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--source", "/nonexistent/kaggle", "--output", "/tmp/x"],
+            "error: source folder /nonexistent/kaggle does not exist",
+        ),
+        (
+            ["--source", ".", "--output", "/tmp/x", "--taxonomy", "/nonexistent.csv"],
+            "error: taxonomy file /nonexistent.csv does not exist",
+        ),
+    ],
+)
+def test_errors_are_one_clear_line(args, message):
+    result = run("data_scripts/prepare_kaggle.py", *args, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(message) and "Traceback" not in result.stderr
