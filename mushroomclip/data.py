@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
@@ -33,3 +34,8 @@ def load_splits(data_dir: str | Path, **load_kwargs):
     taxonomy = prepared_taxonomy(data_dir)
     splits = load_dataset("imagefolder", data_dir=str(data_dir), **load_kwargs)
     return splits.cast_column("label", ClassLabel(names=taxonomy.classes))
+
+
+def split_fingerprint(data_dir: str | Path, split: str) -> str:
+    """Identifies a prepared split's content (its metadata.csv) for feature caches."""
+    return hashlib.sha256((Path(data_dir) / split / "metadata.csv").read_bytes()).hexdigest()[:16]

@@ -1,0 +1,198 @@
+"""Zero-shot, few-shot and linear-probe evaluation of backbones on a prepared split.
+
+Per model: image features once (cached), then for every text type the zero-shot head (class text
+embeddings, cached) and, from the same features, SimpleShot for every k x seed and optionally a probe.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mushroomclip.metrics import classification_metrics, format_report, to_jsonable
+from mushroomclip.reporting import write_results
+
+SUMMARY_KEYS = ("oa", "top5", "mf1", "miou", "balanced_acc", "dangerous_as_edible")
+
+
+@dataclass
+class EvalConfig:
+    data: str
+    models: list[str]
+    split: str = "test"
+    text_types: list[str] = field(default_factory=lambda: ["taxon_com"])
+    templates: str = "openai"
+    output: str = "results"
+    shots: list[int] = field(default_factory=lambda: [1, 5])
+    seeds: int = 5
+    probe: bool = False
+    batch_size: int = 256
+    num_workers: int = 2
+    device: str = "auto"
+    random_weights: bool = False
+    bootstrap: int = 0
+    cache_dir: str | None = None
+    taxonomy: str | None = None
+    seed: int = 0
+
+    def resolved_device(self) -> str:
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+
+
+def zero_shot_scores(image_features: np.ndarray, class_embeddings: torch.Tensor, logit_scale: float) -> np.ndarray:
+    """``(N, C)`` logits: scaled cosine similarity of normalised image and class embeddings."""
+    return logit_scale * image_features @ class_embeddings.numpy().T
+
+
+def _predictions_table(scores: np.ndarray, labels: np.ndarray, split, classes: list[str], k: int = 5):
+    import pandas as pd
+
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    probs = torch.softmax(torch.from_numpy(scores).float(), dim=1).numpy()
+    return pd.DataFrame(
+        {
+            "source": split["source"],
+            "label": labels,
+            "species": [classes[i] for i in labels],
+            "pred": top[:, 0],
+            "pred_species": [classes[i] for i in top[:, 0]],
+            "top5_ids": list(top),
+            "top5_probs": list(np.take_along_axis(probs, top, axis=1)),
+        }
+    )
+
+
+def _row(model: str, method: str, text_type: str, metrics: dict) -> dict:
+    return {"model": model, "method": method, "text_type": text_type} | {k: metrics.get(k) for k in SUMMARY_KEYS}
+
+
+def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
+    """Run every configured evaluation; writes results under ``cfg.output`` and returns the summary rows."""
+    from mushroomclip.data import load_splits, prepared_taxonomy, split_fingerprint
+    from mushroomclip.features import cached_image_features
+    from mushroomclip.fewshot import linear_probe_scores, sample_support, simpleshot_scores, summarise_runs
+    from mushroomclip.models import load_backbone
+    from mushroomclip.prompts import cached_class_text_embeddings
+    from mushroomclip.taxonomy import load_taxonomy
+
+    taxonomy = prepared_taxonomy(cfg.data)
+    if cfg.taxonomy:
+        override = load_taxonomy(cfg.taxonomy)
+        if override.classes != taxonomy.classes:
+            raise ValueError(f"--taxonomy {cfg.taxonomy} lists other species than {cfg.data}/taxonomy.csv, which the "
+                             "prepared label ids index; prepare the data again with --taxonomy instead")  # fmt: skip
+        taxonomy = override
+    splits = load_splits(cfg.data)
+    output = Path(cfg.output)
+    cache_dir = cfg.cache_dir or str(output / ".cache")
+    device = cfg.resolved_device()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    num_classes = len(taxonomy)
+    provenance_config = asdict(cfg) | {"device": device, "dtype": str(dtype)}
+    rows = []
+    for name in cfg.models:
+        backbone = load_backbone(name, device=device, dtype=dtype, random_weights=cfg.random_weights)
+        feature_args = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+        eval_split = splits[cfg.split]
+        feats, labels, _ = cached_image_features(
+            backbone,
+            eval_split,
+            split_fingerprint(cfg.data, cfg.split),
+            cache_dir,
+            desc=f"{name} {cfg.split}",
+            **feature_args,
+        )
+        for text_type in cfg.text_types:
+            class_emb, _ = cached_class_text_embeddings(backbone, taxonomy, text_type, cfg.templates, cache_dir)
+            scores = zero_shot_scores(feats, class_emb, backbone.logit_scale)
+            metrics = classification_metrics(
+                labels, scores, num_classes, taxonomy=taxonomy, bootstrap=cfg.bootstrap, seed=cfg.seed
+            )
+            out = output / "zero_shot" / name / text_type
+            write_results(
+                out,
+                metrics,
+                taxonomy,
+                provenance_config | {"model": name, "text_type": text_type},
+                cfg.seed,
+                f"{name} {text_type}",
+            )
+            _predictions_table(scores, labels, eval_split, taxonomy.classes).to_parquet(out / "predictions.parquet")
+            rows.append(_row(name, "zero-shot", text_type, metrics))
+            log(
+                format_report(
+                    metrics, title=f"\n{name} zero-shot ({text_type}, {cfg.templates} templates) on {cfg.split}"
+                )
+            )
+        if not cfg.shots and not cfg.probe:
+            continue
+        train_feats, train_labels, _ = cached_image_features(
+            backbone,
+            splits["train"],
+            split_fingerprint(cfg.data, "train"),
+            cache_dir,
+            desc=f"{name} train",
+            **feature_args,
+        )
+        for k in cfg.shots:
+            runs = []
+            for seed in range(cfg.seeds):
+                support = sample_support(train_labels, k, seed)
+                scores = simpleshot_scores(train_feats[support], train_labels[support], feats, num_classes)
+                runs.append(classification_metrics(labels, scores, num_classes, taxonomy=taxonomy))
+            summary = summarise_runs(runs, SUMMARY_KEYS)
+            out = output / "few_shot" / name / f"k{k}"
+            out.mkdir(parents=True, exist_ok=True)
+            record = {"model": name, "method": "simpleshot", "k": k, "seeds": list(range(cfg.seeds)), "summary": summary,
+                      "runs": [{key: r.get(key) for key in SUMMARY_KEYS} for r in runs]}  # fmt: skip
+            (out / "metrics.json").write_text(json.dumps(to_jsonable(record), indent=2))
+            rows.append(_row(name, f"{k}-shot", "", {key: v["mean"] for key, v in summary.items()}) | {"std": summary})
+            log(f"{name} SimpleShot {k}-shot over {cfg.seeds} seeds: "
+                + "  ".join(f"{key.upper()} {100 * v['mean']:.1f}±{100 * v['std']:.1f}" for key, v in summary.items() if key in ("oa", "mf1", "miou")))  # fmt: skip
+        if cfg.probe:
+            scores = linear_probe_scores(train_feats, train_labels, feats, num_classes, seed=cfg.seed)
+            metrics = classification_metrics(
+                labels, scores, num_classes, taxonomy=taxonomy, bootstrap=cfg.bootstrap, seed=cfg.seed
+            )
+            write_results(
+                output / "probe" / name,
+                metrics,
+                taxonomy,
+                provenance_config | {"model": name},
+                cfg.seed,
+                f"{name} linear probe",
+            )
+            rows.append(_row(name, "linear probe", "", metrics))
+            log(format_report(metrics, title=f"\n{name} linear probe on {cfg.split}"))
+        del backbone
+    write_summary(rows, output, cfg)
+    return rows
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def summary_markdown(rows: list[dict], title: str, note: str = "") -> str:
+    lines = [f"# {title}", ""]
+    if note:
+        lines += [f"> {note}", ""]
+    lines += ["| model | method | text type | OA | top-5 | mF1 | mIoU | balanced acc | dangerous→edible |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        std = r.get("std", {})
+        cells = [_pct(r[k]) + (f" ± {_pct(std[k]['std'])}" if k in std else "") for k in SUMMARY_KEYS]
+        lines.append(f"| {r['model']} | {r['method']} | {r['text_type'] or '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(rows: list[dict], output: Path, cfg: EvalConfig) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    note = "random weights: architectures only, figures are not model quality" if cfg.random_weights else ""
+    (output / "summary.md").write_text(summary_markdown(rows, f"Evaluation on {cfg.data} ({cfg.split})", note))
+    (output / "summary.json").write_text(json.dumps(to_jsonable({"config": asdict(cfg), "rows": rows}), indent=2))
