@@ -9,10 +9,10 @@ DEMO ?= demo
 BENCH ?= /tmp/mushroomclip-bench
 NPROC ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup test demo bench-prepare lint format clean
+.PHONY: help setup test demo demo-data benchmark bench-prepare bench-zero-shot lint format clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed  ## create .venv with requirements.txt and the package (editable)
 
@@ -27,10 +27,24 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 test: setup  ## run the test suite (offline, CPU, tiny data)
 	$(OFFLINE) $(PY) -m pytest -q
 
-demo: setup  ## synthetic download -> prepare -> trivial-baseline metrics, offline
+demo-data: setup  ## (re)make the synthetic demo download and prepare it into $(DEMO)/prepared
 	$(OFFLINE) $(PY) data_scripts/make_synthetic.py --output $(DEMO)/kaggle --classes 8 --per-class 40 --corrupt 2 --dirty
 	$(OFFLINE) $(PY) data_scripts/prepare_kaggle.py --source $(DEMO)/kaggle --output $(DEMO)/prepared --no-progress
+
+demo: demo-data  ## offline tour: synthetic download -> prepare -> baselines -> zero-/few-shot with tiny models
 	$(OFFLINE) $(PY) -m mushroomclip.baselines --data $(DEMO)/prepared --split test --output $(DEMO)/results/baselines
+	$(OFFLINE) $(PY) evaluate_zero_shot.py --data $(DEMO)/prepared --models tiny-clip,tiny-openclip --text-type taxon_com \
+	  --templates openai --shots 1,5 --num-workers 0 --output $(DEMO)/results/eval
+	@cat $(DEMO)/results/eval/summary.md
+
+benchmark: setup  ## zero-/few-shot for every configured model -> results/benchmark.md (tiny models on demo data when offline)
+	@if $(PY) -m mushroomclip.benchmark hub-reachable; then \
+	  $(PY) evaluate_zero_shot.py --config configs/benchmark.yaml; \
+	else \
+	  test -f $(DEMO)/prepared/test/metadata.csv || $(MAKE) --no-print-directory demo-data; \
+	  $(OFFLINE) $(PY) evaluate_zero_shot.py --config configs/benchmark_offline.yaml; \
+	fi
+	$(PY) -m mushroomclip.benchmark report --results results
 
 bench-prepare: setup  ## prepare ~20k synthetic 500px images (169 classes): copy path, then re-encode path; prints images/s
 	$(PY) data_scripts/make_synthetic.py --output $(BENCH)/kaggle --classes 169 --per-class 120 --size 500 --num-proc $(NPROC)
@@ -42,6 +56,11 @@ bench-prepare: setup  ## prepare ~20k synthetic 500px images (169 classes): copy
 	print(f\"bench-prepare --max-side $$side: {r['unique_images']} images ({r['reencoded']} re-encoded) in {r['seconds']} s \
 	= {r['images_per_second']:.0f} images/s on {n} cores ({r['images_per_second'] / n:.0f} per core)\")"; \
 	done
+
+bench-zero-shot: setup  ## zero-shot image-encoding images/s of the clip-b32 architecture (random weights), batch 256
+	$(PY) data_scripts/make_synthetic.py --output $(BENCH)/zs-kaggle --classes 20 --per-class 60 --size 500 --num-proc $(NPROC)
+	$(PY) data_scripts/prepare_kaggle.py --source $(BENCH)/zs-kaggle --output $(BENCH)/zs-prepared --num-proc $(NPROC) --no-progress > /dev/null
+	$(OFFLINE) $(PY) -m mushroomclip.benchmark speed --data $(BENCH)/zs-prepared --model clip-b32 --batch-size 256 --batches 3
 
 lint: setup  ## ruff lint + format check
 	$(PY) -m ruff check .

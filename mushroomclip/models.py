@@ -165,6 +165,13 @@ def tiny_clip_config():
     )  # fmt: skip
 
 
+def _size_value(size, key: str) -> int | None:
+    """A side length from an image processor's size field: an int, a dict, or transformers 5's SizeDict."""
+    if size is None or isinstance(size, int):
+        return size
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
 def _load_hf(name: str, spec: ModelSpec, random_weights: bool) -> Backbone:
     from transformers import CLIPConfig, CLIPModel
 
@@ -185,8 +192,8 @@ def _load_hf(name: str, spec: ModelSpec, random_weights: bool) -> Backbone:
             tokenizer = CLIPTokenizer.from_pretrained(spec.source)
         except OSError as err:
             raise ModelLoadError(_download_hint(name, spec.source, err)) from None
-        crop = processor.crop_size["height"] if isinstance(processor.crop_size, dict) else processor.crop_size
-        short = processor.size.get("shortest_edge", crop) if isinstance(processor.size, dict) else processor.size
+        crop = _size_value(processor.crop_size, "height")
+        short = _size_value(processor.size, "shortest_edge") or crop
         preprocess = clip_transform(crop, processor.image_mean, processor.image_std, resize=short)
         cache_id = f"{name}:{spec.source}:{getattr(model.config, '_commit_hash', None) or 'local'}"
     return Backbone(name, "hf", model, preprocess, _hf_tokenize(tokenizer), cache_id)

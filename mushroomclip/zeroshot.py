@@ -16,7 +16,14 @@ import torch
 from mushroomclip.metrics import classification_metrics, format_report, to_jsonable
 from mushroomclip.reporting import write_results
 
-SUMMARY_KEYS = ("oa", "top5", "mf1", "miou", "balanced_acc", "dangerous_as_edible")
+SUMMARY_KEYS = ("oa", "top5", "mf1", "miou", "balanced_acc", "genus_acc", "family_acc", "dangerous_as_edible")
+COLUMN_NAMES = ("OA", "top-5", "mF1", "mIoU", "balanced acc", "genus acc", "family acc", "dangerous→edible")
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """The summary scalars of one evaluation, rank accuracies flattened to ``<rank>_acc``."""
+    flat = {k: v for k, v in metrics.items() if not isinstance(v, (dict, np.ndarray))}
+    return flat | {f"{rank}_acc": v for rank, v in metrics.get("rank_accuracy", {}).items()}
 
 
 @dataclass
@@ -68,7 +75,8 @@ def _predictions_table(scores: np.ndarray, labels: np.ndarray, split, classes: l
 
 
 def _row(model: str, method: str, text_type: str, metrics: dict) -> dict:
-    return {"model": model, "method": method, "text_type": text_type} | {k: metrics.get(k) for k in SUMMARY_KEYS}
+    flat = scalar_metrics(metrics)
+    return {"model": model, "method": method, "text_type": text_type} | {k: flat.get(k) for k in SUMMARY_KEYS}
 
 
 def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
@@ -144,7 +152,7 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
             for seed in range(cfg.seeds):
                 support = sample_support(train_labels, k, seed)
                 scores = simpleshot_scores(train_feats[support], train_labels[support], feats, num_classes)
-                runs.append(classification_metrics(labels, scores, num_classes, taxonomy=taxonomy))
+                runs.append(scalar_metrics(classification_metrics(labels, scores, num_classes, taxonomy=taxonomy)))
             summary = summarise_runs(runs, SUMMARY_KEYS)
             out = output / "few_shot" / name / f"k{k}"
             out.mkdir(parents=True, exist_ok=True)
@@ -182,8 +190,10 @@ def summary_markdown(rows: list[dict], title: str, note: str = "") -> str:
     lines = [f"# {title}", ""]
     if note:
         lines += [f"> {note}", ""]
-    lines += ["| model | method | text type | OA | top-5 | mF1 | mIoU | balanced acc | dangerous→edible |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "| model | method | text type | " + " | ".join(COLUMN_NAMES) + " |",
+        "|---" * (3 + len(COLUMN_NAMES)) + "|",
+    ]
     for r in rows:
         std = r.get("std", {})
         cells = [_pct(r[k]) + (f" ± {_pct(std[k]['std'])}" if k in std else "") for k in SUMMARY_KEYS]

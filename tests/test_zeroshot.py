@@ -1,0 +1,180 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mushroomclip.data import load_splits
+from mushroomclip.fewshot import sample_support, simpleshot_scores
+from mushroomclip.models import load_backbone
+from mushroomclip.prompts import templates_for
+from mushroomclip.taxonomy import load_taxonomy
+from mushroomclip.zeroshot import EvalConfig, evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def evaluated(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    cfg = EvalConfig(data=str(prepared[0]), models=["tiny-clip", "tiny-openclip"], text_types=["sci", "taxon_com"],
+                     templates="single", output=str(out), shots=[1, 3], seeds=2, probe=True, num_workers=0)  # fmt: skip
+    rows = evaluate(cfg, log=lambda *a: None)
+    return cfg, out, rows
+
+
+def _raw_text(backbone, text: str) -> torch.Tensor:
+    ids = backbone.tokenize([text])
+    if backbone.kind == "hf":
+        return backbone.model.get_text_features(input_ids=ids).pooler_output[0]
+    return backbone.model.encode_text(ids)[0]
+
+
+def _raw_image(backbone, image) -> torch.Tensor:
+    pixels = backbone.preprocess(image)[None]
+    if backbone.kind == "hf":
+        return backbone.model.get_image_features(pixel_values=pixels).pooler_output[0]
+    return backbone.model.encode_image(pixels)[0]
+
+
+@torch.no_grad()
+def brute_force_top1(backbone, split, taxonomy, text_type, templates) -> list[int]:
+    """One image and one prompt at a time, straight through the underlying model."""
+    classes = []
+    for label in taxonomy.classes:
+        per_template = [
+            F.normalize(_raw_text(backbone, t.format(taxonomy.text(label, text_type))), dim=0) for t in templates
+        ]
+        classes.append(F.normalize(torch.stack(per_template).mean(0), dim=0))
+    classes = torch.stack(classes)
+    return [int((classes @ F.normalize(_raw_image(backbone, image), dim=0)).argmax()) for image in split["image"]]
+
+
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-openclip"])
+@pytest.mark.parametrize("text_type", ["sci", "taxon_com"])
+def test_zero_shot_top1_equals_brute_force_reference(evaluated, prepared, model, text_type):
+    _, out, _ = evaluated
+    predictions = pd.read_parquet(out / "zero_shot" / model / text_type / "predictions.parquet")
+    reference = brute_force_top1(
+        load_backbone(model), load_splits(prepared[0])["test"], load_taxonomy(), text_type, templates_for("single")
+    )
+    assert predictions["pred"].tolist() == reference
+
+
+def reference_simpleshot(support, support_labels, query):
+    """SimpleShot written out directly: normalise, centre on the support mean, normalise, nearest centroid."""
+
+    def unit(v):
+        return v / np.linalg.norm(v)
+
+    support = np.array([unit(s) for s in support])
+    mean = support.mean(axis=0)
+    support = np.array([unit(s - mean) for s in support])
+    centroids = {c: support[support_labels == c].mean(axis=0) for c in sorted(set(support_labels))}
+    predictions = []
+    for q in query:
+        q = unit(unit(q) - mean)
+        predictions.append(min(centroids, key=lambda c: np.linalg.norm(q - centroids[c])))
+    return predictions
+
+
+def test_simpleshot_equals_a_direct_numpy_implementation():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(120, 16)) + np.repeat(rng.normal(size=(6, 16)) * 2, 20, axis=0)
+    labels = np.repeat([3, 7, 8, 20, 21, 40], 20)
+    query, query_labels = features[::3], labels[::3]
+    support = sample_support(labels, 5, seed=1)
+    assert all((labels[support] == c).sum() == 5 for c in np.unique(labels))
+    scores = simpleshot_scores(features[support], labels[support], query, num_classes=50)
+    assert scores.argmax(1).tolist() == reference_simpleshot(features[support], labels[support], query)
+    assert np.isneginf(scores[:, 0]).all()  # classes without support are never predicted
+    assert (scores.argmax(1) == query_labels).mean() > 0.8
+
+
+def test_output_files_have_the_documented_fields(evaluated):
+    cfg, out, rows = evaluated
+    for model in cfg.models:
+        for text_type in cfg.text_types:
+            folder = out / "zero_shot" / model / text_type
+            record = json.loads((folder / "metrics.json").read_text())
+            assert {"oa", "top5", "mf1", "miou", "rank_accuracy", "dangerous_as_edible"} <= set(record["metrics"])
+            assert record["config"]["model"] == model and record["config"]["text_type"] == text_type
+            assert {"seed", "versions", "git_commit", "taxonomy_sha256"} <= set(record)
+            predictions = pd.read_parquet(folder / "predictions.parquet")
+            assert list(predictions.columns) == [
+                "source",
+                "label",
+                "species",
+                "pred",
+                "pred_species",
+                "top5_ids",
+                "top5_probs",
+            ]
+            assert len(predictions.iloc[0]["top5_ids"]) == 5 and np.all(np.diff(predictions.iloc[0]["top5_probs"]) <= 0)
+            assert (folder / "confusion.png").stat().st_size > 0
+        few = json.loads((out / "few_shot" / model / "k3" / "metrics.json").read_text())
+        assert few["k"] == 3 and len(few["runs"]) == 2 and set(few["summary"]["miou"]) == {"mean", "std"}
+        assert (out / "probe" / model / "metrics.json").is_file()
+    summary = (out / "summary.md").read_text()
+    assert summary.count("| tiny-clip | zero-shot |") == 2 and "| tiny-openclip | 3-shot |" in summary
+    assert len(rows) == 2 * (2 + 2 + 1)
+
+
+def test_image_features_are_cached_between_runs(evaluated, monkeypatch):
+    import mushroomclip.features as features
+
+    cfg, out, _ = evaluated
+    calls = []
+    monkeypatch.setattr(features, "image_features", lambda *a, **k: calls.append(1))
+    evaluate(EvalConfig(**{**cfg.__dict__, "output": str(out)}), log=lambda *a: None)
+    assert calls == []  # every split of every model came from the cache
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "evaluate_zero_shot.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_cli_help_documents_every_flag_in_the_readme():
+    import re
+
+    help_text = run_cli("--help").stdout
+    flags = set(re.findall(r"--[a-z][a-z-]+", help_text)) - {"--help"}
+    assert {"--models", "--text-type", "--templates", "--shots", "--probe", "--config"} <= flags
+    readme = (ROOT / "README.md").read_text()
+    assert not [f for f in flags if f not in readme], "flags missing from README.md"
+
+
+def test_cli_unknown_model_lists_valid_names(prepared):
+    result = run_cli("--data", str(prepared[0]), "--models", "bioclip3")
+    assert result.returncode == 2
+    assert "unknown model 'bioclip3'; valid names: clip-b32" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_config_file_runs_and_rejects_typos(prepared, tmp_path):
+    config = tmp_path / "zs.yaml"
+    config.write_text(f"data: {prepared[0]}\nmodels: [tiny-openclip]\ntext_type: com\ntemplates: single\n"
+                      f"shots: []\noutput: {tmp_path / 'res'}\nnum_workers: 0\n")  # fmt: skip
+    result = run_cli("--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "| tiny-openclip | zero-shot | com |" in (tmp_path / "res" / "summary.md").read_text()
+    config.write_text("modles: [tiny-clip]\n")
+    result = run_cli("--config", str(config))
+    assert (
+        result.returncode == 2 and "unknown key 'modles'" in result.stderr and "did you mean 'models'?" in result.stderr
+    )
+
+
+def test_benchmark_report_has_every_row_and_says_when_it_is_offline(evaluated):
+    from mushroomclip.benchmark import OFFLINE_NOTE, write_report
+
+    _, out, rows = evaluated
+    report = write_report(out).read_text()
+    assert OFFLINE_NOTE in report
+    assert "| genus acc | family acc | dangerous→edible |" in report
+    assert len([line for line in report.splitlines() if line.startswith("| tiny-")]) == len(rows)
+    assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
