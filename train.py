@@ -1,8 +1,40 @@
 #!/usr/bin/env python
-"""Placeholder: this entry point lands with its issue (see README, "Roadmap")."""
+"""Fine-tune CLIP with LoRA on the prepared mushroom data.
 
+    accelerate launch train.py --config configs/lora_b32.yaml
+    accelerate launch train.py --config configs/lora_b32.yaml training.lr=1e-4 lora.r=8
+    python train.py --config configs/tiny.yaml                    (offline CPU smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
 
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Overrides: section.key=value for any key of the config (model, lora, data, loss, training, hub).")  # fmt: skip
+    p.add_argument("--config", required=True, help="YAML training config (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint (same as training.resume=true)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.lr=1e-4")
+    args = p.parse_args(argv)
+
+    from mushroomclip.config import ConfigError, load_train_config
+    from mushroomclip.lora import AdapterError
+    from mushroomclip.models import ModelLoadError
+    from mushroomclip.taxonomy import TaxonomyError
+
+    try:
+        cfg = load_train_config(args.config, [*args.overrides, *(["training.resume=true"] if args.resume else [])])
+        from mushroomclip.trainer import run_training
+
+        run_training(cfg)
+    except (ConfigError, ModelLoadError, AdapterError, TaxonomyError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    print(f"{sys.argv[0]}: not implemented yet; see the README's roadmap", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -16,9 +17,20 @@ class ConfigError(ValueError):
     """A config file is missing, malformed, or has an unknown key."""
 
 
+# transformers.TrainingArguments names people will type, and ours
+SYNONYMS = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+            "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+            "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}  # fmt: skip
+
+
 def unknown_key_message(key: str, valid: list[str], where: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    """Names the bad key and the closest valid one (matching the last dotted part, and HF synonyms)."""
+    prefix, _, name = key.rpartition(".")
+    short = {v.rpartition(".")[2]: v for v in valid}
+    candidates = list(short) + [s for s, target in SYNONYMS.items() if target in short]
+    match = next(iter(difflib.get_close_matches(name, candidates, n=1)), None)
+    guess = SYNONYMS.get(match, match)
+    hint = f"; did you mean {short[guess]!r}?" if guess else ""
     return f"unknown key {key!r} in {where}{hint} (valid keys: {', '.join(sorted(valid))})"
 
 
@@ -42,3 +54,158 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
             raise ConfigError(unknown_key_message(key, valid, str(path)))
     parser.set_defaults(**{k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in values.items()})
     return parser.parse_args(argv)
+
+
+# --- training configuration: YAML -> typed dataclasses ------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    base: str = "openai/clip-vit-base-patch32"  # hub id, local folder, or tiny-clip (offline)
+    random_weights: bool = False  # keep the architecture, skip the download (throughput checks)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    towers: list = field(default_factory=lambda: ["vision", "text"])
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])  # + fc1, fc2
+    train_logit_scale: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/mushrooms"  # data_scripts/prepare_kaggle.py --output
+    text_type: str = "taxon_com"
+    train_template: str = "a photo of {}."  # one prompt per class, encoded every step
+    eval_templates: str = "single"  # template set of the zero-shot head at evaluation
+    num_workers: int = 4
+    taxonomy: str | None = None
+
+
+@dataclass
+class LossConfig:
+    name: str = "class_text"  # class_text | clip | multi_positive
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/lora-b32"
+    seed: int = 42
+    epochs: float = 5.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 128  # per device
+    eval_batch_size: int = 256
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05
+    grad_accum: int = 1
+    optim: str = "auto"  # auto: adamw_bnb_8bit when bitsandbytes and CUDA are there, else adamw_torch
+    eval_steps: int = 0  # 0: once per epoch
+    save_steps: int = 0  # 0: with every evaluation
+    save_total_limit: int = 3
+    logging_steps: int = 10
+    report_to: str = "none"  # none | wandb | tensorboard
+    resume: bool = False
+    test_after: bool = True  # evaluate the best adapter on the test split at the end
+
+
+@dataclass
+class HubConfig:
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _coerce(value, default, where: str):
+    """Check ``value`` against the type of the field's default (None defaults take str or None)."""
+    kind = type(default)
+    if default is None:
+        if value is None or isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, kind):
+        return value
+    raise ConfigError(f"{where} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(config: TrainConfig, values: dict, source: str) -> None:
+    sections = {f.name: getattr(config, f.name) for f in fields(config)}
+    for section, body in values.items():
+        if section not in sections:
+            raise ConfigError(unknown_key_message(section, list(sections), source))
+        if not isinstance(body, dict):
+            raise ConfigError(f"{section} in {source} must be a mapping of keys to values")
+        target = sections[section]
+        names = [f.name for f in fields(target)]
+        for key, value in body.items():
+            if key not in names:
+                raise ConfigError(unknown_key_message(f"{section}.{key}", [f"{section}.{n}" for n in names], source))
+            setattr(target, key, _coerce(value, getattr(type(target)(), key), f"{section}.{key}"))
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML), validated."""
+    config = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        _apply(config, values, str(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. training.lr=1e-4")
+        section, _, name = key.partition(".")
+        _apply(config, {section: {name: yaml.safe_load(raw)}}, "the command line")
+    from mushroomclip.losses import LOSSES
+    from mushroomclip.taxonomy import TEXT_TYPES
+
+    if config.loss.name not in LOSSES:
+        raise ConfigError(f"loss.name must be one of {', '.join(LOSSES)}, got {config.loss.name!r}")
+    if config.data.text_type not in TEXT_TYPES:
+        raise ConfigError(f"data.text_type must be one of {', '.join(TEXT_TYPES)}, got {config.data.text_type!r}")
+    unknown_towers = set(config.lora.towers) - {"vision", "text"}
+    if unknown_towers or not config.lora.towers:
+        raise ConfigError(f"lora.towers must be a non-empty subset of [vision, text], got {config.lora.towers}")
+    if config.hub.push and not config.hub.repo_id:
+        raise ConfigError("hub.push is true but hub.repo_id is not set (e.g. hub.repo_id=USER/mushroomclip-lora-b32)")
+    return config

@@ -232,7 +232,7 @@ def _load_open_clip(name: str, spec: ModelSpec, random_weights: bool) -> Backbon
 
 
 def _download_hint(name: str, source: str | None, err: Exception) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
     return (
         f"could not load model {name!r} ({source}): {first}. Check the network and the Hugging Face login "
         "(huggingface-cli login), or use the offline test models tiny-clip / tiny-openclip."

@@ -1,0 +1,155 @@
+"""LoRA on CLIP: building the adapter, describing its classes, and loading it back as a classifier.
+
+A saved run directory holds the peft adapter (``adapter_config.json``, ``adapter_model.safetensors``)
+and ``classes.json`` (species order, text type, templates, taxonomy hash, base model), which is all
+:func:`load_classifier` needs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision import transforms as T
+
+from mushroomclip.models import REGISTRY, Backbone, load_backbone
+from mushroomclip.taxonomy import Taxonomy
+
+CLASSES_FILE = "classes.json"
+TOWER_PREFIX = {"vision": "vision_model", "text": "text_model"}
+
+
+class AdapterError(ValueError):
+    """An adapter does not fit what the user asked for (classes, base model) or is incomplete."""
+
+
+def backbone_name(base: str) -> str:
+    """``model.base`` of a config -> a :func:`load_backbone` name (registry name or ``hf:``)."""
+    if base in REGISTRY:
+        if REGISTRY[base].kind != "hf":
+            raise AdapterError(f"model.base {base!r} is an open_clip model; convert it first: python -m mushroomclip.convert")
+        return base
+    by_source = {spec.source: name for name, spec in REGISTRY.items() if spec.kind == "hf" and spec.source}
+    return by_source.get(base, f"hf:{base}")
+
+
+def lora_target_regex(towers: list[str], modules: list[str]) -> str:
+    """peft ``target_modules`` regex for the chosen towers and layer names (q/k/v/out_proj, fc1, fc2)."""
+    tower = "|".join(TOWER_PREFIX[t] for t in towers)
+    return rf"^({tower})\.encoder\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(modules)})$"
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, towers: list[str], modules: list[str], train_logit_scale: bool):
+    """Wrap a ``CLIPModel`` in a ``PeftModel``; only LoRA weights (and, on request, logit_scale) train.
+
+    No peft ``task_type``: the task wrappers assume a language model's forward and break CLIP's.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(towers, modules))
+    peft_model = get_peft_model(model, config)
+    peft_model.get_base_model().logit_scale.requires_grad_(train_logit_scale)
+    return peft_model
+
+
+def train_transform(preprocess: T.Compose) -> T.Compose:
+    """Training augmentation with the model's own crop size and mean/std (read from its eval preprocessing)."""
+    crop = next(t for t in preprocess.transforms if isinstance(t, T.CenterCrop)).size
+    norm = next(t for t in preprocess.transforms if isinstance(t, T.Normalize))
+    return T.Compose(
+        [
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.RandomResizedCrop(crop, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(norm.mean, norm.std),
+        ]
+    )
+
+
+def classes_record(taxonomy: Taxonomy, text_type: str, templates: list[str], base: str, logit_scale: float | None) -> dict:
+    return {
+        "species": taxonomy.classes, "text_type": text_type, "templates": templates,
+        "taxonomy_sha256": taxonomy.fingerprint, "taxonomy_source": taxonomy.source, "base_model": base,
+        "logit_scale": logit_scale,
+    }  # fmt: skip
+
+
+@dataclass
+class Prediction:
+    species: str
+    probability: float
+
+
+class Classifier:
+    """A LoRA-tuned CLIP with its class list and prompts: images in, ranked species out."""
+
+    def __init__(self, backbone: Backbone, record: dict, taxonomy: Taxonomy):
+        from mushroomclip.prompts import class_text_embeddings
+
+        self.backbone, self.record, self.taxonomy = backbone, record, taxonomy
+        self.classes: list[str] = record["species"]
+        prompts = [[t.format(taxonomy.text(c, record["text_type"])) for t in record["templates"]] for c in self.classes]
+        self.class_embeddings = class_text_embeddings(backbone, prompts)
+
+    @torch.inference_mode()
+    def logits(self, images) -> torch.Tensor:
+        pixels = torch.stack([self.backbone.preprocess(im) for im in images])
+        return self.backbone.logit_scale * self.backbone.encode_images(pixels).cpu() @ self.class_embeddings.T
+
+    def predict(self, images, top_k: int = 5) -> list[list[Prediction]]:
+        probs = self.logits(images).softmax(dim=-1)
+        top = probs.topk(min(top_k, len(self.classes)), dim=-1)
+        return [[Prediction(self.classes[i], float(p)) for p, i in zip(ps, ids)] for ps, ids in zip(top.values, top.indices)]
+
+
+def _local_dir(dir_or_repo: str) -> Path:
+    path = Path(dir_or_repo)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(dir_or_repo))
+    except Exception as err:  # hub errors come in many types; all mean "not found here"
+        raise AdapterError(f"{dir_or_repo} is neither a folder nor a reachable Hub repo ({type(err).__name__})") from None
+
+
+def load_classifier(dir_or_repo: str, base: str | None = None, species: list[str] | None = None, device: str = "cpu") -> Classifier:
+    """Base model + adapter + class list from a run folder or Hub repo.
+
+    ``base`` / ``species``, when given, must match what the adapter was trained with: a mismatch is
+    an :class:`AdapterError` naming both, never silently wrong predictions.
+    """
+    from peft import PeftModel
+
+    from mushroomclip.taxonomy import load_taxonomy
+
+    folder = _local_dir(dir_or_repo)
+    if not (folder / CLASSES_FILE).is_file() or not (folder / "adapter_config.json").is_file():
+        raise AdapterError(f"{dir_or_repo} is not a MushroomCLIP adapter: it needs adapter_config.json and {CLASSES_FILE}")
+    record = json.loads((folder / CLASSES_FILE).read_text())
+    if base is not None and base != record["base_model"]:
+        raise AdapterError(f"{dir_or_repo} was trained on base model {record['base_model']!r}, not {base!r}")
+    if species is not None and list(species) != record["species"]:
+        missing = sorted(set(species) - set(record["species"]))[:5]
+        raise AdapterError(f"{dir_or_repo} was trained on other classes ({len(record['species'])} species; "
+                           f"not among them: {missing or 'same set, other order'})")  # fmt: skip
+    taxonomy_file = folder / "taxonomy.csv"
+    taxonomy = load_taxonomy(taxonomy_file if taxonomy_file.is_file() else None)
+    if taxonomy.fingerprint != record["taxonomy_sha256"] or taxonomy.classes != record["species"]:
+        raise AdapterError(f"{dir_or_repo}: the taxonomy does not match the one the adapter was trained with")
+    backbone = load_backbone(backbone_name(record["base_model"]), device=device)
+    backbone.model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
+    if record.get("logit_scale") is not None:
+        backbone.model.get_base_model().logit_scale.data.fill_(float(np.log(record["logit_scale"])))
+    backbone.cache_id = f"{backbone.cache_id}+lora:{folder}"
+    return Classifier(backbone, record, taxonomy)
+
+
+def normalised(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)

@@ -1,0 +1,37 @@
+"""Contrastive losses for fine-tuning on labelled species (inputs: L2-normalised embeddings).
+
+A batch holds many images of the same species, so vanilla CLIP InfoNCE (targets = arange) punishes
+pairs that are in fact positives. ``class_text`` (default) scores each image against the text
+embeddings of *all* classes and applies cross-entropy on the label: exact under DDP without gathering,
+and the same head zero-shot evaluation uses. ``clip`` is vanilla symmetric InfoNCE, for parity with
+earlier work; ``multi_positive`` treats every same-label pair as a positive.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("class_text", "clip", "multi_positive")
+
+
+def class_text_loss(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``scale * image @ class_text.T`` (B x C) against the class ids."""
+    return F.cross_entropy(logit_scale * image_emb @ class_emb.T, labels)
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with the i-th text as the only positive of the i-th image."""
+    logits = logit_scale * image_emb @ text_emb.T
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def multi_positive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE whose target distribution is uniform over all same-label pairs."""
+    logits = logit_scale * image_emb @ text_emb.T
+    positives = (labels[:, None] == labels[None, :]).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+    text_to_image = -(targets * F.log_softmax(logits.T, dim=1)).sum(1).mean()  # positives is symmetric
+    return (image_to_text + text_to_image) / 2

@@ -1,0 +1,247 @@
+"""LoRA fine-tuning of CLIP with a contrastive ``transformers.Trainer`` (under Accelerate, bf16 on GPU).
+
+Evaluation uses the zero-shot head, class text embeddings from the *current* weights, so validation
+numbers are directly comparable to the zero-shot table, and the best checkpoint is picked on mIoU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from mushroomclip.config import TrainConfig
+from mushroomclip.losses import class_text_loss, clip_loss, multi_positive_loss
+from mushroomclip.metrics import classification_metrics
+
+
+class ContrastiveTrainer(Trainer):
+    """Trainer whose loss is one of :mod:`mushroomclip.losses` and whose evaluation is zero-shot."""
+
+    def __init__(self, *args, class_input_ids: torch.Tensor, loss_name: str, evaluator, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.class_input_ids = class_input_ids
+        self.loss_name = loss_name
+        self.evaluator = evaluator
+        # Our losses are per-batch means: let Trainer divide by the accumulation steps, and never
+        # rescale by token counts (CLIPModel.forward takes **kwargs, which would suggest otherwise).
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixels, labels = inputs["pixel_values"], inputs["labels"]
+        ids = self.class_input_ids.to(pixels.device)
+        if self.loss_name != "class_text":
+            ids = ids[labels]  # one prompt per image: the image's own class
+        # One forward through the (DDP-wrapped) model, so gradient synchronisation is exact.
+        out = model(pixel_values=pixels, input_ids=ids, return_dict=True)
+        scale = self.accelerator.unwrap_model(model).get_base_model().logit_scale.exp()
+        image, text = out.image_embeds.float(), out.text_embeds.float()  # CLIPModel returns them normalised
+        if self.loss_name == "class_text":
+            loss = class_text_loss(image, text, labels, scale)
+        elif self.loss_name == "clip":
+            loss = clip_loss(image, text, scale)
+        else:
+            loss = multi_positive_loss(image, text, labels, scale)
+        return (loss, out) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics, _ = self.evaluator(self.model, eval_dataset if eval_dataset is not None else self.eval_dataset)
+        scalars = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        self.log(scalars)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, scalars)
+        return scalars
+
+
+class ZeroShotEvaluator:
+    """Scores a split with the model's current text tower as the classifier head."""
+
+    def __init__(self, backbone, taxonomy, text_type: str, templates: list[str], batch_size: int, num_workers: int):
+        self.backbone, self.taxonomy = backbone, taxonomy
+        self.prompts = [[t.format(taxonomy.text(c, text_type)) for t in templates] for c in taxonomy.classes]
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    @torch.inference_mode()
+    def __call__(self, model, split) -> tuple[dict, np.ndarray]:
+        from mushroomclip.features import image_features
+        from mushroomclip.prompts import class_text_embeddings
+
+        was_training = model.training
+        model.eval()
+        self.backbone.model = model
+        self.backbone.device = next(model.parameters()).device
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.backbone.device.type == "cuda" else contextlib.nullcontext()
+        with autocast:
+            class_emb = class_text_embeddings(self.backbone, self.prompts)
+            feats, labels = image_features(self.backbone, split, self.batch_size, self.num_workers, desc="eval")
+        scale = model.get_base_model().logit_scale.exp().item()
+        scores = scale * feats @ class_emb.numpy().T
+        model.train(was_training)
+        return classification_metrics(labels, scores, len(self.taxonomy), taxonomy=self.taxonomy), scores
+
+
+class LossHistory(TrainerCallback):
+    """Keeps (step, loss) and (step, eval mIoU) for the loss-curve plot."""
+
+    def __init__(self):
+        self.train, self.eval = [], []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.train.append((state.global_step, logs["loss"]))
+        if "eval_miou" in logs:
+            self.eval.append((state.global_step, logs["eval_miou"]))
+
+
+def training_arguments(cfg: TrainConfig, checkpoints: Path, steps_per_epoch: int) -> TrainingArguments:
+    t = cfg.training
+    optim = t.optim
+    if optim == "auto":
+        import importlib.util
+
+        optim = "adamw_bnb_8bit" if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") else "adamw_torch"
+    eval_steps = t.eval_steps or max(1, steps_per_epoch)
+    return TrainingArguments(
+        output_dir=str(checkpoints), seed=t.seed, data_seed=t.seed,
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, weight_decay=t.weight_decay,
+        lr_scheduler_type="cosine", warmup_steps=math.ceil(t.warmup_ratio * _total_steps(cfg, steps_per_epoch)), optim=optim,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=t.save_steps or eval_steps,
+        save_total_limit=t.save_total_limit, load_best_model_at_end=True, metric_for_best_model="miou",
+        greater_is_better=True, logging_steps=t.logging_steps, report_to=[] if t.report_to == "none" else [t.report_to],
+        remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=cfg.data.num_workers,
+        dataloader_persistent_workers=cfg.data.num_workers > 0, ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )  # fmt: skip
+
+
+def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    t = cfg.training
+    return t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+
+
+def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "labels": torch.tensor([b["labels"] for b in batch])}
+
+
+def run_summary(cfg: TrainConfig, history: LossHistory, best: dict, test: dict | None) -> str:
+    def pct(m, k):
+        return "n/a" if not m or m.get(k) is None else f"{100 * m[k]:.1f}"
+
+    lines = [f"run {cfg.training.output_dir}: {cfg.model.base} + LoRA r={cfg.lora.r}, loss {cfg.loss.name}"]
+    if history.train:
+        lines.append(f"train loss {history.train[0][1]:.3f} -> {history.train[-1][1]:.3f} over {history.train[-1][0]} steps")
+    lines.append(f"best validation mIoU {pct(best, 'miou')} (OA {pct(best, 'oa')}, mF1 {pct(best, 'mf1')})")
+    if test:
+        lines.append(f"test: OA {pct(test, 'oa')}  top-5 {pct(test, 'top5')}  mF1 {pct(test, 'mf1')}  mIoU {pct(test, 'miou')}")
+    return "\n".join(lines)
+
+
+def save_json(path: Path, value) -> None:
+    from mushroomclip.metrics import to_jsonable
+
+    path.write_text(json.dumps(to_jsonable(value), indent=2))
+
+
+def _plot_losses(history: LossHistory, path: Path) -> None:
+    from mushroomclip.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if history.train:
+        ax.plot(*zip(*history.train), label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if history.eval:
+        twin = ax.twinx()
+        twin.plot(*zip(*history.eval), "o-", color="#bc4749", label="validation mIoU")
+        twin.set_ylabel("validation mIoU")
+        twin.set_ylim(0, 1)
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_training(cfg: TrainConfig, log=print) -> dict:
+    """Train, pick the best checkpoint on validation mIoU, test it, and write the run folder (rank 0)."""
+    import yaml
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from mushroomclip.data import load_splits, prepared_taxonomy
+    from mushroomclip.hub import model_card, push_run
+    from mushroomclip.lora import CLASSES_FILE, add_lora, backbone_name, classes_record, train_transform
+    from mushroomclip.models import load_backbone
+    from mushroomclip.plots import save_confusion_png
+    from mushroomclip.prompts import templates_for
+    from mushroomclip.provenance import run_provenance
+
+    set_seed(cfg.training.seed)
+    # The base model first: without network this is the error a user should see, before any data work.
+    backbone = load_backbone(backbone_name(cfg.model.base), random_weights=cfg.model.random_weights)
+    taxonomy = prepared_taxonomy(cfg.data.path)
+    splits = load_splits(cfg.data.path)
+    lora = cfg.lora
+    model = add_lora(backbone.model, lora.r, lora.alpha, lora.dropout, lora.towers, lora.target_modules, lora.train_logit_scale)
+    model.peft_config["default"].base_model_name_or_path = cfg.model.base
+    backbone.model = model
+    class_ids = backbone.tokenize([cfg.data.train_template.format(taxonomy.text(c, cfg.data.text_type)) for c in taxonomy.classes])
+    augment = train_transform(backbone.preprocess)
+    train = splits["train"].select_columns(["image", "label"]).with_transform(
+        lambda b: {"pixel_values": [augment(im) for im in b["image"]], "labels": b["label"]}
+    )
+    templates = templates_for(cfg.data.eval_templates)
+    evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates, cfg.training.eval_batch_size, cfg.data.num_workers)
+    run_dir = Path(cfg.training.output_dir)
+    checkpoints = run_dir / "checkpoints"
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = math.ceil(len(train) / (cfg.training.batch_size * world * cfg.training.grad_accum))
+    history = LossHistory()
+    trainer = ContrastiveTrainer(
+        model=model, args=training_arguments(cfg, checkpoints, steps_per_epoch), train_dataset=train,
+        eval_dataset=splits["validation"], data_collator=collate, callbacks=[history],
+        class_input_ids=class_ids, loss_name=cfg.loss.name, evaluator=evaluator,
+    )  # fmt: skip
+    resume = get_last_checkpoint(str(checkpoints)) if cfg.training.resume and checkpoints.is_dir() else None
+    if cfg.training.resume and resume is None:
+        log(f"training.resume: no checkpoint in {checkpoints}, starting from scratch")
+    baseline_val, _ = (None, None) if resume else evaluator(model, splits["validation"])
+    baseline_test, _ = evaluator(model, splits["test"]) if (cfg.training.test_after and not resume) else (None, None)
+    trainer.train(resume_from_checkpoint=resume)
+    best, _ = evaluator(trainer.model, splits["validation"])
+    test, test_scores = evaluator(trainer.model, splits["test"]) if cfg.training.test_after else (None, None)
+    lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
+    log(f"[rank {trainer.args.process_index}] step {trainer.state.global_step} lora-checksum {lora_sum:.8f} "
+        f"val-miou {best['miou']:.6f}")  # fmt: skip
+    result = {"validation_best": best, "test": test, "validation_untrained": baseline_val, "test_untrained": baseline_test,
+              "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
+              "model": trainer.model}  # fmt: skip
+    if trainer.is_world_process_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(str(run_dir))
+        scale = trainer.model.get_base_model().logit_scale.exp().item() if lora.train_logit_scale else None
+        save_json(run_dir / CLASSES_FILE, classes_record(taxonomy, cfg.data.text_type, templates, cfg.model.base, scale))
+        (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        keep = ("oa", "top5", "balanced_acc", "mf1", "miou", "rank_accuracy", "mistake_severity", "dangerous_as_edible", "deadly_recall")
+        record = {name: ({k: m.get(k) for k in keep} if m else None) for name, m in
+                  (("validation_best", best), ("test", test), ("validation_untrained", baseline_val), ("test_untrained", baseline_test))}  # fmt: skip
+        record |= {"global_step": trainer.state.global_step, "loss_history": history.train, "eval_history": history.eval}
+        save_json(run_dir / "metrics.json", record | run_provenance(cfg.to_dict(), cfg.training.seed))
+        _plot_losses(history, run_dir / "loss_curve.png")
+        if test is not None:
+            save_confusion_png(test["confusion"], taxonomy, run_dir / "confusion.png", title=f"{run_dir.name} test confusion")
+        model_card(run_dir).save(run_dir / "README.md")
+        log(run_summary(cfg, history, best, test))
+        if cfg.hub.push:
+            url = push_run(run_dir, cfg.hub.repo_id, private=cfg.hub.private)
+            log(f"pushed to {url}")
+    return result

@@ -1,0 +1,63 @@
+"""Each loss against a value worked out by hand on 2-D embeddings."""
+
+import math
+
+import pytest
+import torch
+
+from mushroomclip.losses import class_text_loss, clip_loss, multi_positive_loss
+
+E1, E2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+SCALE = torch.tensor(2.0)
+
+
+def test_class_text_loss_by_hand():
+    images = torch.stack([E1, E2])
+    classes = torch.stack([E1, E2, -E1])  # 3 classes
+    labels = torch.tensor([0, 2])
+    # image 0: logits (2, 0, -2), label 0 -> -log(e^2 / (e^2 + 1 + e^-2))
+    # image 1: logits (0, 2, 0), label 2 -> -log(1 / (1 + e^2 + 1))
+    expected = (-math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-2))) - math.log(1 / (2 + math.exp(2)))) / 2
+    assert class_text_loss(images, classes, labels, SCALE).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_clip_loss_by_hand():
+    images = torch.stack([E1, E2])
+    texts = torch.stack([E1, E1])
+    # logits [[2, 2], [0, 0]]: every row and column softmax is uniform or one-sided.
+    # image->text: row 0 target 0: log 2; row 1 target 1: log 2
+    # text->image: column 0 = (2, 0) target 0: -log(e^2/(e^2+1)); column 1 = (2, 0) target 1: -log(1/(e^2+1))
+    i2t = math.log(2)
+    t2i = (-math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(1 / (math.exp(2) + 1))) / 2
+    assert clip_loss(images, texts, SCALE).item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+
+
+def test_multi_positive_loss_by_hand_and_its_difference_from_clip():
+    images = torch.stack([E1, E1, E2])
+    texts = torch.stack([E1, E1, E2])
+    labels = torch.tensor([5, 5, 9])  # the first two are the same species
+    # rows 0 and 1: logits (2, 2, 0), targets (1/2, 1/2, 0): -log(e^2 / (2e^2 + 1)) each
+    # row 2: logits (0, 0, 2), target (0, 0, 1): -log(e^2 / (2 + e^2)); symmetric, so both directions agree
+    row01 = -math.log(math.exp(2) / (2 * math.exp(2) + 1))
+    row2 = -math.log(math.exp(2) / (2 + math.exp(2)))
+    expected = (2 * row01 + row2) / 3
+    assert multi_positive_loss(images, texts, labels, SCALE).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_multi_positive_reduces_to_clip_when_every_label_differs():
+    images = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    distinct = multi_positive_loss(images, texts, torch.arange(6), SCALE)
+    assert distinct.item() == pytest.approx(clip_loss(images, texts, SCALE).item(), rel=1e-6)
+    shared = multi_positive_loss(images, texts, torch.tensor([0, 0, 1, 1, 2, 2]), SCALE)
+    assert shared.item() != pytest.approx(distinct.item(), rel=1e-3)
+
+
+def test_losses_have_gradients_for_both_towers():
+    images = torch.nn.functional.normalize(torch.randn(4, 8, requires_grad=True), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 8, requires_grad=True), dim=-1)
+    labels = torch.tensor([0, 0, 1, 2])
+    for loss in (clip_loss(images, texts, SCALE), multi_positive_loss(images, texts, labels, SCALE),
+                 class_text_loss(images, texts, labels, SCALE)):  # fmt: skip
+        grads = torch.autograd.grad(loss, [images, texts])
+        assert all(g.abs().sum() > 0 for g in grads)
