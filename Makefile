@@ -9,7 +9,7 @@ DEMO ?= demo
 BENCH ?= /tmp/mushroomclip-bench
 NPROC ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup test demo demo-data benchmark bench-prepare bench-zero-shot lint format clean
+.PHONY: help setup test demo demo-data benchmark bench-prepare bench-zero-shot bench-train lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -31,11 +31,15 @@ demo-data: setup  ## (re)make the synthetic demo download and prepare it into $(
 	$(OFFLINE) $(PY) data_scripts/make_synthetic.py --output $(DEMO)/kaggle --classes 8 --per-class 40 --corrupt 2 --dirty
 	$(OFFLINE) $(PY) data_scripts/prepare_kaggle.py --source $(DEMO)/kaggle --output $(DEMO)/prepared --no-progress
 
-demo: demo-data  ## offline tour: synthetic download -> prepare -> baselines -> zero-/few-shot with tiny models
+demo: demo-data  ## offline tour: data -> baselines -> LoRA training -> predict -> benchmark table with the adapter (< 5 min)
 	$(OFFLINE) $(PY) -m mushroomclip.baselines --data $(DEMO)/prepared --split test --output $(DEMO)/results/baselines
-	$(OFFLINE) $(PY) evaluate_zero_shot.py --data $(DEMO)/prepared --models tiny-clip,tiny-openclip --text-type taxon_com \
-	  --templates openai --shots 1,5 --num-workers 0 --output $(DEMO)/results/eval
-	@cat $(DEMO)/results/eval/summary.md
+	$(OFFLINE) $(PY) train.py --config configs/tiny.yaml data.path=$(DEMO)/prepared training.output_dir=$(DEMO)/runs/tiny
+	@$(PY) -c "import glob, shutil; f = sorted(glob.glob('$(DEMO)/prepared/test/*/*.jpg')); \
+	[shutil.copy(p, '$(DEMO)/sample%d.jpg' % i) for i, p in enumerate([f[0], f[len(f) // 2]])]"
+	$(OFFLINE) $(PY) predict.py $(DEMO)/sample0.jpg $(DEMO)/sample1.jpg --adapter $(DEMO)/runs/tiny --top-k 3
+	$(OFFLINE) $(PY) evaluate_zero_shot.py --config configs/benchmark_offline.yaml --data $(DEMO)/prepared \
+	  --include-adapters $(DEMO)/runs --output $(DEMO)/results/benchmark > $(DEMO)/results/benchmark.log 2>&1
+	$(PY) -m mushroomclip.benchmark report --results $(DEMO)/results/benchmark
 
 benchmark: setup  ## zero-/few-shot for every configured model -> results/benchmark.md (tiny models on demo data when offline)
 	@if $(PY) -m mushroomclip.benchmark hub-reachable; then \
@@ -61,6 +65,11 @@ bench-zero-shot: setup  ## zero-shot image-encoding images/s of the clip-b32 arc
 	$(PY) data_scripts/make_synthetic.py --output $(BENCH)/zs-kaggle --classes 20 --per-class 60 --size 500 --num-proc $(NPROC)
 	$(PY) data_scripts/prepare_kaggle.py --source $(BENCH)/zs-kaggle --output $(BENCH)/zs-prepared --num-proc $(NPROC) --no-progress > /dev/null
 	$(OFFLINE) $(PY) -m mushroomclip.benchmark speed --data $(BENCH)/zs-prepared --model clip-b32 --batch-size 256 --batches 3
+
+bench-train: setup  ## LoRA training images/s of the clip-b32 architecture (random weights): data pipeline vs model only
+	$(PY) data_scripts/make_synthetic.py --output $(BENCH)/zs-kaggle --classes 20 --per-class 60 --size 500 --num-proc $(NPROC)
+	$(PY) data_scripts/prepare_kaggle.py --source $(BENCH)/zs-kaggle --output $(BENCH)/zs-prepared --num-proc $(NPROC) --no-progress > /dev/null
+	$(OFFLINE) $(PY) -m mushroomclip.benchmark train-speed --data $(BENCH)/zs-prepared --model clip-b32 --batch-size 8 --steps 2 --num-workers 2
 
 lint: setup  ## ruff lint + format check
 	$(PY) -m ruff check .

@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the same species as the prepared folder's taxonomy.csv",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the probe")
+    p.add_argument(
+        "--include-adapters",
+        default=None,
+        metavar="DIR",
+        help="also evaluate every LoRA run in DIR "
+        "(e.g. runs) trained on this data's species; models can also be named lora:<run folder>",
+    )
     p.add_argument("--list-models", action="store_true", help="print the registered model names and exit")
     return p
 
@@ -91,16 +98,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--data is required (a folder written by data_scripts/prepare_kaggle.py)")
         models = [m.strip() for m in str(args.models).split(",") if m.strip()]
         for name in models:
-            resolve_spec(name)  # fail on a typo before any download
+            if not name.startswith("lora:"):
+                resolve_spec(name)  # fail on a typo before any download
         cfg = EvalConfig(
             data=args.data, models=models, split=args.split, text_types=text_types(str(args.text_type)),
             templates=args.templates, output=args.output, shots=[int(k) for k in str(args.shots).split(",") if k.strip()],
             seeds=args.seeds, probe=args.probe, batch_size=args.batch_size, num_workers=args.num_workers,
             device=args.device, random_weights=args.random_weights, bootstrap=args.bootstrap,
-            cache_dir=args.cache_dir, taxonomy=args.taxonomy, seed=args.seed,
+            cache_dir=args.cache_dir, taxonomy=args.taxonomy, seed=args.seed, include_adapters=args.include_adapters,
         )  # fmt: skip
         evaluate(cfg)
-    except (ValueError, FileNotFoundError, ModelLoadError, TaxonomyError) as err:
+    except (ValueError, FileNotFoundError, ModelLoadError, TaxonomyError) as err:  # AdapterError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\nsummary: {args.output}/summary.md")

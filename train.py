@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Fine-tune CLIP with LoRA on the prepared mushroom data.
 
-    accelerate launch train.py --config configs/lora_b32.yaml
-    accelerate launch train.py --config configs/lora_b32.yaml training.lr=1e-4 lora.r=8
-    python train.py --config configs/tiny.yaml                    (offline CPU smoke run)
+accelerate launch train.py --config configs/lora_b32.yaml
+accelerate launch train.py --config configs/lora_b32.yaml training.lr=1e-4 lora.r=8
+python train.py --config configs/tiny.yaml                    (offline CPU smoke run)
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Overrides: section.key=value for any key of the config (model, lora, data, loss, training, hub).")  # fmt: skip
     p.add_argument("--config", required=True, help="YAML training config (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint (same as training.resume=true)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint (same as training.resume=true)"
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.lr=1e-4")
     args = p.parse_args(argv)
 

@@ -8,6 +8,7 @@ python -m mushroomclip.benchmark speed --data DIR --model clip-b32 --batch-size 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,19 +21,6 @@ OFFLINE_NOTE = ("offline: no Hugging Face Hub, so these rows are the randomly in
                 "tiny-openclip) on the synthetic demo data. They check the pipeline, not model quality.")  # fmt: skip
 
 
-def hub_reachable(timeout: float = 5.0) -> bool:
-    """True when model downloads can work (not offline, and the Hub answers)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        return False
-    try:
-        from huggingface_hub import HfApi
-
-        HfApi().model_info("openai/clip-vit-base-patch32", timeout=timeout)
-        return True
-    except Exception:  # any failure to reach the Hub means offline here
-        return False
-
-
 def write_report(results: Path) -> Path:
     """``results/benchmark.md`` (the table, with a banner when offline) and ``results/benchmark.png``."""
     from mushroomclip.plots import _pyplot
@@ -43,15 +31,10 @@ def write_report(results: Path) -> Path:
         raise FileNotFoundError(f"{summary_path} not found; run evaluate_zero_shot.py --output {results} first")
     summary = json.loads(summary_path.read_text())
     cfg, rows = summary["config"], summary["rows"]
-    offline = all(m.startswith("tiny-") for m in cfg["models"])
+    offline = all(m.startswith("tiny-") for m in cfg["models"])  # adapters of tiny models are offline too
     notes = [OFFLINE_NOTE] if offline else []
     if cfg.get("random_weights"):
         notes.append("random weights: architectures only, figures are not model quality")
-    adapters = sorted(Path("runs").glob("*/adapter_config.json"))
-    if adapters:
-        notes.append(
-            f"{len(adapters)} LoRA adapter(s) in runs/ are not evaluated yet (that lands with the training issue)"
-        )
     markdown = summary_markdown(rows, f"MushroomCLIP benchmark: {cfg['data']} ({cfg['split']} split)", " ".join(notes))
     out = results / "benchmark.md"
     out.write_text(markdown)
@@ -113,6 +96,65 @@ def measure_speed(
             "pipeline_images_per_s": pipeline, "model_only_images_per_s": model_only, "ratio": pipeline / model_only}  # fmt: skip
 
 
+def measure_train_speed(data: str, model: str, batch_size: int, steps: int, num_workers: int, device: str) -> dict:
+    """Train images/s of LoRA steps (class_text loss over all classes) fed by the real pipeline vs synthetic tensors."""
+    from mushroomclip.config import LoraSettings
+    from mushroomclip.data import load_splits, prepared_taxonomy
+    from mushroomclip.lora import add_lora, train_transform
+    from mushroomclip.losses import class_text_loss
+    from mushroomclip.models import load_backbone
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    backbone = load_backbone(model, device=device, random_weights=True)
+    s = LoraSettings()
+    peft = add_lora(backbone.model, s.r, s.alpha, s.dropout, s.towers, s.target_modules, False).to(device).train()
+    taxonomy = prepared_taxonomy(data)
+    ids = backbone.tokenize([taxonomy.text(c, "taxon_com") for c in taxonomy.classes]).to(device)
+    augment = train_transform(backbone.preprocess)
+    split = load_splits(data)["train"].select_columns(["image", "label"])
+    split = split.with_transform(lambda b: {"pixel_values": [augment(im) for im in b["image"]], "labels": b["label"]})
+    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
+                                         collate_fn=lambda b: (torch.stack([x["pixel_values"] for x in b]), torch.tensor([x["labels"] for x in b])))  # fmt: skip
+    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
+    def step(pixels, labels):
+        with autocast:
+            out = peft(pixel_values=pixels.to(device, non_blocking=True), input_ids=ids, return_dict=True)
+            loss = class_text_loss(
+                out.image_embeds.float(),
+                out.text_embeds.float(),
+                labels.to(device),
+                peft.get_base_model().logit_scale.exp(),
+            )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def timed(batches) -> float:
+        batches = iter(batches)
+        step(*next(batches))  # warm-up, not timed
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start, seen = time.perf_counter(), 0
+        for _ in range(steps):
+            pixels, labels = next(batches)
+            step(pixels, labels)
+            seen += len(labels)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return seen / (time.perf_counter() - start)
+
+    size = augment.transforms[1].size
+    synthetic = (
+        (torch.randn(batch_size, 3, *size), torch.randint(0, len(taxonomy), (batch_size,))) for _ in range(steps + 1)
+    )
+    model_only = timed(synthetic)
+    pipeline = timed(loader)
+    return {"model": model, "device": device, "batch_size": batch_size, "steps": steps,
+            "pipeline_images_per_s": pipeline, "model_only_images_per_s": model_only, "ratio": pipeline / model_only}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,8 +169,23 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_argument("--batches", type=int, default=4, help="how many batches to time")
     speed.add_argument("--num-workers", type=int, default=os.cpu_count() or 2)
     speed.add_argument("--device", default="auto")
+    train = sub.add_parser("train-speed", help="LoRA training throughput (random weights)")
+    train.add_argument("--data", required=True, help="prepared data folder")
+    train.add_argument("--model", default="clip-b32", help="architecture (random weights)")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
+    train.add_argument("--num-workers", type=int, default=os.cpu_count() or 2)
+    train.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    if args.command == "train-speed":
+        r = measure_train_speed(args.data, args.model, args.batch_size, args.steps, args.num_workers, args.device)
+        print(f"bench-train {r['model']} + LoRA (random weights) on {r['device']}, batch {r['batch_size']}, {r['steps']} steps: "
+              f"{r['pipeline_images_per_s']:.1f} images/s with the data pipeline, {r['model_only_images_per_s']:.1f} images/s "
+              f"on synthetic tensors (ratio {r['ratio']:.2f})")  # fmt: skip
+        return 0
     if args.command == "hub-reachable":
+        from mushroomclip.models import hub_reachable
+
         reachable = hub_reachable()
         print("hub reachable" if reachable else "hub not reachable: offline benchmark with the tiny test models")
         return 0 if reachable else 1

@@ -99,7 +99,11 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, api=None)
     from huggingface_hub import HfApi
 
     run_dir = Path(run_dir)
-    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors", "classes.json", "README.md") if not (run_dir / f).is_file()]
+    missing = [
+        f
+        for f in ("adapter_config.json", "adapter_model.safetensors", "classes.json", "README.md")
+        if not (run_dir / f).is_file()
+    ]
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a finished run (missing {', '.join(missing)}); train it first")
     api = api or HfApi()  # token: HF_TOKEN or the huggingface-cli login cache, never an argument we store

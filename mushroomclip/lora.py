@@ -7,13 +7,13 @@ and ``classes.json`` (species order, text type, templates, taxonomy hash, base m
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision import transforms as T
 
 from mushroomclip.models import REGISTRY, Backbone, load_backbone
@@ -31,7 +31,9 @@ def backbone_name(base: str) -> str:
     """``model.base`` of a config -> a :func:`load_backbone` name (registry name or ``hf:``)."""
     if base in REGISTRY:
         if REGISTRY[base].kind != "hf":
-            raise AdapterError(f"model.base {base!r} is an open_clip model; convert it first: python -m mushroomclip.convert")
+            raise AdapterError(
+                f"model.base {base!r} is an open_clip model; convert it first: python -m mushroomclip.convert"
+            )
         return base
     by_source = {spec.source: name for name, spec in REGISTRY.items() if spec.kind == "hf" and spec.source}
     return by_source.get(base, f"hf:{base}")
@@ -71,7 +73,9 @@ def train_transform(preprocess: T.Compose) -> T.Compose:
     )
 
 
-def classes_record(taxonomy: Taxonomy, text_type: str, templates: list[str], base: str, logit_scale: float | None) -> dict:
+def classes_record(
+    taxonomy: Taxonomy, text_type: str, templates: list[str], base: str, logit_scale: float | None
+) -> dict:
     return {
         "species": taxonomy.classes, "text_type": text_type, "templates": templates,
         "taxonomy_sha256": taxonomy.fingerprint, "taxonomy_source": taxonomy.source, "base_model": base,
@@ -104,7 +108,22 @@ class Classifier:
     def predict(self, images, top_k: int = 5) -> list[list[Prediction]]:
         probs = self.logits(images).softmax(dim=-1)
         top = probs.topk(min(top_k, len(self.classes)), dim=-1)
-        return [[Prediction(self.classes[i], float(p)) for p, i in zip(ps, ids)] for ps, ids in zip(top.values, top.indices)]
+        return [
+            [Prediction(self.classes[i], float(p)) for p, i in zip(ps, ids)] for ps, ids in zip(top.values, top.indices)
+        ]
+
+
+def find_adapters(folder: str | Path, taxonomy: Taxonomy) -> list[str]:
+    """``lora:<run>`` names of the finished runs under ``folder`` trained on ``taxonomy``'s classes."""
+    found = []
+    for record_path in sorted(Path(folder).glob(f"*/{CLASSES_FILE}")):
+        record = json.loads(record_path.read_text())
+        if (
+            record.get("taxonomy_sha256") == taxonomy.fingerprint
+            and (record_path.parent / "adapter_config.json").is_file()
+        ):
+            found.append(f"lora:{record_path.parent}")
+    return found
 
 
 def _local_dir(dir_or_repo: str) -> Path:
@@ -116,10 +135,14 @@ def _local_dir(dir_or_repo: str) -> Path:
     try:
         return Path(snapshot_download(dir_or_repo))
     except Exception as err:  # hub errors come in many types; all mean "not found here"
-        raise AdapterError(f"{dir_or_repo} is neither a folder nor a reachable Hub repo ({type(err).__name__})") from None
+        raise AdapterError(
+            f"{dir_or_repo} is neither a folder nor a reachable Hub repo ({type(err).__name__})"
+        ) from None
 
 
-def load_classifier(dir_or_repo: str, base: str | None = None, species: list[str] | None = None, device: str = "cpu") -> Classifier:
+def load_classifier(
+    dir_or_repo: str, base: str | None = None, species: list[str] | None = None, device: str = "cpu"
+) -> Classifier:
     """Base model + adapter + class list from a run folder or Hub repo.
 
     ``base`` / ``species``, when given, must match what the adapter was trained with: a mismatch is
@@ -131,7 +154,9 @@ def load_classifier(dir_or_repo: str, base: str | None = None, species: list[str
 
     folder = _local_dir(dir_or_repo)
     if not (folder / CLASSES_FILE).is_file() or not (folder / "adapter_config.json").is_file():
-        raise AdapterError(f"{dir_or_repo} is not a MushroomCLIP adapter: it needs adapter_config.json and {CLASSES_FILE}")
+        raise AdapterError(
+            f"{dir_or_repo} is not a MushroomCLIP adapter: it needs adapter_config.json and {CLASSES_FILE}"
+        )
     record = json.loads((folder / CLASSES_FILE).read_text())
     if base is not None and base != record["base_model"]:
         raise AdapterError(f"{dir_or_repo} was trained on base model {record['base_model']!r}, not {base!r}")
@@ -147,9 +172,7 @@ def load_classifier(dir_or_repo: str, base: str | None = None, species: list[str
     backbone.model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
     if record.get("logit_scale") is not None:
         backbone.model.get_base_model().logit_scale.data.fill_(float(np.log(record["logit_scale"])))
-    backbone.cache_id = f"{backbone.cache_id}+lora:{folder}"
+    weights = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+    backbone.cache_id = f"{backbone.cache_id}+lora:{weights}"  # a retrained adapter never reuses stale caches
+    backbone.name = f"lora-{folder.name}"
     return Classifier(backbone, record, taxonomy)
-
-
-def normalised(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 LOSSES = ("class_text", "clip", "multi_positive")
 
 
-def class_text_loss(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def class_text_loss(
+    image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Cross-entropy of ``scale * image @ class_text.T`` (B x C) against the class ids."""
     return F.cross_entropy(logit_scale * image_emb @ class_emb.T, labels)
 
@@ -27,7 +29,9 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def multi_positive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def multi_positive_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE whose target distribution is uniform over all same-label pairs."""
     logits = logit_scale * image_emb @ text_emb.T
     positives = (labels[:, None] == labels[None, :]).float()

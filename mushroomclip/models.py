@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +166,22 @@ def tiny_clip_config():
     )  # fmt: skip
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub can be reached: one TCP connection, no retries (DNS failure is instant)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _size_value(size, key: str) -> int | None:
     """A side length from an image processor's size field: an int, a dict, or transformers 5's SizeDict."""
     if size is None or isinstance(size, int):
@@ -186,10 +203,12 @@ def _load_hf(name: str, spec: ModelSpec, random_weights: bool) -> Backbone:
     else:
         from transformers import CLIPImageProcessor, CLIPTokenizer
 
+        # Offline, use the local cache only: otherwise every file is retried with back-off for a minute.
+        local_only = not Path(spec.source).is_dir() and not hub_reachable()
         try:
-            model = CLIPModel.from_pretrained(spec.source).eval()
-            processor = CLIPImageProcessor.from_pretrained(spec.source)
-            tokenizer = CLIPTokenizer.from_pretrained(spec.source)
+            model = CLIPModel.from_pretrained(spec.source, local_files_only=local_only).eval()
+            processor = CLIPImageProcessor.from_pretrained(spec.source, local_files_only=local_only)
+            tokenizer = CLIPTokenizer.from_pretrained(spec.source, local_files_only=local_only)
         except OSError as err:
             raise ModelLoadError(_download_hint(name, spec.source, err)) from None
         crop = _size_value(processor.crop_size, "height")
@@ -215,6 +234,8 @@ def _load_open_clip(name: str, spec: ModelSpec, random_weights: bool) -> Backbon
             model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained=None, **TINY_OPENCLIP)
             tokenizer = open_clip.get_tokenizer("ViT-B-16")
         else:
+            if not random_weights and not _open_clip_cached(spec) and not hub_reachable():
+                raise OSError("the Hugging Face Hub cannot be reached and the weights are not in the local cache")
             pretrained = None if random_weights else spec.pretrained
             if random_weights:
                 torch.manual_seed(0)
@@ -229,6 +250,15 @@ def _load_open_clip(name: str, spec: ModelSpec, random_weights: bool) -> Backbon
     return Backbone(
         name, "open_clip", model.eval(), preprocess, tokenizer, hashlib.sha256(cache_id.encode()).hexdigest()[:16]
     )
+
+
+def _open_clip_cached(spec: ModelSpec) -> bool:
+    """Whether an ``hf-hub:`` open_clip model's config is in the local Hub cache (plain tags: unknown, so False)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not spec.source.startswith("hf-hub:"):
+        return False
+    return isinstance(try_to_load_from_cache(spec.source[len("hf-hub:") :], "open_clip_config.json"), str)
 
 
 def _download_hint(name: str, source: str | None, err: Exception) -> str:

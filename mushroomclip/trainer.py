@@ -51,7 +51,9 @@ class ContrastiveTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics, _ = self.evaluator(self.model, eval_dataset if eval_dataset is not None else self.eval_dataset)
-        scalars = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        scalars = {
+            f"{metric_key_prefix}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None
+        }
         self.log(scalars)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, scalars)
         return scalars
@@ -74,7 +76,11 @@ class ZeroShotEvaluator:
         model.eval()
         self.backbone.model = model
         self.backbone.device = next(model.parameters()).device
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.backbone.device.type == "cuda" else contextlib.nullcontext()
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.backbone.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
         with autocast:
             class_emb = class_text_embeddings(self.backbone, self.prompts)
             feats, labels = image_features(self.backbone, split, self.batch_size, self.num_workers, desc="eval")
@@ -104,7 +110,11 @@ def training_arguments(cfg: TrainConfig, checkpoints: Path, steps_per_epoch: int
     if optim == "auto":
         import importlib.util
 
-        optim = "adamw_bnb_8bit" if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") else "adamw_torch"
+        optim = (
+            "adamw_bnb_8bit"
+            if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")
+            else "adamw_torch"
+        )
     eval_steps = t.eval_steps or max(1, steps_per_epoch)
     return TrainingArguments(
         output_dir=str(checkpoints), seed=t.seed, data_seed=t.seed,
@@ -112,7 +122,7 @@ def training_arguments(cfg: TrainConfig, checkpoints: Path, steps_per_epoch: int
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, weight_decay=t.weight_decay,
         lr_scheduler_type="cosine", warmup_steps=math.ceil(t.warmup_ratio * _total_steps(cfg, steps_per_epoch)), optim=optim,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), use_cpu=not torch.cuda.is_available(),
         eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=t.save_steps or eval_steps,
         save_total_limit=t.save_total_limit, load_best_model_at_end=True, metric_for_best_model="miou",
         greater_is_better=True, logging_steps=t.logging_steps, report_to=[] if t.report_to == "none" else [t.report_to],
@@ -128,7 +138,10 @@ def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "labels": torch.tensor([b["labels"] for b in batch])}
+    return {
+        "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
+        "labels": torch.tensor([b["labels"] for b in batch]),
+    }
 
 
 def run_summary(cfg: TrainConfig, history: LossHistory, best: dict, test: dict | None) -> str:
@@ -137,10 +150,14 @@ def run_summary(cfg: TrainConfig, history: LossHistory, best: dict, test: dict |
 
     lines = [f"run {cfg.training.output_dir}: {cfg.model.base} + LoRA r={cfg.lora.r}, loss {cfg.loss.name}"]
     if history.train:
-        lines.append(f"train loss {history.train[0][1]:.3f} -> {history.train[-1][1]:.3f} over {history.train[-1][0]} steps")
+        lines.append(
+            f"train loss {history.train[0][1]:.3f} -> {history.train[-1][1]:.3f} over {history.train[-1][0]} steps"
+        )
     lines.append(f"best validation mIoU {pct(best, 'miou')} (OA {pct(best, 'oa')}, mF1 {pct(best, 'mf1')})")
     if test:
-        lines.append(f"test: OA {pct(test, 'oa')}  top-5 {pct(test, 'top5')}  mF1 {pct(test, 'mf1')}  mIoU {pct(test, 'miou')}")
+        lines.append(
+            f"test: OA {pct(test, 'oa')}  top-5 {pct(test, 'top5')}  mF1 {pct(test, 'mf1')}  mIoU {pct(test, 'miou')}"
+        )
     return "\n".join(lines)
 
 
@@ -184,22 +201,30 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     from mushroomclip.prompts import templates_for
     from mushroomclip.provenance import run_provenance
 
-    set_seed(cfg.training.seed)
     # The base model first: without network this is the error a user should see, before any data work.
     backbone = load_backbone(backbone_name(cfg.model.base), random_weights=cfg.model.random_weights)
+    set_seed(cfg.training.seed)  # LoRA initialisation, augmentation and data order follow the run's seed
     taxonomy = prepared_taxonomy(cfg.data.path)
     splits = load_splits(cfg.data.path)
     lora = cfg.lora
-    model = add_lora(backbone.model, lora.r, lora.alpha, lora.dropout, lora.towers, lora.target_modules, lora.train_logit_scale)
+    model = add_lora(
+        backbone.model, lora.r, lora.alpha, lora.dropout, lora.towers, lora.target_modules, lora.train_logit_scale
+    )
     model.peft_config["default"].base_model_name_or_path = cfg.model.base
     backbone.model = model
-    class_ids = backbone.tokenize([cfg.data.train_template.format(taxonomy.text(c, cfg.data.text_type)) for c in taxonomy.classes])
+    class_ids = backbone.tokenize(
+        [cfg.data.train_template.format(taxonomy.text(c, cfg.data.text_type)) for c in taxonomy.classes]
+    )
     augment = train_transform(backbone.preprocess)
-    train = splits["train"].select_columns(["image", "label"]).with_transform(
-        lambda b: {"pixel_values": [augment(im) for im in b["image"]], "labels": b["label"]}
+    train = (
+        splits["train"]
+        .select_columns(["image", "label"])
+        .with_transform(lambda b: {"pixel_values": [augment(im) for im in b["image"]], "labels": b["label"]})
     )
     templates = templates_for(cfg.data.eval_templates)
-    evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates, cfg.training.eval_batch_size, cfg.data.num_workers)
+    evaluator = ZeroShotEvaluator(
+        backbone, taxonomy, cfg.data.text_type, templates, cfg.training.eval_batch_size, cfg.data.num_workers
+    )
     run_dir = Path(cfg.training.output_dir)
     checkpoints = run_dir / "checkpoints"
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
@@ -228,17 +253,35 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         trainer.model.save_pretrained(str(run_dir))
         scale = trainer.model.get_base_model().logit_scale.exp().item() if lora.train_logit_scale else None
-        save_json(run_dir / CLASSES_FILE, classes_record(taxonomy, cfg.data.text_type, templates, cfg.model.base, scale))
+        save_json(
+            run_dir / CLASSES_FILE, classes_record(taxonomy, cfg.data.text_type, templates, cfg.model.base, scale)
+        )
         (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        keep = ("oa", "top5", "balanced_acc", "mf1", "miou", "rank_accuracy", "mistake_severity", "dangerous_as_edible", "deadly_recall")
+        keep = (
+            "oa",
+            "top5",
+            "balanced_acc",
+            "mf1",
+            "miou",
+            "rank_accuracy",
+            "mistake_severity",
+            "dangerous_as_edible",
+            "deadly_recall",
+        )
         record = {name: ({k: m.get(k) for k in keep} if m else None) for name, m in
                   (("validation_best", best), ("test", test), ("validation_untrained", baseline_val), ("test_untrained", baseline_test))}  # fmt: skip
-        record |= {"global_step": trainer.state.global_step, "loss_history": history.train, "eval_history": history.eval}
+        record |= {
+            "global_step": trainer.state.global_step,
+            "loss_history": history.train,
+            "eval_history": history.eval,
+        }
         save_json(run_dir / "metrics.json", record | run_provenance(cfg.to_dict(), cfg.training.seed))
         _plot_losses(history, run_dir / "loss_curve.png")
         if test is not None:
-            save_confusion_png(test["confusion"], taxonomy, run_dir / "confusion.png", title=f"{run_dir.name} test confusion")
+            save_confusion_png(
+                test["confusion"], taxonomy, run_dir / "confusion.png", title=f"{run_dir.name} test confusion"
+            )
         model_card(run_dir).save(run_dir / "README.md")
         log(run_summary(cfg, history, best, test))
         if cfg.hub.push:

@@ -45,6 +45,7 @@ class EvalConfig:
     cache_dir: str | None = None
     taxonomy: str | None = None
     seed: int = 0
+    include_adapters: str | None = None  # folder of training runs: every adapter in it is added as a model
 
     def resolved_device(self) -> str:
         return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
@@ -84,6 +85,7 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     from mushroomclip.data import load_splits, prepared_taxonomy, split_fingerprint
     from mushroomclip.features import cached_image_features
     from mushroomclip.fewshot import linear_probe_scores, sample_support, simpleshot_scores, summarise_runs
+    from mushroomclip.lora import find_adapters, load_classifier
     from mushroomclip.models import load_backbone
     from mushroomclip.prompts import cached_class_text_embeddings
     from mushroomclip.taxonomy import load_taxonomy
@@ -103,8 +105,18 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     num_classes = len(taxonomy)
     provenance_config = asdict(cfg) | {"device": device, "dtype": str(dtype)}
     rows = []
-    for name in cfg.models:
-        backbone = load_backbone(name, device=device, dtype=dtype, random_weights=cfg.random_weights)
+    models = list(cfg.models) + (find_adapters(cfg.include_adapters, taxonomy) if cfg.include_adapters else [])
+    for name in models:
+        adapter = name.startswith("lora:")
+        if adapter:  # a fine-tuned run: zero-shot head of its own text type, no few-shot
+            classifier = load_classifier(name[len("lora:") :], device=device)
+            backbone, text_types = classifier.backbone.to(device, dtype), [classifier.record["text_type"]]
+            name = backbone.name
+        else:
+            backbone, text_types = (
+                load_backbone(name, device=device, dtype=dtype, random_weights=cfg.random_weights),
+                cfg.text_types,
+            )
         feature_args = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers)
         eval_split = splits[cfg.split]
         feats, labels, _ = cached_image_features(
@@ -115,8 +127,11 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
             desc=f"{name} {cfg.split}",
             **feature_args,
         )
-        for text_type in cfg.text_types:
-            class_emb, _ = cached_class_text_embeddings(backbone, taxonomy, text_type, cfg.templates, cache_dir)
+        for text_type in text_types:
+            if adapter:  # the prompts it was trained and validated with (classes.json), not the config's
+                class_emb = classifier.class_embeddings
+            else:
+                class_emb, _ = cached_class_text_embeddings(backbone, taxonomy, text_type, cfg.templates, cache_dir)
             scores = zero_shot_scores(feats, class_emb, backbone.logit_scale)
             metrics = classification_metrics(
                 labels, scores, num_classes, taxonomy=taxonomy, bootstrap=cfg.bootstrap, seed=cfg.seed
@@ -131,13 +146,11 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
                 f"{name} {text_type}",
             )
             _predictions_table(scores, labels, eval_split, taxonomy.classes).to_parquet(out / "predictions.parquet")
-            rows.append(_row(name, "zero-shot", text_type, metrics))
-            log(
-                format_report(
-                    metrics, title=f"\n{name} zero-shot ({text_type}, {cfg.templates} templates) on {cfg.split}"
-                )
-            )
-        if not cfg.shots and not cfg.probe:
+            rows.append(_row(name, "LoRA" if adapter else "zero-shot", text_type, metrics))
+            templates = f"its own {len(classifier.record['templates'])}" if adapter else cfg.templates
+            method = "LoRA adapter" if adapter else "zero-shot"
+            log(format_report(metrics, title=f"\n{name} {method} ({text_type}, {templates} templates) on {cfg.split}"))
+        if adapter or (not cfg.shots and not cfg.probe):
             continue
         train_feats, train_labels, _ = cached_image_features(
             backbone,

@@ -1,0 +1,209 @@
+"""LoRA training end to end on the tiny offline model and the synthetic data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mushroomclip.config import ConfigError, load_train_config
+from mushroomclip.lora import AdapterError, load_classifier
+from mushroomclip.models import load_backbone
+from mushroomclip.trainer import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "hf_THISISNOTAREALTOKEN0123456789"
+
+
+def tiny_overrides(data: Path, out: Path, **extra) -> list[str]:
+    values = {"data.path": data, "training.output_dir": out, "training.max_steps": 40, "training.eval_steps": 20,
+              "training.logging_steps": 5, "data.num_workers": 0} | extra  # fmt: skip
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    os.environ["HF_TOKEN"] = SECRET  # must never reach a file or a log
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = load_train_config(ROOT / "configs/tiny.yaml", tiny_overrides(prepared[0], out))
+    lines = []
+    result = run_training(cfg, log=lines.append)
+    yield cfg, out, result, "\n".join(lines)
+    os.environ.pop("HF_TOKEN", None)
+
+
+def test_training_clearly_beats_the_untrained_model(trained):
+    _, out, result, log = trained
+    before, after = result["validation_untrained"]["miou"], result["validation_best"]["miou"]
+    assert after > before + 0.3, (before, after)
+    assert result["global_step"] == 40
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["validation_best"]["miou"] == pytest.approx(after) and metrics["test"]["miou"] is not None
+    assert "best validation mIoU" in log
+
+
+def test_run_folder_has_every_documented_file(trained):
+    cfg, out, _, _ = trained
+    for name in ("adapter_config.json", "adapter_model.safetensors", "classes.json", "config.yaml", "metrics.json",
+                 "loss_curve.png", "confusion.png", "README.md", "taxonomy.csv"):  # fmt: skip
+        assert (out / name).is_file(), name
+    classes = json.loads((out / "classes.json").read_text())
+    assert len(classes["species"]) == 169 and classes["text_type"] == "sci" and classes["base_model"] == "tiny-clip"
+    assert load_train_config(out / "config.yaml").to_dict() == cfg.to_dict()  # the resolved config round-trips
+    assert any((out / "checkpoints").glob("checkpoint-*"))
+
+
+def test_saved_adapter_reloads_with_peft_and_reproduces_logits_exactly(trained, prepared):
+    from peft import PeftModel
+
+    _, out, result, _ = trained
+    reloaded = PeftModel.from_pretrained(load_backbone("tiny-clip").model, str(out)).eval()
+    trained_model = result["model"].eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    ids = load_backbone("tiny-clip").tokenize(["Amanita muscaria", "Boletus edulis", "Lobaria pulmonaria"])
+    with torch.no_grad():
+        expected = trained_model(pixel_values=pixels, input_ids=ids).logits_per_image
+        got = reloaded(pixel_values=pixels, input_ids=ids).logits_per_image
+    assert torch.equal(expected, got)
+
+
+def test_classifier_predicts_ranked_species_with_probabilities(trained, prepared):
+    _, out, _, _ = trained
+    classifier = load_classifier(str(out))
+    image = Image.open(next((prepared[0] / "test").rglob("*.jpg")))
+    [predictions] = classifier.predict([image], top_k=5)
+    probs = [p.probability for p in predictions]
+    assert len(predictions) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_adapter_for_other_classes_or_base_is_a_clear_error(trained):
+    _, out, _, _ = trained
+    with pytest.raises(AdapterError, match="trained on other classes"):
+        load_classifier(str(out), species=["Amanita muscaria", "Boletus edulis"])
+    with pytest.raises(AdapterError, match="trained on base model 'tiny-clip', not 'openai/clip-vit-base-patch32'"):
+        load_classifier(str(out), base="openai/clip-vit-base-patch32")
+    with pytest.raises(AdapterError, match="is neither a folder nor a reachable Hub repo|not a MushroomCLIP adapter"):
+        load_classifier(str(out / "checkpoints"))
+
+
+def test_push_uploads_the_expected_files_and_the_card_parses(trained):
+    from huggingface_hub import ModelCard
+
+    from mushroomclip.hub import push_run
+
+    _, out, _, _ = trained
+
+    class FakeApi:
+        def __init__(self):
+            self.calls = []
+
+        def create_repo(self, repo_id, **kwargs):
+            self.calls.append(("create_repo", repo_id, kwargs))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kwargs):
+            self.calls.append(("upload_folder", kwargs))
+
+    api = FakeApi()
+    url = push_run(out, "someone/mushroomclip-tiny", private=True, api=api)
+    assert url == "https://huggingface.co/someone/mushroomclip-tiny"
+    assert api.calls[0][2]["private"] is True
+    uploaded = set(api.calls[1][1]["allow_patterns"])
+    assert {"adapter_config.json", "adapter_model.safetensors", "classes.json", "README.md"} <= uploaded
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "tiny-clip" and card.data.library_name == "peft"
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert results["miou"] == pytest.approx(test["miou"], abs=1e-4) and set(results) == {"oa", "top5", "mf1", "miou"}
+    assert "zero-shot (before LoRA)" in card.text and "PeftModel.from_pretrained" in card.text
+
+
+def test_token_never_appears_in_any_output(trained):
+    _, out, _, log = trained
+    assert SECRET not in log
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_config_typo_is_a_clear_error_from_the_cli(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'training.learning_rate'.*did you mean 'training.lr'\?"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["training.learning_rate=1e-4"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  rank: 8\n")
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(bad)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "unknown key 'lora.rank'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_shipped_configs_are_valid():
+    for name in ("lora_b32", "lora_b16", "lora_bioclip", "tiny"):
+        cfg = load_train_config(ROOT / "configs" / f"{name}.yaml")
+        assert cfg.loss.name == "class_text"
+    assert load_train_config(ROOT / "configs/lora_b32.yaml").model.base == "openai/clip-vit-base-patch32"
+
+
+def _train_cmd(*args):
+    return [sys.executable, "train.py", "--config", "configs/tiny.yaml", *args]
+
+
+def test_resume_after_a_killed_run_finishes_with_the_same_step_count(prepared, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_overrides(
+        prepared[0], out, **{"training.max_steps": 60, "training.eval_steps": 10, "training.save_total_limit": 10}
+    )
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_train_cmd(*args), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "checkpoints" / "checkpoint-20"
+    deadline = time.monotonic() + 240
+    while not (first / "trainer_state.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # waiting for a condition, not for time
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert "checkpoint-20" in saved and not (out / "metrics.json").exists()
+    result = subprocess.run(_train_cmd(*args, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 60
+    assert metrics["validation_untrained"] is None  # it continued; it did not start over
+    after = {p.name for p in (out / "checkpoints").glob("checkpoint-*")}
+    assert set(saved) <= after | {s for s in saved if not (out / "checkpoints" / s / "trainer_state.json").exists()}
+    assert "checkpoint-60" in after
+    state = json.loads((out / "checkpoints" / "checkpoint-60" / "trainer_state.json").read_text())
+    assert state["global_step"] == 60 and any(e.get("step") == 10 for e in state["log_history"])  # history kept
+
+
+def test_two_process_gloo_run_agrees_and_only_rank_zero_writes(prepared, tmp_path):
+    out = tmp_path / "ddp"
+    # accelerate's --cpu flag starts one process unless MPI is configured; --multi_gpu on a machine
+    # without CUDA starts torchrun ranks that train with gloo on the CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--config", "configs/tiny.yaml",
+           *tiny_overrides(prepared[0], out, **{"training.max_steps": 10, "training.eval_steps": 10, "training.batch_size": 8})]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("[rank ")]
+    assert sorted(line.split()[1] for line in ranks) == ["0]", "1]"], ranks
+    assert len({line.split(" ", 2)[2] for line in ranks}) == 1, ranks  # same step, LoRA weights and val mIoU
+    assert (result.stdout + result.stderr).count("best validation mIoU") == 1  # the summary comes from rank 0 only
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 10
+
+
+def test_benchmark_row_of_the_adapter_equals_its_own_test_metrics(trained, prepared, tmp_path):
+    from mushroomclip.zeroshot import EvalConfig, evaluate
+
+    _, out, _, _ = trained
+    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[], include_adapters=str(out.parent), templates="openai",
+                               shots=[], output=str(tmp_path), num_workers=0), log=lambda *a: None)  # fmt: skip
+    [row] = rows
+    assert row["method"] == "LoRA" and row["model"] == f"lora-{out.name}"
+    assert row["miou"] == pytest.approx(json.loads((out / "metrics.json").read_text())["test"]["miou"])
