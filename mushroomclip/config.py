@@ -34,20 +34,26 @@ def unknown_key_message(key: str, valid: list[str], where: str) -> str:
     return f"unknown key {key!r} in {where}{hint} (valid keys: {', '.join(sorted(valid))})"
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``; values from ``--config FILE`` (YAML, keys = flag names with ``_``) become defaults."""
-    args = parser.parse_args(argv)
-    if not getattr(args, "config", None):
-        return args
-    path = Path(args.config)
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML config file's top-level mapping; a missing file or malformed YAML is a ConfigError."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values")
+    return values
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config FILE`` (YAML, keys = flag names with ``_``) become defaults."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "config", None):
+        return args
+    path = Path(args.config)
+    values = read_yaml_mapping(path)
     valid = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
     for key in values:
         if key not in valid:
@@ -182,14 +188,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML), validated."""
     config = TrainConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        _apply(config, values, str(path))
+        _apply(config, read_yaml_mapping(Path(path)), str(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:

@@ -207,3 +207,20 @@ def test_benchmark_row_of_the_adapter_equals_its_own_test_metrics(trained, prepa
     [row] = rows
     assert row["method"] == "LoRA" and row["model"] == f"lora-{out.name}"
     assert row["miou"] == pytest.approx(json.loads((out / "metrics.json").read_text())["test"]["miou"])
+
+
+def test_predict_cli_ranks_species_and_warns_about_deadly_candidates(trained, prepared):
+    _, out, _, _ = trained
+    image = next((prepared[0] / "test").rglob("*.jpg"))
+    cmd = [sys.executable, "predict.py", str(image), "--adapter", str(out), "--top-k", "169", "--format", "json"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [record] = json.loads(result.stdout)
+    predictions = record["predictions"]
+    assert len(predictions) == 169 and sum(p["probability"] for p in predictions) == pytest.approx(1, abs=1e-3)
+    assert predictions[0]["lineage"]["species"] == predictions[0]["species"]
+    assert "WARNING: " in result.stderr and "(deadly)" in result.stderr  # every species is a candidate here
+    missing = subprocess.run(
+        [sys.executable, "predict.py", "nope.jpg", "--adapter", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("error: cannot read image nope.jpg")
