@@ -181,17 +181,37 @@ def _plot_losses(history: LossHistory, path: Path) -> None:
         twin.plot(*zip(*history.eval), "o-", color="#bc4749", label="validation mIoU")
         twin.set_ylabel("validation mIoU")
         twin.set_ylim(0, 1)
-    fig.legend(loc="upper right")
+    fig.legend(loc="upper center", bbox_to_anchor=(0.45, 0.93), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def last_complete_checkpoint(folder: Path, log=print) -> str | None:
+    """The newest checkpoint that was fully written; interrupted ones are removed (by rank 0).
+
+    Trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save, and
+    resuming from it (what ``get_last_checkpoint`` would pick) would crash.
+    """
+    import os
+    import shutil
+
+    if not folder.is_dir():
+        return None
+    complete = []
+    for path in folder.glob("checkpoint-*"):
+        if (path / "trainer_state.json").is_file():
+            complete.append(path)
+        elif int(os.environ.get("RANK", "0")) == 0:
+            log(f"removing {path}: interrupted while it was being saved")
+            shutil.rmtree(path, ignore_errors=True)
+    return str(max(complete, key=lambda p: int(p.name.split("-")[1]))) if complete else None
 
 
 def run_training(cfg: TrainConfig, log=print) -> dict:
     """Train, pick the best checkpoint on validation mIoU, test it, and write the run folder (rank 0)."""
     import yaml
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from mushroomclip.data import load_splits, prepared_taxonomy
     from mushroomclip.hub import model_card, push_run
@@ -235,7 +255,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         eval_dataset=splits["validation"], data_collator=collate, callbacks=[history],
         class_input_ids=class_ids, loss_name=cfg.loss.name, evaluator=evaluator,
     )  # fmt: skip
-    resume = get_last_checkpoint(str(checkpoints)) if cfg.training.resume and checkpoints.is_dir() else None
+    resume = last_complete_checkpoint(checkpoints, log) if cfg.training.resume else None
     if cfg.training.resume and resume is None:
         log(f"training.resume: no checkpoint in {checkpoints}, starting from scratch")
     baseline_val, _ = (None, None) if resume else evaluator(model, splits["validation"])

@@ -168,16 +168,19 @@ def test_resume_after_a_killed_run_finishes_with_the_same_step_count(prepared, t
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
-    assert "checkpoint-20" in saved and not (out / "metrics.json").exists()
+    complete = {p.name for p in (out / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()}
+    assert "checkpoint-20" in complete and not (out / "metrics.json").exists()
+    torn = out / "checkpoints" / "checkpoint-999"  # as if killed while saving: files but no trainer_state.json
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"partial")
     result = subprocess.run(_train_cmd(*args, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "removing" in result.stdout and not torn.exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 60
     assert metrics["validation_untrained"] is None  # it continued; it did not start over
     after = {p.name for p in (out / "checkpoints").glob("checkpoint-*")}
-    assert set(saved) <= after | {s for s in saved if not (out / "checkpoints" / s / "trainer_state.json").exists()}
-    assert "checkpoint-60" in after
+    assert complete <= after and "checkpoint-60" in after  # no checkpoint lost
     state = json.loads((out / "checkpoints" / "checkpoint-60" / "trainer_state.json").read_text())
     assert state["global_step"] == 60 and any(e.get("step") == 10 for e in state["log_history"])  # history kept
 
