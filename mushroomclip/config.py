@@ -205,6 +205,13 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     unknown_towers = set(config.lora.towers) - {"vision", "text"}
     if unknown_towers or not config.lora.towers:
         raise ConfigError(f"lora.towers must be a non-empty subset of [vision, text], got {config.lora.towers}")
+    reporter = config.training.report_to
+    if reporter not in ("none", "wandb", "tensorboard"):
+        raise ConfigError(f"training.report_to must be none, wandb or tensorboard, got {reporter!r}")
+    import importlib.util
+
+    if reporter != "none" and importlib.util.find_spec(reporter) is None:
+        raise ConfigError(f"training.report_to={reporter} needs the {reporter} package: pip install {reporter}")
     if config.hub.push and not config.hub.repo_id:
         raise ConfigError("hub.push is true but hub.repo_id is not set (e.g. hub.repo_id=USER/mushroomclip-lora-b32)")
     return config

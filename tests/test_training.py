@@ -227,3 +227,15 @@ def test_predict_cli_ranks_species_and_warns_about_deadly_candidates(trained, pr
         [sys.executable, "predict.py", "nope.jpg", "--adapter", str(out)], cwd=ROOT, capture_output=True, text=True
     )
     assert missing.returncode == 2 and missing.stderr.startswith("error: cannot read image nope.jpg")
+
+
+def test_wandb_reporting_works_offline(prepared, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    overrides = tiny_overrides(prepared[0], tmp_path / "run", **{"training.max_steps": 4, "training.eval_steps": 4,
+                                                                 "training.report_to": "wandb", "training.test_after": False})  # fmt: skip
+    run_training(load_train_config(ROOT / "configs/tiny.yaml", overrides), log=lambda *a: None)
+    [run] = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert any(run.glob("*.wandb"))  # the run's history was recorded locally
+    with pytest.raises(ConfigError, match="report_to must be none, wandb or tensorboard"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["training.report_to=mlflow"])
