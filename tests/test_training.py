@@ -74,8 +74,10 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_logits_exactly(trained, 
 
 
 def test_classifier_predicts_ranked_species_with_probabilities(trained, prepared):
+    import mushroomclip
+
     _, out, _, _ = trained
-    classifier = load_classifier(str(out))
+    classifier = mushroomclip.load_classifier(str(out))  # the package-level entry point
     image = Image.open(next((prepared[0] / "test").rglob("*.jpg")))
     [predictions] = classifier.predict([image], top_k=5)
     probs = [p.probability for p in predictions]
