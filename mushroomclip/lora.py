@@ -93,11 +93,12 @@ class Classifier:
     """A LoRA-tuned CLIP with its class list and prompts: images in, ranked species out."""
 
     def __init__(self, backbone: Backbone, record: dict, taxonomy: Taxonomy):
-        from mushroomclip.prompts import class_text_embeddings
+        from mushroomclip.prompts import class_prompts, class_text_embeddings
 
         self.backbone, self.record, self.taxonomy = backbone, record, taxonomy
         self.classes: list[str] = record["species"]
-        prompts = [[t.format(taxonomy.text(c, record["text_type"])) for t in record["templates"]] for c in self.classes]
+        # load_classifier has checked that record["species"] is taxonomy.classes, in order
+        prompts = class_prompts(taxonomy, record["text_type"], record["templates"])
         self.class_embeddings = class_text_embeddings(backbone, prompts)
 
     @torch.inference_mode()

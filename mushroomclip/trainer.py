@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from mushroomclip.config import TrainConfig
 from mushroomclip.losses import class_text_loss, clip_loss, multi_positive_loss
 from mushroomclip.metrics import classification_metrics
+from mushroomclip.prompts import class_prompts
 
 
 class ContrastiveTrainer(Trainer):
@@ -64,7 +65,7 @@ class ZeroShotEvaluator:
 
     def __init__(self, backbone, taxonomy, text_type: str, templates: list[str], batch_size: int, num_workers: int):
         self.backbone, self.taxonomy = backbone, taxonomy
-        self.prompts = [[t.format(taxonomy.text(c, text_type)) for t in templates] for c in taxonomy.classes]
+        self.prompts = class_prompts(taxonomy, text_type, templates)
         self.batch_size, self.num_workers = batch_size, num_workers
 
     @torch.inference_mode()
@@ -232,9 +233,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     )
     model.peft_config["default"].base_model_name_or_path = cfg.model.base
     backbone.model = model
-    class_ids = backbone.tokenize(
-        [cfg.data.train_template.format(taxonomy.text(c, cfg.data.text_type)) for c in taxonomy.classes]
-    )
+    class_ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, cfg.data.text_type, [cfg.data.train_template])])
     augment = train_transform(backbone.preprocess)
     train = (
         splits["train"]
