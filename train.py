@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_train_config(args.config, [*args.overrides, *(["training.resume=true"] if args.resume else [])])
+        from mushroomclip.distributed import spawn_cpu_ranks, unstarted_cpu_ranks
+
+        if ranks := unstarted_cpu_ranks():  # `accelerate launch --cpu --num_processes N` started only this one
+            return spawn_cpu_ranks(ranks, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
         from mushroomclip.trainer import run_training
 
         run_training(cfg)

@@ -18,9 +18,10 @@ class ConfigError(ValueError):
 
 
 # transformers.TrainingArguments names people will type, and ours
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SYNONYMS = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
             "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
-            "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}  # fmt: skip
+            "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "mixed_precision": "precision"}  # fmt: skip
 
 
 def unknown_key_message(key: str, valid: list[str], where: str) -> str:
@@ -109,6 +110,7 @@ class TrainingConfig:
     warmup_ratio: float = 0.05
     grad_accum: int = 1
     optim: str = "auto"  # auto: adamw_bnb_8bit when bitsandbytes and CUDA are there, else adamw_torch
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto: the accelerate config's, else bf16 on GPU, fp32 on CPU
     eval_steps: int = 0  # 0: once per epoch
     save_steps: int = 0  # 0: with every evaluation
     save_total_limit: int = 3
@@ -205,6 +207,10 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     unknown_towers = set(config.lora.towers) - {"vision", "text"}
     if unknown_towers or not config.lora.towers:
         raise ConfigError(f"lora.towers must be a non-empty subset of [vision, text], got {config.lora.towers}")
+    if config.training.precision not in PRECISIONS:
+        raise ConfigError(
+            f"training.precision must be one of {', '.join(PRECISIONS)}, got {config.training.precision!r}"
+        )
     reporter = config.training.report_to
     if reporter not in ("none", "wandb", "tensorboard"):
         raise ConfigError(f"training.report_to must be none, wandb or tensorboard, got {reporter!r}")

@@ -31,15 +31,15 @@ class PreprocessedImages(torch.utils.data.Dataset):
 
 @torch.inference_mode()
 def image_features(
-    backbone, split, batch_size: int = 256, num_workers: int = 2, desc: str = "images"
+    backbone, split, batch_size: int = 256, num_workers: int = 2, desc: str = "images", progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, D)`` float32 L2-normalised features and ``(N,)`` labels, in split order."""
+    """``(N, D)`` float32 L2-normalised features and ``(N,)`` labels, in split order (a tqdm bar if ``progress``)."""
     loader = torch.utils.data.DataLoader(
         PreprocessedImages(split, backbone.preprocess), batch_size=batch_size, num_workers=num_workers,
         pin_memory=backbone.device.type == "cuda", persistent_workers=False,
     )  # fmt: skip
     features, labels = [], []
-    for pixels, label in tqdm(loader, desc=desc, unit="batch"):
+    for pixels, label in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         features.append(backbone.encode_images(pixels).cpu())
         labels.append(label)
     return torch.cat(features).numpy().astype(np.float32), torch.cat(labels).numpy()

@@ -7,8 +7,10 @@ and ``classes.json`` (species order, text type, templates, taxonomy hash, base m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,15 @@ def lora_target_regex(towers: list[str], modules: list[str]) -> str:
     return rf"^({tower})\.encoder\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(modules)})$"
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning
+    in every process: noise a user cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def add_lora(model, r: int, alpha: int, dropout: float, towers: list[str], modules: list[str], train_logit_scale: bool):
     """Wrap a ``CLIPModel`` in a ``PeftModel``; only LoRA weights (and, on request, logit_scale) train.
 
@@ -53,7 +64,8 @@ def add_lora(model, r: int, alpha: int, dropout: float, towers: list[str], modul
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(towers, modules))
-    peft_model = get_peft_model(model, config)
+    with quiet_peft():
+        peft_model = get_peft_model(model, config)
     peft_model.get_base_model().logit_scale.requires_grad_(train_logit_scale)
     return peft_model
 
@@ -170,7 +182,8 @@ def load_classifier(
     if taxonomy.fingerprint != record["taxonomy_sha256"] or taxonomy.classes != record["species"]:
         raise AdapterError(f"{dir_or_repo}: the taxonomy does not match the one the adapter was trained with")
     backbone = load_backbone(backbone_name(record["base_model"]), device=device)
-    backbone.model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
+    with quiet_peft():
+        backbone.model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
     if record.get("logit_scale") is not None:
         backbone.model.get_base_model().logit_scale.data.fill_(float(np.log(record["logit_scale"])))
     weights = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]

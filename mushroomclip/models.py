@@ -74,7 +74,7 @@ class Backbone:
     kind: str
     model: torch.nn.Module
     preprocess: T.Compose  # PIL image -> normalised tensor, from the model's own config
-    tokenize: object  # list[str] -> LongTensor (N, 77)
+    tokenize: object  # list[str] -> LongTensor (N, L), L <= 77
     cache_id: str  # identifies weights + preprocessing for on-disk caches
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
@@ -130,8 +130,15 @@ def offline_clip_tokenizer():
 
 
 def _hf_tokenize(tokenizer):
+    """Token ids padded to the longest text, not to 77: mushroom prompts are ~30 tokens long.
+
+    Exact for CLIP's text tower: attention is causal and the embedding is read at the first
+    end-of-text token, so the padding after it never reaches the output. Training encodes every
+    class prompt each step, so this cuts the text tower's cost by more than half.
+    """
+
     def tokenize(texts: list[str]) -> torch.Tensor:
-        return tokenizer(texts, padding="max_length", truncation=True, max_length=CONTEXT_LENGTH, return_tensors="pt")[
+        return tokenizer(texts, padding="longest", truncation=True, max_length=CONTEXT_LENGTH, return_tensors="pt")[
             "input_ids"
         ]
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from mushroomclip.config import TrainConfig
@@ -29,6 +31,12 @@ class ContrastiveTrainer(Trainer):
         self.class_input_ids = class_input_ids
         self.loss_name = loss_name
         self.evaluator = evaluator
+        # No LoRA in the text tower (lora.towers: [vision]): its class embeddings never change, so they
+        # are computed once instead of at every step.
+        self.text_frozen = not any(
+            p.requires_grad for n, p in self.model.named_parameters() if "text_model" in n or "text_projection" in n
+        )
+        self._class_text_embeds = None
         # Our losses are per-batch means: let Trainer divide by the accumulation steps, and never
         # rescale by token counts (CLIPModel.forward takes **kwargs, which would suggest otherwise).
         self.model_accepts_loss_kwargs = False
@@ -36,12 +44,24 @@ class ContrastiveTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixels, labels = inputs["pixel_values"], inputs["labels"]
         ids = self.class_input_ids.to(pixels.device)
-        if self.loss_name != "class_text":
-            ids = ids[labels]  # one prompt per image: the image's own class
-        # One forward through the (DDP-wrapped) model, so gradient synchronisation is exact.
-        out = model(pixel_values=pixels, input_ids=ids, return_dict=True)
-        scale = self.accelerator.unwrap_model(model).get_base_model().logit_scale.exp()
-        image, text = out.image_embeds.float(), out.text_embeds.float()  # CLIPModel returns them normalised
+        base = self.accelerator.unwrap_model(model).get_base_model()
+        if self.text_frozen:
+            if self._class_text_embeds is None:
+                with torch.no_grad():
+                    features = base.get_text_features(input_ids=ids).pooler_output
+                self._class_text_embeds = F.normalize(features.float(), dim=-1)
+            # The forward still goes through the (DDP-wrapped) model so that gradient synchronisation is
+            # exact; its text input is one prompt, whose embedding is not used.
+            out = model(pixel_values=pixels, input_ids=ids[:1], return_dict=True)
+            text = self._class_text_embeds if self.loss_name == "class_text" else self._class_text_embeds[labels]
+        else:
+            if self.loss_name != "class_text":
+                ids = ids[labels]  # one prompt per image: the image's own class
+            # One forward through the (DDP-wrapped) model, so gradient synchronisation is exact.
+            out = model(pixel_values=pixels, input_ids=ids, return_dict=True)
+            text = out.text_embeds.float()  # CLIPModel returns them normalised
+        scale = base.logit_scale.exp()
+        image = out.image_embeds.float()
         if self.loss_name == "class_text":
             loss = class_text_loss(image, text, labels, scale)
         elif self.loss_name == "clip":
@@ -49,6 +69,17 @@ class ContrastiveTrainer(Trainer):
         else:
             loss = multi_positive_loss(image, text, labels, scale)
         return (loss, out) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A checkpoint is the adapter (+ training args). ``save_embedding_layers=False``: LoRA never touches
+        the embeddings, and peft's default asks the Hub for the base model's config at every save."""
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics, _ = self.evaluator(self.model, eval_dataset if eval_dataset is not None else self.eval_dataset)
@@ -63,10 +94,12 @@ class ContrastiveTrainer(Trainer):
 class ZeroShotEvaluator:
     """Scores a split with the model's current text tower as the classifier head."""
 
-    def __init__(self, backbone, taxonomy, text_type: str, templates: list[str], batch_size: int, num_workers: int):
+    def __init__(self, backbone, taxonomy, text_type: str, templates: list[str], batch_size: int, num_workers: int,
+                 precision: str = "fp32"):  # fmt: skip
         self.backbone, self.taxonomy = backbone, taxonomy
         self.prompts = class_prompts(taxonomy, text_type, templates)
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # the training's
 
     @torch.inference_mode()
     def __call__(self, model, split) -> tuple[dict, np.ndarray]:
@@ -78,13 +111,14 @@ class ZeroShotEvaluator:
         self.backbone.model = model
         self.backbone.device = next(model.parameters()).device
         autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.backbone.device.type == "cuda"
+            torch.autocast(self.backbone.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
         with autocast:
             class_emb = class_text_embeddings(self.backbone, self.prompts)
-            feats, labels = image_features(self.backbone, split, self.batch_size, self.num_workers, desc="eval")
+            one_bar = int(os.environ.get("RANK", "0")) == 0  # a progress bar from rank 0, not one per rank
+            feats, labels = image_features(self.backbone, split, self.batch_size, self.num_workers, "eval", one_bar)
         scale = model.get_base_model().logit_scale.exp().item()
         scores = scale * feats @ class_emb.numpy().T
         model.train(was_training)
@@ -105,8 +139,44 @@ class LossHistory(TrainerCallback):
             self.eval.append((state.global_step, logs["eval_miou"]))
 
 
+def on_cpu() -> bool:
+    """CPU training: no CUDA, or ``accelerate launch --cpu``."""
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+
+
+def resolve_precision(requested: str, cpu: bool, bf16_supported: bool, accelerate_setting: str | None) -> str:
+    """``fp32``, ``bf16`` or ``fp16`` for this run.
+
+    ``auto``: fp32 on the CPU; on a GPU the accelerate config's ``mixed_precision`` when it names one
+    (``accelerate launch --config_file accelerate_config.yaml`` -> bf16), else bf16 where the GPU has it
+    and fp16 on older GPUs. (accelerate's ``no`` is also its default without a config, so it is not
+    taken as a choice.) An explicit ``training.precision`` wins over all of this.
+    """
+    from mushroomclip.config import ConfigError
+
+    if requested == "auto":
+        if cpu:
+            return "fp32"
+        requested = (
+            accelerate_setting if accelerate_setting in ("bf16", "fp16") else "bf16" if bf16_supported else "fp16"
+        )
+    if requested == "bf16" and not cpu and not bf16_supported:
+        raise ConfigError(
+            "training.precision=bf16 but this GPU has no bf16 support; use training.precision=fp16 or fp32"
+        )
+    if requested == "fp16" and cpu:
+        raise ConfigError("training.precision=fp16 needs a GPU; on the CPU use training.precision=fp32 (or bf16)")
+    return requested
+
+
 def training_arguments(cfg: TrainConfig, checkpoints: Path, steps_per_epoch: int) -> TrainingArguments:
     t = cfg.training
+    cpu = on_cpu()
+    precision = resolve_precision(t.precision, cpu, not cpu and torch.cuda.is_bf16_supported(),
+                                  os.environ.get("ACCELERATE_MIXED_PRECISION"))  # fmt: skip
+    # TrainingArguments starts from this variable and only bf16/fp16=True override it, so an explicit
+    # fp32 under a bf16 accelerate config would otherwise stay bf16.
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "no" if precision == "fp32" else precision
     optim = t.optim
     if optim == "auto":
         import importlib.util
@@ -123,7 +193,7 @@ def training_arguments(cfg: TrainConfig, checkpoints: Path, steps_per_epoch: int
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, weight_decay=t.weight_decay,
         lr_scheduler_type="cosine", warmup_steps=math.ceil(t.warmup_ratio * _total_steps(cfg, steps_per_epoch)), optim=optim,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), use_cpu=not torch.cuda.is_available(),
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=cpu,
         eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=t.save_steps or eval_steps,
         save_total_limit=t.save_total_limit, load_best_model_at_end=True, metric_for_best_model="miou",
         greater_is_better=True, logging_steps=t.logging_steps, report_to=[] if t.report_to == "none" else [t.report_to],
@@ -145,11 +215,13 @@ def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def run_summary(cfg: TrainConfig, history: LossHistory, best: dict, test: dict | None) -> str:
+def run_summary(cfg: TrainConfig, history: LossHistory, best: dict, test: dict | None, precision: str) -> str:
     def pct(m, k):
         return "n/a" if not m or m.get(k) is None else f"{100 * m[k]:.1f}"
 
-    lines = [f"run {cfg.training.output_dir}: {cfg.model.base} + LoRA r={cfg.lora.r}, loss {cfg.loss.name}"]
+    lines = [
+        f"run {cfg.training.output_dir}: {cfg.model.base} + LoRA r={cfg.lora.r}, loss {cfg.loss.name}, {precision}"
+    ]
     if history.train:
         lines.append(
             f"train loss {history.train[0][1]:.3f} -> {history.train[-1][1]:.3f} over {history.train[-1][0]} steps"
@@ -194,7 +266,6 @@ def last_complete_checkpoint(folder: Path, log=print) -> str | None:
     Trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save, and
     resuming from it (what ``get_last_checkpoint`` would pick) would crash.
     """
-    import os
     import shutil
 
     if not folder.is_dir():
@@ -240,17 +311,18 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         .select_columns(["image", "label"])
         .with_transform(lambda b: {"pixel_values": [augment(im) for im in b["image"]], "labels": b["label"]})
     )
-    templates = templates_for(cfg.data.eval_templates)
-    evaluator = ZeroShotEvaluator(
-        backbone, taxonomy, cfg.data.text_type, templates, cfg.training.eval_batch_size, cfg.data.num_workers
-    )
     run_dir = Path(cfg.training.output_dir)
     checkpoints = run_dir / "checkpoints"
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch = math.ceil(len(train) / (cfg.training.batch_size * world * cfg.training.grad_accum))
+    args = training_arguments(cfg, checkpoints, steps_per_epoch)
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    templates = templates_for(cfg.data.eval_templates)
+    evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates, cfg.training.eval_batch_size,
+                                  cfg.data.num_workers, precision)  # fmt: skip
     history = LossHistory()
     trainer = ContrastiveTrainer(
-        model=model, args=training_arguments(cfg, checkpoints, steps_per_epoch), train_dataset=train,
+        model=model, args=args, train_dataset=train,
         eval_dataset=splits["validation"], data_collator=collate, callbacks=[history],
         class_input_ids=class_ids, loss_name=cfg.loss.name, evaluator=evaluator,
     )  # fmt: skip
@@ -270,7 +342,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
               "model": trainer.model}  # fmt: skip
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(str(run_dir))
+        trainer.model.save_pretrained(str(run_dir), save_embedding_layers=False)  # LoRA never touches them
         scale = trainer.model.get_base_model().logit_scale.exp().item() if lora.train_logit_scale else None
         save_json(
             run_dir / CLASSES_FILE, classes_record(taxonomy, cfg.data.text_type, templates, cfg.model.base, scale)
@@ -292,6 +364,8 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
                   (("validation_best", best), ("test", test), ("validation_untrained", baseline_val), ("test_untrained", baseline_test))}  # fmt: skip
         record |= {
             "global_step": trainer.state.global_step,
+            "precision": precision,
+            "processes": trainer.args.world_size,
             "loss_history": history.train,
             "eval_history": history.eval,
         }
@@ -302,7 +376,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
                 test["confusion"], taxonomy, run_dir / "confusion.png", title=f"{run_dir.name} test confusion"
             )
         model_card(run_dir).save(run_dir / "README.md")
-        log(run_summary(cfg, history, best, test))
+        log(run_summary(cfg, history, best, test, precision))
         if cfg.hub.push:
             url = push_run(run_dir, cfg.hub.repo_id, private=cfg.hub.private)
             log(f"pushed to {url}")

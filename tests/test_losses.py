@@ -61,3 +61,38 @@ def test_losses_have_gradients_for_both_towers():
                  class_text_loss(images, texts, labels, SCALE)):  # fmt: skip
         grads = torch.autograd.grad(loss, [images, texts])
         assert all(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("loss_name", ["class_text", "clip", "multi_positive"])
+def test_frozen_text_tower_reuses_class_embeddings_with_the_same_loss_and_gradients(loss_name, tmp_path):
+    from transformers import TrainingArguments
+
+    from mushroomclip.lora import add_lora
+    from mushroomclip.models import load_backbone
+    from mushroomclip.trainer import ContrastiveTrainer
+
+    backbone = load_backbone("tiny-clip")
+    model = add_lora(backbone.model, 4, 8, 0.0, ["vision"], ["q_proj", "v_proj"], False).train()
+    ids = backbone.tokenize(["Amanita muscaria", "Boletus edulis", "Cantharellus cibarius", "Morchella esculenta"])
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = ContrastiveTrainer(model=model, args=args, class_input_ids=ids, loss_name=loss_name, evaluator=None)
+    assert trainer.text_frozen  # LoRA on the vision tower only
+    torch.manual_seed(0)
+    inputs = {"pixel_values": torch.randn(6, 3, 32, 32), "labels": torch.tensor([0, 1, 1, 2, 3, 0])}
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    cached, cached_grads = loss_and_grads()
+    assert trainer._class_text_embeds.shape == (4, 32)
+    trainer.text_frozen = False  # every step through the text tower, as with LoRA on both towers
+    full, full_grads = loss_and_grads()
+    assert torch.allclose(cached, full, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(cached_grads, full_grads))
+    both = add_lora(load_backbone("tiny-clip").model, 4, 8, 0.0, ["vision", "text"], ["q_proj", "v_proj"], False)
+    assert not ContrastiveTrainer(
+        model=both, args=args, class_input_ids=ids, loss_name=loss_name, evaluator=None
+    ).text_frozen

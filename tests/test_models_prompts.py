@@ -49,6 +49,25 @@ def test_offline_tokenizer_matches_open_clip_token_ids():
     assert torch.equal(ours[real], ref[real])
 
 
+@pytest.mark.parametrize("eos_token_id", [49407, 2])  # 2: openai/clip-vit-*'s legacy config (argmax pooling)
+def test_padding_to_the_longest_prompt_gives_the_same_text_embeddings_as_padding_to_77(eos_token_id):
+    from transformers import CLIPModel
+
+    from mushroomclip.models import tiny_clip_config
+
+    torch.manual_seed(0)
+    config = tiny_clip_config()
+    config.text_config.eos_token_id = eos_token_id
+    model = CLIPModel(config).eval()
+    texts = ["fly agaric", "a photo of Fungi Basidiomycota Agaricomycetes Agaricales Amanita muscaria, fly agaric."]
+    ids = load_backbone("tiny-clip").tokenize(texts)
+    full = offline_clip_tokenizer()(texts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == 30 and torch.equal(ids, full[:, : ids.shape[1]])
+    with torch.no_grad():
+        short, long = (model.get_text_features(input_ids=x).pooler_output for x in (ids, full))
+    assert torch.allclose(short, long, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["tiny-clip", "tiny-openclip"])
 def test_tiny_backbones_give_normalised_deterministic_embeddings(name):
     a, b = load_backbone(name), load_backbone(name)

@@ -145,6 +145,35 @@ def test_config_typo_is_a_clear_error_from_the_cli(tmp_path):
     assert result.returncode == 2 and "unknown key 'lora.rank'" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("requested", "cpu", "bf16_gpu", "accelerate_setting", "expected"),
+    [
+        ("auto", False, True, None, "bf16"),  # python train.py on an A100/H100
+        ("auto", False, True, "no", "bf16"),  # accelerate launch without a config: its default is not a choice
+        ("auto", False, True, "fp16", "fp16"),  # the accelerate config decides
+        ("auto", False, False, None, "fp16"),  # a V100/T4 has no bf16
+        ("auto", True, False, "bf16", "fp32"),  # CPU: fp32 whatever the accelerate config says
+        ("fp32", False, True, "bf16", "fp32"),  # an explicit choice wins
+        ("bf16", True, False, None, "bf16"),  # CPU autocast in bf16, on request
+    ],
+)
+def test_precision_follows_the_accelerate_config_unless_set(requested, cpu, bf16_gpu, accelerate_setting, expected):
+    from mushroomclip.trainer import resolve_precision
+
+    assert resolve_precision(requested, cpu, bf16_gpu, accelerate_setting) == expected
+
+
+def test_impossible_precision_is_a_clear_error():
+    from mushroomclip.trainer import resolve_precision
+
+    with pytest.raises(ConfigError, match="this GPU has no bf16 support; use training.precision=fp16"):
+        resolve_precision("bf16", False, False, None)
+    with pytest.raises(ConfigError, match="training.precision must be one of auto, bf16, fp16, fp32, got 'float16'"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["training.precision=float16"])
+    with pytest.raises(ConfigError, match="did you mean 'training.precision'"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["training.mixed_precision=bf16"])
+
+
 def test_shipped_configs_are_valid():
     for name in ("lora_b32", "lora_b16", "lora_bioclip", "tiny"):
         cfg = load_train_config(ROOT / "configs" / f"{name}.yaml")
@@ -189,18 +218,43 @@ def test_resume_after_a_killed_run_finishes_with_the_same_step_count(prepared, t
 
 def test_two_process_gloo_run_agrees_and_only_rank_zero_writes(prepared, tmp_path):
     out = tmp_path / "ddp"
-    # accelerate's --cpu flag starts one process unless MPI is configured; --multi_gpu on a machine
-    # without CUDA starts torchrun ranks that train with gloo on the CPU.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--config", "configs/tiny.yaml",
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # The command: accelerate alone would start one process here (no MPI); train.py starts the
+    # second rank itself (torch.distributed.run, gloo on the CPU).
+    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "29517", "train.py", "--config", "configs/tiny.yaml",
            *tiny_overrides(prepared[0], out, **{"training.max_steps": 10, "training.eval_steps": 10, "training.batch_size": 8})]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("[rank ")]
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "starting 2 CPU ranks" in output
+    ranks = [line for line in output.splitlines() if line.startswith("[rank ")]
     assert sorted(line.split()[1] for line in ranks) == ["0]", "1]"], ranks
     assert len({line.split(" ", 2)[2] for line in ranks}) == 1, ranks  # same step, LoRA weights and val mIoU
-    assert (result.stdout + result.stderr).count("best validation mIoU") == 1  # the summary comes from rank 0 only
-    assert json.loads((out / "metrics.json").read_text())["global_step"] == 10
+    assert output.count("best validation mIoU") == 1  # the summary comes from rank 0 only
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 10 and metrics["processes"] == 2 and metrics["precision"] == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("launcher", "expected"),
+    [
+        ("/venv/bin/accelerate launch --cpu --num_processes 2 train.py --config c.yaml", 2),
+        ("python -m accelerate.commands.launch --cpu --num_processes=3 train.py", 3),
+        ("/venv/bin/accelerate-launch --cpu --num_processes 4 train.py", 4),
+        ("accelerate launch --cpu train.py --num_processes 5", 1),  # the script's own arguments do not count
+        ("accelerate launch --cpu --num_processes 2 --mpirun_hostfile hosts train.py", 1),  # MPI starts them
+        ("accelerate launch --cpu --num_processes 2 --num_machines 2 train.py", 1),
+        ("accelerate launch --cpu --config_file {config} train.py", 2),
+        ("bash run.sh", 1),
+    ],
+)
+def test_requested_cpu_processes_are_read_from_the_launch_command(launcher, expected, tmp_path):
+    from mushroomclip.distributed import requested_cpu_processes
+
+    config = tmp_path / "cpu.yaml"
+    config.write_text("distributed_type: MULTI_CPU\nuse_cpu: true\nnum_processes: 2\nnum_machines: 1\n")
+    assert requested_cpu_processes(["python3", *launcher.format(config=config).split()]) == expected
 
 
 def test_benchmark_row_of_the_adapter_equals_its_own_test_metrics(trained, prepared, tmp_path):
