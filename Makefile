@@ -9,7 +9,7 @@ DEMO ?= demo
 BENCH ?= /tmp/mushroomclip-bench
 NPROC ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup test demo demo-data benchmark bench-prepare bench-zero-shot bench-train lint format clean
+.PHONY: help setup test demo demo-data train benchmark bench-prepare bench-zero-shot bench-train lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ demo: demo-data  ## offline tour: data -> baselines -> LoRA training -> predict 
 	  --include-adapters $(DEMO)/runs --output $(DEMO)/results/benchmark > $(DEMO)/results/benchmark.log 2>&1
 	$(PY) -m mushroomclip.benchmark report --results $(DEMO)/results/benchmark
 
+CONFIG ?= configs/lora_b32.yaml
+train: setup  ## LoRA fine-tuning with accelerate_config.yaml (bf16, one GPU): CONFIG=configs/X.yaml ARGS="key=value ..."
+	$(VENV)/bin/accelerate launch -q --config_file accelerate_config.yaml train.py --config $(CONFIG) $(ARGS)
+
 benchmark: setup  ## zero-/few-shot for every configured model -> results/benchmark.md (tiny models on demo data when offline)
 	@if $(PY) -m mushroomclip.benchmark hub-reachable; then \
 	  $(PY) evaluate_zero_shot.py --config configs/benchmark.yaml; \
@@ -66,10 +70,11 @@ bench-zero-shot: setup  ## zero-shot image-encoding images/s of the clip-b32 arc
 	$(PY) data_scripts/prepare_kaggle.py --source $(BENCH)/zs-kaggle --output $(BENCH)/zs-prepared --num-proc $(NPROC) --no-progress > /dev/null
 	$(OFFLINE) $(PY) -m mushroomclip.benchmark speed --data $(BENCH)/zs-prepared --model clip-b32 --batch-size 256 --batches 3
 
-bench-train: setup  ## LoRA training images/s of the clip-b32 architecture (random weights): data pipeline vs model only
+TOWERS ?= vision,text
+bench-train: setup  ## LoRA training images/s of the clip-b32 architecture (random weights): data pipeline vs model only (TOWERS=vision: frozen text)
 	$(PY) data_scripts/make_synthetic.py --output $(BENCH)/zs-kaggle --classes 20 --per-class 60 --size 500 --num-proc $(NPROC)
 	$(PY) data_scripts/prepare_kaggle.py --source $(BENCH)/zs-kaggle --output $(BENCH)/zs-prepared --num-proc $(NPROC) --no-progress > /dev/null
-	$(OFFLINE) $(PY) -m mushroomclip.benchmark train-speed --data $(BENCH)/zs-prepared --model clip-b32 --batch-size 8 --steps 2 --num-workers 2
+	$(OFFLINE) $(PY) -m mushroomclip.benchmark train-speed --data $(BENCH)/zs-prepared --model clip-b32 --num-workers $(NPROC) --towers $(TOWERS)
 
 lint: setup  ## ruff lint + format check
 	$(PY) -m ruff check .

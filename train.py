@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
         run_training(cfg)
     except (ConfigError, ModelLoadError, AdapterError, TaxonomyError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        from mushroomclip.distributed import launcher_repeats_failures
+
+        if launcher_repeats_failures():
+            print("(accelerate launch reports this exit status again as a CalledProcessError traceback below; "
+                  "`accelerate launch -q ...` leaves only the error above)", file=sys.stderr)  # fmt: skip
         return 2
     return 0
 

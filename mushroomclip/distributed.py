@@ -8,6 +8,7 @@ and starts N ranks with ``torch.distributed.run`` instead, which train over gloo
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -30,17 +31,33 @@ def _launch_args(cmdline: list[str]) -> list[str] | None:
     return None
 
 
-def requested_cpu_processes(cmdline: list[str]) -> int:
-    """How many processes an ``accelerate launch`` command line asks for (1 if it cannot tell)."""
-    from accelerate.commands.launch import launch_command_parser
-
+def _parse_launch(cmdline: list[str]) -> argparse.Namespace | None:
+    """``accelerate launch``'s own parse of its command line, or None when it is not one."""
     args = _launch_args(cmdline)
     if args is None:
-        return 1
+        return None
+    from accelerate.commands.launch import launch_command_parser
+
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            parsed = launch_command_parser().parse_args(args)
+            return launch_command_parser().parse_args(args)
     except SystemExit:
+        return None
+
+
+def _parent_cmdline() -> list[str]:
+    try:
+        import psutil
+
+        return psutil.Process(os.getppid()).cmdline()
+    except Exception:  # no psutil, or the parent is gone / not ours to read
+        return []
+
+
+def requested_cpu_processes(cmdline: list[str]) -> int:
+    """How many processes an ``accelerate launch`` command line asks for (1 if it cannot tell)."""
+    parsed = _parse_launch(cmdline)
+    if parsed is None:
         return 1
     if parsed.mpirun_hostfile or (parsed.num_machines or 1) > 1:
         return 1  # MPI or several machines: accelerate's own business
@@ -63,14 +80,16 @@ def unstarted_cpu_ranks() -> int:
         return 0
     if any(var in os.environ for var in WORLD_SIZE_VARS):
         return 0  # already one rank of a distributed launch
-    try:
-        import psutil
-
-        cmdline = psutil.Process(os.getppid()).cmdline()
-    except Exception:  # no psutil, or the parent is gone / not ours to read
-        return 0
-    n = requested_cpu_processes(cmdline)
+    n = requested_cpu_processes(_parent_cmdline())
     return n if n > 1 else 0
+
+
+def launcher_repeats_failures(cmdline: list[str] | None = None) -> bool:
+    """Whether ``accelerate launch`` (single process, no ``-q``) will re-raise our exit status as a traceback."""
+    if any(var in os.environ for var in WORLD_SIZE_VARS):
+        return False
+    parsed = _parse_launch(_parent_cmdline() if cmdline is None else cmdline)
+    return parsed is not None and not parsed.quiet
 
 
 def spawn_cpu_ranks(n: int, script_and_args: list[str]) -> int:

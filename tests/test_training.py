@@ -174,6 +174,23 @@ def test_impossible_precision_is_a_clear_error():
         load_train_config(ROOT / "configs/tiny.yaml", ["training.mixed_precision=bf16"])
 
 
+def test_default_config_without_network_fails_fast_with_one_clear_error():
+    # The command, exactly. HF_HUB_OFFLINE stands in for "no network" (the test suite never
+    # touches it); without the variable the same message comes from a failed TCP probe of the Hub.
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "train.py", "--config", "configs/lora_b32.yaml"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    [error] = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert "could not load model 'clip-b32' (openai/clip-vit-base-patch32)" in lines[error]
+    assert "Check the network and the Hugging Face login" in lines[error]
+    # Nothing of ours is a traceback; accelerate's launcher re-raises the exit status, and we say so.
+    assert "Traceback" not in "\n".join(lines[: error + 1])
+    assert lines[error + 1].startswith("(accelerate launch reports this exit status again")
+    assert "-q" in lines[error + 1] and result.stderr.count("Traceback") <= 1
+
+
 def test_shipped_configs_are_valid():
     for name in ("lora_b32", "lora_b16", "lora_bioclip", "tiny"):
         cfg = load_train_config(ROOT / "configs" / f"{name}.yaml")
@@ -257,6 +274,14 @@ def test_requested_cpu_processes_are_read_from_the_launch_command(launcher, expe
     assert requested_cpu_processes(["python3", *launcher.format(config=config).split()]) == expected
 
 
+def test_hint_about_accelerates_own_traceback_only_where_it_will_appear():
+    from mushroomclip.distributed import launcher_repeats_failures
+
+    assert launcher_repeats_failures(["python3", "/venv/bin/accelerate", "launch", "train.py", "--config", "c.yaml"])
+    assert not launcher_repeats_failures(["python3", "/venv/bin/accelerate", "launch", "-q", "train.py"])
+    assert not launcher_repeats_failures(["python3", "train.py", "--config", "c.yaml"])
+
+
 def test_benchmark_row_of_the_adapter_equals_its_own_test_metrics(trained, prepared, tmp_path):
     from mushroomclip.zeroshot import EvalConfig, evaluate
 
@@ -295,3 +320,16 @@ def test_wandb_reporting_works_offline(prepared, tmp_path, monkeypatch):
     assert any(run.glob("*.wandb"))  # the run's history was recorded locally
     with pytest.raises(ConfigError, match="report_to must be none, wandb or tensorboard"):
         load_train_config(ROOT / "configs/tiny.yaml", ["training.report_to=mlflow"])
+
+
+def test_speed_benchmarks_run_on_the_tiny_model_and_count_every_image(prepared):
+    from mushroomclip.benchmark import measure_speed, measure_train_speed
+
+    zero_shot = measure_speed(str(prepared[0]), "tiny-clip", 16, 0, "cpu", "train", 2)
+    assert zero_shot["images"] == 32 and zero_shot["pipeline_images_per_s"] > 0
+    assert zero_shot["ratio"] == pytest.approx(
+        zero_shot["pipeline_images_per_s"] / zero_shot["model_only_images_per_s"]
+    )
+    for towers in (("vision", "text"), ("vision",)):
+        train = measure_train_speed(str(prepared[0]), "tiny-clip", 8, 2, 0, "cpu", towers)
+        assert train["steps"] == 2 and train["pipeline_images_per_s"] > 0 and train["model_only_images_per_s"] > 0
