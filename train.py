@@ -9,6 +9,7 @@ python train.py --config configs/tiny.yaml                    (offline CPU smoke
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             return spawn_cpu_ranks(ranks, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
         from mushroomclip.trainer import run_training
 
-        run_training(cfg)
+        run_training(cfg, log=functools.partial(print, flush=True))  # whole lines: ranks share one pipe
     except (ConfigError, ModelLoadError, AdapterError, TaxonomyError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         from mushroomclip.distributed import launcher_repeats_failures

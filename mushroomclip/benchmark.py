@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import shutil
@@ -57,7 +56,12 @@ def write_report(results: Path) -> Path:
 def measure_speed(
     data: str, model: str, batch_size: int, num_workers: int, device: str, split: str, batches: int
 ) -> dict:
-    """Images/s of zero-shot image encoding with the real data pipeline vs synthetic tensors (model only)."""
+    """Images/s of zero-shot image encoding with the real data pipeline vs tensors on the device (model only).
+
+    Steady state, as over a whole test split: the batches the workers prefetched while the first one was
+    made are encoded untimed, then ``batches`` batches are timed.
+    """
+    from mushroomclip.augment import background_worker
     from mushroomclip.data import load_splits
     from mushroomclip.features import PreprocessedImages
     from mushroomclip.models import load_backbone
@@ -65,45 +69,50 @@ def measure_speed(
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     backbone = load_backbone(model, device=device, dtype=dtype, random_weights=True)
-    images = load_splits(data)[split]
-    n = min(len(images), batch_size * batches)
-    loader = torch.utils.data.DataLoader(PreprocessedImages(images.select(range(n)), backbone.preprocess),
-                                         batch_size=batch_size, num_workers=num_workers, pin_memory=device.startswith("cuda"))  # fmt: skip
+    images = PreprocessedImages(load_splits(data)[split], backbone.preprocess)
+    buffered = 2 * num_workers  # DataLoader's prefetch_factor (2) batches per worker
+    needed = 1 + buffered + batches
+    if len(images) < needed * batch_size:
+        raise ValueError(
+            f"{data}: the {split} split has {len(images)} images, and a steady-state measurement needs "
+            f"{needed} batches of {batch_size} (1 warm-up, {buffered} prefetched, {batches} timed): prepare "
+            "more images (make bench-zero-shot does), or lower --batches, --batch-size or --num-workers"
+        )
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, range(needed * batch_size)), batch_size=batch_size,
+                                         num_workers=num_workers, pin_memory=device.startswith("cuda"), worker_init_fn=background_worker)  # fmt: skip
 
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    with torch.inference_mode():
-        size = backbone.preprocess.transforms[1].size
-        pixels = (
-            torch.randn(batch_size, 3, *size)
-            if isinstance(size, (tuple, list))
-            else torch.randn(batch_size, 3, size, size)
-        )
-        backbone.encode_images(pixels[:8])  # warm-up
-
-        def model_only_speed() -> float:
-            sync()
-            start = time.perf_counter()
-            for _ in range(max(1, n // batch_size)):
-                backbone.encode_images(pixels)
-            sync()
-            return max(1, n // batch_size) * batch_size / (time.perf_counter() - start)
-
-        first = model_only_speed()
-        start = time.perf_counter()
-        seen = 0
-        for batch, _ in loader:
-            backbone.encode_images(batch)
-            seen += len(batch)
+    def timed(batches_of_pixels, skip: int = 0) -> tuple[float, int]:
+        start, seen = 0.0, 0
+        for i, pixels in enumerate(batches_of_pixels):
+            if i == 1 + skip:
+                sync()
+                start = time.perf_counter()
+            backbone.encode_images(pixels)
+            seen += len(pixels) if i > skip else 0
         sync()
-        pipeline = seen / (time.perf_counter() - start)
+        return seen / (time.perf_counter() - start), seen
+
+    with torch.inference_mode():
+        sample = images[0][0]  # uint8 from the fast pipeline, float where Pillow preprocesses
+        on_device = [
+            torch.randint(0, 256, (batch_size, *sample.shape), dtype=torch.uint8, device=device)
+            if sample.dtype == torch.uint8
+            else torch.randn(batch_size, *sample.shape, device=device)
+            for _ in range(2)
+        ]
+        synthetic = [on_device[i % 2] for i in range(1 + batches)]
+        first, _ = timed(synthetic)
+        pipeline, seen = timed((pixels for pixels, _ in loader), skip=buffered)
         model_only = max(
-            first, model_only_speed()
+            first, timed(synthetic)[0]
         )  # before and after: first-call slowness must not flatter the pipeline
     return {"model": model, "device": device, "dtype": str(dtype), "batch_size": batch_size, "images": seen,
-            "pipeline_images_per_s": pipeline, "model_only_images_per_s": model_only, "ratio": pipeline / model_only}  # fmt: skip
+            "num_workers": num_workers, "pipeline_images_per_s": pipeline, "model_only_images_per_s": model_only,
+            "ratio": pipeline / model_only}  # fmt: skip
 
 
 def measure_train_speed(
@@ -122,9 +131,10 @@ def measure_train_speed(
     """
     from transformers import TrainingArguments
 
+    from mushroomclip.augment import background_worker, pixel_stats, train_images
     from mushroomclip.config import DataConfig, LoraSettings
     from mushroomclip.data import load_splits, prepared_taxonomy
-    from mushroomclip.lora import add_lora, train_transform
+    from mushroomclip.lora import add_lora
     from mushroomclip.models import load_backbone
     from mushroomclip.prompts import class_prompts
     from mushroomclip.trainer import ContrastiveTrainer
@@ -135,14 +145,13 @@ def measure_train_speed(
     peft = add_lora(backbone.model, s.r, s.alpha, s.dropout, list(towers), s.target_modules, False).to(device).train()
     taxonomy = prepared_taxonomy(data)
     ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, d.text_type, [d.train_template])]).to(device)
-    augment = train_transform(backbone.preprocess)
-    split = load_splits(data)["train"].select_columns(["image", "label"])
-    split = split.with_transform(lambda b: {"pixel_values": [augment(im) for im in b["image"]], "labels": b["label"]})
-    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
+    split = train_images(load_splits(data)["train"], backbone.preprocess)  # the trainer's own pipeline
+    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True, worker_init_fn=background_worker,
                                          pin_memory=device.startswith("cuda"), persistent_workers=num_workers > 0,
                                          collate_fn=lambda b: (torch.stack([x["pixel_values"] for x in b]), torch.tensor([x["labels"] for x in b])))  # fmt: skip
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=not device.startswith("cuda"), report_to=[])
-    trainer = ContrastiveTrainer(model=peft, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None)
+    trainer = ContrastiveTrainer(model=peft, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None,
+                                 pixel_stats=pixel_stats(backbone.preprocess))  # fmt: skip
     optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
 
@@ -154,34 +163,54 @@ def measure_train_speed(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def timed(batches) -> float:
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(batches, skip: int = 0, train: bool = True) -> float:
+        """Images/s over ``steps`` batches, after one warm-up and ``skip`` untimed ones (``train=False``:
+        only the copy to the device)."""
         batches = iter(batches)
-        step(*next(batches))  # warm-up, not timed
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start, seen = time.perf_counter(), 0
-        for _ in range(steps):
+        start, seen = 0.0, 0
+        for i in range(1 + skip + steps):
+            if i == 1 + skip:
+                sync()
+                start = time.perf_counter()
             pixels, labels = next(batches)
-            step(pixels, labels)
-            seen += len(labels)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+            if train:
+                step(pixels, labels)
+            else:
+                pixels.to(device, non_blocking=True)
+            seen += len(labels) if i > skip else 0
+        sync()
         return seen / (time.perf_counter() - start)
 
-    size = augment.transforms[1].size
+    # Model only: uint8 batches already on the device, as the pipeline's arrive after their copy.
+    size = split[0]["pixel_values"].shape[1:]
+    fixed = [(torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, device=device),
+              torch.randint(0, len(taxonomy), (batch_size,), device=device)) for _ in range(2)]  # fmt: skip
+    synthetic = [fixed[i % 2] for i in range(steps + 1)]
 
-    def synthetic():
-        for _ in range(steps + 1):
-            yield torch.randn(batch_size, 3, *size), torch.randint(0, len(taxonomy), (batch_size,))
-
+    # Steady state, as in a real epoch of hundreds of steps: the batches the workers prefetched while the
+    # warm-up step waited are consumed untimed, and the timed steps stay inside one epoch (an epoch's
+    # first batch waits for a worker to make it: once per epoch, which a short window would overweight).
+    buffered = 2 * num_workers  # DataLoader's prefetch_factor (2) batches per worker
+    if len(loader) < 1 + buffered + steps:
+        raise ValueError(
+            f"{data}: the train split makes {len(loader)} batches of {batch_size}, and a steady-state "
+            f"measurement needs {1 + buffered + steps} (1 warm-up, {buffered} prefetched, {steps} timed): "
+            "prepare more images (make bench-train does), or lower --steps, --batch-size or --num-workers"
+        )
     # Model-only before and after the pipeline, the faster one counts: the first steps of a process run
     # slower (allocator, caches), which must not make the data pipeline look faster than the model.
-    first = timed(synthetic())
-    pipeline = timed(itertools.chain.from_iterable(itertools.repeat(loader)))  # as many epochs as the steps need
-    model_only = max(first, timed(synthetic()))
+    first = timed(synthetic)
+    pipeline = timed(loader, skip=buffered)
+    model_only = max(first, timed(synthetic))
+    loader_only = timed(loader, skip=buffered, train=False)  # the decoding ceiling, a fresh epoch
     shutil.rmtree(args.output_dir, ignore_errors=True)
     return {"model": model, "device": device, "batch_size": batch_size, "steps": steps, "towers": list(towers),
-            "pipeline_images_per_s": pipeline, "model_only_images_per_s": model_only, "ratio": pipeline / model_only}  # fmt: skip
+            "num_workers": num_workers, "pipeline_images_per_s": pipeline, "model_only_images_per_s": model_only,
+            "loader_only_images_per_s": loader_only, "ratio": pipeline / model_only}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,21 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_argument("--split", default="train", help="split to read images from")
     speed.add_argument("--model", default="clip-b32", help="architecture (random weights)")
     speed.add_argument("--batch-size", type=int, default=256)
-    speed.add_argument("--batches", type=int, default=4, help="how many batches to time")
+    speed.add_argument("--batches", type=int, help="timed batches, after warm-up (default: 10 on a GPU, 2 on CPU)")
     speed.add_argument("--num-workers", type=int, default=os.cpu_count() or 2)
     speed.add_argument("--device", default="auto")
     train = sub.add_parser("train-speed", help="LoRA training throughput (random weights)")
     train.add_argument("--data", required=True, help="prepared data folder")
     train.add_argument("--model", default="clip-b32", help="architecture (random weights)")
     train.add_argument("--batch-size", type=int, help="per step (default: 256 on a GPU, as lora_b32.yaml; 8 on CPU)")
-    train.add_argument("--steps", type=int, help="timed steps after one warm-up step (default: 20 on a GPU, 2 on CPU)")
+    train.add_argument("--steps", type=int, help="timed steps, after warm-up (default: 20 on a GPU, 2 on CPU)")
     train.add_argument("--num-workers", type=int, default=os.cpu_count() or 2)
     train.add_argument("--device", default="auto")
     train.add_argument("--towers", default="vision,text", help="LoRA towers (vision: frozen text tower)")
     args = p.parse_args(argv)
+    gpu = args.command in ("speed", "train-speed") and (
+        args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    )
     if args.command == "train-speed":
         towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
-        gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
         args.batch_size = args.batch_size or (256 if gpu else 8)
         args.steps = args.steps or (20 if gpu else 2)
         r = measure_train_speed(
@@ -217,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"bench-train {r['model']} + LoRA on {'+'.join(towers)} (random weights) on {r['device']}, batch {r['batch_size']}, {r['steps']} steps: "
               f"{r['pipeline_images_per_s']:.1f} images/s with the data pipeline, {r['model_only_images_per_s']:.1f} images/s "
-              f"on synthetic tensors (ratio {r['ratio']:.2f})")  # fmt: skip
+              f"on synthetic tensors (ratio {r['ratio']:.2f}); the loader alone delivers {r['loader_only_images_per_s']:.1f} "
+              f"images/s with {r['num_workers']} workers")  # fmt: skip
         return 0
     if args.command == "hub-reachable":
         from mushroomclip.models import hub_reachable
@@ -230,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         print(out.read_text())
         print(f"written: {out}, {out.with_suffix('.png')}")
         return 0
+    args.batches = args.batches or (10 if gpu else 2)
     r = measure_speed(args.data, args.model, args.batch_size, args.num_workers, args.device, args.split, args.batches)
     print(f"bench-zero-shot {r['model']} (random weights) on {r['device']} {r['dtype']}, batch {r['batch_size']}, {r['images']} images: "
-          f"{r['pipeline_images_per_s']:.1f} images/s with data loading, {r['model_only_images_per_s']:.1f} images/s model only "
+          f"{r['pipeline_images_per_s']:.1f} images/s with data loading ({r['num_workers']} workers), {r['model_only_images_per_s']:.1f} images/s model only "
           f"(ratio {r['ratio']:.2f}); a 15.6k-image test split would take {15600 / r['pipeline_images_per_s']:.0f} s")  # fmt: skip
     return 0
 

@@ -13,19 +13,33 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mushroomclip.augment import background_worker, decode_rgb, eval_transform
+
 
 class PreprocessedImages(torch.utils.data.Dataset):
-    """A ``datasets`` split as (pixels, label) pairs through the backbone's own preprocessing."""
+    """A ``datasets`` split as (pixels, label) pairs through the backbone's own preprocessing.
+
+    Where that preprocessing is a plain Resize + CenterCrop (every registered model's), the pixels are its
+    uint8 twin from :mod:`mushroomclip.augment` (torchvision decoding, normalised later on the device);
+    otherwise Pillow runs the preprocessing as given.
+    """
 
     def __init__(self, split, preprocess):
+        from datasets import Image
+
         self.split = split.select_columns(["image", "label"])
         self.preprocess = preprocess
+        self.fast = eval_transform(preprocess)
+        if self.fast is not None:
+            self.split = self.split.cast_column("image", Image(decode=False))
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int):
         row = self.split[index]
+        if self.fast is not None:
+            return self.fast(decode_rgb(row["image"])), row["label"]
         return self.preprocess(row["image"]), row["label"]
 
 
@@ -36,7 +50,7 @@ def image_features(
     """``(N, D)`` float32 L2-normalised features and ``(N,)`` labels, in split order (a tqdm bar if ``progress``)."""
     loader = torch.utils.data.DataLoader(
         PreprocessedImages(split, backbone.preprocess), batch_size=batch_size, num_workers=num_workers,
-        pin_memory=backbone.device.type == "cuda", persistent_workers=False,
+        pin_memory=backbone.device.type == "cuda", persistent_workers=False, worker_init_fn=background_worker,
     )  # fmt: skip
     features, labels = [], []
     for pixels, label in tqdm(loader, desc=desc, unit="batch", disable=not progress):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision import transforms as T
 
 from mushroomclip.models import REGISTRY, Backbone, load_backbone
 from mushroomclip.taxonomy import Taxonomy
@@ -68,21 +67,6 @@ def add_lora(model, r: int, alpha: int, dropout: float, towers: list[str], modul
         peft_model = get_peft_model(model, config)
     peft_model.get_base_model().logit_scale.requires_grad_(train_logit_scale)
     return peft_model
-
-
-def train_transform(preprocess: T.Compose) -> T.Compose:
-    """Training augmentation with the model's own crop size and mean/std (read from its eval preprocessing)."""
-    crop = next(t for t in preprocess.transforms if isinstance(t, T.CenterCrop)).size
-    norm = next(t for t in preprocess.transforms if isinstance(t, T.Normalize))
-    return T.Compose(
-        [
-            T.Lambda(lambda im: im.convert("RGB")),
-            T.RandomResizedCrop(crop, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(norm.mean, norm.std),
-        ]
-    )
 
 
 def classes_record(

@@ -89,6 +89,12 @@ class Backbone:
         return self.model.logit_scale.exp().item()
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` preprocessed pixels, float (normalised) or uint8 (normalised here, on the device)."""
+        if pixels.dtype == torch.uint8:
+            from mushroomclip.augment import normalize, pixel_stats
+
+            mean, std = (torch.tensor(v) for v in pixel_stats(self.preprocess))
+            pixels = normalize(pixels.to(self.device, non_blocking=True), mean, std)
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
         if self.kind == "hf":
             features = self.model.get_image_features(pixel_values=pixels).pooler_output  # transformers 5.x
@@ -148,13 +154,17 @@ def _hf_tokenize(tokenizer):
 # --- builders ------------------------------------------------------------------------------------
 
 
+def to_rgb(image):
+    return image.convert("RGB")
+
+
 def clip_transform(image_size: int, mean, std, resize: int | None = None) -> T.Compose:
     """CLIP evaluation preprocessing: bicubic resize of the short side, centre crop, normalise."""
     return T.Compose(
         [
             T.Resize(resize or image_size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(image_size),
-            T.Lambda(lambda im: im.convert("RGB")),
+            T.Lambda(to_rgb),
             T.ToTensor(),
             T.Normalize(mean, std),
         ]

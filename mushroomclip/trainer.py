@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from mushroomclip.augment import background_workers, normalize, pixel_stats, train_images
 from mushroomclip.config import TrainConfig
 from mushroomclip.losses import class_text_loss, clip_loss, multi_positive_loss
 from mushroomclip.metrics import classification_metrics
@@ -26,9 +27,11 @@ from mushroomclip.prompts import class_prompts
 class ContrastiveTrainer(Trainer):
     """Trainer whose loss is one of :mod:`mushroomclip.losses` and whose evaluation is zero-shot."""
 
-    def __init__(self, *args, class_input_ids: torch.Tensor, loss_name: str, evaluator, **kwargs):
+    def __init__(self, *args, class_input_ids: torch.Tensor, loss_name: str, evaluator, pixel_stats=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.class_input_ids = class_input_ids
+        # uint8 batches (mushroomclip.augment) are normalised here, on the device, with the model's mean/std.
+        self.pixel_mean, self.pixel_std = (torch.tensor(v) for v in pixel_stats) if pixel_stats else (None, None)
         self.loss_name = loss_name
         self.evaluator = evaluator
         # No LoRA in the text tower (lora.towers: [vision]): its class embeddings never change, so they
@@ -43,6 +46,10 @@ class ContrastiveTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixels, labels = inputs["pixel_values"], inputs["labels"]
+        if pixels.dtype == torch.uint8:
+            if self.pixel_mean is None:
+                raise ValueError("uint8 pixel_values need ContrastiveTrainer(pixel_stats=(mean, std))")
+            pixels = normalize(pixels, self.pixel_mean, self.pixel_std)
         ids = self.class_input_ids.to(pixels.device)
         base = self.accelerator.unwrap_model(model).get_base_model()
         if self.text_frozen:
@@ -69,6 +76,12 @@ class ContrastiveTrainer(Trainer):
         else:
             loss = multi_positive_loss(image, text, labels, scale)
         return (loss, out) if return_outputs else loss
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        # Trainer's worker seeding first, then a lower CPU priority for decoding than for this process.
+        loader.worker_init_fn = background_workers(loader.worker_init_fn)
+        return loader
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """A checkpoint is the adapter (+ training args). ``save_embedding_layers=False``: LoRA never touches
@@ -287,7 +300,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
 
     from mushroomclip.data import load_splits, prepared_taxonomy
     from mushroomclip.hub import model_card, push_run
-    from mushroomclip.lora import CLASSES_FILE, add_lora, backbone_name, classes_record, train_transform
+    from mushroomclip.lora import CLASSES_FILE, add_lora, backbone_name, classes_record
     from mushroomclip.models import load_backbone
     from mushroomclip.plots import save_confusion_png
     from mushroomclip.prompts import templates_for
@@ -305,12 +318,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     model.peft_config["default"].base_model_name_or_path = cfg.model.base
     backbone.model = model
     class_ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, cfg.data.text_type, [cfg.data.train_template])])
-    augment = train_transform(backbone.preprocess)
-    train = (
-        splits["train"]
-        .select_columns(["image", "label"])
-        .with_transform(lambda b: {"pixel_values": [augment(im) for im in b["image"]], "labels": b["label"]})
-    )
+    train = train_images(splits["train"], backbone.preprocess)  # uint8, normalised on the device
     run_dir = Path(cfg.training.output_dir)
     checkpoints = run_dir / "checkpoints"
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -325,6 +333,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         model=model, args=args, train_dataset=train,
         eval_dataset=splits["validation"], data_collator=collate, callbacks=[history],
         class_input_ids=class_ids, loss_name=cfg.loss.name, evaluator=evaluator,
+        pixel_stats=pixel_stats(backbone.preprocess),
     )  # fmt: skip
     resume = last_complete_checkpoint(checkpoints, log) if cfg.training.resume else None
     if cfg.training.resume and resume is None:

@@ -1,0 +1,141 @@
+"""The training image pipeline: torchvision decoding, uint8 augmentation, normalisation on the device."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from mushroomclip.augment import TrainAugment, decode_rgb, normalize, pixel_stats, train_images
+from mushroomclip.models import clip_transform
+
+
+def encoded(image: Image.Image, fmt: str, **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def gradient(w: int = 40, h: int = 24) -> Image.Image:
+    return Image.frombytes(
+        "RGB", (w, h), bytes((x * 5 + c * 60) % 256 for _ in range(h) for x in range(w) for c in range(3))
+    )
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "WEBP"])
+def test_lossless_formats_decode_to_the_same_pixels_as_pillow(fmt):
+    image = gradient()
+    pixels = decode_rgb({"bytes": encoded(image, fmt, **({"lossless": True} if fmt == "WEBP" else {})), "path": None})
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 40)
+    assert torch.equal(pixels, T.PILToTensor()(image))
+
+
+def test_jpeg_decodes_close_to_pillow_and_gray_or_rgba_become_rgb():
+    image = gradient()
+    pixels = decode_rgb({"bytes": encoded(image, "JPEG", quality=95), "path": None})
+    pil = T.PILToTensor()(Image.open(io.BytesIO(encoded(image, "JPEG", quality=95))).convert("RGB"))
+    assert pixels.shape == pil.shape and (pixels.int() - pil.int()).abs().max() <= 3  # libjpeg versions differ
+    assert decode_rgb({"bytes": encoded(image.convert("L"), "PNG"), "path": None}).shape == (3, 24, 40)
+    assert decode_rgb({"bytes": encoded(image.convert("RGBA"), "PNG"), "path": None}).shape == (3, 24, 40)
+    assert torch.equal(decode_rgb(image), T.PILToTensor()(image))  # an already decoded PIL image
+
+
+def test_exif_rotation_is_applied_as_the_datasets_image_feature_does():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = encoded(gradient(), "JPEG", quality=95, exif=exif)
+    assert decode_rgb({"bytes": data, "path": None}).shape == (3, 40, 24)
+
+
+def test_corrupt_file_is_a_clear_error_naming_it(tmp_path):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(encoded(gradient(), "JPEG")[:60])
+    with pytest.raises(ValueError, match=r"cannot decode .*broken\.jpg.*prepare_kaggle"):
+        decode_rgb({"bytes": None, "path": str(path)})
+
+
+def test_device_normalisation_equals_the_models_own_to_tensor_and_normalize():
+    preprocess = clip_transform(32, [0.48, 0.45, 0.40], [0.26, 0.26, 0.27])
+    image = gradient(32, 32)
+    mean, std = pixel_stats(preprocess)
+    ours = normalize(T.PILToTensor()(image)[None], torch.tensor(mean), torch.tensor(std))
+    reference = T.Compose([T.ToTensor(), T.Normalize(mean, std)])(image)[None]
+    assert ours.dtype == torch.float32 and torch.allclose(ours, reference, atol=1e-6)
+    assert normalize(reference, torch.tensor(mean), torch.tensor(std)) is reference  # float input passes through
+
+
+def test_augmented_training_batches_are_uint8_crops_at_the_models_size(prepared):
+    from mushroomclip.data import load_splits
+
+    preprocess = clip_transform(32, [0.5] * 3, [0.5] * 3)
+    split = load_splits(prepared[0])["train"]
+    rows = train_images(split, preprocess)[:4]
+    assert [tuple(p.shape) for p in rows["pixel_values"]] == [(3, 32, 32)] * 4
+    assert all(p.dtype == torch.uint8 for p in rows["pixel_values"]) and rows["labels"] == split["label"][:4]
+    torch.manual_seed(0)
+    a = TrainAugment(preprocess)(gradient(64, 48))
+    torch.manual_seed(0)
+    assert torch.equal(a, TrainAugment(preprocess)(gradient(64, 48)))  # augmentation follows the seed
+
+
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-openclip"])
+def test_evaluation_pixels_match_the_models_own_pillow_preprocessing(model, tmp_path):
+    from mushroomclip.augment import eval_transform
+    from mushroomclip.models import load_backbone
+
+    backbone = load_backbone(model, random_weights=True)
+    fast = eval_transform(backbone.preprocess)
+    assert fast is not None  # every registered model's preprocessing has a uint8 twin
+    path = tmp_path / "photo.png"
+    gradient(90, 60).save(path)
+    ours = backbone.encode_images(fast(decode_rgb({"bytes": None, "path": str(path)}))[None])
+    reference = backbone.encode_images(backbone.preprocess(Image.open(path))[None])
+    assert torch.allclose(ours, reference, atol=2e-2)  # resampling differs by at most a grey level
+    pixels = normalize(
+        fast(decode_rgb(gradient(90, 60)))[None], *(torch.tensor(v) for v in pixel_stats(backbone.preprocess))
+    )
+    assert (pixels - backbone.preprocess(gradient(90, 60))[None]).abs().max() <= 2 / 255 / min(
+        pixel_stats(backbone.preprocess)[1]
+    )
+
+
+def test_unknown_preprocessing_keeps_pillow(prepared):
+    from mushroomclip.augment import eval_transform
+    from mushroomclip.data import load_splits
+    from mushroomclip.features import PreprocessedImages
+
+    custom = T.Compose(
+        [T.Resize(32), T.CenterCrop(32), T.ColorJitter(0.1), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
+    )
+    assert eval_transform(custom) is None
+    pixels, _ = PreprocessedImages(load_splits(prepared[0])["test"], custom)[0]
+    assert pixels.dtype == torch.float32 and pixels.shape == (3, 32, 32)
+
+
+class _Niceness(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        import os
+
+        return os.nice(0), os.environ.get("MUSHROOMCLIP_TEST_SEEDED", "")
+
+
+def _mark_seeded(worker_id):
+    import os
+
+    os.environ["MUSHROOMCLIP_TEST_SEEDED"] = f"worker {worker_id}"
+
+
+def test_loader_workers_decode_at_lower_priority_after_the_trainers_own_init():
+    import os
+
+    from mushroomclip.augment import WORKER_NICENESS, background_workers
+
+    loader = torch.utils.data.DataLoader(_Niceness(), num_workers=1, worker_init_fn=background_workers(_mark_seeded))
+    [(niceness, seeded)] = [(int(n), s) for n, [s] in loader]
+    assert niceness == min(19, os.nice(0) + WORKER_NICENESS) and seeded == "worker 0"
