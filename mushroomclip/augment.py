@@ -9,7 +9,7 @@ travel as uint8, a quarter of float32's bytes, and become the model's normalised
 
 Measured on one CPU core (500 px JPEGs, 224 px crops): about 1 ms an image, against about 10 ms for the
 PIL decode -> PIL crop -> ToTensor -> Normalize chain it replaces; the evaluation crops differ from that
-chain's by at most one grey level. ``make bench-train`` and ``make bench-zero-shot`` measure it against
+chain's by at most one grey level in our checks. ``make bench-train`` and ``make bench-zero-shot`` measure it against
 the model alone.
 """
 
@@ -20,6 +20,7 @@ import functools
 import io
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from torchvision.transforms import v2
@@ -41,7 +42,13 @@ def decode_rgb(image) -> torch.Tensor:
 
     if isinstance(image, Image.Image):
         return v2.functional.pil_to_tensor(ImageOps.exif_transpose(image).convert("RGB"))
-    data = image["bytes"] if image.get("bytes") is not None else open(image["path"], "rb").read()
+    try:
+        data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
+    except OSError as err:
+        raise ValueError(
+            f"cannot read {image['path']} ({type(err).__name__}): was the prepared data folder moved or "
+            "changed? Re-run data_scripts/prepare_kaggle.py"
+        ) from None
     if decode_image is not None and data.startswith(_FAST_SIGNATURES):
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         try:

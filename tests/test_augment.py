@@ -139,3 +139,8 @@ def test_loader_workers_decode_at_lower_priority_after_the_trainers_own_init():
     loader = torch.utils.data.DataLoader(_Niceness(), num_workers=1, worker_init_fn=background_workers(_mark_seeded))
     [(niceness, seeded)] = [(int(n), s) for n, [s] in loader]
     assert niceness == min(19, os.nice(0) + WORKER_NICENESS) and seeded == "worker 0"
+
+
+def test_missing_file_is_a_clear_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot read .*gone\.jpg.*prepare_kaggle"):
+        decode_rgb({"bytes": None, "path": str(tmp_path / "gone.jpg")})
