@@ -53,14 +53,49 @@ def write_report(results: Path) -> Path:
     return out
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _images_per_s(batches, run, timed: int, skip: int, device: str, count=len) -> tuple[float, int]:
+    """Images/s of ``run(batch)`` over ``timed`` batches, after one warm-up and ``skip`` untimed ones;
+    and how many images were timed (``count(batch)`` each)."""
+    batches = iter(batches)
+    for _ in range(1 + skip):
+        run(next(batches))
+    _sync(device)
+    start, seen = time.perf_counter(), 0
+    for _ in range(timed):
+        batch = next(batches)
+        run(batch)
+        seen += count(batch)
+    _sync(device)
+    return seen / (time.perf_counter() - start), seen
+
+
+def _steady_state_plan(data: str, what: str, available: int, batch_size: int, num_workers: int, timed: int,
+                       target: str, knob: str) -> tuple[int, int]:  # fmt: skip
+    """``(skip, needed)`` batches for a steady-state measurement: the batches the workers prefetched while
+    the warm-up one was made (DataLoader's prefetch_factor, 2 per worker) pass untimed, and the timed ones
+    stay inside one epoch (an epoch's first batch waits for a worker: once per epoch, which a short window
+    would overweight). A clear error when ``available`` batches are fewer."""
+    skip = 2 * num_workers
+    needed = 1 + skip + timed
+    if available < needed:
+        raise ValueError(
+            f"{data}: {what} makes {available} batches of {batch_size}, and a steady-state measurement needs "
+            f"{needed} (1 warm-up, {skip} prefetched, {timed} timed): prepare more images ({target} does), "
+            f"or lower {knob}, --batch-size or --num-workers"
+        )
+    return skip, needed
+
+
 def measure_speed(
     data: str, model: str, batch_size: int, num_workers: int, device: str, split: str, batches: int
 ) -> dict:
-    """Images/s of zero-shot image encoding with the real data pipeline vs tensors on the device (model only).
-
-    Steady state, as over a whole test split: the batches the workers prefetched while the first one was
-    made are encoded untimed, then ``batches`` batches are timed.
-    """
+    """Images/s of zero-shot image encoding with the real data pipeline vs tensors on the device (model only),
+    in the steady state (:func:`_steady_state_plan`)."""
     from mushroomclip.augment import background_worker
     from mushroomclip.data import load_splits
     from mushroomclip.features import PreprocessedImages
@@ -70,31 +105,10 @@ def measure_speed(
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     backbone = load_backbone(model, device=device, dtype=dtype, random_weights=True)
     images = PreprocessedImages(load_splits(data)[split], backbone.preprocess)
-    buffered = 2 * num_workers  # DataLoader's prefetch_factor (2) batches per worker
-    needed = 1 + buffered + batches
-    if len(images) < needed * batch_size:
-        raise ValueError(
-            f"{data}: the {split} split has {len(images)} images, and a steady-state measurement needs "
-            f"{needed} batches of {batch_size} (1 warm-up, {buffered} prefetched, {batches} timed): prepare "
-            "more images (make bench-zero-shot does), or lower --batches, --batch-size or --num-workers"
-        )
+    skip, needed = _steady_state_plan(data, f"the {split} split", len(images) // batch_size, batch_size, num_workers,
+                                      batches, "make bench-zero-shot", "--batches")  # fmt: skip
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, range(needed * batch_size)), batch_size=batch_size,
                                          num_workers=num_workers, pin_memory=device.startswith("cuda"), worker_init_fn=background_worker)  # fmt: skip
-
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def timed(batches_of_pixels, skip: int = 0) -> tuple[float, int]:
-        start, seen = 0.0, 0
-        for i, pixels in enumerate(batches_of_pixels):
-            if i == 1 + skip:
-                sync()
-                start = time.perf_counter()
-            backbone.encode_images(pixels)
-            seen += len(pixels) if i > skip else 0
-        sync()
-        return seen / (time.perf_counter() - start), seen
 
     with torch.inference_mode():
         sample = images[0][0]  # uint8 from the fast pipeline, float where Pillow preprocesses
@@ -105,11 +119,10 @@ def measure_speed(
             for _ in range(2)
         ]
         synthetic = [on_device[i % 2] for i in range(1 + batches)]
-        first, _ = timed(synthetic)
-        pipeline, seen = timed((pixels for pixels, _ in loader), skip=buffered)
-        model_only = max(
-            first, timed(synthetic)[0]
-        )  # before and after: first-call slowness must not flatter the pipeline
+        first, _ = _images_per_s(synthetic, backbone.encode_images, batches, 0, device)
+        pipeline, seen = _images_per_s((pixels for pixels, _ in loader), backbone.encode_images, batches, skip, device)
+        # before and after: first-call slowness must not flatter the pipeline
+        model_only = max(first, _images_per_s(synthetic, backbone.encode_images, batches, 0, device)[0])
     return {"model": model, "device": device, "dtype": str(dtype), "batch_size": batch_size, "images": seen,
             "num_workers": num_workers, "pipeline_images_per_s": pipeline, "model_only_images_per_s": model_only,
             "ratio": pipeline / model_only}  # fmt: skip
@@ -124,7 +137,8 @@ def measure_train_speed(
     device: str,
     towers: tuple = ("vision", "text"),
 ) -> dict:
-    """Train images/s of LoRA steps fed by the real pipeline vs synthetic tensors.
+    """Train images/s of LoRA steps fed by the real pipeline vs uint8 tensors on the device, in the steady
+    state (:func:`_steady_state_plan`), and what the loader alone delivers.
 
     A step is the trainer's own: ``ContrastiveTrainer.compute_loss`` (class_text loss over all classes,
     the default config's prompt), backward and AdamW, in bf16 autocast on a GPU.
@@ -137,7 +151,7 @@ def measure_train_speed(
     from mushroomclip.lora import add_lora
     from mushroomclip.models import load_backbone
     from mushroomclip.prompts import class_prompts
-    from mushroomclip.trainer import ContrastiveTrainer
+    from mushroomclip.trainer import ContrastiveTrainer, collate
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     backbone = load_backbone(model, device=device, random_weights=True)
@@ -146,67 +160,42 @@ def measure_train_speed(
     taxonomy = prepared_taxonomy(data)
     ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, d.text_type, [d.train_template])]).to(device)
     split = train_images(load_splits(data)["train"], backbone.preprocess)  # the trainer's own pipeline
-    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True, worker_init_fn=background_worker,
-                                         pin_memory=device.startswith("cuda"), persistent_workers=num_workers > 0,
-                                         collate_fn=lambda b: (torch.stack([x["pixel_values"] for x in b]), torch.tensor([x["labels"] for x in b])))  # fmt: skip
+    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
+                                         worker_init_fn=background_worker, pin_memory=device.startswith("cuda"),
+                                         persistent_workers=num_workers > 0, collate_fn=collate)  # fmt: skip
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=not device.startswith("cuda"), report_to=[])
     trainer = ContrastiveTrainer(model=peft, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None,
                                  pixel_stats=pixel_stats(backbone.preprocess))  # fmt: skip
     optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
 
-    def step(pixels, labels):
-        inputs = {"pixel_values": pixels.to(device, non_blocking=True), "labels": labels.to(device, non_blocking=True)}
+    def step(batch: dict) -> None:
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
             loss = trainer.compute_loss(peft, inputs)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    def copy(batch: dict) -> None:  # the loader alone: only the copy to the device
+        batch["pixel_values"].to(device, non_blocking=True)
 
-    def timed(batches, skip: int = 0, train: bool = True) -> float:
-        """Images/s over ``steps`` batches, after one warm-up and ``skip`` untimed ones (``train=False``:
-        only the copy to the device)."""
-        batches = iter(batches)
-        start, seen = 0.0, 0
-        for i in range(1 + skip + steps):
-            if i == 1 + skip:
-                sync()
-                start = time.perf_counter()
-            pixels, labels = next(batches)
-            if train:
-                step(pixels, labels)
-            else:
-                pixels.to(device, non_blocking=True)
-            seen += len(labels) if i > skip else 0
-        sync()
-        return seen / (time.perf_counter() - start)
+    def count(batch: dict) -> int:
+        return len(batch["labels"])
 
+    skip, _ = _steady_state_plan(data, "the train split", len(loader), batch_size, num_workers, steps,
+                                 "make bench-train", "--steps")  # fmt: skip
     # Model only: uint8 batches already on the device, as the pipeline's arrive after their copy.
     size = split[0]["pixel_values"].shape[1:]
-    fixed = [(torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, device=device),
-              torch.randint(0, len(taxonomy), (batch_size,), device=device)) for _ in range(2)]  # fmt: skip
+    fixed = [{"pixel_values": torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, device=device),
+              "labels": torch.randint(0, len(taxonomy), (batch_size,), device=device)} for _ in range(2)]  # fmt: skip
     synthetic = [fixed[i % 2] for i in range(steps + 1)]
-
-    # Steady state, as in a real epoch of hundreds of steps: the batches the workers prefetched while the
-    # warm-up step waited are consumed untimed, and the timed steps stay inside one epoch (an epoch's
-    # first batch waits for a worker to make it: once per epoch, which a short window would overweight).
-    buffered = 2 * num_workers  # DataLoader's prefetch_factor (2) batches per worker
-    if len(loader) < 1 + buffered + steps:
-        raise ValueError(
-            f"{data}: the train split makes {len(loader)} batches of {batch_size}, and a steady-state "
-            f"measurement needs {1 + buffered + steps} (1 warm-up, {buffered} prefetched, {steps} timed): "
-            "prepare more images (make bench-train does), or lower --steps, --batch-size or --num-workers"
-        )
     # Model-only before and after the pipeline, the faster one counts: the first steps of a process run
     # slower (allocator, caches), which must not make the data pipeline look faster than the model.
-    first = timed(synthetic)
-    pipeline = timed(loader, skip=buffered)
-    model_only = max(first, timed(synthetic))
-    loader_only = timed(loader, skip=buffered, train=False)  # the decoding ceiling, a fresh epoch
+    first, _ = _images_per_s(synthetic, step, steps, 0, device, count)
+    pipeline, _ = _images_per_s(loader, step, steps, skip, device, count)
+    model_only = max(first, _images_per_s(synthetic, step, steps, 0, device, count)[0])
+    loader_only, _ = _images_per_s(loader, copy, steps, skip, device, count)  # the decoding ceiling, a fresh epoch
     shutil.rmtree(args.output_dir, ignore_errors=True)
     return {"model": model, "device": device, "batch_size": batch_size, "steps": steps, "towers": list(towers),
             "num_workers": num_workers, "pipeline_images_per_s": pipeline, "model_only_images_per_s": model_only,

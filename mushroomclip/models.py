@@ -12,7 +12,7 @@ import gzip
 import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -84,6 +84,14 @@ class Backbone:
         self.model.to(self.device, dtype)
         return self
 
+    @cached_property
+    def _pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of ``preprocess``, for uint8 input: read once, not at every batch."""
+        from mushroomclip.augment import pixel_stats
+
+        mean, std = pixel_stats(self.preprocess)
+        return torch.tensor(mean), torch.tensor(std)
+
     @property
     def logit_scale(self) -> float:
         return self.model.logit_scale.exp().item()
@@ -91,10 +99,9 @@ class Backbone:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` preprocessed pixels, float (normalised) or uint8 (normalised here, on the device)."""
         if pixels.dtype == torch.uint8:
-            from mushroomclip.augment import normalize, pixel_stats
+            from mushroomclip.augment import normalize
 
-            mean, std = (torch.tensor(v) for v in pixel_stats(self.preprocess))
-            pixels = normalize(pixels.to(self.device, non_blocking=True), mean, std)
+            pixels = normalize(pixels.to(self.device, non_blocking=True), *self._pixel_stats)
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
         if self.kind == "hf":
             features = self.model.get_image_features(pixel_values=pixels).pooler_output  # transformers 5.x
