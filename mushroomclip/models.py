@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
+
+from mushroomclip.hub_files import hub_file, hub_reachable, not_found, offline_note, weights_id
 
 CONTEXT_LENGTH = 77
 # OpenAI CLIP's normalisation; only the tiny offline models use it directly.
@@ -190,20 +193,9 @@ def tiny_clip_config():
     )  # fmt: skip
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub can be reached: one TCP connection, no retries (DNS failure is instant)."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def _cache_id(name: str, source: str, weights: str, preprocess) -> str:
+    """Caches are keyed by the weights actually loaded and the preprocessing, never by the model's name alone."""
+    return hashlib.sha256(f"{name}|{source}|{weights}|{preprocess!r}".encode()).hexdigest()[:16]
 
 
 def _size_value(size, key: str) -> int | None:
@@ -228,18 +220,36 @@ def _load_hf(name: str, spec: ModelSpec, random_weights: bool) -> Backbone:
         from transformers import CLIPImageProcessor, CLIPTokenizer
 
         # Offline, use the local cache only: otherwise every file is retried with back-off for a minute.
-        local_only = not Path(spec.source).is_dir() and not hub_reachable()
+        folder = Path(spec.source).is_dir()
+        local_only = not folder and not hub_reachable()
         try:
-            model = CLIPModel.from_pretrained(spec.source, local_files_only=local_only).eval()
+            model, info = CLIPModel.from_pretrained(spec.source, local_files_only=local_only, output_loading_info=True)
             processor = CLIPImageProcessor.from_pretrained(spec.source, local_files_only=local_only)
             tokenizer = CLIPTokenizer.from_pretrained(spec.source, local_files_only=local_only)
-        except OSError as err:
-            raise ModelLoadError(_download_hint(name, spec.source, err)) from None
+        except Exception as err:  # OSError: a file is missing; others: a truncated or corrupt file
+            if not isinstance(err, OSError):
+                problem = f"its files cannot be read ({_first_line(err)})"
+                raise ModelLoadError(_load_error(name, spec.source, problem, REDOWNLOAD)) from None
+            problem = _first_line(err) + (f"; {offline_note()}" if local_only else "")
+            raise ModelLoadError(_load_error(name, spec.source, problem)) from None
+        if info["missing_keys"]:  # transformers would initialise them randomly, with a warning only
+            missing = sorted(info["missing_keys"])
+            raise ModelLoadError(_load_error(name, spec.source, f"its weights lack {len(missing)} of the model's tensors ({', '.join(missing[:3])}, ...)"))  # fmt: skip
         crop = _size_value(processor.crop_size, "height")
         short = _size_value(processor.size, "shortest_edge") or crop
         preprocess = clip_transform(crop, processor.image_mean, processor.image_std, resize=short)
-        cache_id = f"{name}:{spec.source}:{getattr(model.config, '_commit_hash', None) or 'local'}"
-    return Backbone(name, "hf", model, preprocess, _hf_tokenize(tokenizer), cache_id)
+        cache_id = _cache_id(name, spec.source, _hf_weights_id(spec.source, folder), preprocess)
+    return Backbone(name, "hf", model.eval(), preprocess, _hf_tokenize(tokenizer), cache_id)
+
+
+def _hf_weights_id(source: str, folder: bool) -> str:
+    """A folder's weight files by content; a Hub model by the commit of its cached snapshot."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if folder:
+        files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in Path(source).glob(pattern))
+        return " ".join(weights_id(f) for f in files)
+    return weights_id(try_to_load_from_cache(source, "config.json"))
 
 
 TINY_OPENCLIP = dict(
@@ -252,45 +262,90 @@ TINY_OPENCLIP = dict(
 def _load_open_clip(name: str, spec: ModelSpec, random_weights: bool) -> Backbone:
     import open_clip
 
+    if not (spec.tiny or random_weights):
+        model, preprocess, tokenizer, weights = load_open_clip(name, spec)
+        cache_id = _cache_id(name, spec.source, weights_id(weights), preprocess)
+        return Backbone(name, "open_clip", model, preprocess, tokenizer, cache_id)
+    torch.manual_seed(0)  # the same random weights in every process: caches and tests rely on it
     try:
         if spec.tiny:
-            torch.manual_seed(0)
             model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained=None, **TINY_OPENCLIP)
             tokenizer = open_clip.get_tokenizer("ViT-B-16")
         else:
-            if not random_weights and not _open_clip_cached(spec) and not hub_reachable():
-                raise OSError("the Hugging Face Hub cannot be reached and the weights are not in the local cache")
-            pretrained = None if random_weights else spec.pretrained
-            if random_weights:
-                torch.manual_seed(0)
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.source, pretrained=pretrained, load_weights=not random_weights
-            )
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.source, load_weights=False)
             tokenizer = open_clip.get_tokenizer(spec.source)
     except (OSError, RuntimeError) as err:
-        raise ModelLoadError(_download_hint(name, spec.source, err)) from None
-    weights = "random" if (spec.tiny or random_weights) else spec.pretrained or "hub"
-    cache_id = f"{name}:{spec.source}:{weights}:{json.dumps(TINY_OPENCLIP) if spec.tiny else ''}"
+        raise ModelLoadError(_load_error(name, spec.source, _first_line(err))) from None
+    cache_id = f"{name}:{spec.source}:random:{json.dumps(TINY_OPENCLIP) if spec.tiny else ''}"
     return Backbone(
         name, "open_clip", model.eval(), preprocess, tokenizer, hashlib.sha256(cache_id.encode()).hexdigest()[:16]
     )
 
 
-def _open_clip_cached(spec: ModelSpec) -> bool:
-    """Whether an ``hf-hub:`` open_clip model's config is in the local Hub cache (plain tags: unknown, so False)."""
-    from huggingface_hub import try_to_load_from_cache
+def _open_clip_weight_files(name: str, spec: ModelSpec) -> tuple[str, list[str], dict]:
+    """(Hub repo, weight file names in open_clip's order of preference, the tag's preprocessing) of a model."""
+    import open_clip
+    from open_clip.constants import HF_WEIGHTS_NAME
+    from open_clip.pretrained import _get_safe_alternatives
 
-    if not spec.source.startswith("hf-hub:"):
-        return False
-    return isinstance(try_to_load_from_cache(spec.source[len("hf-hub:") :], "open_clip_config.json"), str)
+    if spec.source.startswith("hf-hub:"):
+        return spec.source[len("hf-hub:") :], [*_get_safe_alternatives(HF_WEIGHTS_NAME), HF_WEIGHTS_NAME], {}
+    tag = open_clip.get_pretrained_cfg(spec.source, spec.pretrained or "")
+    if not tag.get("hf_hub"):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.source)) or "none"
+        raise ModelLoadError(
+            f"could not load model {name!r}: open_clip has no pretrained weights {spec.pretrained!r} for "
+            f"{spec.source!r} (its tags: {tags}); name one as open_clip:{spec.source}@<tag>"
+        )
+    repo_id, filename = os.path.split(tag["hf_hub"])
+    filename = filename or HF_WEIGHTS_NAME
+    preprocess = {k: v for k, v in tag.items() if k in ("mean", "std", "interpolation", "resize_mode")}
+    return repo_id, [*_get_safe_alternatives(filename), filename], preprocess
 
 
-def _download_hint(name: str, source: str | None, err: Exception) -> str:
-    first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-    return (
-        f"could not load model {name!r} ({source}): {first}. Check the network and the Hugging Face login "
-        "(huggingface-cli login), or use the offline test models tiny-clip / tiny-openclip."
-    )
+def load_open_clip(name: str, spec: ModelSpec):
+    """``(model, preprocess, tokenizer, weight file)`` of a pretrained open_clip model; never random weights.
+
+    Files come from the local Hugging Face cache when the Hub is out of reach. A missing config or weight
+    file, or one that cannot be read, is a one-line :class:`ModelLoadError` naming the repo and the file.
+    """
+    import open_clip
+
+    repo_id, weight_files, tag_preprocess = _open_clip_weight_files(name, spec)
+    local_only, hub = not hub_reachable(), spec.source.startswith("hf-hub:")
+    try:
+        if hub and hub_file(repo_id, "open_clip_config.json", local_only) is None:
+            problem = not_found("the config open_clip_config.json", repo_id, local_only, verb="is")
+            raise ModelLoadError(_load_error(name, spec.source, problem))
+        weights = next(filter(None, (hub_file(repo_id, f, local_only) for f in weight_files)), None)
+    except OSError as err:  # the repo is private, gated or misspelt; an HTTP error
+        raise ModelLoadError(_load_error(name, spec.source, _first_line(err))) from None
+    if weights is None:
+        problem = not_found(f"the weights ({' / '.join(weight_files)})", repo_id, local_only)
+        raise ModelLoadError(_load_error(name, spec.source, problem))
+    # The resolved files, by path: open_clip itself would ask the Hub again, and fall back to random weights.
+    source = f"local-dir:{Path(weights).parent}" if hub else spec.source
+    kwargs = {} if hub else dict(pretrained=weights, force_preprocess_cfg=tag_preprocess)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(source, require_pretrained=True, **kwargs)
+        tokenizer = open_clip.get_tokenizer(source)
+    except Exception as err:  # safetensors' header errors, torch.load's unpickling errors, shape mismatches
+        problem = f"the weight file {weights} cannot be loaded ({_first_line(err)})"
+        raise ModelLoadError(_load_error(name, spec.source, problem, REDOWNLOAD)) from None
+    return model.eval(), preprocess, tokenizer, weights
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
+REDOWNLOAD = "An interrupted download leaves such files: delete the model from the Hugging Face cache and load again"
+NETWORK_FIX = "Check the network and the Hugging Face login (hf auth login), or use the offline test models tiny-clip / tiny-openclip"
+
+
+def _load_error(name: str, source: str | None, problem: str, fix: str = NETWORK_FIX) -> str:
+    return f"could not load model {name!r} ({source}): {problem}. {fix}."
 
 
 def load_backbone(
