@@ -4,7 +4,8 @@
 
 Supports OpenAI-architecture open_clip models (ViT towers, class-token pooling, argmax text pooling,
 OpenAI BPE tokenizer). The activation (QuickGELU or GELU) and the image mean/std are read from the
-source model, never assumed. ``--check`` compares both models' embeddings on the same inputs.
+source model, never assumed. The source must load with its real weights; ``--check`` reloads the
+written folder and, independently, the source, and compares their embeddings on the same inputs.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def hf_config_from_open_clip(model):
         vocab_size=model.token_embedding.num_embeddings, max_position_embeddings=model.positional_embedding.shape[0],
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )  # fmt: skip
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=model.text_projection.shape[1])
+    # projection_dim in the towers too: CLIPVisionModelWithProjection / CLIPTextModelWithProjection read it there
+    projection_dim = model.text_projection.shape[1]
+    text["projection_dim"] = vision["projection_dim"] = projection_dim
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
 
 def _blocks(sd: dict, src: str, dst: str, layers: int) -> dict:
@@ -95,6 +99,18 @@ def _blocks(sd: dict, src: str, dst: str, layers: int) -> dict:
             f"{d}.mlp.fc2.weight": sd[f"{s}.mlp.c_proj.weight"], f"{d}.mlp.fc2.bias": sd[f"{s}.mlp.c_proj.bias"],
         }  # fmt: skip
     return out
+
+
+class _ReadKeys(dict):
+    """A state dict that records which keys were read, so a conversion can prove it used every tensor."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str):
+        self.read.add(key)
+        return super().__getitem__(key)
 
 
 def convert_state_dict(sd: dict, config) -> dict:
@@ -127,8 +143,13 @@ def convert_open_clip(model):
     from transformers import CLIPModel
 
     config = hf_config_from_open_clip(model)
+    source = _ReadKeys(model.state_dict())
+    converted = convert_state_dict(source, config)
+    unmapped = sorted(set(source) - source.read)
+    if unmapped:  # e.g. SigLIP's logit_bias: HF CLIPModel has no place for it, and dropping it changes the model
+        raise ConversionError(f"source tensors with no counterpart in CLIPModel: {', '.join(unmapped[:5])}")
     hf = CLIPModel(config).eval()
-    missing, unexpected = hf.load_state_dict(convert_state_dict(model.state_dict(), config), strict=False)
+    missing, unexpected = hf.load_state_dict(converted, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]  # buffers HF rebuilds itself
     if missing or unexpected:
         raise ConversionError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -149,56 +170,98 @@ def image_processor_from_open_clip(model):
 
 
 @torch.inference_mode()
-def max_embedding_difference(open_clip_model, hf_model, tokens: torch.Tensor, pixels: torch.Tensor) -> float:
-    """Largest absolute difference between the two models' L2-normalised image and text embeddings."""
+def max_embedding_difference(
+    open_clip_model, hf_model, tokens: torch.Tensor, pixels: torch.Tensor, hf_tokens: torch.Tensor | None = None
+) -> float:
+    """Largest absolute difference between the two models' L2-normalised image and text embeddings.
+
+    ``hf_tokens``: the same texts through the HF model's own tokenizer (default: ``tokens``).
+    """
     import torch.nn.functional as F
 
+    hf_tokens = tokens if hf_tokens is None else hf_tokens
     ours_img = F.normalize(hf_model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-    ours_txt = F.normalize(hf_model.get_text_features(input_ids=tokens).pooler_output, dim=-1)
+    ours_txt = F.normalize(hf_model.get_text_features(input_ids=hf_tokens).pooler_output, dim=-1)
     ref_img = F.normalize(open_clip_model.encode_image(pixels), dim=-1)
     ref_txt = F.normalize(open_clip_model.encode_text(tokens), dim=-1)
     return max((ours_img - ref_img).abs().max().item(), (ours_txt - ref_txt).abs().max().item())
+
+
+CHECK_TEXTS = ["a photo of Amanita muscaria.", "Fungi Basidiomycota Agaricomycetes Agaricales Amanitaceae Amanita"]
+CHECK_TOLERANCE = 1e-3  # fp32 rounding stays orders of magnitude below; a wrong mapping is ~0.1
+
+
+def source_spec(model: str, pretrained: str | None):
+    """The open_clip model to convert: a registered name (``bioclip``) or an open_clip name with its tag."""
+    from mushroomclip.models import REGISTRY, ModelSpec
+
+    spec = REGISTRY.get(model)
+    if spec is not None and spec.kind == "open_clip" and not spec.tiny:
+        return spec
+    return ModelSpec("open_clip", model, pretrained, description=model)
+
+
+def check_folder(name: str, spec, folder: Path) -> float:
+    """Embedding difference between the saved HF folder, reloaded, and the source loaded again on its own."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from mushroomclip.models import load_open_clip
+
+    reference, _, tokenize, _ = load_open_clip(name, spec)
+    hf = CLIPModel.from_pretrained(folder).eval()
+    hf_tokens = CLIPTokenizer.from_pretrained(folder)(
+        CHECK_TEXTS, padding="max_length", max_length=reference.context_length, return_tensors="pt"
+    )["input_ids"]
+    size = hf.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return max_embedding_difference(reference, hf, tokenize(CHECK_TEXTS), pixels, hf_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Convert an open_clip model (e.g. BioCLIP) into a transformers CLIPModel folder."
     )
-    p.add_argument("--model", required=True, help="open_clip name (hf-hub:imageomics/bioclip, ViT-B-16, ...)")
+    p.add_argument("--model", required=True, help="bioclip, bioclip-2, or an open_clip name (hf-hub:imageomics/bioclip, ViT-B-16, ...)")  # fmt: skip
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag for plain architecture names")
     p.add_argument("--output", required=True, help="folder to write the CLIPModel, image processor and tokenizer to")
     p.add_argument(
         "--check",
         action="store_true",
-        help="compare embeddings of both models on random inputs and print the difference",
+        help="reload the written folder and the source model (independently) and compare their embeddings; "
+        f"exit 1 above {CHECK_TOLERANCE:g}",
     )
     args = p.parse_args(argv)
 
     import open_clip
     from transformers import CLIPProcessor
 
-    from mushroomclip.models import offline_clip_tokenizer
+    from mushroomclip.models import ModelLoadError, load_open_clip, offline_clip_tokenizer
 
+    spec = source_spec(args.model, args.pretrained)
     try:
-        model, _, _ = open_clip.create_model_and_transforms(args.model, pretrained=args.pretrained)
-        if not isinstance(open_clip.get_tokenizer(args.model), open_clip.tokenizer.SimpleTokenizer):
+        model, _, tokenizer, weights = load_open_clip(args.model, spec)  # the real weights, or an error
+        if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
             raise ConversionError("only models with OpenAI CLIP's BPE tokenizer can be converted")
-        hf = convert_open_clip(model.eval())
+        hf = convert_open_clip(model)
         processor = CLIPProcessor(
             image_processor=image_processor_from_open_clip(model), tokenizer=offline_clip_tokenizer()
         )
-    except (ConversionError, OSError, RuntimeError) as err:
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ConversionError as err:
         print(f"error: could not convert {args.model}: {err}", file=sys.stderr)
         return 2
     out = Path(args.output)
     hf.save_pretrained(out)
     processor.save_pretrained(out)
-    print(f"wrote {out} (vision {hf.config.vision_config.hidden_act}, mean {processor.image_processor.image_mean})")
+    print(f"wrote {out} from {weights} (vision {hf.config.vision_config.hidden_act}, mean {processor.image_processor.image_mean})")  # fmt: skip
     if args.check:
-        tokens = open_clip.get_tokenizer(args.model)(["a photo of Amanita muscaria.", "Fungi Basidiomycota"])
-        size = hf.config.vision_config.image_size
-        diff = max_embedding_difference(model, hf, tokens, torch.randn(2, 3, size, size))
-        print(f"max |difference| of normalised embeddings: {diff:.2e}")
+        diff = check_folder(args.model, spec, out)
+        print(f"max |difference| of normalised embeddings, {out} (reloaded) vs {args.model} (loaded again): {diff:.2e}")
+        if not diff <= CHECK_TOLERANCE:
+            print(f"error: {out} does not reproduce {args.model} (difference {diff:.2e} > {CHECK_TOLERANCE:g}); do not use it", file=sys.stderr)  # fmt: skip
+            return 1
     return 0
 
 

@@ -299,7 +299,7 @@ def _open_clip_weight_files(name: str, spec: ModelSpec) -> tuple[str, list[str],
         )
     repo_id, filename = os.path.split(tag["hf_hub"])
     filename = filename or HF_WEIGHTS_NAME
-    preprocess = {k: v for k, v in tag.items() if k in ("mean", "std", "interpolation", "resize_mode")}
+    preprocess = {f"image_{k}": tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag}
     return repo_id, [*_get_safe_alternatives(filename), filename], preprocess
 
 
@@ -325,7 +325,7 @@ def load_open_clip(name: str, spec: ModelSpec):
         raise ModelLoadError(_load_error(name, spec.source, problem))
     # The resolved files, by path: open_clip itself would ask the Hub again, and fall back to random weights.
     source = f"local-dir:{Path(weights).parent}" if hub else spec.source
-    kwargs = {} if hub else dict(pretrained=weights, force_preprocess_cfg=tag_preprocess)
+    kwargs = {} if hub else dict(pretrained=weights, **tag_preprocess)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(source, require_pretrained=True, **kwargs)
         tokenizer = open_clip.get_tokenizer(source)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
 
+LOGIT_SCALE = 100.0  # stored in every fixture's weights; a randomly initialised CLIP has 1 / 0.07 = 14.3
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -49,6 +51,17 @@ def write_snapshot(cache: Path, repo_id: str, files: dict[str, bytes], commit: s
     return snapshot
 
 
+def use_offline_cache(monkeypatch, cache: Path) -> Path:
+    """Point huggingface_hub and transformers at ``cache``, offline (both read these constants at call time)."""
+    from huggingface_hub import constants
+
+    cache.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
 def _json(data: dict) -> bytes:
     return json.dumps(data, indent=2).encode()
 
@@ -78,12 +91,18 @@ def clip_b32_files(seed: int = 0) -> dict[str, bytes]:
         "vocab.json": _json(vocab),
         "merges.txt": ("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n").encode(),
         "special_tokens_map.json": _json(
-            {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-             "unk_token": "<|endoftext|>"}  # fmt: skip
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+            }  # fmt: skip
         ),
     }
+    model = CLIPModel(config)
+    model.logit_scale.data.fill_(math.log(LOGIT_SCALE))
     with tempfile.TemporaryDirectory() as tmp:
-        CLIPModel(config).save_pretrained(tmp)
+        model.save_pretrained(tmp)
         offline_clip_tokenizer().save_pretrained(tmp)
         for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             files[name] = (Path(tmp) / name).read_bytes()
@@ -96,6 +115,7 @@ def open_clip_files(model_cfg: dict, seed: int = 0, weights: str = "open_clip_mo
 
     torch.manual_seed(seed)
     model = open_clip.CLIP(**json.loads(json.dumps(model_cfg)))
+    model.logit_scale.data.fill_(math.log(LOGIT_SCALE))
     config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": OPENAI_MEAN, "std": OPENAI_STD}}
     if weights.endswith(".safetensors"):
         data = _safetensors(model.state_dict())

@@ -2,6 +2,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_hub import LOGIT_SCALE, TINY_BIOCLIP2_MODEL_CFG, open_clip_files, use_offline_cache, write_snapshot
 from PIL import Image
 
 from mushroomclip.convert import (
@@ -10,6 +11,7 @@ from mushroomclip.convert import (
     image_processor_from_open_clip,
     max_embedding_difference,
 )
+from mushroomclip.convert import main as convert_main
 from mushroomclip.models import load_backbone, offline_clip_tokenizer
 
 SHRUNK_L14 = dict(  # ViT-L-14's shape rules (patch 14, GELU), small enough for CPU tests
@@ -65,3 +67,71 @@ def test_unsupported_models_are_refused_with_the_reason():
     model.text_pool_type = "last"
     with pytest.raises(ConversionError, match="text pooling other than argmax"):
         convert_open_clip(model)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    return use_offline_cache(monkeypatch, tmp_path / "hub")
+
+
+def _bioclip2_snapshot(cache, weights=True):
+    files = open_clip_files(TINY_BIOCLIP2_MODEL_CFG)
+    if not weights:
+        files.pop("open_clip_model.safetensors")
+    write_snapshot(cache, "imageomics/bioclip-2", files)
+
+
+def test_convert_refuses_a_source_without_weights_in_one_line(hub_cache, tmp_path, capsys):
+    _bioclip2_snapshot(hub_cache, weights=False)
+    out = tmp_path / "out"
+    assert convert_main(["--model", "hf-hub:imageomics/bioclip-2", "--output", str(out), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "imageomics/bioclip-2" in err and "open_clip_model.safetensors" in err
+    assert not out.exists()  # no folder of random weights
+
+
+def test_convert_check_compares_the_reloaded_folder_with_the_source(hub_cache, tmp_path, capsys):
+    from transformers import CLIPModel
+
+    _bioclip2_snapshot(hub_cache)
+    out = tmp_path / "out"
+    assert convert_main(["--model", "bioclip-2", "--output", str(out), "--check"]) == 0
+    difference = float(capsys.readouterr().out.strip().rsplit(" ", 1)[1])
+    assert difference <= 1e-4
+    assert CLIPModel.from_pretrained(out).logit_scale.exp().item() == pytest.approx(LOGIT_SCALE, rel=1e-5)
+
+
+def test_convert_check_fails_when_the_conversion_does_not_reproduce_the_source(hub_cache, tmp_path, monkeypatch):
+    import mushroomclip.convert as convert
+
+    real = convert.convert_open_clip
+
+    def altering(model):  # a converter bug: it edits the source it was given, so comparing with that proves nothing
+        with torch.no_grad():
+            model.visual.proj.mul_(-1)
+        return real(model)
+
+    monkeypatch.setattr(convert, "convert_open_clip", altering)
+    _bioclip2_snapshot(hub_cache)
+    assert convert_main(["--model", "hf-hub:imageomics/bioclip-2", "--output", str(tmp_path / "out"), "--check"]) == 1
+
+
+def test_source_tensors_without_a_place_in_clipmodel_are_refused():
+    model, _ = random_open_clip("ViT-L-14", init_logit_bias=-10.0, **SHRUNK_L14)
+    with pytest.raises(ConversionError, match="logit_bias"):
+        convert_open_clip(model)
+
+
+def test_converted_towers_load_as_clip_models_with_projection(tmp_path):
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    model, _ = random_open_clip("ViT-L-14", **SHRUNK_L14)
+    hf = convert_open_clip(model)
+    hf.save_pretrained(tmp_path)
+    vision = CLIPVisionModelWithProjection.from_pretrained(tmp_path).eval()
+    text = CLIPTextModelWithProjection.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    tokens = open_clip.get_tokenizer("ViT-L-14")(["fly agaric"])
+    with torch.no_grad():
+        assert torch.allclose(vision(pixel_values=pixels).image_embeds, hf.get_image_features(pixel_values=pixels).pooler_output, atol=1e-5)  # fmt: skip
+        assert torch.allclose(text(input_ids=tokens).text_embeds, hf.get_text_features(input_ids=tokens).pooler_output, atol=1e-5)  # fmt: skip
