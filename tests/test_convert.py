@@ -135,3 +135,14 @@ def test_converted_towers_load_as_clip_models_with_projection(tmp_path):
     with torch.no_grad():
         assert torch.allclose(vision(pixel_values=pixels).image_embeds, hf.get_image_features(pixel_values=pixels).pooler_output, atol=1e-5)  # fmt: skip
         assert torch.allclose(text(input_ids=tokens).text_embeds, hf.get_text_features(input_ids=tokens).pooler_output, atol=1e-5)  # fmt: skip
+
+
+def test_lora_bioclip2_config_trains_the_folder_its_conversion_command_writes():
+    from pathlib import Path
+
+    from mushroomclip.config import load_train_config
+
+    path = Path(__file__).parents[1] / "configs/lora_bioclip2.yaml"
+    cfg = load_train_config(path)
+    assert f"--output {cfg.model.base} " in path.read_text()  # the header's convert command
+    assert (cfg.training.precision, cfg.lora.towers, cfg.loss.name) == ("bf16", ["vision", "text"], "class_text")
