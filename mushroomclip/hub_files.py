@@ -76,7 +76,7 @@ def _unreachable() -> str:
 def weights_id(path: str | Path) -> str:
     """What identifies loaded weights: the Hub commit of a cached snapshot file, else the file's SHA-256."""
     path = Path(path)
-    if path.parent.parent.name == "snapshots":
+    if path.parent.parent.name == "snapshots" and path.parents[2].name.startswith("models--"):
         return f"commit {path.parent.name}"
     stat = path.stat()
     return f"sha256 {_file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}"

@@ -234,7 +234,9 @@ def _load_hf(name: str, spec: ModelSpec, random_weights: bool) -> Backbone:
             raise ModelLoadError(_load_error(name, spec.source, problem)) from None
         if info["missing_keys"]:  # transformers would initialise them randomly, with a warning only
             missing = sorted(info["missing_keys"])
-            raise ModelLoadError(_load_error(name, spec.source, f"its weights lack {len(missing)} of the model's tensors ({', '.join(missing[:3])}, ...)"))  # fmt: skip
+            listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            problem = f"its weight file lacks {len(missing)} of the tensors config.json asks for ({listed})"
+            raise ModelLoadError(_load_error(name, spec.source, problem, "Download or convert the model again"))
         crop = _size_value(processor.crop_size, "height")
         short = _size_value(processor.size, "shortest_edge") or crop
         preprocess = clip_transform(crop, processor.image_mean, processor.image_std, resize=short)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -74,6 +75,11 @@ def _safetensors(state_dict: dict) -> bytes:
 
 def clip_b32_files(seed: int = 0) -> dict[str, bytes]:
     """openai/clip-vit-base-patch32's files: CLIPModel config + weights, preprocessor, BPE tokenizer files."""
+    return dict(_clip_b32_files(seed))  # a copy: callers edit it
+
+
+@lru_cache(maxsize=2)
+def _clip_b32_files(seed: int) -> dict[str, bytes]:
     import tempfile
 
     from transformers import CLIPModel

@@ -21,6 +21,13 @@ SHRUNK_L14 = dict(  # ViT-L-14's shape rules (patch 14, GELU), small enough for 
 )
 
 
+SHRUNK_B16 = dict(  # ViT-B-16's shape rules (patch 16), narrowed
+    embed_dim=32,
+    vision_cfg=dict(image_size=32, layers=2, width=32, head_width=16, patch_size=16),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
+)
+
+
 def random_open_clip(name, **kwargs):
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
@@ -29,8 +36,8 @@ def random_open_clip(name, **kwargs):
 
 @pytest.mark.parametrize(
     ("name", "kwargs", "activation"),
-    [("ViT-B-16", {"quick_gelu": True}, "quick_gelu"), ("ViT-L-14", SHRUNK_L14, "gelu")],
-    ids=["vit-b16-quickgelu", "shrunk-vit-l14-gelu"],
+    [("ViT-B-16", {"quick_gelu": True, **SHRUNK_B16}, "quick_gelu"), ("ViT-L-14", SHRUNK_L14, "gelu")],
+    ids=["shrunk-vit-b16-quickgelu", "shrunk-vit-l14-gelu"],
 )
 def test_converted_model_matches_open_clip(name, kwargs, activation):
     model, _ = random_open_clip(name, **kwargs)

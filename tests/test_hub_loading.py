@@ -126,6 +126,8 @@ def test_cached_open_clip_tag_loads_offline(hub_cache, monkeypatch):
 
 
 class _Hub(BaseHTTPRequestHandler):
+    """Answers every request: stands in for the Hub, or for a proxy in front of it."""
+
     def do_HEAD(self):  # noqa: N802 (http.server's name)
         self.send_response(200)
         self.end_headers()
@@ -134,23 +136,46 @@ class _Hub(BaseHTTPRequestHandler):
         pass
 
 
-def test_hub_reachable_asks_the_configured_endpoint_through_huggingface_hub(monkeypatch):
+@pytest.fixture
+def local_server(monkeypatch):
+    """``http://127.0.0.1:PORT`` answering HEAD requests; online mode for huggingface_hub."""
     from huggingface_hub import constants
 
     server = HTTPServer(("127.0.0.1", 0), _Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}"  # HF_ENDPOINT's value, as huggingface_hub reads it
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_reachable_asks_the_configured_endpoint_through_huggingface_hub(local_server, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", local_server)  # HF_ENDPOINT's value, as huggingface_hub reads it
+    assert hub_reachable(timeout=5)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there (discard port)
+    assert not hub_reachable(timeout=5)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "ENDPOINT", local_server)
+    assert not hub_reachable()
+
+
+def test_hub_reachable_goes_through_the_configured_proxy(local_server, monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub.utils import close_session
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://hub.invalid")  # only the proxy can answer for it
+    for var in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, local_server)
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    close_session()  # the session reads the proxy settings when it is created
     try:
         assert hub_reachable(timeout=5)
     finally:
-        server.shutdown()
-        server.server_close()
-    assert not hub_reachable(timeout=5)  # nothing listens there any more
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert not hub_reachable()
+        close_session()
 
 
 def test_evaluate_cli_with_config_but_no_weights_exits_with_one_line(prepared, tmp_path):
