@@ -268,14 +268,13 @@ def _load_open_clip(name: str, spec: ModelSpec, random_weights: bool) -> Backbon
         model, preprocess, tokenizer, weights = load_open_clip(name, spec)
         cache_id = _cache_id(name, spec.source, weights_id(weights), preprocess)
         return Backbone(name, "open_clip", model, preprocess, tokenizer, cache_id)
+    source, kwargs = ("ViT-B-16", TINY_OPENCLIP) if spec.tiny else (spec.source, {})
+    if source.startswith("hf-hub:"):  # its config only: open_clip would fetch the weights too, then not use them
+        source = f"local-dir:{_open_clip_config_dir(name, spec, not hub_reachable())}"
     torch.manual_seed(0)  # the same random weights in every process: caches and tests rely on it
     try:
-        if spec.tiny:
-            model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained=None, **TINY_OPENCLIP)
-            tokenizer = open_clip.get_tokenizer("ViT-B-16")
-        else:
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.source, load_weights=False)
-            tokenizer = open_clip.get_tokenizer(spec.source)
+        model, _, preprocess = open_clip.create_model_and_transforms(source, load_weights=False, **kwargs)
+        tokenizer = open_clip.get_tokenizer(source)
     except (OSError, RuntimeError) as err:
         raise ModelLoadError(_load_error(name, spec.source, _first_line(err))) from None
     cache_id = f"{name}:{spec.source}:random:{json.dumps(TINY_OPENCLIP) if spec.tiny else ''}"
@@ -315,10 +314,9 @@ def load_open_clip(name: str, spec: ModelSpec):
 
     repo_id, weight_files, tag_preprocess = _open_clip_weight_files(name, spec)
     local_only, hub = not hub_reachable(), spec.source.startswith("hf-hub:")
+    if hub:
+        _open_clip_config_dir(name, spec, local_only)
     try:
-        if hub and hub_file(repo_id, "open_clip_config.json", local_only) is None:
-            problem = not_found("the config open_clip_config.json", repo_id, local_only, verb="is")
-            raise ModelLoadError(_load_error(name, spec.source, problem))
         weights = next(filter(None, (hub_file(repo_id, f, local_only) for f in weight_files)), None)
     except OSError as err:  # the repo is private, gated or misspelt; an HTTP error
         raise ModelLoadError(_load_error(name, spec.source, _first_line(err))) from None
@@ -335,6 +333,19 @@ def load_open_clip(name: str, spec: ModelSpec):
         problem = f"the weight file {weights} cannot be loaded ({_first_line(err)})"
         raise ModelLoadError(_load_error(name, spec.source, problem, REDOWNLOAD)) from None
     return model.eval(), preprocess, tokenizer, weights
+
+
+def _open_clip_config_dir(name: str, spec: ModelSpec, local_only: bool) -> Path:
+    """The snapshot folder with an ``hf-hub:`` model's ``open_clip_config.json``, fetched unless ``local_only``."""
+    repo_id = spec.source[len("hf-hub:") :]
+    try:
+        config = hub_file(repo_id, "open_clip_config.json", local_only)
+    except OSError as err:  # the repo is private, gated or misspelt; an HTTP error
+        raise ModelLoadError(_load_error(name, spec.source, _first_line(err))) from None
+    if config is None:
+        problem = not_found("the config open_clip_config.json", repo_id, local_only, verb="is")
+        raise ModelLoadError(_load_error(name, spec.source, problem))
+    return Path(config).parent
 
 
 def _first_line(err: Exception) -> str:

@@ -206,3 +206,11 @@ def test_text_embedding_cache_of_older_weights_is_not_reused(hub_cache, tmp_path
     write_snapshot(hub_cache, repo, files(seed=1), commit="b" * 40)
     new, hit_after_update = cached_class_text_embeddings(load_backbone("bioclip"), load_taxonomy(), "sci", "single", tmp_path)  # fmt: skip
     assert (hit, hit_after_update) == (False, False) and not torch.allclose(old, new)
+
+
+def test_random_weights_of_a_hub_model_need_its_config_only(hub_cache):
+    files = REPOS["bioclip"][3]()
+    write_snapshot(hub_cache, "imageomics/bioclip", {"open_clip_config.json": files["open_clip_config.json"]})
+    backbone = load_backbone("bioclip", random_weights=True)  # the config's architecture, announced as random
+    assert backbone.encode_texts(["fly agaric"]).shape == (1, TINY_BIOCLIP_MODEL_CFG["embed_dim"])
+    assert "open_clip_config.json" in _one_line_error("bioclip-2")  # nothing cached for it at all
