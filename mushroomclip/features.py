@@ -62,7 +62,10 @@ def image_features(
 def cached_image_features(
     backbone, split, fingerprint: str, cache_dir: str | Path | None, **kwargs
 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """:func:`image_features`, stored under ``cache_dir`` keyed by model and split content; returns (features, labels, hit)."""
+    """:func:`image_features`, stored under ``cache_dir``; returns (features, labels, hit).
+
+    Keyed by ``backbone.cache_id`` (the weights actually loaded and the preprocessing) and the split content.
+    """
     key = hashlib.sha256(f"{backbone.cache_id}|{fingerprint}".encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"images-{backbone.name}-{key}.npz" if cache_dir else None
     if path is not None and path.is_file():

@@ -79,8 +79,9 @@ def cached_class_text_embeddings(
 ) -> tuple[torch.Tensor, bool]:
     """Class embeddings from ``cache_dir`` if computed before for the same key; returns (embeddings, cache_hit).
 
-    The key covers the model (weights and preprocessing id), text type, the template strings and the
-    taxonomy's SHA-256, so editing the taxonomy or a template invalidates the entry.
+    The key covers the model (``backbone.cache_id``: the weights actually loaded and the preprocessing), text
+    type, the template strings and the taxonomy's SHA-256, so new weights, an edited taxonomy or template
+    invalidate the entry.
     """
     templates = templates_for(template_set)
     key_data = {
