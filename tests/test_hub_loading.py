@@ -13,6 +13,7 @@ import pytest
 import torch
 from fake_hub import (
     CLIP_B32_PREPROCESSOR,
+    LOGIT_SCALE,
     OPENAI_MEAN,
     TINY_BIOCLIP2_MODEL_CFG,
     TINY_BIOCLIP_MODEL_CFG,
@@ -34,7 +35,6 @@ REPOS = {
     "bioclip-2": ("imageomics/bioclip-2", "open_clip_model.safetensors", 28,
                   lambda seed=0: open_clip_files(TINY_BIOCLIP2_MODEL_CFG, seed)),
 }  # fmt: skip
-WEIGHT_NAMES = {"clip-b32": "model.safetensors", "bioclip": "open_clip_pytorch_model.bin"}
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_registered_model_loads_from_a_complete_offline_snapshot(hub_cache, name
     repo, weight_file, image_size, files = REPOS[name]
     write_snapshot(hub_cache, repo, files())
     backbone = load_backbone(name)
-    assert backbone.logit_scale == pytest.approx(100.0, rel=1e-5)  # the snapshot's weights; random init is 14.3
+    assert backbone.logit_scale == pytest.approx(LOGIT_SCALE, rel=1e-5)  # the snapshot's weights; random init is 14.3
     pixels = backbone.preprocess(Image.new("RGB", (90, 60), (180, 120, 40)))
     assert pixels.shape == (3, image_size, image_size)  # preprocessing as the repo configures it
     normalize = backbone.preprocess.transforms[-1]
@@ -71,7 +71,7 @@ def test_config_without_weights_is_a_one_line_error_naming_repo_and_file(hub_cac
     repo, weight_file, _, files = REPOS[name]
     write_snapshot(hub_cache, repo, {k: v for k, v in files().items() if k != weight_file})
     message = _one_line_error(name)
-    assert repo in message and WEIGHT_NAMES.get(name, "open_clip_model.safetensors") in message
+    assert repo in message and weight_file in message
     assert "cache" in message and "HF_HUB_OFFLINE" in message
 
 
@@ -121,7 +121,7 @@ def test_cached_open_clip_tag_loads_offline(hub_cache, monkeypatch):
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "ViT-B-32", TINY_BIOCLIP_MODEL_CFG)
     write_snapshot(hub_cache, "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", open_clip_files(TINY_BIOCLIP_MODEL_CFG))
     backbone = load_backbone("openclip-b32-laion2b")
-    assert backbone.logit_scale == pytest.approx(100.0, rel=1e-5)
+    assert backbone.logit_scale == pytest.approx(LOGIT_SCALE, rel=1e-5)
     assert backbone.encode_texts(["fly agaric"]).shape == (1, 32)
 
 
