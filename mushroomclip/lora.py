@@ -129,8 +129,8 @@ def data_mismatch(record: dict, classes: list[str], data_species: set[str]) -> s
     if trained is None:
         return "its classes.json does not say which species it was trained on (trained_species: an older run)"
     if set(trained) != data_species:
-        differ = len(set(trained) ^ data_species)
-        return f"trained on {len(trained)} species, this data has {len(data_species)} ({differ} not in both)"
+        common = len(set(trained) & data_species)
+        return f"trained on {len(trained)} species, this data has {len(data_species)} ({common} in common)"
     return None
 
 

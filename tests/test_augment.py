@@ -191,7 +191,12 @@ def test_image_files_expands_folders_recursively_in_sorted_order(tmp_path):
     (tmp_path / "empty").mkdir()
     single = tmp_path / "photos" / "notes.txt"
     files, problems = image_files([str(tmp_path / "photos"), str(single), str(tmp_path / "empty"), "nope.jpg"])
-    assert [p.relative_to(tmp_path / "photos").as_posix() for p in files] == ["a.jpeg", "b/1.png", "b/2.JPG", "notes.txt"]
+    assert [p.relative_to(tmp_path / "photos").as_posix() for p in files] == [
+        "a.jpeg",
+        "b/1.png",
+        "b/2.JPG",
+        "notes.txt",
+    ]
     assert problems == [
         f"no image files in folder {tmp_path / 'empty'} (looked for .jpg, .jpeg, .png, .webp, .bmp, .gif, .tif, .tiff)",
         "cannot read image nope.jpg: no such file or folder",
