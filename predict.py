@@ -16,8 +16,8 @@ import sys
 
 BATCH = 32  # images per forward pass: a folder of thousands of photos is never decoded at once
 
-WARNING = ("WARNING: {names} among the candidates {verb} {kinds}. Never eat a wild mushroom on the word of a model: "
-           "ask an expert.")  # fmt: skip
+WARNING = ("WARNING: {names} among the candidates for {image} {verb} {kinds}. "
+           "Never eat a wild mushroom on the word of a model: ask an expert.")  # fmt: skip
 
 
 def print_table(record: dict) -> None:
@@ -35,7 +35,10 @@ def warn_if_dangerous(record: dict) -> None:
                  if q["edibility"] in ("deadly", "poisonous")]  # fmt: skip
     if dangerous:
         verb = "is" if len(dangerous) == 1 else "are"
-        print(WARNING.format(names=", ".join(dangerous), verb=verb, kinds="deadly or poisonous"), file=sys.stderr)
+        warning = WARNING.format(
+            names=", ".join(dangerous), image=record["image"], verb=verb, kinds="deadly or poisonous"
+        )
+        print(warning, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

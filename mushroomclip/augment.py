@@ -38,11 +38,16 @@ _FAST_SIGNATURES = (b"\xff\xd8", b"\x89PNG")
 
 class ImageError(ValueError):
     """An image that cannot be read or decoded, or is too large to decode safely. ``reason`` is the cause
-    alone, for callers (``predict.py``) whose advice differs from the prepared-data hint in the message."""
+    alone, for callers (``predict.py``) whose advice differs from the prepared-data hint in the message.
+    Built from the message alone too, as DataLoader does when it re-raises a worker's error."""
 
-    def __init__(self, where: str, reason: str, hint: str, action: str = "decode"):
-        super().__init__(f"cannot {action} {where} ({reason}){hint}")
-        self.where, self.reason = where, reason
+    def __init__(self, message: str, where: str = "", reason: str = ""):
+        super().__init__(message)
+        self.where, self.reason = where, reason or message
+
+
+def _image_error(where: str, reason: str, hint: str, action: str = "decode") -> ImageError:
+    return ImageError(f"cannot {action} {where} ({reason}){hint}", where, reason)
 
 
 _PREPARED_HINT = (": the file changed or broke after the data was prepared: re-run data_scripts/prepare_kaggle.py, "
@@ -61,10 +66,10 @@ def _open_checked(data: bytes, where: str):
             return Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         size = re.search(r"\d+ pixels", str(err))
-        raise ImageError(where, f"{size.group(0) if size else 'too many pixels'}: over Pillow's decompression-bomb "
+        raise _image_error(where, f"{size.group(0) if size else 'too many pixels'}: over Pillow's decompression-bomb "
                          f"limit, PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; downscale it", "") from None  # fmt: skip
     except UnidentifiedImageError:
-        raise ImageError(where, "not an image file, or a format Pillow cannot read", _PREPARED_HINT) from None
+        raise _image_error(where, "not an image file, or a format Pillow cannot read", _PREPARED_HINT) from None
 
 
 def decode_rgb(image) -> torch.Tensor:
@@ -82,7 +87,7 @@ def decode_rgb(image) -> torch.Tensor:
         data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
     except OSError as err:
         reason = type(err).__name__ + (f": {err.strerror}" if err.strerror else "")
-        raise ImageError(where, reason, _MOVED_HINT, action="read") from None
+        raise _image_error(where, reason, _MOVED_HINT, action="read") from None
     try:
         with _open_checked(data, where) as pil:
             if decode_image is not None and data.startswith(_FAST_SIGNATURES):
@@ -94,7 +99,7 @@ def decode_rgb(image) -> torch.Tensor:
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(where, f"{type(err).__name__}: {err}", _PREPARED_HINT) from None
+        raise _image_error(where, f"{type(err).__name__}: {err}", _PREPARED_HINT) from None
 
 
 def _crop_size(preprocess) -> int | tuple[int, int]:
