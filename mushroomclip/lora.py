@@ -212,6 +212,7 @@ def load_classifier(
         backbone.model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
     if record.get("logit_scale") is not None:
         backbone.model.get_base_model().logit_scale.data.fill_(float(np.log(record["logit_scale"])))
-    backbone.cache_id = f"{backbone.cache_id}+lora:{hashlib.sha256(weights).hexdigest()[:16]}"  # a retrained adapter never reuses stale caches
+    # keyed by the weights' bytes: a retrained adapter never reuses stale caches
+    backbone.cache_id = f"{backbone.cache_id}+lora:{hashlib.sha256(weights).hexdigest()[:16]}"
     backbone.name = f"lora-{folder.name}"
     return Classifier(backbone, record, taxonomy)

@@ -176,6 +176,14 @@ def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, pre
     ]
     summary = (tmp_path / "res" / "summary.md").read_text()
     assert all(f"> {line}" in summary for line in skipped)
+    # named in --models, a run is evaluated as asked, with the mismatch said above the table
+    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[f"lora:{folder / 'wider'}"], shots=[],
+                               output=str(tmp_path / "named"), num_workers=0), log=lines.append)  # fmt: skip
+    assert [r["model"] for r in rows] == ["lora-wider"]
+    assert (
+        f"> lora:{folder / 'wider'}: {skipped[-1].split(': ', 1)[1]}; evaluated because --models names it"
+        in (tmp_path / "named" / "summary.md").read_text()
+    )
 
 
 def test_adapter_for_other_classes_is_a_clear_error_not_a_shape_error(runs, prepared, tmp_path):
