@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-adapters",
         default=None,
         metavar="DIR",
-        help="also evaluate every LoRA run in DIR "
-        "(e.g. runs) trained on this data's species; models can also be named lora:<run folder>",
+        help="also evaluate every LoRA run in DIR (e.g. runs) trained on exactly this data's species; the "
+        "others are listed with the reason. A run can also be named in --models as lora:<run folder>",
     )
     p.add_argument("--list-models", action="store_true", help="print the registered model names and exit")
     return p

@@ -2,7 +2,10 @@
 """Identify mushroom species in photos with a MushroomCLIP LoRA adapter.
 
 python predict.py photo1.jpg photo2.jpg --adapter runs/lora-b32 --top-k 5
-python predict.py photo.jpg --adapter USER/mushroomclip-lora-b32 --format json
+python predict.py photos/ --adapter USER/mushroomclip-lora-b32 --format json
+
+A folder stands for the image files anywhere under it. A file that cannot be read is reported on stderr
+and the others are still predicted; the exit status is then 1 (2 if no image could be read).
 """
 
 from __future__ import annotations
@@ -11,15 +14,38 @@ import argparse
 import json
 import sys
 
-WARNING = ("WARNING: {names} among the candidates {verb} {kinds}. Never eat a wild mushroom on the word of a model: "
-           "ask an expert.")  # fmt: skip
+BATCH = 32  # images per forward pass: a folder of thousands of photos is never decoded at once
+
+WARNING = ("WARNING: {names} among the candidates for {image} {verb} {kinds}. "
+           "Never eat a wild mushroom on the word of a model: ask an expert.")  # fmt: skip
+
+
+def print_table(record: dict) -> None:
+    """One image's ranked candidates, one line each."""
+    print(f"\n{record['image']}")
+    for rank, pred in enumerate(record["predictions"], start=1):
+        lineage = pred["lineage"]
+        print(f"  {rank}. {pred['species']:<28} {pred['common_name']:<28} {100 * pred['probability']:5.1f}%  "
+              f"{pred['edibility']:<12} {lineage['family']} < {lineage['order']} < {lineage['class']}")  # fmt: skip
+
+
+def warn_if_dangerous(record: dict) -> None:
+    """A loud warning on stderr when any candidate of an image is deadly or poisonous."""
+    dangerous = [f"{q['species']} ({q['edibility']})" for q in record["predictions"]
+                 if q["edibility"] in ("deadly", "poisonous")]  # fmt: skip
+    if dangerous:
+        verb = "is" if len(dangerous) == 1 else "are"
+        warning = WARNING.format(
+            names=", ".join(dangerous), image=record["image"], verb=verb, kinds="deadly or poisonous"
+        )
+        print(warning, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders (their image files, recursively)")
     p.add_argument("--adapter", required=True, help="run folder (runs/<name>) or Hub repo id of a MushroomCLIP adapter")
     p.add_argument("--top-k", type=int, default=5, help="candidates per image")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
@@ -29,57 +55,62 @@ def main(argv: list[str] | None = None) -> int:
         "--merge", metavar="DIR", default=None, help="also export a merged CLIPModel (merge_and_unload) to DIR"
     )
     args = p.parse_args(argv)
+    if args.top_k < 1:
+        print(f"error: --top-k must be at least 1, got {args.top_k}", file=sys.stderr)
+        return 2
 
-    from PIL import Image, UnidentifiedImageError
+    import torch
 
+    from mushroomclip.augment import ImageError, image_files
     from mushroomclip.lora import AdapterError, load_classifier
     from mushroomclip.models import ModelLoadError
 
-    images = []
-    for path in args.images:
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-            print(f"error: cannot read image {path}: {err}", file=sys.stderr)
-            return 2
+    # 1. the files: folders expanded; a missing path is reported, not fatal
+    files, problems = image_files(args.images)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not files:
+        return 2
+    # 2. the adapter: an unusable one is fatal
     try:
         classifier = load_classifier(args.adapter, base=args.base, device=args.device)
     except (AdapterError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = classifier.predict(images, top_k=args.top_k)
-    tax = classifier.taxonomy
-    records = [
-        {"image": path, "predictions": [
-            {"species": p.species, "common_name": tax[p.species].common_name, "probability": round(p.probability, 4),
-             "edibility": tax[p.species].edibility, "lineage": tax.lineage(p.species)} for p in preds]}
-        for path, preds in zip(args.images, results)
-    ]  # fmt: skip
+    # 3. predict batch by batch; an unreadable file is reported and skipped
+    failed, records, tax = len(problems), [], classifier.taxonomy
+    for start in range(0, len(files), BATCH):
+        readable, pixels = [], []
+        for path in files[start : start + BATCH]:
+            try:
+                pixels.append(classifier.pixels(path))
+                readable.append(path)
+            except ImageError as err:
+                print(f"error: cannot read image {path}: {err.reason}", file=sys.stderr)
+                failed += 1
+        if not readable:
+            continue
+        results = classifier.predict(torch.stack(pixels), top_k=args.top_k)
+        batch = [
+            {"image": str(path), "predictions": [
+                {"species": p.species, "common_name": tax[p.species].common_name, "probability": round(p.probability, 4),
+                 "edibility": tax[p.species].edibility, "lineage": tax.lineage(p.species)} for p in preds]}
+            for path, preds in zip(readable, results)
+        ]  # fmt: skip
+        for record in batch:
+            if args.format == "table":
+                print_table(record)
+            warn_if_dangerous(record)
+        records += batch
     if args.format == "json":
         print(json.dumps(records, indent=2))
-    for record in records:
-        if args.format == "table":
-            print(f"\n{record['image']}")
-            for rank, pred in enumerate(record["predictions"], start=1):
-                lineage = pred["lineage"]
-                print(f"  {rank}. {pred['species']:<28} {pred['common_name']:<28} {100 * pred['probability']:5.1f}%  "
-                      f"{pred['edibility']:<12} {lineage['family']} < {lineage['order']} < {lineage['class']}")  # fmt: skip
-        dangerous = [
-            f"{q['species']} ({q['edibility']})"
-            for q in record["predictions"]
-            if q["edibility"] in ("deadly", "poisonous")
-        ]
-        if dangerous:
-            kinds = "deadly or poisonous"
-            print(
-                WARNING.format(names=", ".join(dangerous), verb="is" if len(dangerous) == 1 else "are", kinds=kinds),
-                file=sys.stderr,
-            )
     if args.merge:
         merged = classifier.backbone.model.merge_and_unload()
         merged.save_pretrained(args.merge)
         print(f"merged CLIPModel written to {args.merge}")
+    if failed:
+        print(f"error: {failed} of {len(files) + len(problems)} inputs could not be read (see above)", file=sys.stderr)
+        return 1 if records else 2
     return 0
 
 

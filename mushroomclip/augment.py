@@ -19,6 +19,7 @@ import contextlib
 import functools
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -35,37 +36,70 @@ except ImportError:  # pragma: no cover - a future torchvision
 _FAST_SIGNATURES = (b"\xff\xd8", b"\x89PNG")
 
 
+class ImageError(ValueError):
+    """An image that cannot be read or decoded, or is too large to decode safely. ``reason`` is the cause
+    alone, for callers (``predict.py``) whose advice differs from the prepared-data hint in the message.
+    Built from the message alone too, as DataLoader does when it re-raises a worker's error."""
+
+    def __init__(self, message: str, where: str = "", reason: str = ""):
+        super().__init__(message)
+        self.where, self.reason = where, reason or message
+
+
+def _image_error(where: str, reason: str, hint: str, action: str = "decode") -> ImageError:
+    return ImageError(f"cannot {action} {where} ({reason}){hint}", where, reason)
+
+
+_PREPARED_HINT = (": the file changed or broke after the data was prepared: re-run data_scripts/prepare_kaggle.py, "
+                  "which skips and reports corrupt images")  # fmt: skip
+_MOVED_HINT = ": was the prepared data folder moved or changed? Re-run data_scripts/prepare_kaggle.py"
+
+
+def _open_checked(data: bytes, where: str):
+    """``PIL.Image.open`` (header only), refusing an image over Pillow's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``) before any decoder, Pillow's or torchvision's, allocates its pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        size = re.search(r"\d+ pixels", str(err))
+        raise _image_error(where, f"{size.group(0) if size else 'too many pixels'}: over Pillow's decompression-bomb "
+                         f"limit, PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; downscale it", "") from None  # fmt: skip
+    except UnidentifiedImageError:
+        raise _image_error(where, "not an image file, or a format Pillow cannot read", _PREPARED_HINT) from None
+
+
 def decode_rgb(image) -> torch.Tensor:
-    """A ``datasets`` image cell (``{"bytes", "path"}`` with ``decode=False``, or a PIL image) as a
-    ``(3, H, W)`` uint8 tensor, upright (EXIF orientation applied)."""
+    """A ``datasets`` image cell (``{"bytes", "path"}`` with ``decode=False``), a file path or a PIL image
+    as a ``(3, H, W)`` uint8 tensor, upright (EXIF orientation applied). Anything unreadable, undecodable
+    or over the decompression-bomb limit is an :class:`ImageError` naming it."""
     from PIL import Image, ImageOps
 
     if isinstance(image, Image.Image):
         return v2.functional.pil_to_tensor(ImageOps.exif_transpose(image).convert("RGB"))
+    if isinstance(image, (str, Path)):
+        image = {"bytes": None, "path": str(image)}
+    where = image.get("path") or "an in-memory image"
     try:
         data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
     except OSError as err:
-        raise ValueError(
-            f"cannot read {image['path']} ({type(err).__name__}): was the prepared data folder moved or "
-            "changed? Re-run data_scripts/prepare_kaggle.py"
-        ) from None
-    if decode_image is not None and data.startswith(_FAST_SIGNATURES):
-        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        except RuntimeError:
-            pass
+        reason = type(err).__name__ + (f": {err.strerror}" if err.strerror else "")
+        raise _image_error(where, reason, _MOVED_HINT, action="read") from None
     try:
-        with Image.open(io.BytesIO(data)) as pil:
+        with _open_checked(data, where) as pil:
+            if decode_image is not None and data.startswith(_FAST_SIGNATURES):
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                with contextlib.suppress(RuntimeError), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
             return v2.functional.pil_to_tensor(ImageOps.exif_transpose(pil).convert("RGB"))
+    except ImageError:
+        raise
     except (OSError, SyntaxError, ValueError) as err:
-        where = image.get("path") or "an in-memory image"
-        raise ValueError(
-            f"cannot decode {where} ({type(err).__name__}: {err}); the file changed or broke after the data "
-            "was prepared: re-run data_scripts/prepare_kaggle.py, which skips and reports corrupt images"
-        ) from None
+        raise _image_error(where, f"{type(err).__name__}: {err}", _PREPARED_HINT) from None
 
 
 def _crop_size(preprocess) -> int | tuple[int, int]:
@@ -101,6 +135,44 @@ def eval_transform(preprocess) -> v2.Compose | None:
         elif not (isinstance(t, (T.ToTensor, T.Normalize)) or _is_rgb_conversion(t)):
             return None
     return v2.Compose(ops)
+
+
+class EvalPixels:
+    """An image (file path, ``datasets`` cell or PIL image) as the model's evaluation input, for evaluation
+    and prediction alike: upright (EXIF applied), then the model's Resize + CenterCrop on uint8 (normalised
+    later on the device), or its own preprocessing where :func:`eval_transform` does not know a step."""
+
+    def __init__(self, preprocess):
+        self.preprocess, self.fast = preprocess, eval_transform(preprocess)
+
+    def __call__(self, image) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast(decode_rgb(image))
+        return self.preprocess(v2.functional.to_pil_image(decode_rgb(image)))
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def image_files(paths: list[str]) -> tuple[list[Path], list[str]]:
+    """Files as given and, for each folder, the image files anywhere under it (by suffix, sorted, hidden
+    ones left out); plus one message per argument that is neither a file nor a folder holding images."""
+    files, problems = [], []
+    for arg in map(Path, paths):
+        if arg.is_dir():
+            found = sorted(
+                p for p in arg.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(arg).parts)
+            )  # fmt: skip
+            files += found
+            if not found:
+                problems.append(f"no image files in folder {arg} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        elif arg.is_file():
+            files.append(arg)
+        else:
+            problems.append(f"cannot read image {arg}: no such file or folder")
+    return files, problems
 
 
 class TrainAugment:

@@ -26,7 +26,7 @@ OFFLINE_NOTE = ("offline: no Hugging Face Hub, so these rows are the randomly in
 def write_report(results: Path) -> Path:
     """``results/benchmark.md`` (the table, with a banner when offline) and ``results/benchmark.png``."""
     from mushroomclip.plots import _pyplot
-    from mushroomclip.zeroshot import summary_markdown
+    from mushroomclip.zeroshot import RANDOM_WEIGHTS_NOTE, summary_markdown
 
     summary_path = results / "summary.json"
     if not summary_path.is_file():
@@ -34,10 +34,10 @@ def write_report(results: Path) -> Path:
     summary = json.loads(summary_path.read_text())
     cfg, rows = summary["config"], summary["rows"]
     offline = all(m.startswith("tiny-") for m in cfg["models"])  # adapters of tiny models are offline too
-    notes = [OFFLINE_NOTE] if offline else []
-    if cfg.get("random_weights"):
-        notes.append("random weights: architectures only, figures are not model quality")
-    markdown = summary_markdown(rows, f"MushroomCLIP benchmark: {cfg['data']} ({cfg['split']} split)", " ".join(notes))
+    # evaluate's own notes (random weights, the adapters and k-shot rows left out and why); older files lack them
+    older = [RANDOM_WEIGHTS_NOTE] if cfg.get("random_weights") else []
+    notes = ([OFFLINE_NOTE] if offline else []) + summary.get("notes", older)
+    markdown = summary_markdown(rows, f"MushroomCLIP benchmark: {cfg['data']} ({cfg['split']} split)", notes)
     out = results / "benchmark.md"
     out.write_text(markdown)
 

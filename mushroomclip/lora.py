@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from mushroomclip.models import REGISTRY, Backbone, load_backbone
 from mushroomclip.taxonomy import Taxonomy
 
 CLASSES_FILE = "classes.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
 TOWER_PREFIX = {"vision": "vision_model", "text": "text_model"}
 
 
@@ -86,9 +88,14 @@ class Prediction:
 
 
 class Classifier:
-    """A LoRA-tuned CLIP with its class list and prompts: images in, ranked species out."""
+    """A LoRA-tuned CLIP with its class list and prompts: images in, ranked species out.
+
+    Images go through evaluation's own preprocessing (:class:`~mushroomclip.augment.EvalPixels`: EXIF
+    rotation, the model's resize and crop), so a photo scores here exactly as in the reported metrics.
+    """
 
     def __init__(self, backbone: Backbone, record: dict, taxonomy: Taxonomy):
+        from mushroomclip.augment import EvalPixels
         from mushroomclip.prompts import class_prompts, class_text_embeddings
 
         self.backbone, self.record, self.taxonomy = backbone, record, taxonomy
@@ -96,10 +103,13 @@ class Classifier:
         # load_classifier has checked that record["species"] is taxonomy.classes, in order
         prompts = class_prompts(taxonomy, record["text_type"], record["templates"])
         self.class_embeddings = class_text_embeddings(backbone, prompts)
+        self.pixels = EvalPixels(backbone.preprocess)  # one image -> model input; ImageError if unreadable
 
     @torch.inference_mode()
     def logits(self, images) -> torch.Tensor:
-        pixels = torch.stack([self.backbone.preprocess(im) for im in images])
+        """``(N, C)`` logits of images (file paths, PIL images, ``datasets`` cells) or of a stacked batch of
+        :attr:`pixels` outputs."""
+        pixels = images if isinstance(images, torch.Tensor) else torch.stack([self.pixels(im) for im in images])
         return self.backbone.logit_scale * self.backbone.encode_images(pixels).cpu() @ self.class_embeddings.T
 
     def predict(self, images, top_k: int = 5) -> list[list[Prediction]]:
@@ -110,17 +120,35 @@ class Classifier:
         ]
 
 
-def find_adapters(folder: str | Path, taxonomy: Taxonomy) -> list[str]:
-    """``lora:<run>`` names of the finished runs under ``folder`` trained on ``taxonomy``'s classes."""
-    found = []
+def data_mismatch(record: dict, classes: list[str], data_species: set[str]) -> str | None:
+    """Why an adapter's ``classes.json`` record does not fit data whose label ids index ``classes`` and
+    whose images show ``data_species``; ``None`` when it fits."""
+    if record.get("species") != list(classes):
+        return f"its {len(record.get('species') or [])} classes are not this data's {len(classes)}-species taxonomy"
+    trained = record.get("trained_species")
+    if trained is None:
+        return "its classes.json does not say which species it was trained on (trained_species: an older run)"
+    if set(trained) != data_species:
+        common = len(set(trained) & data_species)
+        return f"trained on {len(trained)} species, this data has {len(data_species)} ({common} in common)"
+    return None
+
+
+def find_adapters(folder: str | Path, classes: list[str], data_species: set[str]) -> tuple[list[str], list[str]]:
+    """``lora:<run>`` names of the finished runs under ``folder`` trained on exactly ``data_species`` (see
+    :func:`data_mismatch`), and one ``skipped <run>: <why>`` line for every other run there."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"--include-adapters {folder}: no such folder (it should hold training runs)")
+    found, skipped = [], []
     for record_path in sorted(Path(folder).glob(f"*/{CLASSES_FILE}")):
-        record = json.loads(record_path.read_text())
-        if (
-            record.get("taxonomy_sha256") == taxonomy.fingerprint
-            and (record_path.parent / "adapter_config.json").is_file()
-        ):
-            found.append(f"lora:{record_path.parent}")
-    return found
+        run = record_path.parent
+        if not (run / "adapter_config.json").is_file():
+            skipped.append(f"skipped {run}: no adapter_config.json (an unfinished run?)")
+        elif reason := data_mismatch(json.loads(record_path.read_text()), classes, data_species):
+            skipped.append(f"skipped {run}: {reason}")
+        else:
+            found.append(f"lora:{run}")
+    return found, skipped
 
 
 def _local_dir(dir_or_repo: str) -> Path:
@@ -137,6 +165,19 @@ def _local_dir(dir_or_repo: str) -> Path:
         ) from None
 
 
+def _check_finite(dir_or_repo: str, weights: bytes, logit_scale: float | None) -> None:
+    """A diverged run saves NaN/inf weights, whose every prediction is NaN: refuse it, naming the folder."""
+    from safetensors.torch import load
+
+    bad = [name for name, tensor in load(weights).items() if not torch.isfinite(tensor).all()]
+    if bad or (logit_scale is not None and not (math.isfinite(logit_scale) and logit_scale > 0)):
+        what = (
+            f"{len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]})" if bad else f"logit_scale is {logit_scale}"
+        )
+        raise AdapterError(f"{dir_or_repo} is broken: {what}, so every prediction would be NaN; the training "
+                           "diverged: retrain it (e.g. a lower training.lr) or use an earlier checkpoint")  # fmt: skip
+
+
 def load_classifier(
     dir_or_repo: str, base: str | None = None, species: list[str] | None = None, device: str = "cpu"
 ) -> Classifier:
@@ -150,17 +191,18 @@ def load_classifier(
     from mushroomclip.taxonomy import load_taxonomy
 
     folder = _local_dir(dir_or_repo)
-    if not (folder / CLASSES_FILE).is_file() or not (folder / "adapter_config.json").is_file():
-        raise AdapterError(
-            f"{dir_or_repo} is not a MushroomCLIP adapter: it needs adapter_config.json and {CLASSES_FILE}"
-        )
+    needed = ("adapter_config.json", WEIGHTS_FILE, CLASSES_FILE)
+    if not all((folder / name).is_file() for name in needed):
+        raise AdapterError(f"{dir_or_repo} is not a MushroomCLIP adapter: it needs {', '.join(needed)}")
     record = json.loads((folder / CLASSES_FILE).read_text())
     if base is not None and base != record["base_model"]:
         raise AdapterError(f"{dir_or_repo} was trained on base model {record['base_model']!r}, not {base!r}")
     if species is not None and list(species) != record["species"]:
         missing = sorted(set(species) - set(record["species"]))[:5]
-        raise AdapterError(f"{dir_or_repo} was trained on other classes ({len(record['species'])} species; "
-                           f"not among them: {missing or 'same set, other order'})")  # fmt: skip
+        raise AdapterError(f"{dir_or_repo} was trained on other classes ({len(record['species'])} species, this "
+                           f"data's taxonomy has {len(species)}; not among them: {missing or 'same set, other order'})")  # fmt: skip
+    weights = (folder / WEIGHTS_FILE).read_bytes()
+    _check_finite(dir_or_repo, weights, record.get("logit_scale"))
     taxonomy_file = folder / "taxonomy.csv"
     taxonomy = load_taxonomy(taxonomy_file if taxonomy_file.is_file() else None)
     if taxonomy.fingerprint != record["taxonomy_sha256"] or taxonomy.classes != record["species"]:
@@ -170,7 +212,7 @@ def load_classifier(
         backbone.model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
     if record.get("logit_scale") is not None:
         backbone.model.get_base_model().logit_scale.data.fill_(float(np.log(record["logit_scale"])))
-    weights = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
-    backbone.cache_id = f"{backbone.cache_id}+lora:{weights}"  # a retrained adapter never reuses stale caches
+    # keyed by the weights' bytes: a retrained adapter never reuses stale caches
+    backbone.cache_id = f"{backbone.cache_id}+lora:{hashlib.sha256(weights).hexdigest()[:16]}"
     backbone.name = f"lora-{folder.name}"
     return Classifier(backbone, record, taxonomy)

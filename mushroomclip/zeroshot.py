@@ -17,6 +17,7 @@ from mushroomclip.metrics import classification_metrics, format_report, to_jsona
 from mushroomclip.reporting import write_results
 
 SUMMARY_KEYS = ("oa", "top5", "mf1", "miou", "balanced_acc", "genus_acc", "family_acc", "dangerous_as_edible")
+RANDOM_WEIGHTS_NOTE = "random weights: architectures only, figures are not model quality"
 COLUMN_NAMES = ("OA", "top-5", "mF1", "mIoU", "balanced acc", "genus acc", "family acc", "dangerous→edible")
 
 
@@ -75,6 +76,21 @@ def _predictions_table(scores: np.ndarray, labels: np.ndarray, split, classes: l
     )
 
 
+def support_sizes(train_labels: np.ndarray, eval_labels: np.ndarray, k: int) -> dict:
+    """Support images per class that ``k``-shot can draw (``min(k, training images)``), over the classes of
+    the training and evaluated splits: min, mean, max, and how many classes have fewer than ``k``."""
+    classes = np.union1d(train_labels, eval_labels)
+    used = np.minimum(np.bincount(train_labels, minlength=classes.max() + 1)[classes], k)
+    return {"min": int(used.min()), "mean": float(used.mean()), "max": int(used.max()),
+            "classes_below_k": int((used < k).sum()), "classes": len(classes)}  # fmt: skip
+
+
+def shots_label(k: int, k_used: dict) -> str:
+    """``"5-shot"``, or ``"5-shot (k<5 for 3/8 classes, min 2)"`` where some classes have fewer images."""
+    short = k_used["classes_below_k"]
+    return f"{k}-shot" + (f" (k<{k} for {short}/{k_used['classes']} classes, min {k_used['min']})" if short else "")
+
+
 def _row(model: str, method: str, text_type: str, metrics: dict) -> dict:
     flat = scalar_metrics(metrics)
     return {"model": model, "method": method, "text_type": text_type} | {k: flat.get(k) for k in SUMMARY_KEYS}
@@ -85,7 +101,7 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     from mushroomclip.data import load_splits, prepared_taxonomy, split_fingerprint
     from mushroomclip.features import cached_image_features
     from mushroomclip.fewshot import linear_probe_scores, sample_support, simpleshot_scores, summarise_runs
-    from mushroomclip.lora import find_adapters, load_classifier
+    from mushroomclip.lora import data_mismatch, find_adapters, load_classifier
     from mushroomclip.models import load_backbone
     from mushroomclip.prompts import cached_class_text_embeddings
     from mushroomclip.taxonomy import load_taxonomy
@@ -105,11 +121,21 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     num_classes = len(taxonomy)
     provenance_config = asdict(cfg) | {"device": device, "dtype": str(dtype)}
     rows = []
-    models = list(cfg.models) + (find_adapters(cfg.include_adapters, taxonomy) if cfg.include_adapters else [])
-    for name in models:
+    # an adapter belongs in the table only if trained on exactly the species of this data's train split
+    # (what the trainer records as trained_species), so a run trained on this very data always fits
+    data_species = {taxonomy.classes[i] for i in splits["train"].unique("label")}
+    found, notes = (
+        find_adapters(cfg.include_adapters, taxonomy.classes, data_species) if cfg.include_adapters else ([], [])
+    )
+    for line in notes:
+        log(line)
+    for name in list(cfg.models) + found:
         adapter = name.startswith("lora:")
         if adapter:  # a fine-tuned run: zero-shot head of its own text type, no few-shot
-            classifier = load_classifier(name[len("lora:") :], device=device)
+            classifier = load_classifier(name[len("lora:") :], species=taxonomy.classes, device=device)
+            if reason := data_mismatch(classifier.record, taxonomy.classes, data_species):  # named in --models
+                notes.append(f"{name}: {reason}; evaluated because --models names it")
+                log(f"note: {notes[-1]}")
             backbone, text_types = classifier.backbone.to(device, dtype), [classifier.record["text_type"]]
             name = backbone.name
         else:
@@ -161,6 +187,11 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
             **feature_args,
         )
         for k in cfg.shots:
+            k_used = support_sizes(train_labels, labels, k)
+            if k_used["max"] < k:  # every seed would take every image: not k-shot, and the same as a smaller k
+                notes.append(f"{name}: {k}-shot skipped: no class has {k} training images (at most {k_used['max']})")
+                log(notes[-1])
+                continue
             runs = []
             for seed in range(cfg.seeds):
                 support = sample_support(train_labels, k, seed)
@@ -169,11 +200,15 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
             summary = summarise_runs(runs, SUMMARY_KEYS)
             out = output / "few_shot" / name / f"k{k}"
             out.mkdir(parents=True, exist_ok=True)
-            record = {"model": name, "method": "simpleshot", "k": k, "seeds": list(range(cfg.seeds)), "summary": summary,
-                      "runs": [{key: r.get(key) for key in SUMMARY_KEYS} for r in runs]}  # fmt: skip
+            record = {"model": name, "method": "simpleshot", "k": k, "k_used": k_used, "seeds": list(range(cfg.seeds)),
+                      "summary": summary, "runs": [{key: r.get(key) for key in SUMMARY_KEYS} for r in runs]}  # fmt: skip
             (out / "metrics.json").write_text(json.dumps(to_jsonable(record), indent=2))
-            rows.append(_row(name, f"{k}-shot", "", {key: v["mean"] for key, v in summary.items()}) | {"std": summary})
-            log(f"{name} SimpleShot {k}-shot over {cfg.seeds} seeds: "
+            method = shots_label(k, k_used)
+            rows.append(
+                _row(name, method, "", {key: v["mean"] for key, v in summary.items()})
+                | {"std": summary, "k_used": k_used}
+            )
+            log(f"{name} SimpleShot {method} over {cfg.seeds} seeds: "
                 + "  ".join(f"{key.upper()} {100 * v['mean']:.1f}±{100 * v['std']:.1f}" for key, v in summary.items() if key in ("oa", "mf1", "miou")))  # fmt: skip
         if cfg.probe:
             scores = linear_probe_scores(train_feats, train_labels, feats, num_classes, seed=cfg.seed)
@@ -191,7 +226,7 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
             rows.append(_row(name, "linear probe", "", metrics))
             log(format_report(metrics, title=f"\n{name} linear probe on {cfg.split}"))
         del backbone
-    write_summary(rows, output, cfg)
+    write_summary(rows, output, cfg, notes)
     return rows
 
 
@@ -199,9 +234,10 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
-def summary_markdown(rows: list[dict], title: str, note: str = "") -> str:
+def summary_markdown(rows: list[dict], title: str, notes: list[str] = ()) -> str:
+    """The table of ``rows`` under ``title``, each note (what is not in it, and why) quoted above it."""
     lines = [f"# {title}", ""]
-    if note:
+    for note in notes:
         lines += [f"> {note}", ""]
     lines += [
         "| model | method | text type | " + " | ".join(COLUMN_NAMES) + " |",
@@ -214,8 +250,9 @@ def summary_markdown(rows: list[dict], title: str, note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(rows: list[dict], output: Path, cfg: EvalConfig) -> None:
+def write_summary(rows: list[dict], output: Path, cfg: EvalConfig, notes: list[str] = ()) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    note = "random weights: architectures only, figures are not model quality" if cfg.random_weights else ""
-    (output / "summary.md").write_text(summary_markdown(rows, f"Evaluation on {cfg.data} ({cfg.split})", note))
-    (output / "summary.json").write_text(json.dumps(to_jsonable({"config": asdict(cfg), "rows": rows}), indent=2))
+    notes = ([RANDOM_WEIGHTS_NOTE] if cfg.random_weights else []) + list(notes)
+    (output / "summary.md").write_text(summary_markdown(rows, f"Evaluation on {cfg.data} ({cfg.split})", notes))
+    record = {"config": asdict(cfg), "rows": rows, "notes": notes}
+    (output / "summary.json").write_text(json.dumps(to_jsonable(record), indent=2))

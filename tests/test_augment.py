@@ -144,3 +144,60 @@ def test_loader_workers_decode_at_lower_priority_after_the_trainers_own_init():
 def test_missing_file_is_a_clear_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read .*gone\.jpg.*prepare_kaggle"):
         decode_rgb({"bytes": None, "path": str(tmp_path / "gone.jpg")})
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels: a decompression bomb's signature."""
+    import struct
+    import zlib
+
+    small = encoded(Image.new("RGB", (1, 1)), "PNG")
+    ihdr = struct.pack(">II", width, height) + small[24:29]  # IHDR data: bytes 16-29, its CRC 29-33
+    return small[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + small[33:]
+
+
+def test_decompression_bomb_is_refused_from_its_header_before_any_decoder_runs(monkeypatch):
+    import mushroomclip.augment as augment
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("torchvision decoded an image over the pixel limit")
+
+    monkeypatch.setattr(augment, "decode_image", no_decoding)
+    with pytest.raises(augment.ImageError, match="400000000 pixels: over Pillow's decompression-bomb limit") as err:
+        decode_rgb({"bytes": png_claiming(20000, 20000), "path": "bomb.png"})
+    assert err.value.where == "bomb.png" and "MAX_IMAGE_PIXELS" in err.value.reason
+    # Pillow only warns between the limit and twice the limit; decoding refuses there too
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(augment.ImageError, match="1500 pixels: over"):
+        decode_rgb({"bytes": encoded(gradient(50, 30), "JPEG"), "path": "big.jpg"})
+
+
+def test_not_an_image_is_a_clear_error_with_a_short_reason(tmp_path):
+    from mushroomclip.augment import ImageError
+
+    path = tmp_path / "notes.jpg"
+    path.write_text("not a photo")
+    with pytest.raises(ImageError, match=r"cannot decode .*notes\.jpg \(not an image file") as err:
+        decode_rgb(path)  # a plain path, as predict.py passes it
+    assert err.value.reason == "not an image file, or a format Pillow cannot read"
+
+
+def test_image_files_expands_folders_recursively_in_sorted_order(tmp_path):
+    from mushroomclip.augment import image_files
+
+    for name in ("b/2.JPG", "b/1.png", "a.jpeg", "notes.txt", ".hidden/x.jpg", "b/.y.jpg"):
+        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / name).write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    single = tmp_path / "photos" / "notes.txt"
+    files, problems = image_files([str(tmp_path / "photos"), str(single), str(tmp_path / "empty"), "nope.jpg"])
+    assert [p.relative_to(tmp_path / "photos").as_posix() for p in files] == [
+        "a.jpeg",
+        "b/1.png",
+        "b/2.JPG",
+        "notes.txt",
+    ]
+    assert problems == [
+        f"no image files in folder {tmp_path / 'empty'} (looked for .jpg, .jpeg, .png, .webp, .bmp, .gif, .tif, .tiff)",
+        "cannot read image nope.jpg: no such file or folder",
+    ]

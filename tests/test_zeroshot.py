@@ -178,3 +178,22 @@ def test_benchmark_report_has_every_row_and_says_when_it_is_offline(evaluated):
     assert "| genus acc | family acc | dangerous→edible |" in report
     assert len([line for line in report.splitlines() if line.startswith("| tiny-")]) == len(rows)
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_k_shot_rows_say_how_many_images_classes_really_had(evaluated, prepared, tmp_path):
+    cfg, out, _ = evaluated
+    per_class = pd.read_csv(prepared[0] / "train" / "metadata.csv")["species"].value_counts()
+    k, over = int(per_class.median()), int(per_class.max()) + 1  # some classes have fewer than k; none has `over`
+    short = per_class[per_class < k]
+    assert 0 < len(short) < len(per_class)
+    lines = []
+    rows = evaluate(EvalConfig(data=cfg.data, models=["tiny-clip"], text_types=["sci"], templates="single", shots=[k, over],
+                               seeds=2, output=str(tmp_path), cache_dir=str(out / ".cache"), num_workers=0), log=lines.append)  # fmt: skip
+    label = f"{k}-shot (k<{k} for {len(short)}/{len(per_class)} classes, min {short.min()})"
+    assert [r["method"] for r in rows if "shot" in r["method"]] == ["zero-shot", label]
+    record = json.loads((tmp_path / "few_shot" / "tiny-clip" / f"k{k}" / "metrics.json").read_text())
+    assert record["k_used"] == {"min": short.min(), "mean": pytest.approx(per_class.clip(upper=k).mean()), "max": k,
+                                "classes_below_k": len(short), "classes": len(per_class)}  # fmt: skip
+    skipped = f"tiny-clip: {over}-shot skipped: no class has {over} training images (at most {over - 1})"
+    assert skipped in lines and f"> {skipped}" in (tmp_path / "summary.md").read_text()
+    assert not (tmp_path / "few_shot" / "tiny-clip" / f"k{over}").exists()

@@ -1,0 +1,246 @@
+"""Prediction and adapter evaluation: the same pixels as the metrics, no NaN adapters, no adapter in the
+wrong table, and a batch of photos that survives its bad files."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from mushroomclip.config import load_train_config
+from mushroomclip.data import SPLITS
+from mushroomclip.lora import CLASSES_FILE, AdapterError, load_classifier
+from mushroomclip.trainer import run_training
+from mushroomclip.zeroshot import EvalConfig, evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def species_with_images(data: Path, splits=("train",)) -> list[str]:
+    """Species named in the prepared folder's metadata.csv files: an independent reading of the data."""
+    return sorted(set().union(*(pd.read_csv(data / s / "metadata.csv")["species"] for s in splits)))
+
+
+def patch_record(run: Path, **changes) -> None:
+    path = run / CLASSES_FILE
+    record = json.loads(path.read_text()) | changes
+    path.write_text(json.dumps({k: v for k, v in record.items() if v is not None}))
+
+
+@pytest.fixture(scope="module")
+def runs(prepared, tmp_path_factory) -> Path:
+    """A folder of runs holding one 2-step tiny adapter, ``good``, trained on the prepared data. Read-only."""
+    runs = tmp_path_factory.mktemp("runs")
+    overrides = {"data.path": prepared[0], "training.output_dir": runs / "good", "training.max_steps": 2,
+                 "training.eval_steps": 2, "training.test_after": False, "data.num_workers": 0}  # fmt: skip
+    run_training(
+        load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()]), log=lambda *a: None
+    )
+    record = json.loads((runs / "good" / CLASSES_FILE).read_text())
+    trained = species_with_images(prepared[0])
+    assert record.get("trained_species", trained) == trained  # what the trainer writes, where it does
+    patch_record(runs / "good", trained_species=trained)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def classifier(runs):
+    return load_classifier(str(runs / "good"))
+
+
+def copy_run(runs: Path, dest: Path) -> Path:
+    return Path(shutil.copytree(runs / "good", dest, ignore=shutil.ignore_patterns("checkpoints")))
+
+
+@pytest.fixture
+def predict_cli(capsys):
+    """``predict.py ARGS`` as a user runs it, in this process (no start-up cost): (exit status, stdout, stderr)."""
+    spec = importlib.util.spec_from_file_location("predict_script", ROOT / "predict.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run(*args):
+        capsys.readouterr()
+        status = script.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+# 1. An adapter with NaN weights is refused, not turned into "nan%" predictions.
+
+
+def test_adapter_with_non_finite_weights_is_refused_naming_it(runs, prepared, tmp_path, predict_cli):
+    from safetensors.torch import load_file, save_file
+
+    broken = copy_run(runs, tmp_path / "diverged")
+    weights = load_file(broken / "adapter_model.safetensors")
+    next(iter(weights.values())).view(-1)[0] = float("nan")
+    save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match=r"diverged is broken: 1 weight tensor\(s\) hold NaN or inf"):
+        load_classifier(str(broken))
+    image = next((prepared[0] / "test").rglob("*.jpg"))
+    status, out, err = predict_cli(image, "--adapter", broken)
+    assert status == 2 and "nan" not in out
+    assert err.startswith(f"error: {broken} is broken") and len(err.splitlines()) == 1
+
+
+# 2. A photo is scored as evaluation scores it: upright, through the same pixels.
+
+
+def _jpeg(image: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("given_as", ["path", "pil"])
+def test_photo_stored_rotated_with_exif_orientation_scores_exactly_like_the_upright_one(classifier, tmp_path, given_as):
+    from mushroomclip.augment import decode_rgb
+
+    sensor = Image.new("RGB", (48, 32), (40, 90, 40))
+    sensor.paste((230, 60, 20), (4, 4, 20, 28))  # something off-centre, so sideways crops differ
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera held sideways: rotate 90 degrees clockwise to display
+    (tmp_path / "rotated.jpg").write_bytes(_jpeg(sensor, exif=exif))
+    (tmp_path / "plain.jpg").write_bytes(_jpeg(sensor))  # the same pixels, without the tag
+    # the upright photo, lossless: the plain JPEG as the same decoder reads it, turned clockwise
+    if given_as == "path":
+        upright = torch.rot90(decode_rgb(tmp_path / "plain.jpg"), k=-1, dims=(1, 2))  # torchvision decodes paths
+        Image.fromarray(upright.permute(1, 2, 0).numpy()).save(tmp_path / "upright.png")
+    else:
+        Image.open(tmp_path / "plain.jpg").convert("RGB").transpose(Image.Transpose.ROTATE_270).save(
+            tmp_path / "upright.png"
+        )
+
+    def logits(name):
+        path = tmp_path / name
+        return classifier.logits([path if given_as == "path" else Image.open(path)])
+
+    assert torch.equal(logits("rotated.jpg"), logits("upright.png"))
+    assert not torch.equal(logits("plain.jpg"), logits("upright.png"))  # sideways would be noticed
+
+
+def test_predict_scores_each_file_exactly_as_the_evaluation_pipeline(classifier, runs, prepared, predict_cli):
+    from datasets import Image as ImageFeature
+
+    from mushroomclip.data import load_splits
+    from mushroomclip.features import image_features
+    from mushroomclip.zeroshot import zero_shot_scores
+
+    split = load_splits(prepared[0])["test"].select(range(12))
+    features, _ = image_features(classifier.backbone, split, batch_size=12, num_workers=0, progress=False)
+    expected = zero_shot_scores(features, classifier.class_embeddings, classifier.backbone.logit_scale)
+    paths = [cell["path"] for cell in split.cast_column("image", ImageFeature(decode=False))["image"]]
+    torch.testing.assert_close(classifier.logits(paths), torch.from_numpy(expected), rtol=0, atol=1e-5)
+    # and the CLI prints those very probabilities
+    status, out, err = predict_cli(paths[0], "--adapter", runs / "good", "--top-k", "3", "--format", "json")
+    assert status == 0, err
+    probs = torch.from_numpy(expected[0]).softmax(0).topk(3)
+    [record] = json.loads(out)
+    assert [p["species"] for p in record["predictions"]] == [classifier.classes[i] for i in probs.indices]
+    assert [p["probability"] for p in record["predictions"]] == pytest.approx(probs.values.tolist(), abs=1e-4)
+
+
+# 6. --include-adapters takes a run only where it was trained on exactly this data's species.
+
+
+def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, prepared, tmp_path):
+    from mushroomclip.taxonomy import load_taxonomy
+
+    folder = tmp_path / "runs"
+    copy_run(runs, folder / "same")
+    wider = load_taxonomy().classes[:46]
+    patch_record(copy_run(runs, folder / "wider"), trained_species=wider)
+    patch_record(copy_run(runs, folder / "older"), trained_species=None)  # before trained_species was recorded
+    (copy_run(runs, folder / "unfinished") / "adapter_config.json").unlink()
+    lines = []
+    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[], include_adapters=str(folder), shots=[],
+                               output=str(tmp_path / "res"), num_workers=0), log=lines.append)  # fmt: skip
+    assert [(r["model"], r["method"]) for r in rows] == [("lora-same", "LoRA")]
+    skipped = [line for line in lines if line.startswith("skipped ")]
+    assert skipped == [
+        f"skipped {folder / 'older'}: its classes.json does not say which species it was trained on "
+        "(trained_species: an older run)",
+        f"skipped {folder / 'unfinished'}: no adapter_config.json (an unfinished run?)",
+        f"skipped {folder / 'wider'}: trained on 46 species, this data has 6 "
+        f"({len(set(wider) & set(species_with_images(prepared[0], SPLITS)))} in common)",
+    ]
+    summary = (tmp_path / "res" / "summary.md").read_text()
+    assert all(f"> {line}" in summary for line in skipped)
+    # named in --models, a run is evaluated as asked, with the mismatch said above the table
+    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[f"lora:{folder / 'wider'}"], shots=[],
+                               output=str(tmp_path / "named"), num_workers=0), log=lines.append)  # fmt: skip
+    assert [r["model"] for r in rows] == ["lora-wider"]
+    assert (
+        f"> lora:{folder / 'wider'}: {skipped[-1].split(': ', 1)[1]}; evaluated because --models names it"
+        in (tmp_path / "named" / "summary.md").read_text()
+    )
+
+
+def test_adapter_for_other_classes_is_a_clear_error_not_a_shape_error(runs, prepared, tmp_path):
+    from mushroomclip.taxonomy import load_taxonomy
+
+    # an adapter whose own table lists only the 6 species it was trained on
+    narrow = copy_run(runs, tmp_path / "runs" / "narrow")
+    trained = species_with_images(prepared[0])
+    lines = (narrow / "taxonomy.csv").read_text().splitlines(keepends=True)
+    (narrow / "taxonomy.csv").write_text(
+        lines[0] + "".join(line for line in lines[1:] if line.split(",")[0] in trained)
+    )
+    patch_record(narrow, species=trained, taxonomy_sha256=load_taxonomy(narrow / "taxonomy.csv").fingerprint)
+    assert load_classifier(str(narrow)).classes == trained  # a sound adapter, for other classes
+    cfg = EvalConfig(
+        data=str(prepared[0]), models=[f"lora:{narrow}"], shots=[], output=str(tmp_path / "res"), num_workers=0
+    )
+    with pytest.raises(
+        AdapterError, match=rf"{narrow} was trained on other classes \(6 species, this data's taxonomy has 169"
+    ):
+        evaluate(cfg, log=lambda *a: None)
+    lines = []
+    evaluate(EvalConfig(**{**cfg.__dict__, "models": [], "include_adapters": str(narrow.parent)}), log=lines.append)
+    assert f"skipped {narrow}: its 6 classes are not this data's 169-species taxonomy" in lines
+
+
+# 14 and 16. predict.py: arguments checked first, folders expanded, bad files reported, the rest predicted.
+
+
+def test_top_k_below_one_is_one_line_before_anything_loads(predict_cli):
+    assert predict_cli("photo.jpg", "--adapter", "runs/none", "--top-k", "0") == (
+        2, "", "error: --top-k must be at least 1, got 0\n"
+    )  # fmt: skip
+
+
+def test_a_folder_of_photos_is_predicted_despite_its_bad_files(runs, prepared, tmp_path, predict_cli):
+    from test_augment import png_claiming
+
+    photos = tmp_path / "photos"
+    good = sorted((prepared[0] / "test").rglob("*.jpg"))[:2]
+    (photos / "day2").mkdir(parents=True)
+    shutil.copy(good[0], photos / "a.jpg")
+    shutil.copy(good[1], photos / "day2" / "b.jpg")
+    (photos / "notes.jpg").write_text("not a photo")
+    (photos / "cut.jpg").write_bytes(good[0].read_bytes()[:200])
+    (photos / "bomb.png").write_bytes(png_claiming(20000, 20000))
+    status, out, err = predict_cli(photos, "missing.jpg", "--adapter", runs / "good", "--format", "json")
+    assert status == 1 and "Traceback" not in err
+    assert [r["image"] for r in json.loads(out)] == [str(photos / "a.jpg"), str(photos / "day2" / "b.jpg")]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors[0] == "error: cannot read image missing.jpg: no such file or folder"
+    assert errors[1].startswith(f"error: cannot read image {photos / 'bomb.png'}: 400000000 pixels: over Pillow's")
+    assert errors[2].startswith(f"error: cannot read image {photos / 'cut.jpg'}: ")
+    assert (
+        errors[3]
+        == f"error: cannot read image {photos / 'notes.jpg'}: not an image file, or a format Pillow cannot read"
+    )
+    assert errors[4:] == ["error: 4 of 6 inputs could not be read (see above)"]
+    status, out, err = predict_cli(photos / "notes.jpg", photos / "bomb.png", "--adapter", runs / "good")
+    assert status == 2 and out == "" and err.splitlines()[-1] == "error: 2 of 2 inputs could not be read (see above)"
