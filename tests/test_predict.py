@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from mushroomclip.config import load_train_config
-from mushroomclip.data import SPLITS
 from mushroomclip.lora import CLASSES_FILE, AdapterError, load_classifier
 from mushroomclip.trainer import run_training
 from mushroomclip.zeroshot import EvalConfig, evaluate
@@ -172,7 +171,7 @@ def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, pre
         "(trained_species: an older run)",
         f"skipped {folder / 'unfinished'}: no adapter_config.json (an unfinished run?)",
         f"skipped {folder / 'wider'}: trained on 46 species, this data has 6 "
-        f"({len(set(wider) & set(species_with_images(prepared[0], SPLITS)))} in common)",
+        f"({len(set(wider) & set(species_with_images(prepared[0])))} in common)",
     ]
     summary = (tmp_path / "res" / "summary.md").read_text()
     assert all(f"> {line}" in summary for line in skipped)
