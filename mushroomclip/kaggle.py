@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import os
 import zlib
 from collections import Counter
@@ -83,12 +84,15 @@ def _read_csv(path: Path) -> list[dict]:
     # Bytes that are not UTF-8 (a Latin-1 CSV) come through as the same escapes the file system uses,
     # so a path in such a CSV still finds its file; names are made UTF-8-safe on output.
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.DictReader(f)
-        if not {"image_path", "label"} <= set(reader.fieldnames or []):
-            raise PrepareError(
-                f"{path} must have the columns image_path,label; found {','.join(reader.fieldnames or [])}"
-            )
-        return list(reader)
+        text = f.read()
+    if "\x00" in text:
+        raise PrepareError(f"{path} is not a readable CSV (it holds NUL bytes, as UTF-16 text does); save it as UTF-8")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not {"image_path", "label"} <= set(reader.fieldnames or []):
+        raise PrepareError(
+            f"{path} must have the columns image_path,label; found {utf8_safe(','.join(reader.fieldnames or []))}"
+        )
+    return list(reader)
 
 
 def _loose(name: str) -> str:

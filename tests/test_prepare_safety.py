@@ -163,6 +163,13 @@ def test_a_non_utf8_file_name_is_kept_under_a_utf8_name(small_download, tmp_path
     assert sum(len(s) for s in splits.values()) == manifest["images"] + 1
 
 
+def test_a_csv_that_is_not_8_bit_text_is_refused_naming_it(small_download, tmp_path):
+    root, _ = small_download
+    (root / "val.csv").write_text((root / "val.csv").read_text(), encoding="utf-16")
+    with pytest.raises(PrepareError, match=r"val.csv is not a readable CSV .*save it as UTF-8"):
+        prepare(options(root, tmp_path / "out"))
+
+
 class Killed(Exception):
     """Stands for a kill in the middle of a run."""
 
