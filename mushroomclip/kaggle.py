@@ -153,7 +153,7 @@ class Plan:
             same = [c for c in self.taxonomy.classes if _loose(c) == _loose(label)]
             close = same or difflib.get_close_matches(label, self.taxonomy.classes, n=1, cutoff=0.85)
             hint = f"did you mean {close[0]!r}?" if close else "pass --taxonomy FILE to include it"
-            self._hints[label] = f"species {label!r} is not in {self.taxonomy.source}; {hint}"
+            self._hints[label] = f"species {utf8_safe(label)!r} is not in {self.taxonomy.source}; {hint}"
         return self._hints[label]
 
     def report_empty_classes(self, present: set[str]) -> None:
