@@ -150,7 +150,8 @@ def _run_jobs(entries: list[Entry], opts: PrepareOptions, options_key: str, desc
 
 
 def _options_key(opts: PrepareOptions) -> str:
-    return f"{opts.copy_mode}:{opts.max_side}:{opts.jpeg_quality}"
+    # "2:": results cached before write errors were told apart from bad images are not trusted.
+    return f"2:{opts.copy_mode}:{opts.max_side}:{opts.jpeg_quality}"
 
 
 def _process(plan: Plan, opts: PrepareOptions, cache: dict[str, dict]) -> None:

@@ -130,6 +130,25 @@ def test_a_failed_write_is_an_error_and_never_cached_as_a_bad_image(small_downlo
     assert report["reused_from_earlier_run"] == 2  # written before the failure
 
 
+def test_a_failure_cached_by_an_older_version_is_not_trusted(small_download, tmp_path):
+    root, manifest = small_download
+    out = tmp_path / "out"
+    out.mkdir()
+    path, label = next(csv.reader((root / "val.csv").read_text().splitlines()[1:]))
+    src = root / path.split("/kaggle/working/", 1)[1]
+    record = {  # what the old race left: a good image cached as corrupt
+        "src": str(src),
+        "options": "resize:512:90",
+        "size": src.stat().st_size,
+        "mtime_ns": src.stat().st_mtime_ns,
+        "dest_dir": str(out / "validation" / label),
+        "result": {"status": "corrupt_image", "detail": "OSError: [Errno 2] No such file or directory"},
+    }
+    (out / ".prepare_cache.jsonl").write_text(json.dumps(record) + "\n")
+    report = prepare(options(root, out))
+    assert report["skipped"] == {} and report["unique_images"] == manifest["images"]
+
+
 def test_a_damaged_output_file_is_made_again(small_download, tmp_path):
     root, _ = small_download
     out = tmp_path / "out"
