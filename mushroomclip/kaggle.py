@@ -171,7 +171,7 @@ class Plan:
         problem = None
         if label not in self.taxonomy:
             problem = ("unknown_label", self._unknown_label_detail(label))
-        elif outside := self.outside(src):
+        elif src not in self.entries and (outside := self.outside(src)):  # once per file, not per CSV row
             problem = ("outside_source", outside)
         if problem:
             self._reported.add((src, "refused"))

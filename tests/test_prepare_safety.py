@@ -3,6 +3,7 @@ marks a folder complete only at the very end, and reports every odd input as wha
 
 import csv
 import fcntl
+import importlib.util
 import json
 import os
 import shutil
@@ -17,6 +18,8 @@ from mushroomclip.data import load_splits
 from mushroomclip.kaggle import PrepareError
 from mushroomclip.prepare import LOCK_NAME, PrepareOptions, prepare
 from mushroomclip.synthetic import make_synthetic_download
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -107,6 +110,21 @@ def test_a_second_run_on_a_locked_output_is_one_clear_error(small_download, tmp_
             prepare(options(root, out))
     assert not (out / "train").exists()
     assert prepare(options(root, out))["images"]["train"] > 0  # released: the next run goes ahead
+
+
+def test_the_cli_reports_a_busy_output_in_one_line(small_download, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("prepare_kaggle", ROOT / "data_scripts" / "prepare_kaggle.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "out"
+    out.mkdir()
+    with (out / LOCK_NAME).open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert cli.main(["--source", str(small_download[0]), "--output", str(out), "--no-progress"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: another prepare run is writing to {out}; wait for it to finish, or choose another --output\n"
+    )
 
 
 def test_a_failed_write_is_an_error_and_never_cached_as_a_bad_image(small_download, tmp_path, monkeypatch):
