@@ -165,17 +165,17 @@ class Plan:
                 "empty_class", self.root / IMAGES_DIR / label, "", label, "no usable image of this species in any split"
             )
 
+    def _skip_once(self, reason: str, src: Path, split: str, label: str, detail: str) -> None:
+        if (src, reason) not in self._reported:  # a file named by many CSV rows is reported once
+            self._reported.add((src, reason))
+            self.skip(reason, src, split, label, detail)
+
     def add(self, src: Path, label: str, split: str) -> None:
-        if (src, "refused") in self._reported:
-            return
-        problem = None
         if label not in self.taxonomy:
-            problem = ("unknown_label", self._unknown_label_detail(label))
-        elif src not in self.entries and (outside := self.outside(src)):  # once per file, not per CSV row
-            problem = ("outside_source", outside)
-        if problem:
-            self._reported.add((src, "refused"))
-            self.skip(problem[0], src, split, label, problem[1])
+            self._skip_once("unknown_label", src, split, label, self._unknown_label_detail(label))
+            return
+        if src not in self.entries and (outside := self.outside(src)):  # a planned file was checked already
+            self._skip_once("outside_source", src, split, label, outside)
             return
         known = self.entries.get(src)
         if known is None:
