@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images")
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
     p.add_argument("--taxonomy", default=None, help="species table CSV to use instead of the bundled one")
+    p.add_argument(
+        "--allow-outside-source",
+        action="store_true",
+        help="read files outside --source (symbolic links out of it, CSV paths leading out of it) "
+        "instead of skipping them as outside_source",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -67,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             source=args.source, output=args.output, split=args.split, seed=args.seed,
             keep_oversampling=args.keep_oversampling, max_side=args.max_side, copy_mode=args.copy_mode,
             jpeg_quality=args.jpeg_quality, num_proc=args.num_proc, taxonomy=args.taxonomy,
-            progress=not args.no_progress,
+            allow_outside_source=args.allow_outside_source, progress=not args.no_progress,
         )  # fmt: skip
         report = prepare(options)
-    except (PrepareError, TaxonomyError, ValueError) as err:
+    except (PrepareError, TaxonomyError, ValueError, OSError) as err:  # OSError: names the file it could not use
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_summary(report))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 
 SPLITS = ("train", "validation", "test")
+REPORT_NAME = "prepare_report.json"  # written last by prepare, with "complete": true when it finished
 
 
 def prepared_taxonomy(data_dir: str | Path) -> Taxonomy:
@@ -31,9 +33,21 @@ def load_splits(data_dir: str | Path, **load_kwargs):
             f"{data_dir} is not a prepared MushroomCLIP data folder (no {', '.join(f'{s}/metadata.csv' for s in missing)}); "
             f"run: python data_scripts/prepare_kaggle.py --source KAGGLE_DOWNLOAD --output {data_dir}"
         )
+    if not _prepare_finished(data_dir):
+        raise FileNotFoundError(
+            f"{data_dir} is incomplete: its last prepare run was interrupted or failed (no finished {REPORT_NAME}); "
+            f"run again: python data_scripts/prepare_kaggle.py --source KAGGLE_DOWNLOAD --output {data_dir}"
+        )
     taxonomy = prepared_taxonomy(data_dir)
     splits = load_dataset("imagefolder", data_dir=str(data_dir), **load_kwargs)
     return splits.cast_column("label", ClassLabel(names=taxonomy.classes))
+
+
+def _prepare_finished(data_dir: Path) -> bool:
+    try:
+        return json.loads((data_dir / REPORT_NAME).read_text()).get("complete") is True
+    except (OSError, ValueError):
+        return False
 
 
 def split_fingerprint(data_dir: str | Path, split: str) -> str:

@@ -17,16 +17,23 @@ EXIF_ORIENTATION = 0x0112
 JPEG_NAMES = (".jpg", ".jpeg")
 
 
-def _write_atomically(
-    dest: Path, data: bytes | None = None, image: Image.Image | None = None, quality: int = 90
-) -> None:
-    # Write-then-rename, so an interrupted run never leaves a half-written image behind.
-    tmp = dest.with_name(dest.name + ".part")
-    if image is not None:
-        image.save(tmp, format="JPEG", quality=quality, optimize=False)
-    else:
+def utf8_safe(text: str) -> str:
+    """``text`` with each byte of a file name that is not UTF-8 written as ``%XX``, so it fits in a CSV or JSON.
+
+    Python carries such bytes as lone surrogates (``os.fsdecode``'s "surrogateescape"); UTF-8 text is unchanged.
+    """
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in text)
+
+
+def write_atomically(dest: Path, data: bytes) -> None:
+    """Write-then-rename, so an interrupted run never leaves a half-written file behind; the temporary
+    name carries the process id, so two writers never rename each other's file."""
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+    try:
         tmp.write_bytes(data)
-    os.replace(tmp, dest)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _link(src: Path, dest: Path) -> None:
@@ -42,8 +49,9 @@ def process_image(src: str, dest_dir: str, mode: str, max_side: int, quality: in
 
     In ``resize`` mode an image whose long side exceeds ``max_side`` (or that carries an EXIF
     rotation) is re-encoded once as an upright RGB JPEG; every other image is copied byte for byte.
-    Returns ``{"status": "ok", "sha1", "dest", "width", "height", "reencoded"}`` or
-    ``{"status": <skip reason>, "detail"}``.
+    Returns ``{"status": "ok", "sha1", "dest", "dest_size", "dest_mtime_ns", "width", "height", "reencoded"}``,
+    ``{"status": <skip reason>, "detail"}`` for a bad source file, or ``{"status": "write_error", "detail"}``
+    when the output could not be written (not a property of the source: never cached).
     """
     src_path = Path(src)
     try:
@@ -53,7 +61,8 @@ def process_image(src: str, dest_dir: str, mode: str, max_side: int, quality: in
     except OSError as err:
         return {"status": "unreadable_file", "detail": str(err)}
     sha1 = hashlib.sha1(data).hexdigest()
-    dest = Path(dest_dir) / src_path.name
+    dest = Path(dest_dir) / utf8_safe(src_path.name)
+    reencoded = None
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
@@ -66,29 +75,38 @@ def process_image(src: str, dest_dir: str, mode: str, max_side: int, quality: in
                 if too_big:
                     upright.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
                 width, height = upright.size
+                buffer = io.BytesIO()
+                upright.save(buffer, format="JPEG", quality=quality, optimize=False)
+                reencoded = buffer.getvalue()
                 if dest.suffix.lower() not in JPEG_NAMES:
                     dest = dest.with_name(dest.name + ".jpg")  # "a.png" -> "a.png.jpg": cannot collide
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                _write_atomically(dest, image=upright, quality=quality)
-                return {
-                    "status": "ok",
-                    "sha1": sha1,
-                    "dest": str(dest),
-                    "width": width,
-                    "height": height,
-                    "reencoded": True,
-                }
-            image.load()  # a full decode is the only reliable test for truncated files
+            else:
+                image.load()  # a full decode is the only reliable test for truncated files
     except UnidentifiedImageError:
         return {"status": "not_an_image", "detail": "not a format Pillow can read"}
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return {"status": "corrupt_image", "detail": f"{type(err).__name__}: {err}"}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if mode == "link":
-        _link(src_path, dest)
-    else:
-        _write_atomically(dest, data=data)
-    return {"status": "ok", "sha1": sha1, "dest": str(dest), "width": width, "height": height, "reencoded": False}
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if reencoded is not None:
+            write_atomically(dest, reencoded)
+        elif mode == "link":
+            _link(src_path, dest)
+        else:
+            write_atomically(dest, data)
+        written = dest.stat()
+    except OSError as err:
+        return {"status": "write_error", "detail": f"cannot write {utf8_safe(str(dest))}: {err}"}
+    return {
+        "status": "ok",
+        "sha1": sha1,
+        "dest": str(dest),
+        "dest_size": written.st_size,
+        "dest_mtime_ns": written.st_mtime_ns,
+        "width": width,
+        "height": height,
+        "reencoded": reencoded is not None,
+    }
 
 
 def process_job(job: tuple) -> tuple[int, dict]:

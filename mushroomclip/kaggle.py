@@ -9,6 +9,9 @@ Version 2 of the data set::
 from __future__ import annotations
 
 import csv
+import difflib
+import io
+import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mushroomclip.imaging import utf8_safe
 from mushroomclip.taxonomy import Taxonomy
 
 SPLITS = ("train", "validation", "test")
@@ -77,36 +81,80 @@ def find_root(source: Path, split: str) -> Path:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not {"image_path", "label"} <= set(reader.fieldnames or []):
-            raise PrepareError(
-                f"{path} must have the columns image_path,label; found {','.join(reader.fieldnames or [])}"
-            )
-        return list(reader)
+    # Bytes that are not UTF-8 (a Latin-1 CSV) come through as the same escapes the file system uses,
+    # so a path in such a CSV still finds its file; names are made UTF-8-safe on output.
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        text = f.read()
+    if "\x00" in text:
+        raise PrepareError(f"{path} is not a readable CSV (it holds NUL bytes, as UTF-16 text does); save it as UTF-8")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not {"image_path", "label"} <= set(reader.fieldnames or []):
+        raise PrepareError(
+            f"{path} must have the columns image_path,label; found {utf8_safe(','.join(reader.fieldnames or []))}"
+        )
+    return list(reader)
+
+
+def _loose(name: str) -> str:
+    """A species name with case, underscores and runs of spaces ignored."""
+    return " ".join(name.replace("_", " ").split()).casefold()
 
 
 class Plan:
     """Collects unique entries and everything skipped or merged on the way."""
 
-    def __init__(self, root: Path, taxonomy: Taxonomy):
+    def __init__(self, root: Path, taxonomy: Taxonomy, allow_outside_source: bool = False):
         self.root, self.taxonomy = root, taxonomy
+        self.allow_outside_source = allow_outside_source
         self.entries: dict[Path, Entry] = {}
         self.skipped: list[dict] = []
         self.duplicates: list[dict] = []
         self.stats: Counter = Counter()
         self._reported: set[tuple[Path, str]] = set()  # (file, reason or split): each fact reported once
+        self._lexical_root, self._real_root = os.path.normpath(root), root.resolve()
+        self._real_dirs: dict[Path, Path] = {}  # folder -> its resolved path: one resolve per folder
+        self._hints: dict[str, str] = {}
 
     def rel(self, path: Path) -> str:
+        """``path`` relative to the download, UTF-8-safe (for metadata and the report)."""
         try:
-            return str(path.relative_to(self.root))
+            return utf8_safe(str(path.relative_to(self.root)))
         except ValueError:
-            return str(path)
+            return utf8_safe(str(path))
 
     def skip(self, reason: str, path: Path | str, split: str, label: str, detail: str = "") -> None:
         self.skipped.append(
-            {"reason": reason, "path": self.rel(Path(path)), "split": split, "label": label, "detail": detail}
+            {
+                "reason": reason,
+                "path": self.rel(Path(path)),
+                "split": split,
+                "label": utf8_safe(label),
+                "detail": utf8_safe(detail),
+            }
         )
+
+    def outside(self, src: Path) -> str | None:
+        """Why ``src`` lies outside the download (a path that leads out of it, or a link out of it), or None."""
+        if self.allow_outside_source:
+            return None
+        lexical = Path(os.path.normpath(src))
+        if not lexical.is_relative_to(self._lexical_root):
+            return f"the path leads out of the download to {lexical}; pass --allow-outside-source to read it"
+        if src.parent not in self._real_dirs:
+            self._real_dirs[src.parent] = src.parent.resolve()
+        real = src.resolve() if src.is_symlink() else self._real_dirs[src.parent] / src.name
+        if not real.is_relative_to(self._real_root):
+            return f"a link to {real}, outside the download; pass --allow-outside-source to follow it"
+        return None
+
+    def _unknown_label_detail(self, label: str) -> str:
+        """Says the species is unknown; names the table's species that differs only in case, spacing or spelling."""
+        if label not in self._hints:
+            same = [c for c in self.taxonomy.classes if _loose(c) == _loose(label)]
+            close = same or difflib.get_close_matches(label, self.taxonomy.classes, n=1, cutoff=0.85)
+            hint = f"did you mean {close[0]!r}?" if close else "pass --taxonomy FILE to include it"
+            self._hints[label] = f"species {utf8_safe(label)!r} is not in {self.taxonomy.source}; {hint}"
+        return self._hints[label]
 
     def report_empty_classes(self, present: set[str]) -> None:
         """Skip-report each known species that has a folder or CSV rows but no usable image left."""
@@ -117,17 +165,17 @@ class Plan:
                 "empty_class", self.root / IMAGES_DIR / label, "", label, "no usable image of this species in any split"
             )
 
+    def _skip_once(self, reason: str, src: Path, split: str, label: str, detail: str) -> None:
+        if (src, reason) not in self._reported:  # a file named by many CSV rows is reported once
+            self._reported.add((src, reason))
+            self.skip(reason, src, split, label, detail)
+
     def add(self, src: Path, label: str, split: str) -> None:
         if label not in self.taxonomy:
-            if (src, "unknown_label") not in self._reported:
-                self._reported.add((src, "unknown_label"))
-                self.skip(
-                    "unknown_label",
-                    src,
-                    split,
-                    label,
-                    f"species {label!r} is not in {self.taxonomy.source}; pass --taxonomy FILE to include it",
-                )
+            self._skip_once("unknown_label", src, split, label, self._unknown_label_detail(label))
+            return
+        if src not in self.entries and (outside := self.outside(src)):  # a planned file was checked already
+            self._skip_once("outside_source", src, split, label, outside)
             return
         known = self.entries.get(src)
         if known is None:
@@ -150,8 +198,8 @@ class Plan:
             known.split = keep
 
 
-def plan_official(root: Path, taxonomy: Taxonomy) -> Plan:
-    plan = Plan(root, taxonomy)
+def plan_official(root: Path, taxonomy: Taxonomy, allow_outside_source: bool = False) -> Plan:
+    plan = Plan(root, taxonomy, allow_outside_source)
     for split in PRECEDENCE:
         rows = _read_csv(root / CSV_FOR_SPLIT[split])
         plan.stats[f"{split}_rows"] = len(rows)
@@ -170,13 +218,13 @@ def _split_sizes(n: int) -> tuple[int, int]:
     return n_val, n_test
 
 
-def plan_random(root: Path, taxonomy: Taxonomy, seed: int) -> Plan:
+def plan_random(root: Path, taxonomy: Taxonomy, seed: int, allow_outside_source: bool = False) -> Plan:
     """Stratified 80/10/10 split of every file under ``merged_dataset/<species>/``."""
-    plan = Plan(root, taxonomy)
+    plan = Plan(root, taxonomy, allow_outside_source)
     for folder in sorted(p for p in (root / IMAGES_DIR).iterdir() if p.is_dir()):
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         # A per-class generator keyed by the class name: adding a class never reshuffles the others.
-        order = np.random.default_rng([seed, zlib.crc32(folder.name.encode())]).permutation(len(files))
+        order = np.random.default_rng([seed, zlib.crc32(os.fsencode(folder.name))]).permutation(len(files))
         n_val, n_test = _split_sizes(len(files))
         for rank, i in enumerate(order):
             split = "test" if rank < n_test else "validation" if rank < n_test + n_val else "train"

@@ -5,28 +5,50 @@ Output layout (load it with :func:`mushroomclip.data.load_splits`)::
     OUT/{train,validation,test}/<species>/<image>   images (re-encoded once if larger than --max-side)
     OUT/{train,validation,test}/metadata.csv        file_name, label, species, ranks, common_name, ...
     OUT/taxonomy.csv                                the table the label ids index
-    OUT/prepare_report.json                         counts, every skipped file and why, provenance
+    OUT/prepare_report.json                         counts, every skipped file and why, provenance;
+                                                    written last: ``"complete": true`` marks a finished folder
+    OUT/.prepare_cache.jsonl                        per-file results: makes re-runs fast, and records which
+                                                    files prepare wrote (the only ones it ever removes)
+    OUT/.prepare.lock                               held while a run writes: one run per folder at a time
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
+import io
 import json
 import multiprocessing
 import os
+import re
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mushroomclip.imaging import COPY_MODES, process_job
-from mushroomclip.kaggle import PRECEDENCE, SPLITS, Entry, Plan, PrepareError, find_root, plan_official, plan_random
+from mushroomclip.imaging import COPY_MODES, process_job, utf8_safe, write_atomically
+from mushroomclip.kaggle import (
+    IMAGES_DIR,
+    PRECEDENCE,
+    SPLITS,
+    Entry,
+    Plan,
+    PrepareError,
+    find_root,
+    plan_official,
+    plan_random,
+)
 from mushroomclip.provenance import run_provenance
 from mushroomclip.taxonomy import RANKS, load_taxonomy
 
 CACHE_NAME = ".prepare_cache.jsonl"
+LOCK_NAME = ".prepare.lock"
+REPORT_NAME = "prepare_report.json"
+PARTIAL_FILE = re.compile(r"(.+?)(\.\d+)?\.part")  # write_atomically's temporary "NAME.PID.part"
 METADATA_COLUMNS = ("file_name", "label", "species", *RANKS[:-1], "common_name", "edibility", "taxonomy", "source")
 
 
@@ -42,6 +64,7 @@ class PrepareOptions:
     jpeg_quality: int = 90
     num_proc: int = field(default_factory=lambda: os.cpu_count() or 1)
     taxonomy: Path | None = None
+    allow_outside_source: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -54,8 +77,9 @@ class PrepareOptions:
             raise ValueError("--max-side must be >= 0 and --num-proc >= 1")
 
 
-def _load_cache(output: Path, options_key: str) -> dict[str, dict]:
-    cache = {}
+def _load_cache(output: Path, options_key: str) -> tuple[dict[str, dict], set[str]]:
+    """Earlier results for these options, by source path; and every output file any earlier run wrote."""
+    cache, written = {}, set()
     path = output / CACHE_NAME
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -63,9 +87,20 @@ def _load_cache(output: Path, options_key: str) -> dict[str, dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by an interrupted run
+            if "dest" in record["result"]:
+                written.add(os.path.abspath(record["result"]["dest"]))
             if record.get("options") == options_key:
                 cache[record["src"]] = record
-    return cache
+    return cache, written
+
+
+def _output_intact(result: dict) -> bool:
+    """Whether the output file of ``result`` is still the one written (same size and time)."""
+    try:
+        stat = os.stat(result["dest"])
+    except OSError:
+        return False
+    return (stat.st_size, stat.st_mtime_ns) == (result.get("dest_size"), result.get("dest_mtime_ns"))
 
 
 def _cached_result(entry: Entry, record: dict | None, dest_dir: Path) -> dict | None:
@@ -91,6 +126,8 @@ def _run_jobs(entries: list[Entry], opts: PrepareOptions, options_key: str, desc
             for i, result in tqdm(results, total=len(jobs), desc=desc, unit="img", disable=not opts.progress):
                 entry = entries[i]
                 entry.result = result
+                if result["status"] == "write_error":  # the run's own failure, not the source's: never cached
+                    raise PrepareError(f"{result['detail']}; free some space or fix the permissions, then re-run")
                 if result["status"] == "missing_file":
                     continue
                 stat = entry.src.stat()
@@ -113,12 +150,12 @@ def _run_jobs(entries: list[Entry], opts: PrepareOptions, options_key: str, desc
 
 
 def _options_key(opts: PrepareOptions) -> str:
-    return f"{opts.copy_mode}:{opts.max_side}:{opts.jpeg_quality}"
+    # "2:": results cached before write errors were told apart from bad images are not trusted.
+    return f"2:{opts.copy_mode}:{opts.max_side}:{opts.jpeg_quality}"
 
 
-def _process(plan: Plan, opts: PrepareOptions) -> None:
+def _process(plan: Plan, opts: PrepareOptions, cache: dict[str, dict]) -> None:
     """Validate, hash and place every entry, reusing results of an earlier run on the same output."""
-    cache = _load_cache(opts.output, _options_key(opts))
     todo = []
     for entry in plan.entries.values():
         if not entry.src.is_file():
@@ -135,10 +172,10 @@ def _process(plan: Plan, opts: PrepareOptions) -> None:
         _run_jobs(todo, opts, _options_key(opts), "prepare")
 
 
-def _write_missing(kept: list[Entry], plan: Plan, opts: PrepareOptions) -> None:
-    """Re-create kept images whose output file is gone (deleted by hand, or removed as the
-    duplicate of a file that has since changed)."""
-    missing = [e for e in kept if not Path(e.result["dest"]).exists()]
+def _remake_missing(kept: list[Entry], plan: Plan, opts: PrepareOptions) -> None:
+    """Re-create kept images whose output file is gone or changed (deleted or damaged by hand or by a
+    crash, or removed as the duplicate of a file that has since changed)."""
+    missing = [e for e in kept if not _output_intact(e.result)]
     if missing:
         _run_jobs(missing, opts, _options_key(opts), "restore")
         plan.stats["processed"] += len(missing)
@@ -191,58 +228,135 @@ def _write_outputs(kept: list[Entry], plan: Plan, opts: PrepareOptions) -> dict[
     counts = {}
     for split, rows in per_split.items():
         (opts.output / split).mkdir(parents=True, exist_ok=True)
-        with (opts.output / split / "metadata.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METADATA_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=METADATA_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomically(opts.output / split / "metadata.csv", text.getvalue().encode("utf-8"))
         counts[split] = Counter(row["species"] for row in rows)
-    (opts.output / "taxonomy.csv").write_bytes(taxonomy.raw)
+    write_atomically(opts.output / "taxonomy.csv", taxonomy.raw)
     return counts
 
 
-def _remove_stale_files(kept: list[Entry], opts: PrepareOptions) -> int:
-    """Delete images left in OUT/<split>/ by an earlier run that this run does not keep."""
-    wanted = {Path(e.result["dest"]) for e in kept}
-    removed = 0
+def _remove_stale_files(kept: list[Entry], written: set[str], opts: PrepareOptions) -> tuple[int, list[str]]:
+    """Delete files in OUT/<split>/ that a run of prepare wrote (``written``) and this run does not keep.
+
+    Returns the number removed and every other file found there (not prepare's: left in place).
+    """
+    wanted = {os.path.abspath(e.result["dest"]) for e in kept}
+    ours = written | wanted
+    removed, unowned = 0, []
     for split in SPLITS:
-        for path in sorted((opts.output / split).rglob("*"), reverse=True):
-            if path.is_file() and path.name != "metadata.csv" and path not in wanted:
+        folder = opts.output / split
+        for path in sorted(folder.rglob("*")):
+            name = os.path.abspath(path)
+            if path.is_dir() or path == folder / "metadata.csv" or name in wanted:
+                continue
+            partial = PARTIAL_FILE.fullmatch(path.name)
+            if name in ours or (partial and os.path.join(os.path.dirname(name), partial[1]) in ours):
                 path.unlink()
                 removed += 1
-            elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-    return removed
+                if path.parent != folder and not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+            else:
+                unowned.append(utf8_safe(str(path.relative_to(opts.output))))
+    return removed, sorted(unowned)
+
+
+def _refuse_overlap(opts: PrepareOptions, root: Path) -> None:
+    """Refuse an output that holds the download, or lies among its images: prepare would read what it writes."""
+    output = opts.output.resolve()
+    for source in {opts.source, root}:
+        if source.resolve().is_relative_to(output):
+            raise PrepareError(
+                f"the source {source} is inside --output {opts.output}; choose an --output folder outside the download"
+            )
+    if output.is_relative_to((root / IMAGES_DIR).resolve()):
+        raise PrepareError(
+            f"--output {opts.output} must not be inside the source images folder {root / IMAGES_DIR}; "
+            "choose a folder outside it"
+        )
+
+
+@contextmanager
+def _exclusive_lock(output: Path) -> Iterator[None]:
+    """Hold OUT/.prepare.lock while a run writes; the system releases it when the process ends, even on kill -9."""
+    output.mkdir(parents=True, exist_ok=True)
+    with (output / LOCK_NAME).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrepareError(
+                f"another prepare run is writing to {output}; wait for it to finish, or choose another --output"
+            ) from None
+        yield
+
+
+def _save_report(report: dict, output: Path) -> None:
+    write_atomically(output / REPORT_NAME, json.dumps(report, indent=2).encode("utf-8"))
 
 
 def prepare(opts: PrepareOptions) -> dict:
-    """Prepare the ImageFolder at ``opts.output``; returns the report also written to prepare_report.json."""
+    """Prepare the ImageFolder at ``opts.output``; returns the report also written to prepare_report.json.
+
+    The report is written last, with ``"complete": true`` only when every step has finished, and is also
+    written (``"complete": false``) when nothing usable is left.
+    """
     start = time.perf_counter()
     taxonomy = load_taxonomy(opts.taxonomy)
     root = find_root(opts.source, opts.split)
-    if opts.output.resolve() == root.resolve() or root.resolve() in opts.output.resolve().parents:
-        raise PrepareError(f"--output {opts.output} must not be inside the source folder {root}")
-    plan = plan_official(root, taxonomy) if opts.split == "official" else plan_random(root, taxonomy, opts.seed)
-    _process(plan, opts)
-    for entry in plan.entries.values():
-        if entry.result["status"] != "ok":
-            plan.skip(entry.result["status"], entry.src, entry.split, entry.label, entry.result.get("detail", ""))
-    kept = _remove_content_duplicates(plan)
-    _write_missing(kept, plan, opts)
-    if not kept:
-        raise PrepareError(
-            f"no usable images in {root}: {len(plan.skipped)} skipped "
-            f"({', '.join(f'{k} {v}' for k, v in Counter(s['reason'] for s in plan.skipped).items())})"
-        )
-    counts = _write_outputs(kept, plan, opts)
-    stale = _remove_stale_files(kept, opts)
+    _refuse_overlap(opts, root)
+    with _exclusive_lock(opts.output):
+        (opts.output / REPORT_NAME).unlink(missing_ok=True)  # complete again only when this run finishes
+        if opts.split == "official":
+            plan = plan_official(root, taxonomy, opts.allow_outside_source)
+        else:
+            plan = plan_random(root, taxonomy, opts.seed, opts.allow_outside_source)
+        cache, written = _load_cache(opts.output, _options_key(opts))
+        _process(plan, opts, cache)
+        for entry in plan.entries.values():
+            if entry.result["status"] != "ok":
+                plan.skip(entry.result["status"], entry.src, entry.split, entry.label, entry.result.get("detail", ""))
+        kept = _remove_content_duplicates(plan)
+        _remake_missing(kept, plan, opts)
+        if not kept:
+            reasons = Counter(s["reason"] for s in plan.skipped)
+            error = (
+                f"no usable images in {root}: {len(plan.skipped)} skipped "
+                f"({', '.join(f'{k} {v}' for k, v in reasons.items())})"
+            )
+            _save_report(
+                _report(plan, opts, root, kept, {s: Counter() for s in SPLITS}, start, error=error), opts.output
+            )
+            raise PrepareError(f"{error}; each skipped file and why is in {opts.output / REPORT_NAME}")
+        counts = _write_outputs(kept, plan, opts)
+        written |= {os.path.abspath(e.result["dest"]) for e in plan.entries.values() if "dest" in e.result}
+        stale, unowned = _remove_stale_files(kept, written, opts)
+        plan.report_empty_classes({label for c in counts.values() for label in c})
+        report = _report(plan, opts, root, kept, counts, start, stale=stale, unowned=unowned)
+        _save_report(report, opts.output)  # last: marks the folder complete
+    return report
 
+
+def _report(
+    plan: Plan,
+    opts: PrepareOptions,
+    root: Path,
+    kept: list[Entry],
+    counts: dict[str, Counter],
+    start: float,
+    stale: int = 0,
+    unowned: list[str] | None = None,
+    error: str | None = None,
+) -> dict:
+    """The content of prepare_report.json; ``complete`` is true only without ``error``."""
     present = {label for c in counts.values() for label in c}
-    plan.report_empty_classes(present)
     elapsed = time.perf_counter() - start
-    reasons = Counter(s["reason"] for s in plan.skipped)
-    report = {
-        "source": str(root),
-        "output": str(opts.output),
+    return {
+        "complete": error is None,
+        **({"error": error} if error else {}),
+        "source": utf8_safe(str(root)),
+        "output": utf8_safe(str(opts.output)),
         "split": opts.split,
         "images": {split: sum(c.values()) for split, c in counts.items()},
         "unique_images": len(kept),
@@ -259,18 +373,17 @@ def prepare(opts: PrepareOptions) -> dict:
         "processed": plan.stats["processed"],
         "reused_from_earlier_run": plan.stats["reused_from_earlier_run"],
         "stale_files_removed": stale,
-        "skipped": dict(reasons),
+        "unowned_files_left": unowned or [],
+        "skipped": dict(Counter(s["reason"] for s in plan.skipped)),
         "skipped_items": plan.skipped,
         "duplicates": plan.duplicates,
         "seconds": round(elapsed, 2),
         "images_per_second": round(len(plan.entries) / elapsed, 1) if elapsed > 0 else None,
         "provenance": run_provenance(
-            {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}, opts.seed
+            {k: utf8_safe(str(v)) if isinstance(v, Path) else v for k, v in asdict(opts).items()}, opts.seed
         )
-        | {"taxonomy_sha256": taxonomy.fingerprint},
+        | {"taxonomy_sha256": plan.taxonomy.fingerprint},
     }
-    (opts.output / "prepare_report.json").write_text(json.dumps(report, indent=2))
-    return report
 
 
 def format_summary(report: dict) -> str:
@@ -308,6 +421,11 @@ def format_summary(report: dict) -> str:
         f"re-encoded: {report['reencoded']}; "
         f"stale files removed: {report['stale_files_removed']}"
     )
+    if report["unowned_files_left"]:
+        out.append(
+            f"warning: {len(report['unowned_files_left'])} file(s) in the output were not written by prepare "
+            f"and were left in place, e.g. {report['unowned_files_left'][0]}"
+        )
     out.append(
         f"time: {report['seconds']:.1f} s ({report['images_per_second']} source images/s); "
         f"details in {Path(report['output']) / 'prepare_report.json'}"

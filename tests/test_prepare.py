@@ -328,12 +328,6 @@ def test_switching_split_protocol_leaves_no_stale_files(dirty_download, tmp_path
         assert files == {r["file_name"] for r in read_metadata(out, split)}
 
 
-def test_output_inside_source_is_refused(dirty_download):
-    root, _ = dirty_download
-    with pytest.raises(PrepareError, match="must not be inside the source"):
-        prepare(PrepareOptions(root, root / "prepared", progress=False))
-
-
 def test_report_carries_provenance(prepared):
     out, _ = prepared
     report = json.loads((out / "prepare_report.json").read_text())
