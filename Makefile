@@ -49,7 +49,7 @@ benchmark: setup  ## zero-/few-shot for every configured model -> results/benchm
 	@if $(PY) -m mushroomclip.benchmark hub-reachable; then \
 	  $(PY) evaluate_zero_shot.py --config configs/benchmark.yaml; \
 	else \
-	  test -f $(DEMO)/prepared/test/metadata.csv || $(MAKE) --no-print-directory demo-data; \
+	  grep -qs "\"complete\": true" $(DEMO)/prepared/prepare_report.json || $(MAKE) --no-print-directory demo-data; \
 	  $(OFFLINE) $(PY) evaluate_zero_shot.py --config configs/benchmark_offline.yaml; \
 	fi
 	$(PY) -m mushroomclip.benchmark report --results results
