@@ -1,17 +1,24 @@
 """A training run's folder: what training writes there, when it may write, and what the data was.
 
-A folder holds one run. Training refuses a folder that already holds a run (finished, or with
-checkpoints) unless it is continued (``--resume``, same config) or explicitly started over
-(``--overwrite``, which removes only the files training writes).
+A folder holds one run. Training refuses a folder that holds a finished run unless it is explicitly
+started over (``--overwrite``, which removes only the files training writes), and one with the
+checkpoints of an unfinished run unless it is continued (``--resume``, same config) or started over.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from mushroomclip.config import TrainConfig
 
 # Everything training writes at the top of a run folder (checkpoints/ aside); hub.UPLOAD is a subset.
 OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "classes.json", "taxonomy.csv", "config.yaml",
@@ -49,12 +56,9 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
 
 
-def _recorded_config(run_dir: Path) -> dict | None:
-    """The config of the run already in ``run_dir``: its final config.yaml, else its newest checkpoint's."""
-    for path in [run_dir / "config.yaml", *(p / CHECKPOINT_CONFIG for p in reversed(_checkpoints(run_dir)))]:
-        if path.is_file():
-            return yaml.safe_load(path.read_text())
-    return None
+def _recorded_config(checkpoint: Path) -> dict | None:
+    path = checkpoint / CHECKPOINT_CONFIG
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -74,11 +78,17 @@ def check_run_folder(run_dir: str | Path, config: dict, resume: bool, overwrite:
     checkpoints = _checkpoints(run_dir)
     if overwrite or not (finished or checkpoints):
         return
-    where = f"{run_dir} holds a {'finished run' if finished else f'run stopped at {checkpoints[-1].name}'}"
+    if finished:
+        raise RunFolderError(f"{run_dir} holds a finished run; start it over with --overwrite (deletes its "
+                             "checkpoints and results) or set training.output_dir")  # fmt: skip
+    complete = [c for c in checkpoints if (c / "trainer_state.json").is_file()]  # Trainer writes it last
+    where = f"{run_dir} holds a run stopped at {(complete or checkpoints)[-1].name}"
     if not resume:
         raise RunFolderError(f"{where}; continue it with --resume, start it over with --overwrite "
                              "(deletes its checkpoints and results), or set training.output_dir")  # fmt: skip
-    recorded = _recorded_config(run_dir)
+    if not complete:
+        return  # only checkpoints cut off while saving: --resume removes them and starts from scratch
+    recorded = _recorded_config(complete[-1])
     changed = _differences(recorded, config) if recorded is not None else ["its config is not recorded"]
     if changed:
         raise RunFolderError(f"{where} with another config ({'; '.join(changed[:3])}); --resume continues only the "
@@ -88,11 +98,9 @@ def check_run_folder(run_dir: str | Path, config: dict, resume: bool, overwrite:
 def clear_run_outputs(run_dir: str | Path, log=print) -> None:
     """Delete what training wrote into ``run_dir`` (results and checkpoints); any other file stays."""
     run_dir = Path(run_dir)
-    removed = [name for name in OUTPUTS if (run_dir / name).is_file()]
-    for name in removed:
-        (run_dir / name).unlink()
-    for checkpoint in _checkpoints(run_dir):
-        shutil.rmtree(checkpoint)
+    removed = [run_dir / name for name in OUTPUTS if (run_dir / name).is_file()] + _checkpoints(run_dir)
+    for path in removed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     remove_empty_dirs(run_dir / CHECKPOINTS)
     if removed:
         log(f"--overwrite: removed the earlier run's results and checkpoints from {run_dir}")
@@ -137,3 +145,82 @@ def describe_data(data_path: str | Path, images: dict[str, int], trained_species
         "images": images,
         "report": summary,
     }
+
+
+def history_from_log(log_history: list[dict]) -> tuple[list, list]:
+    """``(step, train loss)`` and ``(step, validation mIoU)`` of the whole run, from Trainer's log history
+    (which a checkpoint carries, so a resumed run keeps the history from before the interruption)."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_miou"]) for e in log_history if "eval_miou" in e]
+    return train, evals
+
+
+def last_complete_checkpoint(folder: Path, log=print) -> str | None:
+    """The newest checkpoint that was fully written; interrupted ones are removed (by rank 0).
+
+    Trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save, and
+    resuming from it (what ``get_last_checkpoint`` would pick) would crash.
+    """
+    import shutil
+
+    if not folder.is_dir():
+        return None
+    complete = []
+    for path in folder.glob("checkpoint-*"):
+        if (path / "trainer_state.json").is_file():
+            complete.append(path)
+        elif int(os.environ.get("RANK", "0")) == 0:
+            log(f"removing {path}: interrupted while it was being saved")
+            shutil.rmtree(path, ignore_errors=True)
+    return str(max(complete, key=lambda p: int(p.name.split("-")[1]))) if complete else None
+
+
+def save_json(path: Path, value) -> None:
+    from mushroomclip.metrics import to_jsonable
+
+    path.write_text(json.dumps(to_jsonable(value), indent=2))
+
+
+def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Trainer, taxonomy, templates: list[str],
+                     precision: str, trained_species: list[str], images: dict[str, int]) -> None:  # fmt: skip
+    """Adapter, classes.json, taxonomy, resolved config, data.json, metrics.json, figures and model card."""
+    import yaml
+
+    from mushroomclip.hub import model_card
+    from mushroomclip.lora import CLASSES_FILE, classes_record
+    from mushroomclip.plots import save_confusion_png, save_loss_curve
+    from mushroomclip.provenance import run_provenance
+
+    model = trainer.model
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(run_dir), save_embedding_layers=False)  # LoRA never touches the embeddings
+    scale = model.get_base_model().logit_scale.exp().item() if cfg.lora.train_logit_scale else None
+    record = classes_record(taxonomy, cfg.data.text_type, templates, cfg.model.base, scale)
+    save_json(run_dir / CLASSES_FILE, record | {"trained_species": trained_species})
+    (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    save_json(run_dir / "data.json", describe_data(cfg.data.path, images, trained_species))
+    keep = ("oa", "top5", "balanced_acc", "mf1", "miou", "rank_accuracy", "mistake_severity", "dangerous_as_edible",
+            "deadly_recall")  # fmt: skip
+    splits = ("validation_best", "test", "validation_untrained", "test_untrained")
+    record = {name: ({k: result[name].get(k) for k in keep} if result[name] else None) for name in splits}
+    train_losses, eval_mious = history_from_log(trainer.state.log_history)
+    record |= {"global_step": trainer.state.global_step, "precision": precision, "processes": trainer.args.world_size,
+               "loss_history": train_losses, "eval_history": eval_mious}  # fmt: skip
+    save_json(run_dir / "metrics.json", record | run_provenance(cfg.to_dict(), cfg.training.seed))
+    save_loss_curve(train_losses, eval_mious, run_dir / "loss_curve.png")
+    if result["test"] is not None:
+        title = f"{run_dir.name} test confusion"
+        save_confusion_png(result["test"]["confusion"], taxonomy, run_dir / "confusion.png", title=title)
+    model_card(run_dir).save(run_dir / "README.md")
+
+
+def publish(run_dir: Path, repo_id: str, private: bool, log) -> str | None:
+    """Push a written run; a failed push is reported in one line (returned) and the run stays as it is."""
+    from mushroomclip.hub import PushError, push_run
+
+    try:
+        log(f"pushed to {push_run(run_dir, repo_id, private=private)}")
+    except PushError as err:
+        return str(err)
+    return None

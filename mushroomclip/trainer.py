@@ -7,7 +7,6 @@ numbers are directly comparable to the zero-shot table, and the best checkpoint 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from pathlib import Path
@@ -22,7 +21,13 @@ from mushroomclip.config import TrainConfig
 from mushroomclip.losses import class_text_loss, clip_loss, multi_positive_loss
 from mushroomclip.metrics import classification_metrics
 from mushroomclip.prompts import class_prompts
-from mushroomclip.runs import TrainingDivergedError
+from mushroomclip.runs import (
+    TrainingDivergedError,
+    history_from_log,
+    last_complete_checkpoint,
+    publish,
+    write_run_folder,
+)
 
 
 class ContrastiveTrainer(Trainer):
@@ -30,6 +35,8 @@ class ContrastiveTrainer(Trainer):
 
     def __init__(self, *args, class_input_ids: torch.Tensor, loss_name: str, evaluator, pixel_stats=None,
                  run_config: dict | None = None, **kwargs):  # fmt: skip
+        if kwargs.get("train_dataset") is not None:  # drawn through SeededDrawSampler: see _get_train_sampler
+            kwargs["train_dataset"] = SeededDraws(kwargs["train_dataset"])
         super().__init__(*args, **kwargs)
         self.run_config = run_config  # saved in every checkpoint: --resume checks it is the same run
         self.class_input_ids = class_input_ids
@@ -228,14 +235,6 @@ class ZeroShotEvaluator:
         return classification_metrics(labels, scores, len(self.taxonomy), taxonomy=self.taxonomy), scores
 
 
-def history_from_log(log_history: list[dict]) -> tuple[list, list]:
-    """``(step, train loss)`` and ``(step, validation mIoU)`` of the whole run, from Trainer's log history
-    (which a checkpoint carries, so a resumed run keeps the history from before the interruption)."""
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(e["step"], e["eval_miou"]) for e in log_history if "eval_miou" in e]
-    return train, evals
-
-
 def divergence_message(what: str, step: int, lr: float, checkpoints: Path) -> str:
     kept = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     where = f"the checkpoints before it (up to {kept[-1]}) are kept" if kept else "there is no checkpoint"
@@ -338,32 +337,6 @@ def run_summary(cfg: TrainConfig, train_losses: list, best: dict, test: dict | N
     return "\n".join(lines)
 
 
-def save_json(path: Path, value) -> None:
-    from mushroomclip.metrics import to_jsonable
-
-    path.write_text(json.dumps(to_jsonable(value), indent=2))
-
-
-def last_complete_checkpoint(folder: Path, log=print) -> str | None:
-    """The newest checkpoint that was fully written; interrupted ones are removed (by rank 0).
-
-    Trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save, and
-    resuming from it (what ``get_last_checkpoint`` would pick) would crash.
-    """
-    import shutil
-
-    if not folder.is_dir():
-        return None
-    complete = []
-    for path in folder.glob("checkpoint-*"):
-        if (path / "trainer_state.json").is_file():
-            complete.append(path)
-        elif int(os.environ.get("RANK", "0")) == 0:
-            log(f"removing {path}: interrupted while it was being saved")
-            shutil.rmtree(path, ignore_errors=True)
-    return str(max(complete, key=lambda p: int(p.name.split("-")[1]))) if complete else None
-
-
 def run_taxonomy(data_path: str, taxonomy_file: str | None):
     """The prepared folder's table, or ``data.taxonomy`` when it lists the same species (the label ids index it)."""
     from mushroomclip.config import ConfigError
@@ -439,7 +412,7 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates, cfg.training.eval_batch_size,
                                   cfg.data.num_workers, precision)  # fmt: skip
     trainer = ContrastiveTrainer(
-        model=model, args=args, train_dataset=SeededDraws(train),
+        model=model, args=args, train_dataset=train,
         eval_dataset=splits["validation"], data_collator=collate,
         class_input_ids=class_ids, loss_name=cfg.loss.name, evaluator=evaluator,
         pixel_stats=pixel_stats(backbone.preprocess), run_config=cfg.to_dict(),
@@ -475,49 +448,3 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
         if cfg.hub.push:
             result["push_error"] = publish(run_dir, cfg.hub.repo_id, cfg.hub.private, log)
     return result
-
-
-def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Trainer, taxonomy, templates: list[str],
-                     precision: str, trained_species: list[str], images: dict[str, int]) -> None:  # fmt: skip
-    """Adapter, classes.json, taxonomy, resolved config, data.json, metrics.json, figures and model card."""
-    import yaml
-
-    from mushroomclip.hub import model_card
-    from mushroomclip.lora import CLASSES_FILE, classes_record
-    from mushroomclip.plots import save_confusion_png, save_loss_curve
-    from mushroomclip.provenance import run_provenance
-    from mushroomclip.runs import describe_data
-
-    model = trainer.model
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(run_dir), save_embedding_layers=False)  # LoRA never touches the embeddings
-    scale = model.get_base_model().logit_scale.exp().item() if cfg.lora.train_logit_scale else None
-    record = classes_record(taxonomy, cfg.data.text_type, templates, cfg.model.base, scale)
-    save_json(run_dir / CLASSES_FILE, record | {"trained_species": trained_species})
-    (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    save_json(run_dir / "data.json", describe_data(cfg.data.path, images, trained_species))
-    keep = ("oa", "top5", "balanced_acc", "mf1", "miou", "rank_accuracy", "mistake_severity", "dangerous_as_edible",
-            "deadly_recall")  # fmt: skip
-    splits = ("validation_best", "test", "validation_untrained", "test_untrained")
-    record = {name: ({k: result[name].get(k) for k in keep} if result[name] else None) for name in splits}
-    train_losses, eval_mious = history_from_log(trainer.state.log_history)
-    record |= {"global_step": trainer.state.global_step, "precision": precision, "processes": trainer.args.world_size,
-               "loss_history": train_losses, "eval_history": eval_mious}  # fmt: skip
-    save_json(run_dir / "metrics.json", record | run_provenance(cfg.to_dict(), cfg.training.seed))
-    save_loss_curve(train_losses, eval_mious, run_dir / "loss_curve.png")
-    if result["test"] is not None:
-        title = f"{run_dir.name} test confusion"
-        save_confusion_png(result["test"]["confusion"], taxonomy, run_dir / "confusion.png", title=title)
-    model_card(run_dir).save(run_dir / "README.md")
-
-
-def publish(run_dir: Path, repo_id: str, private: bool, log) -> str | None:
-    """Push a written run; a failed push is reported in one line (returned) and the run stays as it is."""
-    from mushroomclip.hub import PushError, push_run
-
-    try:
-        log(f"pushed to {push_run(run_dir, repo_id, private=private)}")
-    except PushError as err:
-        return str(err)
-    return None

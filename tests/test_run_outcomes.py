@@ -59,8 +59,10 @@ def test_trained_weights_that_are_not_finite_are_never_written():
         ("lora.r=-1", "lora.r must be at least 1, e.g. 16, got -1"),
         ("training.grad_accum=0", "training.grad_accum must be at least 1, got 0"),
         ("data.num_workers=-1", "data.num_workers must be 0 (load in the main process) or more, got -1"),
-        ("lora.target_modules=[nope]", "lora.target_modules must be a non-empty list of q_proj, k_proj, v_proj, "
-                                       "out_proj, fc1, fc2, got ['nope']"),  # fmt: skip
+        (
+            "lora.target_modules=[nope]",
+            "lora.target_modules must be a non-empty list of q_proj, k_proj, v_proj, out_proj, fc1, fc2, got ['nope']",
+        ),  # fmt: skip
         ("training.lr=-1e-4", "training.lr must be a positive number"),
         ("lora.dropout=1.5", "lora.dropout must be in [0, 1), got 1.5"),
     ],
@@ -91,7 +93,8 @@ def test_taxonomy_option_is_used_when_it_lists_the_prepared_species(prepared, tm
         writer.writeheader()
         writer.writerows([r | {"common_name": f"{r['common_name']} (ours)"} for r in rows])
     taxonomy = run_taxonomy(str(prepared[0]), str(renamed))
-    assert taxonomy.fingerprint == load_taxonomy(renamed).fingerprint != load_taxonomy(prepared[0] / "taxonomy.csv").fingerprint
+    assert taxonomy.fingerprint == load_taxonomy(renamed).fingerprint
+    assert taxonomy.fingerprint != load_taxonomy(prepared[0] / "taxonomy.csv").fingerprint
     fewer = tmp_path / "fewer.csv"
     with fewer.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -114,16 +117,21 @@ def test_finished_or_different_run_is_refused_and_overwrite_clears_only_what_tra
     out = tmp_path / "run"
     assert run_cli(capsys, short_run(prepared[0], out))[0] == 0
     (out / "notes.txt").write_text("mine")
-    status, err = run_cli(capsys, short_run(prepared[0], out))
-    assert status == 2 and "holds a finished run; continue it with --resume, start it over with --overwrite" in (
-        assert_one_error_line(err, f"{out} holds a finished run")
-    )
+    for again in ([], ["--resume"]):
+        status, err = run_cli(capsys, short_run(prepared[0], out, *again))
+        assert status == 2 and "start it over with --overwrite" in assert_one_error_line(
+            err, f"{out} holds a finished run"
+        )
+    (out / "metrics.json").rename(out / "metrics.json.bak")  # as if stopped after its last checkpoint
     status, err = run_cli(capsys, short_run(prepared[0], out, "training.lr=1e-3", "--resume"))
-    assert status == 2 and "with another config (training.lr: 0.005 -> 0.001)" in err
-    status, err = run_cli(capsys, short_run(prepared[0], out, "training.max_steps=3", "training.eval_steps=3", "--overwrite"))
+    line = assert_one_error_line(err, f"{out} holds a run stopped at checkpoint-4 with another config")
+    assert status == 2 and "(training.lr: 0.005 -> 0.001)" in line
+    status, err = run_cli(
+        capsys, short_run(prepared[0], out, "training.max_steps=3", "training.eval_steps=3", "--overwrite")
+    )
     assert status == 0, err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-3"]  # checkpoint-4 is gone
-    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "notes.txt").read_text() == "mine" and (out / "metrics.json.bak").is_file()
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 3
 
 
