@@ -12,8 +12,14 @@ is written from a failed run), 3 trained and saved but the Hub push failed (the 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
+
+
+def log_line(message: str) -> None:
+    """One write per line: the ranks of a multi-process run share one pipe, and print() writes the text and
+    its newline separately, so two ranks' lines could run together."""
+    sys.stdout.write(f"{message}\n")
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             return spawn_cpu_ranks(ranks, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
         from mushroomclip.trainer import run_training
 
-        result = run_training(cfg, log=functools.partial(print, flush=True))  # whole lines: ranks share one pipe
+        result = run_training(cfg, log=log_line)
     except (ConfigError, ModelLoadError, AdapterError, TaxonomyError, FileNotFoundError, RunFolderError,
             TrainingDivergedError, DataReadError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr, flush=True)
