@@ -161,8 +161,6 @@ def last_complete_checkpoint(folder: Path, log=print) -> str | None:
     Trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save, and
     resuming from it (what ``get_last_checkpoint`` would pick) would crash.
     """
-    import shutil
-
     if not folder.is_dir():
         return None
     complete = []

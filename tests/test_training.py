@@ -51,7 +51,7 @@ def test_training_clearly_beats_the_untrained_model(trained):
 def test_run_folder_has_every_documented_file(trained):
     cfg, out, _, _ = trained
     for name in ("adapter_config.json", "adapter_model.safetensors", "classes.json", "config.yaml", "metrics.json",
-                 "loss_curve.png", "confusion.png", "README.md", "taxonomy.csv"):  # fmt: skip
+                 "loss_curve.png", "confusion.png", "README.md", "taxonomy.csv", "data.json"):  # fmt: skip
         assert (out / name).is_file(), name
     classes = json.loads((out / "classes.json").read_text())
     assert len(classes["species"]) == 169 and classes["text_type"] == "sci" and classes["base_model"] == "tiny-clip"
