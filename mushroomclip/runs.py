@@ -25,6 +25,9 @@ OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "classes.json", "
            "data.json", "metrics.json", "README.md", "loss_curve.png", "confusion.png")  # fmt: skip
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_CONFIG = "run_config.yaml"  # the run's resolved config, saved in every checkpoint
+UNTRAINED_METRICS = "untrained_metrics.json"  # the evaluation before training, saved in every checkpoint
+SUMMARY_KEYS = ("oa", "top5", "balanced_acc", "mf1", "miou", "rank_accuracy", "mistake_severity",
+                "dangerous_as_edible", "deadly_recall")  # fmt: skip
 # Keys that change where and how a run is executed or published, not what it computes: they may differ on
 # --resume (a checkpoint copied to another folder continues there).
 EXECUTION_KEYS = {"training": ("output_dir", "resume", "overwrite", "report_to", "eval_batch_size"), "data": ("num_workers",),
@@ -173,6 +176,11 @@ def last_complete_checkpoint(folder: Path, log=print) -> str | None:
     return str(max(complete, key=lambda p: int(p.name.split("-")[1]))) if complete else None
 
 
+def metrics_summary(metrics: dict | None) -> dict | None:
+    """The figures of a metrics dict that metrics.json and the card keep."""
+    return {k: metrics.get(k) for k in SUMMARY_KEYS} if metrics else None
+
+
 def save_json(path: Path, value) -> None:
     from mushroomclip.metrics import to_jsonable
 
@@ -198,10 +206,8 @@ def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Tra
     (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     save_json(run_dir / "data.json", describe_data(cfg.data.path, images, trained_species))
-    keep = ("oa", "top5", "balanced_acc", "mf1", "miou", "rank_accuracy", "mistake_severity", "dangerous_as_edible",
-            "deadly_recall")  # fmt: skip
     splits = ("validation_best", "test", "validation_untrained", "test_untrained")
-    record = {name: ({k: result[name].get(k) for k in keep} if result[name] else None) for name in splits}
+    record = {name: metrics_summary(result[name]) for name in splits}
     train_losses, eval_mious = history_from_log(trainer.state.log_history)
     record |= {"global_step": trainer.state.global_step, "precision": precision, "processes": trainer.args.world_size,
                "loss_history": train_losses, "eval_history": eval_mious}  # fmt: skip

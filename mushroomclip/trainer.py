@@ -7,6 +7,7 @@ numbers are directly comparable to the zero-shot table, and the best checkpoint 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from pathlib import Path
@@ -22,10 +23,14 @@ from mushroomclip.losses import class_text_loss, clip_loss, multi_positive_loss
 from mushroomclip.metrics import classification_metrics
 from mushroomclip.prompts import class_prompts
 from mushroomclip.runs import (
+    CHECKPOINT_CONFIG,
+    UNTRAINED_METRICS,
     TrainingDivergedError,
     history_from_log,
     last_complete_checkpoint,
+    metrics_summary,
     publish,
+    save_json,
     write_run_folder,
 )
 
@@ -39,6 +44,7 @@ class ContrastiveTrainer(Trainer):
             kwargs["train_dataset"] = SeededDraws(kwargs["train_dataset"])
         super().__init__(*args, **kwargs)
         self.run_config = run_config  # saved in every checkpoint: --resume checks it is the same run
+        self.untrained: dict | None = None  # the evaluation before training, also saved in every checkpoint
         self.class_input_ids = class_input_ids
         # uint8 batches (mushroomclip.augment) are normalised here, on the device, with the model's mean/std.
         self.pixel_mean, self.pixel_std = (torch.tensor(v) for v in pixel_stats) if pixel_stats else (None, None)
@@ -143,9 +149,9 @@ class ContrastiveTrainer(Trainer):
         if self.run_config is not None:
             import yaml
 
-            from mushroomclip.runs import CHECKPOINT_CONFIG
-
             Path(output_dir, CHECKPOINT_CONFIG).write_text(yaml.safe_dump(self.run_config, sort_keys=False))
+        if self.untrained is not None:
+            save_json(Path(output_dir, UNTRAINED_METRICS), self.untrained)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics, _ = self.evaluator(self.model, eval_dataset if eval_dataset is not None else self.eval_dataset)
@@ -422,8 +428,14 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     resume = last_complete_checkpoint(checkpoints, log) if cfg.training.resume else None
     if cfg.training.resume and resume is None:
         log(f"training.resume: no checkpoint in {checkpoints}, starting from scratch")
-    baseline_val, _ = (None, None) if resume else evaluator(model, splits["validation"])
-    baseline_test, _ = evaluator(model, splits["test"]) if (cfg.training.test_after and not resume) else (None, None)
+    if resume:  # the evaluation before training is that of the run's first start
+        saved = Path(resume, UNTRAINED_METRICS)
+        untrained = json.loads(saved.read_text()) if saved.is_file() else {}
+        baseline_val, baseline_test = untrained.get("validation"), untrained.get("test")
+    else:
+        baseline_val, _ = evaluator(model, splits["validation"])
+        baseline_test, _ = evaluator(model, splits["test"]) if cfg.training.test_after else (None, None)
+    trainer.untrained = {"validation": metrics_summary(baseline_val), "test": metrics_summary(baseline_test)}
     if cfg.training.overwrite and trainer.is_world_process_zero():
         clear_run_outputs(run_dir, log)
     trainer.train(resume_from_checkpoint=resume)

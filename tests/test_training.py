@@ -256,7 +256,8 @@ def uninterrupted(prepared, tmp_path_factory):
 
 
 def assert_same_run(out: Path, reference: Path) -> None:
-    """Same final adapter, bit for bit, and the same loss and validation history from step 1."""
+    """Same final adapter, bit for bit, the same loss and validation history from step 1, and the evaluation
+    before training of the first start."""
     from safetensors.torch import load_file
 
     got, expected = (load_file(d / "adapter_model.safetensors") for d in (out, reference))
@@ -264,6 +265,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
     metrics, reference_metrics = (json.loads((d / "metrics.json").read_text()) for d in (out, reference))
     assert metrics["loss_history"] == reference_metrics["loss_history"] and metrics["loss_history"][0][0] == 5
     assert metrics["eval_history"] == reference_metrics["eval_history"] and len(metrics["eval_history"]) == 3
+    assert metrics["validation_untrained"] == reference_metrics["validation_untrained"] is not None  # first start's
 
 
 def test_resume_from_a_copied_checkpoint_ends_exactly_like_the_uninterrupted_run(prepared, uninterrupted, tmp_path):
@@ -303,7 +305,6 @@ def test_resume_after_a_killed_run_continues_the_same_run(prepared, uninterrupte
     assert "removing" in result.stdout and not torn.exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 30
-    assert metrics["validation_untrained"] is None  # it continued; it did not start over
     after = {p.name for p in (out / "checkpoints").glob("checkpoint-*")}
     assert complete <= after and "checkpoint-30" in after  # no checkpoint lost
     assert_same_run(out, uninterrupted)
