@@ -76,6 +76,10 @@ def model_card(run_dir: str | Path):
     test = metrics.get("test") or metrics["validation_best"]
     split = "test" if metrics.get("test") else "validation"
     species = f"{data['num_species']} species" if data else "mushroom species"
+    classes_file = run_dir / "classes.json"
+    head = len(json.loads(classes_file.read_text())["species"]) if classes_file.is_file() else None
+    head_note = (f" It ranks all {head} species of its taxonomy, but saw images of these {data['num_species']} only."
+                 if data and head and head != data["num_species"] else "")  # fmt: skip
     dataset = (
         f"MushroomCLIP prepared data ({species}, {data.get('split') or 'unknown'} split)"
         if data
@@ -114,7 +118,7 @@ model = PeftModel.from_pretrained(CLIPModel.from_pretrained("{hub_id}"), "REPO_O
 
 LoRA adapter fine-tuned with MushroomCLIP for fine-grained mushroom species recognition ({species}).
 Classes are scored zero-shot style: image embeddings against the text embeddings of
-`{config["data"]["text_type"]}` class prompts.
+`{config["data"]["text_type"]}` class prompts.{head_note}
 
 Base model: {base_text}.
 

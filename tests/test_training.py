@@ -150,7 +150,8 @@ def test_card_describes_the_run_actually_made_and_links_only_real_models(trained
 
     _, out, _, _ = trained
     card = ModelCard.load(out / "README.md").text
-    assert "6 species" in card and "169 species" not in card and "official split" in card
+    assert "recognition (6 species)" in card and "(169 species)" not in card and "official split" in card
+    assert "It ranks all 169 species of its taxonomy, but saw images of these 6 only." in card
     assert "`tiny-clip`, a randomly initialised test model (not a pretrained model)" in card
     assert "pipeline check" in card
     assert re.findall(r"https?://\S+", card) == []  # no placeholder links, no link to a non-model
