@@ -33,7 +33,7 @@ demo-data: setup  ## (re)make the synthetic demo download and prepare it into $(
 
 demo: demo-data  ## offline tour: data -> baselines -> LoRA training -> predict -> benchmark table with the adapter (< 5 min)
 	$(OFFLINE) $(PY) -m mushroomclip.baselines --data $(DEMO)/prepared --split test --output $(DEMO)/results/baselines
-	$(OFFLINE) $(PY) train.py --config configs/tiny.yaml data.path=$(DEMO)/prepared training.output_dir=$(DEMO)/runs/tiny
+	$(OFFLINE) $(PY) train.py --config configs/tiny.yaml data.path=$(DEMO)/prepared training.output_dir=$(DEMO)/runs/tiny --overwrite
 	@$(PY) -c "import glob, shutil; f = sorted(glob.glob('$(DEMO)/prepared/test/*/*.jpg')); \
 	[shutil.copy(p, '$(DEMO)/sample%d.jpg' % i) for i, p in enumerate([f[0], f[len(f) // 2]])]"
 	$(OFFLINE) $(PY) predict.py $(DEMO)/sample0.jpg $(DEMO)/sample1.jpg --adapter $(DEMO)/runs/tiny --top-k 3

@@ -4,13 +4,22 @@
 accelerate launch train.py --config configs/lora_b32.yaml
 accelerate launch train.py --config configs/lora_b32.yaml training.lr=1e-4 lora.r=8
 python train.py --config configs/tiny.yaml                    (offline CPU smoke run)
+
+Exit status: 0 trained (and pushed, with hub.push), 2 an error before or during training (one line; nothing
+is written from a failed run), 3 trained and saved but the Hub push failed (the retry command is printed).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
+
+
+def log_line(message: str) -> None:
+    """One write per line: the ranks of a multi-process run share one pipe, and print() writes the text and
+    its newline separately, so two ranks' lines could run together."""
+    sys.stdout.write(f"{message}\n")
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,24 +29,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint (same as training.resume=true)"
     )
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output_dir that holds a run: deletes its results and checkpoints "
+                   "(same as training.overwrite=true)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.lr=1e-4")
     args = p.parse_args(argv)
 
     from mushroomclip.config import ConfigError, load_train_config
     from mushroomclip.lora import AdapterError
     from mushroomclip.models import ModelLoadError
+    from mushroomclip.runs import DataReadError, RunFolderError, TrainingDivergedError
     from mushroomclip.taxonomy import TaxonomyError
 
+    flags = [
+        *(["training.resume=true"] if args.resume else []),
+        *(["training.overwrite=true"] if args.overwrite else []),
+    ]
     try:
-        cfg = load_train_config(args.config, [*args.overrides, *(["training.resume=true"] if args.resume else [])])
+        cfg = load_train_config(args.config, [*args.overrides, *flags])
         from mushroomclip.distributed import spawn_cpu_ranks, unstarted_cpu_ranks
 
         if ranks := unstarted_cpu_ranks():  # `accelerate launch --cpu --num_processes N` started only this one
             return spawn_cpu_ranks(ranks, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
         from mushroomclip.trainer import run_training
 
-        run_training(cfg, log=functools.partial(print, flush=True))  # whole lines: ranks share one pipe
-    except (ConfigError, ModelLoadError, AdapterError, TaxonomyError, FileNotFoundError) as err:
+        result = run_training(cfg, log=log_line)
+    except (ConfigError, ModelLoadError, AdapterError, TaxonomyError, FileNotFoundError, RunFolderError,
+            TrainingDivergedError, DataReadError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr, flush=True)
         from mushroomclip.distributed import launcher_repeats_failures
 
@@ -45,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             print("(accelerate launch reports this exit status again as a CalledProcessError traceback below; "
                   "`accelerate launch -q ...` leaves only the error above)", file=sys.stderr)  # fmt: skip
         return 2
+    if result["push_error"]:
+        print(f"error: {result['push_error']}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -89,7 +90,7 @@ class DataConfig:
     train_template: str = "a photo of {}."  # one prompt per class, encoded every step
     eval_templates: str = "single"  # template set of the zero-shot head at evaluation
     num_workers: int = 4
-    taxonomy: str | None = None
+    taxonomy: str | None = None  # a table with the prepared folder's species (e.g. other common names)
 
 
 @dataclass
@@ -116,7 +117,8 @@ class TrainingConfig:
     save_total_limit: int = 3
     logging_steps: int = 10
     report_to: str = "none"  # none | wandb | tensorboard
-    resume: bool = False
+    resume: bool = False  # continue the run in output_dir from its last checkpoint (same config)
+    overwrite: bool = False  # start over in an output_dir that holds a run: deletes its results and checkpoints
     test_after: bool = True  # evaluate the best adapter on the test split at the end
 
 
@@ -186,6 +188,42 @@ def _apply(config: TrainConfig, values: dict, source: str) -> None:
             setattr(target, key, _coerce(value, getattr(type(target)(), key), f"{section}.{key}"))
 
 
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    """Values a run cannot use, each a ConfigError naming the key, before any model or data is loaded."""
+    t, lora = config.training, config.lora
+    checks = [
+        ("training.batch_size", t.batch_size, t.batch_size >= 1, "at least 1"),
+        ("training.eval_batch_size", t.eval_batch_size, t.eval_batch_size >= 1, "at least 1"),
+        ("training.grad_accum", t.grad_accum, t.grad_accum >= 1, "at least 1"),
+        ("training.lr", t.lr, math.isfinite(t.lr) and t.lr > 0, "a positive number, e.g. 5e-4"),
+        ("training.epochs", t.epochs, t.max_steps > 0 or (math.isfinite(t.epochs) and t.epochs > 0),
+         "positive (or set training.max_steps)"),
+        ("training.warmup_ratio", t.warmup_ratio, 0 <= t.warmup_ratio < 1, "in [0, 1)"),
+        ("training.weight_decay", t.weight_decay, t.weight_decay >= 0, "0 or more"),
+        ("training.eval_steps", t.eval_steps, t.eval_steps >= 0, "0 (every epoch) or more"),
+        ("training.save_steps", t.save_steps, t.save_steps >= 0, "0 (with every evaluation) or more"),
+        ("training.save_total_limit", t.save_total_limit, t.save_total_limit >= 1, "at least 1"),
+        ("training.logging_steps", t.logging_steps, t.logging_steps >= 1, "at least 1"),
+        ("training.seed", t.seed, t.seed >= 0, "0 or more"),
+        ("lora.r", lora.r, lora.r >= 1, "at least 1, e.g. 16"),
+        ("lora.alpha", lora.alpha, lora.alpha > 0, "positive, e.g. 2 * lora.r"),
+        ("lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "in [0, 1)"),
+        ("data.num_workers", config.data.num_workers, config.data.num_workers >= 0, "0 (load in the main process) or more"),
+    ]  # fmt: skip
+    for key, value, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    unknown = [m for m in lora.target_modules if m not in LORA_MODULES]
+    if unknown or not lora.target_modules:
+        raise ConfigError(f"lora.target_modules must be a non-empty list of {', '.join(LORA_MODULES)}, "
+                          f"got {lora.target_modules}")  # fmt: skip
+    if t.resume and t.overwrite:
+        raise ConfigError("--resume continues the run in training.output_dir and --overwrite deletes it: choose one")
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML), validated."""
     config = TrainConfig()
@@ -218,6 +256,10 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
 
     if reporter != "none" and importlib.util.find_spec(reporter) is None:
         raise ConfigError(f"training.report_to={reporter} needs the {reporter} package: pip install {reporter}")
+    _check_ranges(config)
+    if config.data.taxonomy is not None and not Path(config.data.taxonomy).is_file():
+        raise ConfigError(f"data.taxonomy {config.data.taxonomy} does not exist (a CSV like the prepared folder's "
+                          "taxonomy.csv; leave it unset to use that one)")  # fmt: skip
     if config.hub.push and not config.hub.repo_id:
         raise ConfigError("hub.push is true but hub.repo_id is not set (e.g. hub.repo_id=USER/mushroomclip-lora-b32)")
     return config

@@ -1,4 +1,4 @@
-"""Figures saved beside metrics: the confusion matrix (taxonomic order) and rank-level accuracy."""
+"""Figures saved beside metrics: the confusion matrix (taxonomic order), rank-level accuracy, a run's loss curve."""
 
 from __future__ import annotations
 
@@ -54,6 +54,26 @@ def save_rank_accuracy_png(metrics: dict, path: str | Path, title: str = "") -> 
     ax.set_ylim(0, 105)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "accuracy by taxonomic rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_loss_curve(train: list, evals: list, path: str | Path) -> Path:
+    """Training loss and validation mIoU against the step, for a run folder."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if evals:
+        twin = ax.twinx()
+        twin.plot(*zip(*evals), "o-", color="#bc4749", label="validation mIoU")
+        twin.set_ylabel("validation mIoU")
+        twin.set_ylim(0, 1)
+    fig.legend(loc="upper center", bbox_to_anchor=(0.45, 0.93), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

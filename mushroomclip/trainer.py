@@ -15,20 +15,36 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from mushroomclip.augment import background_workers, normalize, pixel_stats, train_images
 from mushroomclip.config import TrainConfig
 from mushroomclip.losses import class_text_loss, clip_loss, multi_positive_loss
 from mushroomclip.metrics import classification_metrics
 from mushroomclip.prompts import class_prompts
+from mushroomclip.runs import (
+    CHECKPOINT_CONFIG,
+    UNTRAINED_METRICS,
+    TrainingDivergedError,
+    history_from_log,
+    last_complete_checkpoint,
+    metrics_summary,
+    publish,
+    save_json,
+    write_run_folder,
+)
 
 
 class ContrastiveTrainer(Trainer):
     """Trainer whose loss is one of :mod:`mushroomclip.losses` and whose evaluation is zero-shot."""
 
-    def __init__(self, *args, class_input_ids: torch.Tensor, loss_name: str, evaluator, pixel_stats=None, **kwargs):
+    def __init__(self, *args, class_input_ids: torch.Tensor, loss_name: str, evaluator, pixel_stats=None,
+                 run_config: dict | None = None, **kwargs):  # fmt: skip
+        if kwargs.get("train_dataset") is not None:  # drawn through SeededDrawSampler: see _get_train_sampler
+            kwargs["train_dataset"] = SeededDraws(kwargs["train_dataset"])
         super().__init__(*args, **kwargs)
+        self.run_config = run_config  # saved in every checkpoint: --resume checks it is the same run
+        self.untrained: dict | None = None  # the evaluation before training, also saved in every checkpoint
         self.class_input_ids = class_input_ids
         # uint8 batches (mushroomclip.augment) are normalised here, on the device, with the model's mean/std.
         self.pixel_mean, self.pixel_std = (torch.tensor(v) for v in pixel_stats) if pixel_stats else (None, None)
@@ -40,6 +56,8 @@ class ContrastiveTrainer(Trainer):
             p.requires_grad for n, p in self.model.named_parameters() if "text_model" in n or "text_projection" in n
         )
         self._class_text_embeds = None
+        self._seeded_step, self._micro_step = -1, 0
+        self._non_finite: str | None = None  # what went NaN/inf in the current step
         # Our losses are per-batch means: let Trainer divide by the accumulation steps, and never
         # rescale by token counts (CLIPModel.forward takes **kwargs, which would suggest otherwise).
         self.model_accepts_loss_kwargs = False
@@ -77,6 +95,41 @@ class ContrastiveTrainer(Trainer):
             loss = multi_positive_loss(image, text, labels, scale)
         return (loss, out) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Dropout draws from the global RNG, which evaluation and prefetching also consume: reseeded from the
+        # step, the draws of every step are the same whether the run was resumed or not.
+        if self.state.global_step != self._seeded_step:
+            self._seeded_step, self._micro_step = self.state.global_step, 0
+        torch.manual_seed(draw_seed(self.args.seed, self.args.process_index, self.state.global_step, self._micro_step))
+        self._micro_step += 1
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._non_finite is None and not torch.isfinite(loss):  # Trainer itself syncs on this test every step
+            self._non_finite = f"the loss is {loss.item()}"
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The step's gradient norm; a non-finite loss or norm stops the run before the optimizer step.
+
+        (Under fp16 the loss scaler skips steps with overflowing gradients by design: only the loss counts.)
+        """
+        norm = super()._get_grad_norm(model, grad_norm)
+        if self._non_finite is None and norm is not None and not self.args.fp16 and not math.isfinite(norm):
+            self._non_finite = f"the gradient norm is {norm}"
+        if self._non_finite is not None:
+            raise TrainingDivergedError(divergence_message(self._non_finite, self.state.global_step + 1,
+                                                           self.args.learning_rate, Path(self.args.output_dir)))  # fmt: skip
+        return norm
+
+    def _get_train_sampler(self, train_dataset=None):
+        self.train_sampler = SeededDrawSampler(
+            len(self.train_dataset if train_dataset is None else train_dataset), self.args.data_seed
+        )
+        return self.train_sampler
+
+    def _run_epoch(self, *args, epoch: int, **kwargs):
+        self.train_sampler.set_epoch(epoch)  # also where accelerate's wrappers (resume under DDP) do not reach it
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
+
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
         # Trainer's worker seeding first, then a lower CPU priority for decoding than for this process.
@@ -93,6 +146,12 @@ class ContrastiveTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        if self.run_config is not None:
+            import yaml
+
+            Path(output_dir, CHECKPOINT_CONFIG).write_text(yaml.safe_dump(self.run_config, sort_keys=False))
+        if self.untrained is not None:
+            save_json(Path(output_dir, UNTRAINED_METRICS), self.untrained)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics, _ = self.evaluator(self.model, eval_dataset if eval_dataset is not None else self.eval_dataset)
@@ -102,6 +161,50 @@ class ContrastiveTrainer(Trainer):
         self.log(scalars)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, scalars)
         return scalars
+
+
+def draw_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of ``keys`` (run seed, epoch, position, ...)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
+class SeededDrawSampler(torch.utils.data.Sampler):
+    """Shuffles each epoch from ``(seed, epoch)`` and gives every draw its own augmentation seed.
+
+    Yields ``(index, seed)`` for :class:`SeededDraws`: data order and augmentation are then functions of
+    the seed, the epoch and the position alone, not of whatever consumed the RNG before (evaluation,
+    prefetching, worker start-up), so a resumed run sees exactly the batches of an uninterrupted one.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order, seeds = rng.permutation(self.size), rng.integers(0, 2**63 - 1, size=self.size)
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+
+class SeededDraws(torch.utils.data.Dataset):
+    """``dataset[index]`` under ``torch.manual_seed(seed)`` for ``(index, seed)`` keys; the caller's RNG is untouched."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 class ZeroShotEvaluator:
@@ -138,18 +241,11 @@ class ZeroShotEvaluator:
         return classification_metrics(labels, scores, len(self.taxonomy), taxonomy=self.taxonomy), scores
 
 
-class LossHistory(TrainerCallback):
-    """Keeps (step, loss) and (step, eval mIoU) for the loss-curve plot."""
-
-    def __init__(self):
-        self.train, self.eval = [], []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" in logs:
-            self.train.append((state.global_step, logs["loss"]))
-        if "eval_miou" in logs:
-            self.eval.append((state.global_step, logs["eval_miou"]))
+def divergence_message(what: str, step: int, lr: float, checkpoints: Path) -> str:
+    kept = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    where = f"the checkpoints before it (up to {kept[-1]}) are kept" if kept else "there is no checkpoint"
+    return (f"training diverged at step {step}: {what}. No adapter, card or metrics were written; {where}. "
+            f"Lower training.lr (now {lr:g}) or raise training.warmup_ratio")  # fmt: skip
 
 
 def on_cpu() -> bool:
@@ -228,16 +324,16 @@ def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def run_summary(cfg: TrainConfig, history: LossHistory, best: dict, test: dict | None, precision: str) -> str:
+def run_summary(cfg: TrainConfig, train_losses: list, best: dict, test: dict | None, precision: str) -> str:
     def pct(m, k):
         return "n/a" if not m or m.get(k) is None else f"{100 * m[k]:.1f}"
 
     lines = [
         f"run {cfg.training.output_dir}: {cfg.model.base} + LoRA r={cfg.lora.r}, loss {cfg.loss.name}, {precision}"
     ]
-    if history.train:
+    if train_losses:
         lines.append(
-            f"train loss {history.train[0][1]:.3f} -> {history.train[-1][1]:.3f} over {history.train[-1][0]} steps"
+            f"train loss {train_losses[0][1]:.3f} -> {train_losses[-1][1]:.3f} over {train_losses[-1][0]} steps"
         )
     lines.append(f"best validation mIoU {pct(best, 'miou')} (OA {pct(best, 'oa')}, mF1 {pct(best, 'mf1')})")
     if test:
@@ -247,70 +343,64 @@ def run_summary(cfg: TrainConfig, history: LossHistory, best: dict, test: dict |
     return "\n".join(lines)
 
 
-def save_json(path: Path, value) -> None:
-    from mushroomclip.metrics import to_jsonable
+def run_taxonomy(data_path: str, taxonomy_file: str | None):
+    """The prepared folder's table, or ``data.taxonomy`` when it lists the same species (the label ids index it)."""
+    from mushroomclip.config import ConfigError
+    from mushroomclip.data import prepared_taxonomy
+    from mushroomclip.taxonomy import load_taxonomy
 
-    path.write_text(json.dumps(to_jsonable(value), indent=2))
-
-
-def _plot_losses(history: LossHistory, path: Path) -> None:
-    from mushroomclip.plots import _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if history.train:
-        ax.plot(*zip(*history.train), label="train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if history.eval:
-        twin = ax.twinx()
-        twin.plot(*zip(*history.eval), "o-", color="#bc4749", label="validation mIoU")
-        twin.set_ylabel("validation mIoU")
-        twin.set_ylim(0, 1)
-    fig.legend(loc="upper center", bbox_to_anchor=(0.45, 0.93), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    taxonomy = prepared_taxonomy(data_path)
+    if taxonomy_file is None:
+        return taxonomy
+    override = load_taxonomy(taxonomy_file)
+    if override.classes != taxonomy.classes:
+        raise ConfigError(f"data.taxonomy {taxonomy_file} lists other species than {data_path}/taxonomy.csv, which the "
+                          "prepared label ids index; prepare the data again with --taxonomy instead")  # fmt: skip
+    return override
 
 
-def last_complete_checkpoint(folder: Path, log=print) -> str | None:
-    """The newest checkpoint that was fully written; interrupted ones are removed (by rank 0).
-
-    Trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save, and
-    resuming from it (what ``get_last_checkpoint`` would pick) would crash.
-    """
-    import shutil
-
-    if not folder.is_dir():
-        return None
-    complete = []
-    for path in folder.glob("checkpoint-*"):
-        if (path / "trainer_state.json").is_file():
-            complete.append(path)
-        elif int(os.environ.get("RANK", "0")) == 0:
-            log(f"removing {path}: interrupted while it was being saved")
-            shutil.rmtree(path, ignore_errors=True)
-    return str(max(complete, key=lambda p: int(p.name.split("-")[1]))) if complete else None
+def non_finite_weights(model) -> list[str]:
+    """Names of trainable parameters holding a NaN or an infinity."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
 
 
 def run_training(cfg: TrainConfig, log=print) -> dict:
-    """Train, pick the best checkpoint on validation mIoU, test it, and write the run folder (rank 0)."""
-    import yaml
+    """Train, pick the best checkpoint on validation mIoU, test it, and write the run folder (rank 0).
+
+    The folder is checked first (:func:`mushroomclip.runs.check_run_folder`); a run that fails leaves no
+    empty folder behind, and an image that cannot be read any more is one :class:`DataReadError`.
+    """
+    from mushroomclip.runs import CHECKPOINTS, DataReadError, check_run_folder, remove_empty_dirs, unreadable_image
+
+    run_dir = Path(cfg.training.output_dir)
+    created = not run_dir.exists()
+    check_run_folder(run_dir, cfg.to_dict(), cfg.training.resume, cfg.training.overwrite)
+    try:
+        return _train(cfg, run_dir, log)
+    except BaseException as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            remove_empty_dirs(run_dir if created else run_dir / CHECKPOINTS)
+        if (message := unreadable_image(err)) is not None:
+            raise DataReadError(message) from None
+        raise
+
+
+def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     from transformers import set_seed
 
-    from mushroomclip.data import load_splits, prepared_taxonomy
-    from mushroomclip.hub import model_card, push_run
-    from mushroomclip.lora import CLASSES_FILE, add_lora, backbone_name, classes_record
+    from mushroomclip.data import load_splits
+    from mushroomclip.lora import add_lora, backbone_name
     from mushroomclip.models import load_backbone
-    from mushroomclip.plots import save_confusion_png
     from mushroomclip.prompts import templates_for
-    from mushroomclip.provenance import run_provenance
+    from mushroomclip.runs import clear_run_outputs
 
-    # The base model first: without network this is the error a user should see, before any data work.
+    # 1. The base model first: without network this is the error a user should see, before any data work.
     backbone = load_backbone(backbone_name(cfg.model.base), random_weights=cfg.model.random_weights)
-    set_seed(cfg.training.seed)  # LoRA initialisation, augmentation and data order follow the run's seed
-    taxonomy = prepared_taxonomy(cfg.data.path)
+    set_seed(cfg.training.seed)  # LoRA initialisation follows the run's seed
+    # 2. Data: the prepared splits and the table their label ids index.
+    taxonomy = run_taxonomy(cfg.data.path, cfg.data.taxonomy)
     splits = load_splits(cfg.data.path)
+    # 3. LoRA on the base model, the trainer and the zero-shot evaluator.
     lora = cfg.lora
     model = add_lora(
         backbone.model, lora.r, lora.alpha, lora.dropout, lora.towers, lora.target_modules, lora.train_logit_scale
@@ -319,7 +409,6 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     backbone.model = model
     class_ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, cfg.data.text_type, [cfg.data.train_template])])
     train = train_images(splits["train"], backbone.preprocess)  # uint8, normalised on the device
-    run_dir = Path(cfg.training.output_dir)
     checkpoints = run_dir / "checkpoints"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch = math.ceil(len(train) / (cfg.training.batch_size * world * cfg.training.grad_accum))
@@ -328,65 +417,46 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     templates = templates_for(cfg.data.eval_templates)
     evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates, cfg.training.eval_batch_size,
                                   cfg.data.num_workers, precision)  # fmt: skip
-    history = LossHistory()
     trainer = ContrastiveTrainer(
         model=model, args=args, train_dataset=train,
-        eval_dataset=splits["validation"], data_collator=collate, callbacks=[history],
+        eval_dataset=splits["validation"], data_collator=collate,
         class_input_ids=class_ids, loss_name=cfg.loss.name, evaluator=evaluator,
-        pixel_stats=pixel_stats(backbone.preprocess),
+        pixel_stats=pixel_stats(backbone.preprocess), run_config=cfg.to_dict(),
     )  # fmt: skip
+    # 4. Train (continuing the last checkpoint on --resume; --overwrite clears the earlier run only now,
+    # once model and data have loaded).
     resume = last_complete_checkpoint(checkpoints, log) if cfg.training.resume else None
     if cfg.training.resume and resume is None:
         log(f"training.resume: no checkpoint in {checkpoints}, starting from scratch")
-    baseline_val, _ = (None, None) if resume else evaluator(model, splits["validation"])
-    baseline_test, _ = evaluator(model, splits["test"]) if (cfg.training.test_after and not resume) else (None, None)
+    if resume:  # the evaluation before training is that of the run's first start
+        saved = Path(resume, UNTRAINED_METRICS)
+        untrained = json.loads(saved.read_text()) if saved.is_file() else {}
+        baseline_val, baseline_test = untrained.get("validation"), untrained.get("test")
+    else:
+        baseline_val, _ = evaluator(model, splits["validation"])
+        baseline_test, _ = evaluator(model, splits["test"]) if cfg.training.test_after else (None, None)
+    trainer.untrained = {"validation": metrics_summary(baseline_val), "test": metrics_summary(baseline_test)}
+    if cfg.training.overwrite and trainer.is_world_process_zero():
+        clear_run_outputs(run_dir, log)
     trainer.train(resume_from_checkpoint=resume)
+    if bad := non_finite_weights(trainer.model):
+        raise TrainingDivergedError(f"{len(bad)} trained weights are NaN or infinite (e.g. {bad[0]}); nothing was "
+                                    f"written. Lower training.lr (now {cfg.training.lr:g})")  # fmt: skip
+    # 5. Evaluate the best checkpoint (loaded back by Trainer) on validation and test.
     best, _ = evaluator(trainer.model, splits["validation"])
-    test, test_scores = evaluator(trainer.model, splits["test"]) if cfg.training.test_after else (None, None)
+    test, _ = evaluator(trainer.model, splits["test"]) if cfg.training.test_after else (None, None)
     lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
     log(f"[rank {trainer.args.process_index}] step {trainer.state.global_step} lora-checksum {lora_sum:.8f} "
         f"val-miou {best['miou']:.6f}")  # fmt: skip
     result = {"validation_best": best, "test": test, "validation_untrained": baseline_val, "test_untrained": baseline_test,
               "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
-              "model": trainer.model}  # fmt: skip
+              "model": trainer.model, "push_error": None}  # fmt: skip
+    # 6. Write the run folder (rank 0), then publish it if asked.
     if trainer.is_world_process_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(str(run_dir), save_embedding_layers=False)  # LoRA never touches them
-        scale = trainer.model.get_base_model().logit_scale.exp().item() if lora.train_logit_scale else None
-        save_json(
-            run_dir / CLASSES_FILE, classes_record(taxonomy, cfg.data.text_type, templates, cfg.model.base, scale)
-        )
-        (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        keep = (
-            "oa",
-            "top5",
-            "balanced_acc",
-            "mf1",
-            "miou",
-            "rank_accuracy",
-            "mistake_severity",
-            "dangerous_as_edible",
-            "deadly_recall",
-        )
-        record = {name: ({k: m.get(k) for k in keep} if m else None) for name, m in
-                  (("validation_best", best), ("test", test), ("validation_untrained", baseline_val), ("test_untrained", baseline_test))}  # fmt: skip
-        record |= {
-            "global_step": trainer.state.global_step,
-            "precision": precision,
-            "processes": trainer.args.world_size,
-            "loss_history": history.train,
-            "eval_history": history.eval,
-        }
-        save_json(run_dir / "metrics.json", record | run_provenance(cfg.to_dict(), cfg.training.seed))
-        _plot_losses(history, run_dir / "loss_curve.png")
-        if test is not None:
-            save_confusion_png(
-                test["confusion"], taxonomy, run_dir / "confusion.png", title=f"{run_dir.name} test confusion"
-            )
-        model_card(run_dir).save(run_dir / "README.md")
-        log(run_summary(cfg, history, best, test, precision))
+        trained_species = sorted({taxonomy.classes[i] for i in splits["train"]["label"]})
+        images = {name: len(split) for name, split in splits.items()}
+        write_run_folder(run_dir, cfg, result, trainer, taxonomy, templates, precision, trained_species, images)
+        log(run_summary(cfg, history_from_log(trainer.state.log_history)[0], best, test, precision))
         if cfg.hub.push:
-            url = push_run(run_dir, cfg.hub.repo_id, private=cfg.hub.private)
-            log(f"pushed to {url}")
+            result["push_error"] = publish(run_dir, cfg.hub.repo_id, cfg.hub.private, log)
     return result

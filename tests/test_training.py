@@ -51,7 +51,7 @@ def test_training_clearly_beats_the_untrained_model(trained):
 def test_run_folder_has_every_documented_file(trained):
     cfg, out, _, _ = trained
     for name in ("adapter_config.json", "adapter_model.safetensors", "classes.json", "config.yaml", "metrics.json",
-                 "loss_curve.png", "confusion.png", "README.md", "taxonomy.csv"):  # fmt: skip
+                 "loss_curve.png", "confusion.png", "README.md", "taxonomy.csv", "data.json"):  # fmt: skip
         assert (out / name).is_file(), name
     classes = json.loads((out / "classes.json").read_text())
     assert len(classes["species"]) == 169 and classes["text_type"] == "sci" and classes["base_model"] == "tiny-clip"
@@ -118,12 +118,57 @@ def test_push_uploads_the_expected_files_and_the_card_parses(trained):
     assert api.calls[0][2]["private"] is True
     uploaded = set(api.calls[1][1]["allow_patterns"])
     assert {"adapter_config.json", "adapter_model.safetensors", "classes.json", "README.md"} <= uploaded
+    assert "data.json" in uploaded
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model == "tiny-clip" and card.data.library_name == "peft"
+    assert card.data.base_model is None and card.data.library_name == "peft"  # tiny-clip is no Hub model
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     test = json.loads((out / "metrics.json").read_text())["test"]
     assert results["miou"] == pytest.approx(test["miou"], abs=1e-4) and set(results) == {"oa", "top5", "mf1", "miou"}
-    assert "zero-shot (before LoRA)" in card.text and "PeftModel.from_pretrained" in card.text
+    assert "zero-shot (before LoRA)" in card.text and "load_classifier" in card.text
+
+
+def test_run_records_the_data_it_actually_used(trained, prepared):
+    _, out, _, _ = trained
+    report = prepared[1]
+    data = json.loads((out / "data.json").read_text())
+    assert data["num_species"] == report["classes"]["train"] == 6 and data["split"] == "official"
+    assert data["images"] == report["images"] and data["source"] == report["source"]
+    assert data["report"]["skipped"] == report["skipped"]
+    classes = json.loads((out / "classes.json").read_text())
+    trained_on = sorted({p.parent.name for p in (prepared[0] / "train").rglob("*.jpg")})
+    assert classes["trained_species"] == trained_on and len(classes["species"]) == 169
+
+
+def test_card_describes_the_run_actually_made_and_links_only_real_models(trained, tmp_path):
+    import re
+    import shutil
+
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from mushroomclip.hub import model_card
+
+    _, out, _, _ = trained
+    card = ModelCard.load(out / "README.md").text
+    assert "recognition (6 species)" in card and "(169 species)" not in card and "official split" in card
+    assert "It ranks all 169 species of its taxonomy, but saw images of these 6 only." in card
+    assert "`tiny-clip`, a randomly initialised test model (not a pretrained model)" in card
+    assert "pipeline check" in card
+    assert re.findall(r"https?://\S+", card) == []  # no placeholder links, no link to a non-model
+    assert "PeftModel.from_pretrained" not in card and 'from_pretrained("tiny-clip")' not in card
+
+    real = Path(shutil.copytree(out, tmp_path / "real", ignore=shutil.ignore_patterns("checkpoints")))
+    config = yaml.safe_load((real / "config.yaml").read_text())
+    config["model"]["base"] = "openai/clip-vit-base-patch32"
+    (real / "config.yaml").write_text(yaml.safe_dump(config))
+    card = model_card(real)
+    assert card.data.base_model == "openai/clip-vit-base-patch32" and "random" not in card.text
+    assert re.findall(r"https?://[^\s)]+", card.text) == ["https://huggingface.co/openai/clip-vit-base-patch32"]
+    assert 'CLIPModel.from_pretrained("openai/clip-vit-base-patch32")' in card.text
+    config["model"]["base"] = str(out)  # a local folder: no link, no base_model
+    (real / "config.yaml").write_text(yaml.safe_dump(config))
+    card = model_card(real)
+    assert card.data.base_model is None and "https://" not in card.text and "PeftModel" not in card.text
 
 
 def test_token_never_appears_in_any_output(trained):
@@ -198,18 +243,53 @@ def test_shipped_configs_are_valid():
     assert load_train_config(ROOT / "configs/lora_b32.yaml").model.base == "openai/clip-vit-base-patch32"
 
 
+RESUME_STEPS = {"training.max_steps": 30, "training.eval_steps": 10, "training.save_total_limit": 10,
+                "training.test_after": False}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, tmp_path_factory):
+    """The 30-step run that the resume tests must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    run_training(load_train_config(ROOT / "configs/tiny.yaml", tiny_overrides(prepared[0], out, **RESUME_STEPS)),
+                 log=lambda *a: None)  # fmt: skip
+    return out
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Same final adapter, bit for bit, the same loss and validation history from step 1, and the evaluation
+    before training of the first start."""
+    from safetensors.torch import load_file
+
+    got, expected = (load_file(d / "adapter_model.safetensors") for d in (out, reference))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    metrics, reference_metrics = (json.loads((d / "metrics.json").read_text()) for d in (out, reference))
+    assert metrics["loss_history"] == reference_metrics["loss_history"] and metrics["loss_history"][0][0] == 5
+    assert metrics["eval_history"] == reference_metrics["eval_history"] and len(metrics["eval_history"]) == 3
+    assert metrics["validation_untrained"] == reference_metrics["validation_untrained"] is not None  # first start's
+
+
+def test_resume_from_a_copied_checkpoint_ends_exactly_like_the_uninterrupted_run(prepared, uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted / "checkpoints" / "checkpoint-10", out / "checkpoints" / "checkpoint-10")
+    cfg = load_train_config(ROOT / "configs/tiny.yaml", tiny_overrides(prepared[0], out, **RESUME_STEPS))
+    cfg.training.resume = True
+    assert run_training(cfg, log=lambda *a: None)["global_step"] == 30
+    assert_same_run(out, uninterrupted)
+
+
 def _train_cmd(*args):
     return [sys.executable, "train.py", "--config", "configs/tiny.yaml", *args]
 
 
-def test_resume_after_a_killed_run_finishes_with_the_same_step_count(prepared, tmp_path):
+def test_resume_after_a_killed_run_continues_the_same_run(prepared, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    args = tiny_overrides(
-        prepared[0], out, **{"training.max_steps": 60, "training.eval_steps": 10, "training.save_total_limit": 10}
-    )
+    args = tiny_overrides(prepared[0], out, **RESUME_STEPS)
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(_train_cmd(*args), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out / "checkpoints" / "checkpoint-20"
+    first = out / "checkpoints" / "checkpoint-10"
     deadline = time.monotonic() + 240
     while not (first / "trainer_state.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)  # waiting for a condition, not for time
@@ -217,7 +297,7 @@ def test_resume_after_a_killed_run_finishes_with_the_same_step_count(prepared, t
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     complete = {p.name for p in (out / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()}
-    assert "checkpoint-20" in complete and not (out / "metrics.json").exists()
+    assert "checkpoint-10" in complete and not (out / "metrics.json").exists()
     torn = out / "checkpoints" / "checkpoint-999"  # as if killed while saving: files but no trainer_state.json
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes(b"partial")
@@ -225,12 +305,10 @@ def test_resume_after_a_killed_run_finishes_with_the_same_step_count(prepared, t
     assert result.returncode == 0, result.stderr[-2000:]
     assert "removing" in result.stdout and not torn.exists()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["global_step"] == 60
-    assert metrics["validation_untrained"] is None  # it continued; it did not start over
+    assert metrics["global_step"] == 30
     after = {p.name for p in (out / "checkpoints").glob("checkpoint-*")}
-    assert complete <= after and "checkpoint-60" in after  # no checkpoint lost
-    state = json.loads((out / "checkpoints" / "checkpoint-60" / "trainer_state.json").read_text())
-    assert state["global_step"] == 60 and any(e.get("step") == 10 for e in state["log_history"])  # history kept
+    assert complete <= after and "checkpoint-30" in after  # no checkpoint lost
+    assert_same_run(out, uninterrupted)
 
 
 def test_two_process_gloo_run_agrees_and_only_rank_zero_writes(prepared, tmp_path):

@@ -1,0 +1,230 @@
+"""A training run's folder: what training writes there, when it may write, and what the data was.
+
+A folder holds one run. Training refuses a folder that holds a finished run unless it is explicitly
+started over (``--overwrite``, which removes only the files training writes), and one with the
+checkpoints of an unfinished run unless it is continued (``--resume``, same config) or started over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from mushroomclip.config import TrainConfig
+
+# Everything training writes at the top of a run folder (checkpoints/ aside); hub.UPLOAD is a subset.
+OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "classes.json", "taxonomy.csv", "config.yaml",
+           "data.json", "metrics.json", "README.md", "loss_curve.png", "confusion.png")  # fmt: skip
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_CONFIG = "run_config.yaml"  # the run's resolved config, saved in every checkpoint
+UNTRAINED_METRICS = "untrained_metrics.json"  # the evaluation before training, saved in every checkpoint
+SUMMARY_KEYS = ("oa", "top5", "balanced_acc", "mf1", "miou", "rank_accuracy", "mistake_severity",
+                "dangerous_as_edible", "deadly_recall")  # fmt: skip
+# Keys that change where and how a run is executed or published, not what it computes: they may differ on
+# --resume (a checkpoint copied to another folder continues there).
+EXECUTION_KEYS = {"training": ("output_dir", "resume", "overwrite", "report_to", "eval_batch_size"), "data": ("num_workers",),
+                  "hub": ("push", "repo_id", "private")}  # fmt: skip
+
+
+class RunFolderError(ValueError):
+    """The output folder holds another run, or a run that this command would silently overwrite."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradients became NaN or infinite."""
+
+
+class DataReadError(ValueError):
+    """An image of the prepared data can no longer be read (moved, deleted, truncated after preparation)."""
+
+
+def _comparable(config: dict) -> dict:
+    """``config`` without the keys that may change between a run and its resumption."""
+    return {
+        section: {k: v for k, v in body.items() if k not in EXECUTION_KEYS.get(section, ())}
+        for section, body in config.items()
+    }
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / CHECKPOINTS
+    return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
+
+
+def _recorded_config(checkpoint: Path) -> dict | None:
+    path = checkpoint / CHECKPOINT_CONFIG
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    old, new = _comparable(old), _comparable(new)
+    return [
+        f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
+        for section, body in new.items()
+        for key, value in body.items()
+        if old.get(section, {}).get(key) != value
+    ]
+
+
+def check_run_folder(run_dir: str | Path, config: dict, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder holding a run, unless resuming that same run or told to overwrite it."""
+    run_dir = Path(run_dir)
+    finished = (run_dir / "metrics.json").is_file()
+    checkpoints = _checkpoints(run_dir)
+    if overwrite or not (finished or checkpoints):
+        return
+    if finished:
+        raise RunFolderError(f"{run_dir} holds a finished run; start it over with --overwrite (deletes its "
+                             "checkpoints and results) or set training.output_dir")  # fmt: skip
+    complete = [c for c in checkpoints if (c / "trainer_state.json").is_file()]  # Trainer writes it last
+    where = f"{run_dir} holds a run stopped at {(complete or checkpoints)[-1].name}"
+    if not resume:
+        raise RunFolderError(f"{where}; continue it with --resume, start it over with --overwrite "
+                             "(deletes its checkpoints and results), or set training.output_dir")  # fmt: skip
+    if not complete:
+        return  # only checkpoints cut off while saving: --resume removes them and starts from scratch
+    recorded = _recorded_config(complete[-1])
+    changed = _differences(recorded, config) if recorded is not None else ["its config is not recorded"]
+    if changed:
+        raise RunFolderError(f"{where} with another config ({'; '.join(changed[:3])}); --resume continues only the "
+                             "same run: use --overwrite to start over, or another training.output_dir")  # fmt: skip
+
+
+def clear_run_outputs(run_dir: str | Path, log=print) -> None:
+    """Delete what training wrote into ``run_dir`` (results and checkpoints); any other file stays."""
+    run_dir = Path(run_dir)
+    removed = [run_dir / name for name in OUTPUTS if (run_dir / name).is_file()] + _checkpoints(run_dir)
+    for path in removed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove_empty_dirs(run_dir / CHECKPOINTS)
+    if removed:
+        log(f"--overwrite: removed the earlier run's results and checkpoints from {run_dir}")
+
+
+def remove_empty_dirs(folder: str | Path) -> None:
+    """Remove ``folder`` and its subfolders where they hold no file at all; never a file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def unreadable_image(err: BaseException) -> str | None:
+    """The one-line message of :func:`mushroomclip.augment.decode_rgb` inside ``err``, also when a DataLoader
+    worker raised it (torch then wraps it in the worker's traceback); None for any other error."""
+    if not isinstance(err, ValueError):
+        return None
+    for line in reversed(str(err).splitlines()):
+        message = line.removeprefix("ValueError: ")
+        if message.startswith(("cannot read ", "cannot decode ")):
+            return message
+    return None
+
+
+def describe_data(data_path: str | Path, images: dict[str, int], trained_species: list[str]) -> dict:
+    """``data.json``: the data a run actually used, with the prepared folder's own report where it has one."""
+    report_path = Path(data_path) / "prepare_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    summary = None
+    if report is not None:
+        summary = {k: report.get(k) for k in ("images", "classes", "skipped", "duplicates_removed")}
+    return {
+        "path": str(data_path),
+        "split": report.get("split") if report else None,
+        "source": report.get("source") if report else None,
+        "num_species": len(trained_species),
+        "images": images,
+        "report": summary,
+    }
+
+
+def history_from_log(log_history: list[dict]) -> tuple[list, list]:
+    """``(step, train loss)`` and ``(step, validation mIoU)`` of the whole run, from Trainer's log history
+    (which a checkpoint carries, so a resumed run keeps the history from before the interruption)."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_miou"]) for e in log_history if "eval_miou" in e]
+    return train, evals
+
+
+def last_complete_checkpoint(folder: Path, log=print) -> str | None:
+    """The newest checkpoint that was fully written; interrupted ones are removed (by rank 0).
+
+    Trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save, and
+    resuming from it (what ``get_last_checkpoint`` would pick) would crash.
+    """
+    if not folder.is_dir():
+        return None
+    complete = []
+    for path in folder.glob("checkpoint-*"):
+        if (path / "trainer_state.json").is_file():
+            complete.append(path)
+        elif int(os.environ.get("RANK", "0")) == 0:
+            log(f"removing {path}: interrupted while it was being saved")
+            shutil.rmtree(path, ignore_errors=True)
+    return str(max(complete, key=lambda p: int(p.name.split("-")[1]))) if complete else None
+
+
+def metrics_summary(metrics: dict | None) -> dict | None:
+    """The figures of a metrics dict that metrics.json and the card keep."""
+    return {k: metrics.get(k) for k in SUMMARY_KEYS} if metrics else None
+
+
+def save_json(path: Path, value) -> None:
+    from mushroomclip.metrics import to_jsonable
+
+    path.write_text(json.dumps(to_jsonable(value), indent=2))
+
+
+def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Trainer, taxonomy, templates: list[str],
+                     precision: str, trained_species: list[str], images: dict[str, int]) -> None:  # fmt: skip
+    """Adapter, classes.json, taxonomy, resolved config, data.json, metrics.json, figures and model card."""
+    import yaml
+
+    from mushroomclip.hub import model_card
+    from mushroomclip.lora import CLASSES_FILE, classes_record
+    from mushroomclip.plots import save_confusion_png, save_loss_curve
+    from mushroomclip.provenance import run_provenance
+
+    model = trainer.model
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(run_dir), save_embedding_layers=False)  # LoRA never touches the embeddings
+    scale = model.get_base_model().logit_scale.exp().item() if cfg.lora.train_logit_scale else None
+    record = classes_record(taxonomy, cfg.data.text_type, templates, cfg.model.base, scale)
+    save_json(run_dir / CLASSES_FILE, record | {"trained_species": trained_species})
+    (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    save_json(run_dir / "data.json", describe_data(cfg.data.path, images, trained_species))
+    splits = ("validation_best", "test", "validation_untrained", "test_untrained")
+    record = {name: metrics_summary(result[name]) for name in splits}
+    train_losses, eval_mious = history_from_log(trainer.state.log_history)
+    record |= {"global_step": trainer.state.global_step, "precision": precision, "processes": trainer.args.world_size,
+               "loss_history": train_losses, "eval_history": eval_mious}  # fmt: skip
+    save_json(run_dir / "metrics.json", record | run_provenance(cfg.to_dict(), cfg.training.seed))
+    save_loss_curve(train_losses, eval_mious, run_dir / "loss_curve.png")
+    if result["test"] is not None:
+        title = f"{run_dir.name} test confusion"
+        save_confusion_png(result["test"]["confusion"], taxonomy, run_dir / "confusion.png", title=title)
+    model_card(run_dir).save(run_dir / "README.md")
+
+
+def publish(run_dir: Path, repo_id: str, private: bool, log) -> str | None:
+    """Push a written run; a failed push is reported in one line (returned) and the run stays as it is."""
+    from mushroomclip.hub import PushError, push_run
+
+    try:
+        log(f"pushed to {push_run(run_dir, repo_id, private=private)}")
+    except PushError as err:
+        return str(err)
+    return None
