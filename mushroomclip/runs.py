@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,7 +128,8 @@ def unreadable_image(err: BaseException) -> str | None:
     if not isinstance(err, ValueError):
         return None
     for line in reversed(str(err).splitlines()):
-        message = line.removeprefix("ValueError: ")
+        # the worker's traceback ends with "<module.ErrorClass>: <message>"
+        message = re.sub(r"^[\w.]*Error: ", "", line)
         if message.startswith(("cannot read ", "cannot decode ")):
             return message
     return None
