@@ -26,8 +26,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model shown first: run folder, Hub adapter repo or zero-shot:<backbone>; repeat to list "
                         "more (default: $MUSHROOMCLIP_MODEL, else the first run found, else zero-shot:bioclip)")  # fmt: skip
     p.add_argument("--runs", nargs="*", default=["runs", "demo/runs"], help="folders whose runs the page offers")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)), help="port (0: any free one)")
+    p.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to serve on (0.0.0.0 exposes it to the network; Spaces set GRADIO_SERVER_NAME)",
+    )
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                   help="port (0: the first free one from 7860)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--max-file-size", default="20mb", help="largest upload accepted")
     return p.parse_args(argv)

@@ -93,13 +93,15 @@ def build_app(models: list[str], device: str = "cpu"):
             forget_uploads(paths)
 
     choose = dict(choices=models, allow_custom_value=True)
-    with gr.Blocks(title="MushroomCLIP") as app:
+    # No file_types filter: Gradio would refuse a non-image before our code could delete the uploads; ours
+    # names it instead. delete_cache removes uploads never answered (a page closed before Identify).
+    with gr.Blocks(title="MushroomCLIP", delete_cache=(600, 600)) as app:
         gr.Markdown(f"# MushroomCLIP: which mushroom is this?\n{DISCLAIMER}")
         with gr.Tab("Identify"):
             name = gr.Dropdown(value=models[0], label="Model (run folder, Hub adapter or zero-shot)", **choose)
             with gr.Row():
                 files = gr.File(label="Photos of one find (cap, gills, stem): combined into one answer",
-                                file_count="multiple", file_types=["image"], elem_id="photos")  # fmt: skip
+                                file_count="multiple", elem_id="photos")  # fmt: skip
                 snapshot = gr.Image(label="or paste / take a photo", sources=["clipboard", "webcam"],
                                     type="filepath", image_mode=None)  # fmt: skip
             button = gr.Button("Identify", variant="primary", elem_id="identify")
@@ -109,9 +111,9 @@ def build_app(models: list[str], device: str = "cpu"):
             with gr.Row():
                 left = gr.Dropdown(value=models[0], label="Model A", **choose)
                 right = gr.Dropdown(value=models[-1], label="Model B", **choose)
-            photo = gr.File(label="One photo", file_types=["image"], elem_id="compare-photo")
-            compare = gr.Button("Compare", variant="primary")
+            photo = gr.File(label="One photo", elem_id="compare-photo")
+            compare = gr.Button("Compare", variant="primary", elem_id="compare")
             with gr.Row():
-                out_left, out_right = gr.HTML(), gr.HTML()
+                out_left, out_right = gr.HTML(elem_id="compare-a"), gr.HTML(elem_id="compare-b")
             compare.click(on_compare, [left, right, photo], [out_left, out_right])
     return app

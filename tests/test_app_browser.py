@@ -4,7 +4,6 @@ answer the same classifier gives in-process, warning included, and the upload is
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -61,9 +60,19 @@ def wait_until_served(url: str, proc: subprocess.Popen) -> None:
     pytest.fail(f"app.py did not serve {url} within {WAIT} s")
 
 
+def upload(wait, elem_id: str, *files: Path) -> None:
+    """Give ``files`` to the file input of component ``elem_id`` and wait until the page lists them as uploaded."""
+    from selenium.webdriver.common.by import By
+
+    field = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=file]"))
+    field.send_keys("\n".join(map(str, files)))
+    for file in files:
+        wait.until(lambda d, f=file: d.find_elements(By.CSS_SELECTOR, f'#{elem_id} td.filename[aria-label="{f.name}"]'))
+
+
 def test_browser_upload_shows_the_species_and_the_deadly_warning(adapter, prepared, tmp_path, monkeypatch):
     pytest.importorskip("gradio", reason="pip install '.[app]' (gradio)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install '.[app]' (selenium)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -77,6 +86,8 @@ def test_browser_upload_shows_the_species_and_the_deadly_warning(adapter, prepar
     answers = [(p, identify(classifier, [p], thresholds)[0]) for p in candidates]
     source, expected = next(((p, a) for p, a in answers if a.warning), answers[0])
     photo = Path(shutil.copy(source, tmp_path / "find-to-identify.jpg"))
+    notes = tmp_path / "field-notes.txt"  # uploaded beside the photo: named as unusable, never fatal
+    notes.write_text("cap 8 cm, white gills, volva at the base")
 
     # 2. the app, on a free localhost port, its uploads in a folder of this test
     tmp = tmp_path / "app-tmp"
@@ -98,9 +109,7 @@ def test_browser_upload_shows_the_species_and_the_deadly_warning(adapter, prepar
         driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
         driver.get(url)
         wait = WebDriverWait(driver, WAIT)
-        upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#photos input[type=file]"))
-        upload.send_keys(str(photo))
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#photos td.filename[aria-label="{photo.name}"]'))
+        upload(wait, "photos", photo, notes)
         driver.find_element(By.ID, "identify").click()
         headline = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#answer .mc-headline"))[0]
         page = driver.find_element(By.ID, "answer").text
@@ -111,11 +120,23 @@ def test_browser_upload_shows_the_species_and_the_deadly_warning(adapter, prepar
         # 4. the page says what the classifier says
         assert headline.text == expected.headline
         assert expected.rows[0].species in page
+        assert f"{notes.name}: not usable as a photo" in page
         assert ("never eat on the basis of this app" in page) == (expected.warning is not None)
         if expected.warning:
             assert driver.find_element(By.CSS_SELECTOR, "#answer .mc-warning").text.endswith(expected.warning)
         # 5. nothing uploaded is kept once answered
-        assert not [p for p in tmp.rglob(photo.name)], "the uploaded photo is still on disk"
+        assert not [p for name in (photo.name, notes.name) for p in tmp.rglob(name)], "an upload is still on disk"
+
+        # 6. the compare tab: the adapter beside the tiny zero-shot model, one photo
+        tiny, tiny_thresholds = load_model("zero-shot:tiny-clip")
+        zero_shot = identify(tiny, [photo], tiny_thresholds)[0]
+        driver.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='Compare']").click()
+        upload(wait, "compare-photo", photo)
+        driver.find_element(By.ID, "compare").click()
+        sides = [wait.until(lambda d, side=side: d.find_elements(By.CSS_SELECTOR, f"#{side} .mc-headline"))[0].text
+                 for side in ("compare-a", "compare-b")]  # fmt: skip
+        assert sides == [expected.headline, zero_shot.headline]
+        assert not [p for p in tmp.rglob(photo.name)]
     finally:
         if driver is not None:
             driver.quit()
@@ -126,4 +147,3 @@ def test_browser_upload_shows_the_species_and_the_deadly_warning(adapter, prepar
             proc.kill()
             proc.wait(timeout=20)
         log.close()
-    print(json.dumps({"screenshot": str(tmp_path / "app.png"), "warning": expected.warning}))
