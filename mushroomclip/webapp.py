@@ -7,6 +7,7 @@ only until their answer is computed: :func:`forget_uploads` deletes them then.
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,6 +50,15 @@ def answer_html(result: Answer | None, problems: list[str], model: str) -> str:
     return "".join(parts)
 
 
+def model_answer_html(load: Callable, name: str, paths: list[str]) -> str:
+    """The answer of model ``name`` (loaded by ``load``) to ``paths``; a model that cannot load is a message."""
+    try:
+        classifier, thresholds = load(name)
+    except (ValueError, RuntimeError, OSError) as err:  # e.g. not a run folder, no network for a Hub model
+        return f'<div class="mc-problems">Model {html.escape(name)} cannot be used: {html.escape(str(err))}</div>'
+    return answer_html(*identify(classifier, paths, thresholds), name)
+
+
 def forget_uploads(paths: list[str]) -> None:
     """Delete uploaded files (and their emptied folders) inside Gradio's upload folder; nothing outside it."""
     from gradio.utils import get_upload_folder
@@ -71,12 +81,7 @@ def build_app(models: list[str], device: str = "cpu"):
         return load_model(name, device)
 
     def answer_for(name: str, paths: list[str]) -> str:
-        try:
-            classifier, thresholds = model(name)
-            result, problems = identify(classifier, paths, thresholds)
-        except (ValueError, RuntimeError, OSError) as err:  # an unloadable model: say which and why
-            return f'<div class="mc-problems">Model {html.escape(name)} cannot be used: {html.escape(str(err))}</div>'
-        return answer_html(result, problems, name)
+        return model_answer_html(model, name, paths)
 
     def on_identify(name: str, files: list[str] | None, snapshot: str | None) -> str:
         paths = list(files or []) + ([snapshot] if snapshot else [])

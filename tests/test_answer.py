@@ -159,6 +159,14 @@ def test_a_folder_that_is_not_a_run_is_refused_by_name(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_a_model_that_cannot_load_is_a_message_on_the_page(tmp_path):
+    from mushroomclip.identify import load_model
+    from mushroomclip.webapp import model_answer_html
+
+    page = model_answer_html(load_model, str(tmp_path), [])
+    assert f"Model {tmp_path} cannot be used: {tmp_path} is not a run folder" in page
+
+
 def test_answered_uploads_are_deleted_and_nothing_outside_the_upload_folder(tmp_path, monkeypatch):
     pytest.importorskip("gradio")
     from mushroomclip.webapp import forget_uploads
