@@ -88,10 +88,9 @@ def top_rows(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, k: int =
 
 def genus_probabilities(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy) -> dict[str, float]:
     """Summed probability of each genus over its species among ``classes``."""
-    genera = [taxonomy[c].genus for c in classes]
-    names = sorted(set(genera))
-    sums = np.bincount([names.index(g) for g in genera], weights=np.asarray(probs, dtype=np.float64))
-    return dict(zip(names, sums.tolist()))
+    names, genus_ids = np.unique([taxonomy[c].genus for c in classes], return_inverse=True)
+    sums = np.bincount(genus_ids, weights=np.asarray(probs, dtype=np.float64), minlength=len(names))
+    return dict(zip(names.tolist(), sums.tolist()))
 
 
 def danger_warning(species: list[str], taxonomy: Taxonomy) -> str | None:

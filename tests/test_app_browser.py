@@ -24,6 +24,8 @@ missing = [what for what, ok in (("chromium", Path(CHROMIUM).is_file()), ("chrom
 pytestmark = pytest.mark.skipif(
     bool(missing), reason=f"no {' or '.join(missing)} (apt-get install chromium chromium-driver)"
 )
+pytest.importorskip("gradio", reason="the web app needs gradio: pip install '.[app]'")
+pytest.importorskip("selenium", reason="the browser test needs selenium: pip install selenium")
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,7 @@ def upload(wait, elem_id: str, *files: Path) -> None:
 
 
 def test_browser_upload_shows_the_species_and_the_deadly_warning(adapter, prepared, tmp_path, monkeypatch):
-    pytest.importorskip("gradio", reason="pip install '.[app]' (gradio)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
