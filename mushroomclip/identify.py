@@ -44,7 +44,15 @@ def load_model(name: str, device: str = "cpu") -> tuple[Classifier, Thresholds]:
     if folder.is_dir() and loader is None:
         raise ValueError(f"{name} is not a run folder: it holds none of {', '.join(m for m, _ in RUN_LOADERS)}")
     classifier = (loader or RUN_LOADERS[0][1])(name, device=device)
-    return classifier, run_thresholds(folder if folder.is_dir() else None)
+    return classifier, run_thresholds(folder if folder.is_dir() else _cached_snapshot(name))
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of a Hub run the loader has just fetched (its metrics.json may hold thresholds)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "classes.json")
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def find_runs(folders: list[str | Path]) -> list[str]:

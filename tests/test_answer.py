@@ -159,6 +159,37 @@ def test_a_folder_that_is_not_a_run_is_refused_by_name(tmp_path):
         load_model(str(tmp_path))
 
 
+@pytest.fixture(scope="module")
+def untrained_run(tmp_path_factory):
+    """A LoRA adapter on tiny-clip, saved as the trainer saves one (no training: its answers do not matter)."""
+    from mushroomclip.lora import CLASSES_FILE, add_lora, classes_record
+    from mushroomclip.models import load_backbone
+
+    run, taxonomy = tmp_path_factory.mktemp("runs") / "untrained", load_taxonomy()
+    model = add_lora(load_backbone("tiny-clip").model, 4, 8, 0.0, ["vision"], ["q_proj"], False)
+    model.peft_config["default"].base_model_name_or_path = "tiny-clip"
+    model.save_pretrained(str(run))
+    (run / CLASSES_FILE).write_text(json.dumps(classes_record(taxonomy, "sci", ["a photo of {}."], "tiny-clip", None)))
+    (run / "taxonomy.csv").write_bytes(taxonomy.raw)
+    (run / "metrics.json").write_text(json.dumps({"thresholds": {"species": 0.6, "genus": 0.9}}))
+    return run
+
+
+def test_run_folders_and_hub_adapters_load_with_the_thresholds_they_record(untrained_run, tmp_path, monkeypatch):
+    from fake_hub import use_offline_cache, write_snapshot
+
+    from mushroomclip.identify import find_runs, load_model
+
+    assert find_runs([untrained_run.parent, tmp_path / "absent"]) == [str(untrained_run)]
+    classifier, thresholds = load_model(str(untrained_run))
+    assert (thresholds.species, thresholds.genus) == (0.6, 0.9) and classifier.classes == load_taxonomy().classes
+    cache = use_offline_cache(monkeypatch, tmp_path / "hub")
+    files = {p.name: p.read_bytes() for p in untrained_run.iterdir() if p.is_file()}
+    snapshot = write_snapshot(cache, "someone/mushroomclip-tiny", files)
+    _, hub_thresholds = load_model("someone/mushroomclip-tiny")
+    assert (hub_thresholds.species, hub_thresholds.genus) == (0.6, 0.9) and str(snapshot) in hub_thresholds.source
+
+
 def test_a_model_that_cannot_load_is_a_message_on_the_page(tmp_path):
     from mushroomclip.identify import load_model
     from mushroomclip.webapp import model_answer_html
