@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,18 @@ def test_answered_uploads_are_deleted_and_nothing_outside_the_upload_folder(tmp_
     mine.write_bytes(b"x")
     forget_uploads([str(upload), str(mine)])
     assert not upload.exists() and not upload.parent.exists() and mine.exists()
+
+
+def test_space_folder_stages_a_runnable_space(tmp_path):
+    import importlib.util
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("deploy", root / "spaces" / "deploy.py")
+    deploy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deploy)
+    deploy.stage(tmp_path)
+    front = yaml.safe_load((tmp_path / "README.md").read_text().split("---")[1])
+    assert front["sdk"] == "gradio" and (tmp_path / front["app_file"]).is_file()
+    assert (tmp_path / "mushroomclip" / "webapp.py").is_file() and (tmp_path / "requirements.txt").is_file()
