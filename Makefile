@@ -9,7 +9,7 @@ DEMO ?= demo
 BENCH ?= /tmp/mushroomclip-bench
 NPROC ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup test demo demo-data train benchmark bench-prepare bench-zero-shot bench-train lint format clean
+.PHONY: help setup test demo demo-data app train benchmark bench-prepare bench-zero-shot bench-train lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -40,6 +40,12 @@ demo: demo-data  ## offline tour: data -> baselines -> LoRA training -> predict 
 	$(OFFLINE) $(PY) evaluate_zero_shot.py --config configs/benchmark_offline.yaml --data $(DEMO)/prepared \
 	  --include-adapters $(DEMO)/runs --output $(DEMO)/results/benchmark > $(DEMO)/results/benchmark.log 2>&1
 	$(PY) -m mushroomclip.benchmark report --results $(DEMO)/results/benchmark
+
+APP_MODEL ?= $(DEMO)/runs/tiny
+app: setup  ## serve the web app on http://127.0.0.1:7860, offline, with the adapter of make demo (APP_MODEL=runs/NAME)
+	@test -f $(APP_MODEL)/adapter_config.json || \
+	  { echo "error: no adapter in $(APP_MODEL): run make demo first, or make app APP_MODEL=runs/NAME" >&2; exit 2; }
+	$(OFFLINE) $(PY) app.py --model $(APP_MODEL)
 
 CONFIG ?= configs/lora_b32.yaml
 train: setup  ## LoRA fine-tuning with accelerate_config.yaml (bf16, one GPU): CONFIG=configs/X.yaml ARGS="key=value ..."

@@ -1,0 +1,147 @@
+"""From class probabilities to the answer a person reads: top-k rows, genus back-off, abstention, warnings.
+
+Pure functions on ``(classes, probabilities, taxonomy)``, shared by the web app (``app.py``) and usable by
+``predict.py``. A species model for mushrooms must never make a dangerous species look like a safe
+answer, so every answer carries a warning whenever a deadly or poisonous species is among its candidates.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mushroomclip.taxonomy import DANGEROUS, Taxonomy
+
+#: Where a run records its own thresholds: ``metrics.json["thresholds"] = {"species": p, "genus": p}``.
+THRESHOLDS_KEY = "thresholds"
+WARNING_TEXT = "Lookalike of a {kind} species ({names}) — never eat on the basis of this app."
+NOT_SURE_TEXT = "Not sure — do not eat"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Below ``species`` the top species is not named as the answer; its genus is, if the genus's summed
+    probability reaches ``genus``; otherwise the answer is "not sure". ``source`` says where they came from."""
+
+    species: float = 0.5  # below 0.5 the top species is less likely than all the others together
+    genus: float = 0.8
+    source: str = "documented defaults; the run records none"
+
+    def __post_init__(self):
+        for name in ("species", "genus"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} threshold must be in (0, 1], got {getattr(self, name)}")
+
+
+def run_thresholds(run_dir: str | Path | None) -> Thresholds:
+    """The thresholds a run folder records in ``metrics.json`` (key :data:`THRESHOLDS_KEY`), else the defaults."""
+    path = Path(run_dir) / "metrics.json" if run_dir else None
+    if path is None or not path.is_file():
+        return Thresholds()
+    recorded = json.loads(path.read_text()).get(THRESHOLDS_KEY)
+    if not recorded:
+        return Thresholds()
+    return Thresholds(float(recorded["species"]), float(recorded["genus"]), f"recorded by the run ({path})")
+
+
+@dataclass
+class Row:
+    species: str
+    probability: float
+    common_name: str
+    edibility: str
+    lineage: dict[str, str]
+
+
+@dataclass
+class Answer:
+    """``kind`` is ``"species"``, ``"genus"`` or ``"not_sure"``; ``headline`` is what the page shows first."""
+
+    kind: str
+    headline: str
+    probability: float
+    rows: list[Row]
+    thresholds: Thresholds
+    warning: str | None = None
+    genus_dangerous: list[str] = field(default_factory=list)  # dangerous members of a backed-off genus
+
+
+def fuse_log_probs(log_probs: np.ndarray) -> np.ndarray:
+    """Several photos of one find, ``(N, C)`` log-probabilities -> one ``(C,)`` probability vector: the
+    renormalised exponential of their mean (a product of experts: every view must agree)."""
+    mean = np.asarray(log_probs, dtype=np.float64).mean(axis=0)
+    mean = mean - mean.max()  # stable softmax
+    probs = np.exp(mean)
+    return probs / probs.sum()
+
+
+def top_rows(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, k: int = 5) -> list[Row]:
+    """The ``k`` most probable species, most probable first, with name, edibility and lineage."""
+    order = np.argsort(-np.asarray(probs), kind="stable")[:k]
+    return [Row(classes[i], float(probs[i]), taxonomy[classes[i]].common_name, taxonomy[classes[i]].edibility,
+                taxonomy.lineage(classes[i])) for i in order]  # fmt: skip
+
+
+def genus_probabilities(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy) -> dict[str, float]:
+    """Summed probability of each genus over its species among ``classes``."""
+    names, genus_ids = np.unique([taxonomy[c].genus for c in classes], return_inverse=True)
+    sums = np.bincount(genus_ids, weights=np.asarray(probs, dtype=np.float64), minlength=len(names))
+    return dict(zip(names.tolist(), sums.tolist()))
+
+
+def danger_warning(species: list[str], taxonomy: Taxonomy) -> str | None:
+    """The warning for a list of candidate species, or ``None`` when none is deadly or poisonous."""
+    dangerous = [s for s in species if taxonomy[s].edibility in DANGEROUS]
+    if not dangerous:
+        return None
+    kind = "deadly" if any(taxonomy[s].edibility == "deadly" for s in dangerous) else "poisonous"
+    names = ", ".join(f"{s}: {taxonomy[s].edibility}" for s in dangerous)
+    return WARNING_TEXT.format(kind=kind, names=names)
+
+
+def answer(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, thresholds: Thresholds, k: int = 5) -> Answer:
+    """The species if it clears ``thresholds.species``; else the most probable genus if its summed probability
+    clears ``thresholds.genus`` (naming its dangerous members); else "not sure". Warns whenever a top-``k``
+    species, or a member of the backed-off genus, is deadly or poisonous."""
+    probs = np.asarray(probs, dtype=np.float64)
+    rows = top_rows(classes, probs, taxonomy, k)
+    best = rows[0]
+    warning = danger_warning([r.species for r in rows], taxonomy)
+    if best.probability >= thresholds.species:
+        headline = f"{best.species} ({best.common_name}), {100 * best.probability:.0f}%"
+        return Answer("species", headline, best.probability, rows, thresholds, warning)
+    genus, genus_p = max(genus_probabilities(classes, probs, taxonomy).items(), key=lambda item: item[1])
+    if genus_p >= thresholds.genus:
+        members = [c for c in classes if taxonomy[c].genus == genus]
+        dangerous = [c for c in members if taxonomy[c].edibility in DANGEROUS]
+        headline = f"{genus} sp., {100 * genus_p:.0f}%"
+        if dangerous:
+            headline += f" — this genus includes {', '.join(dangerous)}"
+        warning = danger_warning(list(dict.fromkeys([r.species for r in rows] + dangerous)), taxonomy)
+        return Answer("genus", headline, genus_p, rows, thresholds, warning, dangerous)
+    headline = f"{NOT_SURE_TEXT}; closest: {best.species} ({best.common_name}), {100 * best.probability:.0f}%"
+    return Answer("not_sure", headline, best.probability, rows, thresholds, warning)
+
+
+CSV_COLUMNS = ("image", "answer", "kind", "probability", "warning", "top_species", "top_probabilities", "error")
+
+
+def csv_row(image: str, result: Answer | None = None, error: str = "") -> dict:
+    """One CSV row for an image: its answer, or the reason it could not be read."""
+    if result is None:
+        return dict.fromkeys(CSV_COLUMNS, "") | {"image": image, "error": error}
+    return {"image": image, "answer": result.headline, "kind": result.kind, "probability": f"{result.probability:.4f}",
+            "warning": result.warning or "", "top_species": ";".join(r.species for r in result.rows),
+            "top_probabilities": ";".join(f"{r.probability:.4f}" for r in result.rows), "error": ""}  # fmt: skip
+
+
+def predictions_csv(rows: list[dict], path: str | Path) -> None:
+    """Write :func:`csv_row` rows (one per image, unreadable ones included) to ``path``."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
