@@ -3,6 +3,7 @@
 
 python predict.py photo1.jpg photo2.jpg --adapter runs/lora-b32 --top-k 5
 python predict.py photos/ --adapter USER/mushroomclip-lora-b32 --format json
+python predict.py photos/ --adapter runs/lora-b32 --csv answers.csv     (a folder -> one CSV row per image)
 
 A folder stands for the image files anywhere under it. A file that cannot be read is reported on stderr
 and the others are still predicted; the exit status is then 1 (2 if no image could be read).
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", required=True, help="run folder (runs/<name>) or Hub repo id of a MushroomCLIP adapter")
     p.add_argument("--top-k", type=int, default=5, help="candidates per image")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    p.add_argument("--csv", metavar="FILE", default=None,
+                   help="also write one row per input to FILE: the answer (species, genus back-off or not sure, with "
+                        "the run's thresholds), the top-k, the warning, or why the file could not be read")  # fmt: skip
     p.add_argument("--base", default=None, help="base model to check the adapter against (default: the one it names)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument(
@@ -60,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import torch
+    from tqdm.auto import tqdm
 
+    from mushroomclip.answer import answer, csv_row, predictions_csv
     from mushroomclip.augment import ImageError, image_files
+    from mushroomclip.identify import thresholds_for
     from mushroomclip.lora import AdapterError, load_classifier
     from mushroomclip.models import ModelLoadError
 
@@ -79,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # 3. predict batch by batch; an unreadable file is reported and skipped
     failed, records, tax = len(problems), [], classifier.taxonomy
-    for start in range(0, len(files), BATCH):
+    rows = [csv_row("", error=problem) for problem in problems]
+    thresholds = thresholds_for(args.adapter) if args.csv else None
+    batches = range(0, len(files), BATCH)
+    for start in tqdm(batches, desc="predict", unit="batch", disable=not args.csv or len(batches) < 2):
         readable, pixels = [], []
         for path in files[start : start + BATCH]:
             try:
@@ -87,10 +97,15 @@ def main(argv: list[str] | None = None) -> int:
                 readable.append(path)
             except ImageError as err:
                 print(f"error: cannot read image {path}: {err.reason}", file=sys.stderr)
+                rows.append(csv_row(str(path), error=err.reason))
                 failed += 1
         if not readable:
             continue
-        results = classifier.predict(torch.stack(pixels), top_k=args.top_k)
+        probs = classifier.logits(torch.stack(pixels)).softmax(dim=-1)
+        results = classifier.ranked(probs, top_k=args.top_k)
+        if args.csv:
+            rows += [csv_row(str(path), answer(classifier.classes, p.double().numpy(), tax, thresholds, args.top_k))
+                     for path, p in zip(readable, probs)]  # fmt: skip
         batch = [
             {"image": str(path), "predictions": [
                 {"species": p.species, "common_name": tax[p.species].common_name, "probability": round(p.probability, 4),
@@ -104,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         records += batch
     if args.format == "json":
         print(json.dumps(records, indent=2))
+    if args.csv:
+        predictions_csv(rows, args.csv)
+        print(f"{len(rows)} rows written to {args.csv}", file=sys.stderr)
     if args.merge:
         merged = classifier.backbone.model.merge_and_unload()
         merged.save_pretrained(args.merge)

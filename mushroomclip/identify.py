@@ -44,7 +44,13 @@ def load_model(name: str, device: str = "cpu") -> tuple[Classifier, Thresholds]:
     if folder.is_dir() and loader is None:
         raise ValueError(f"{name} is not a run folder: it holds none of {', '.join(m for m, _ in RUN_LOADERS)}")
     classifier = (loader or RUN_LOADERS[0][1])(name, device=device)
-    return classifier, run_thresholds(folder if folder.is_dir() else _cached_snapshot(name))
+    return classifier, thresholds_for(name)
+
+
+def thresholds_for(name: str) -> Thresholds:
+    """The thresholds a run folder, or the cached snapshot of a Hub run, records; else the defaults."""
+    folder = Path(name)
+    return run_thresholds(folder if folder.is_dir() else _cached_snapshot(name))
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:

@@ -113,7 +113,10 @@ class Classifier:
         return self.backbone.logit_scale * self.backbone.encode_images(pixels).cpu() @ self.class_embeddings.T
 
     def predict(self, images, top_k: int = 5) -> list[list[Prediction]]:
-        probs = self.logits(images).softmax(dim=-1)
+        return self.ranked(self.logits(images).softmax(dim=-1), top_k)
+
+    def ranked(self, probs: torch.Tensor, top_k: int = 5) -> list[list[Prediction]]:
+        """The ``top_k`` species of each row of ``(N, C)`` probabilities, most probable first."""
         top = probs.topk(min(top_k, len(self.classes)), dim=-1)
         return [
             [Prediction(self.classes[i], float(p)) for p, i in zip(ps, ids)] for ps, ids in zip(top.values, top.indices)

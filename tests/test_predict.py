@@ -243,3 +243,31 @@ def test_a_folder_of_photos_is_predicted_despite_its_bad_files(runs, prepared, t
     assert errors[4:] == ["error: 4 of 6 inputs could not be read (see above)"]
     status, out, err = predict_cli(photos / "notes.jpg", photos / "bomb.png", "--adapter", runs / "good")
     assert status == 2 and out == "" and err.splitlines()[-1] == "error: 2 of 2 inputs could not be read (see above)"
+
+
+def test_a_folder_becomes_one_csv_row_per_input_with_the_safety_answer(runs, prepared, tmp_path, predict_cli):
+    import pandas as pd
+
+    from mushroomclip.answer import Thresholds, answer
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    good = sorted((prepared[0] / "test").rglob("*.jpg"))[:3]
+    for i, path in enumerate(good):
+        shutil.copy(path, photos / f"{i}.jpg")
+    (photos / "notes.jpg").write_text("not a photo")
+    status, _, err = predict_cli(photos, "missing.jpg", "--adapter", runs / "good", "--csv", tmp_path / "a.csv")
+    assert status == 1 and "Traceback" not in err
+    table = pd.read_csv(tmp_path / "a.csv", keep_default_na=False)
+    assert len(table) == 5  # every input has its row, unreadable ones included
+    failed = table[table["error"] != ""]
+    assert sorted(failed["image"]) == ["", str(photos / "notes.jpg")]
+    assert "missing.jpg" in " ".join(failed["error"])
+    # each readable photo's row is the answer logic applied to the classifier's own probabilities
+    classifier = load_classifier(str(runs / "good"))
+    probs = classifier.logits([photos / f"{i}.jpg" for i in range(3)]).softmax(dim=-1).double().numpy()
+    for i in range(3):
+        row = table[table["image"] == str(photos / f"{i}.jpg")].iloc[0]
+        expected = answer(classifier.classes, probs[i], classifier.taxonomy, Thresholds(), k=5)
+        assert (row["answer"], row["kind"], row["warning"]) == (expected.headline, expected.kind, expected.warning or "")
+        assert row["top_species"].split(";") == [r.species for r in expected.rows]
