@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from mushroomclip.augment import background_workers, normalize, pixel_stats, train_images
+from mushroomclip.collectives import gather_batch
 from mushroomclip.config import TrainConfig
 from mushroomclip.losses import class_text_loss, clip_loss, multi_positive_loss
 from mushroomclip.metrics import classification_metrics
@@ -89,7 +90,10 @@ class ContrastiveTrainer(Trainer):
         image = out.image_embeds.float()
         if self.loss_name == "class_text":
             loss = class_text_loss(image, text, labels, scale)
-        elif self.loss_name == "clip":
+            return (loss, out) if return_outputs else loss
+        # Images against per-image texts: the whole global batch on every rank, as in one process.
+        image, text, labels = gather_batch(image), gather_batch(text), gather_batch(labels)
+        if self.loss_name == "clip":
             loss = clip_loss(image, text, scale)
         else:
             loss = multi_positive_loss(image, text, labels, scale)
