@@ -134,10 +134,12 @@ class ContrastiveTrainer(Trainer):
         self.train_sampler.set_epoch(epoch)  # also where accelerate's wrappers (resume under DDP) do not reach it
         return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
-    def get_train_dataloader(self):
-        loader = super().get_train_dataloader()
-        # Trainer's worker seeding first, then a lower CPU priority for decoding than for this process.
-        loader.worker_init_fn = background_workers(loader.worker_init_fn)
+    def _get_dataloader(self, *args, **kwargs):
+        loader = super()._get_dataloader(*args, **kwargs)
+        # Trainer's worker seeding first, then a lower CPU priority for decoding than for this process. Set on
+        # the DataLoader accelerate wraps (its workers), not on the wrapper, where it would do nothing.
+        base = getattr(loader, "base_dataloader", loader)
+        base.worker_init_fn = background_workers(base.worker_init_fn)
         return loader
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -411,3 +411,37 @@ def test_speed_benchmarks_run_on_the_tiny_model_and_count_every_image(prepared):
     for towers in (("vision", "text"), ("vision",)):
         train = measure_train_speed(str(prepared[0]), "tiny-clip", 8, 2, 0, "cpu", towers)
         assert train["steps"] == 2 and train["pipeline_images_per_s"] > 0 and train["model_only_images_per_s"] > 0
+
+
+class _Niceness(torch.utils.data.Dataset):
+    """Each item is the niceness of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        return os.nice(0)
+
+
+def _tiny_trainer(tmp_path, **kwargs):
+    """A ContrastiveTrainer on tiny-clip with LoRA on the vision tower, on the CPU."""
+    from transformers import TrainingArguments
+
+    from mushroomclip.lora import add_lora
+    from mushroomclip.trainer import ContrastiveTrainer
+
+    backbone = load_backbone("tiny-clip")
+    model = add_lora(backbone.model, 4, 8, 0.0, ["vision"], ["q_proj", "v_proj"], kwargs.pop("train_logit_scale", False))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], data_seed=0, **kwargs.pop("args", {}))
+    ids = backbone.tokenize(["Amanita muscaria", "Boletus edulis"])
+    return ContrastiveTrainer(model=model, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None,
+                              **kwargs)  # fmt: skip
+
+
+def test_the_trainers_loader_workers_run_at_a_lower_priority(tmp_path):
+    from mushroomclip.augment import WORKER_NICENESS
+
+    trainer = _tiny_trainer(tmp_path, args={"dataloader_num_workers": 1, "per_device_train_batch_size": 4},
+                            train_dataset=_Niceness(), data_collator=torch.tensor)  # fmt: skip
+    [niceness] = list(trainer.get_train_dataloader())
+    assert niceness.tolist() == [min(os.nice(0) + WORKER_NICENESS, 19)] * 4
