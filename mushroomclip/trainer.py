@@ -59,6 +59,7 @@ class ContrastiveTrainer(Trainer):
         self._class_text_embeds = None
         self._seeded_step, self._micro_step = -1, 0
         self._non_finite: str | None = None  # what went NaN/inf in the current step
+        self._clamp_hook = None
         # Our losses are per-batch means: let Trainer divide by the accumulation steps, and never
         # rescale by token counts (CLIPModel.forward takes **kwargs, which would suggest otherwise).
         self.model_accepts_loss_kwargs = False
@@ -124,6 +125,17 @@ class ContrastiveTrainer(Trainer):
                                                            self.args.learning_rate, Path(self.args.output_dir)))  # fmt: skip
         return norm
 
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # A trainable logit_scale is a temperature, not a weight: no decay towards 0 (as in CLIP).
+        return [n for n in super().get_decay_parameter_names(model) if "logit_scale" not in n]
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        scale = self.accelerator.unwrap_model(self.model).get_base_model().logit_scale
+        if scale.requires_grad and self._clamp_hook is None:  # clamped at ln(100) after every step, as in CLIP
+            self._clamp_hook = optimizer.register_step_post_hook(lambda *_: clamp_logit_scale(scale))
+        return optimizer
+
     def _get_train_sampler(self, train_dataset=None):
         self.train_sampler = SeededDrawSampler(
             len(self.train_dataset if train_dataset is None else train_dataset), self.args.data_seed
@@ -167,6 +179,15 @@ class ContrastiveTrainer(Trainer):
         self.log(scalars)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, scalars)
         return scalars
+
+
+MAX_LOGIT_SCALE = math.log(100)
+
+
+@torch.no_grad()
+def clamp_logit_scale(logit_scale: torch.Tensor) -> None:
+    """Keep a trainable logit scale (log temperature) in [0, ln 100], as CLIP and open_clip do."""
+    logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
 def draw_seed(*keys: int) -> int:

@@ -445,3 +445,19 @@ def test_the_trainers_loader_workers_run_at_a_lower_priority(tmp_path):
                             train_dataset=_Niceness(), data_collator=torch.tensor)  # fmt: skip
     [niceness] = list(trainer.get_train_dataloader())
     assert niceness.tolist() == [min(os.nice(0) + WORKER_NICENESS, 19)] * 4
+
+
+def test_a_trainable_logit_scale_has_no_weight_decay_and_stays_at_most_ln_100(tmp_path):
+    import math
+
+    trainer = _tiny_trainer(tmp_path, train_logit_scale=True, args={"learning_rate": 1.0, "weight_decay": 0.5})
+    scale = trainer.model.get_base_model().logit_scale
+    optimizer = trainer.create_optimizer()
+    [group] = [g for g in optimizer.param_groups if any(p is scale for p in g["params"])]
+    assert group["weight_decay"] == 0.0
+    assert any(g["weight_decay"] == 0.5 and g["params"] for g in optimizer.param_groups)  # LoRA weights decay
+    with torch.no_grad():
+        scale.fill_(math.log(100) - 0.01)
+    scale.grad = torch.full_like(scale, -1.0)  # a step of about lr = 1.0 upwards
+    optimizer.step()
+    assert scale.item() == pytest.approx(math.log(100))
