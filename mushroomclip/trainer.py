@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -34,6 +35,8 @@ from mushroomclip.runs import (
     save_json,
     write_run_folder,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class ContrastiveTrainer(Trainer):
@@ -473,8 +476,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     best, _ = evaluator(trainer.model, splits["validation"])
     test, _ = evaluator(trainer.model, splits["test"]) if cfg.training.test_after else (None, None)
     lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
-    log(f"[rank {trainer.args.process_index}] step {trainer.state.global_step} lora-checksum {lora_sum:.8f} "
-        f"val-miou {best['miou']:.6f}")  # fmt: skip
+    logger.debug("rank %d step %d lora-checksum %.8f val-miou %.6f", trainer.args.process_index,
+                 trainer.state.global_step, lora_sum, best["miou"])  # fmt: skip
     result = {"validation_best": best, "test": test, "validation_untrained": baseline_val, "test_untrained": baseline_test,
               "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
               "model": trainer.model, "push_error": None}  # fmt: skip

@@ -312,20 +312,32 @@ def test_resume_after_a_killed_run_continues_the_same_run(prepared, uninterrupte
 
 
 def test_two_process_gloo_run_agrees_and_only_rank_zero_writes(prepared, tmp_path):
+    from test_multi_rank import free_port
+
     out = tmp_path / "ddp"
+    # Each rank's debug line (LoRA checksum) goes to a file of its own: a sitecustomize module sets up the logger.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import logging, os\n"
+        "if 'RANK' in os.environ:\n"
+        "    logger = logging.getLogger('mushroomclip')\n"
+        "    logger.setLevel(logging.DEBUG)\n"
+        f"    logger.addHandler(logging.FileHandler(f'{tmp_path}/rank{{os.environ[\"RANK\"]}}.log'))\n"
+    )
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     accelerate = Path(sys.executable).with_name("accelerate")
     # The command: accelerate alone would start one process here (no MPI); train.py starts the
     # second rank itself (torch.distributed.run, gloo on the CPU).
     cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29517", "train.py", "--config", "configs/tiny.yaml",
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "train.py", "--config", "configs/tiny.yaml",
            *tiny_overrides(prepared[0], out, **{"training.max_steps": 10, "training.eval_steps": 10, "training.batch_size": 8})]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "starting 2 CPU ranks" in output
-    ranks = [line for line in output.splitlines() if line.startswith("[rank ")]
-    assert sorted(line.split()[1] for line in ranks) == ["0]", "1]"], ranks
-    assert len({line.split(" ", 2)[2] for line in ranks}) == 1, ranks  # same step, LoRA weights and val mIoU
+    assert "lora-checksum" not in output  # a debug line, not part of a normal run's output
+    ranks = [(tmp_path / f"rank{rank}.log").read_text().split() for rank in (0, 1)]
+    assert [words[1] for words in ranks] == ["0", "1"]
+    assert ranks[0][2:] == ranks[1][2:], ranks  # same step, LoRA weights and val mIoU
     assert output.count("best validation mIoU") == 1  # the summary comes from rank 0 only
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 10 and metrics["processes"] == 2 and metrics["precision"] == "fp32"
