@@ -75,3 +75,16 @@ def test_gathered_loss_and_gradients_on_two_ranks_equal_one_process_on_the_whole
         # DDP averages gradients over the ranks: what each rank holds, divided by WORLD, is the whole batch's.
         assert torch.allclose(got["image"] / WORLD, image.grad[rows], atol=1e-6)
         assert torch.allclose(got["text"] / WORLD, text.grad[rows], atol=1e-6)
+
+
+def test_multi_gpu_accelerate_config_takes_the_number_of_gpus_from_the_command_line():
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    config = Path(__file__).resolve().parents[1] / "configs/accelerate/multi_gpu.yaml"
+    for gpus in (2, 3, 8):  # no number in the file to edit for another machine
+        args = launch_command_parser().parse_args(["--config_file", str(config), "--num_processes", str(gpus), "x.py"])
+        _validate_launch_command(args)
+        assert (args.num_processes, args.multi_gpu, args.mixed_precision) == (gpus, True, "bf16")
+    args = launch_command_parser().parse_args(["--config_file", str(config), "x.py"])
+    with pytest.raises(ValueError, match="pass in `--num_processes`"):  # never a silently wrong count
+        _validate_launch_command(args)
