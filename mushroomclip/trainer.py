@@ -6,7 +6,6 @@ numbers are directly comparable to the zero-shot table, and the best checkpoint 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -54,6 +53,8 @@ class ContrastiveTrainer(Trainer):
         self.pixel_mean, self.pixel_std = (torch.tensor(v) for v in pixel_stats) if pixel_stats else (None, None)
         self.loss_name = loss_name
         self.evaluator = evaluator
+        if evaluator is not None:
+            self.compute_metrics = self.scalar_metrics
         # No LoRA in the text tower (lora.towers: [vision]): its class embeddings never change, so they
         # are computed once instead of at every step.
         self.text_frozen = not any(
@@ -174,14 +175,49 @@ class ContrastiveTrainer(Trainer):
         if self.untrained is not None:
             save_json(Path(output_dir, UNTRAINED_METRICS), self.untrained)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics, _ = self.evaluator(self.model, eval_dataset if eval_dataset is not None else self.eval_dataset)
-        scalars = {
-            f"{metric_key_prefix}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None
-        }
-        self.log(scalars)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, scalars)
-        return scalars
+    # --- evaluation: Trainer's own loop (split across ranks, gathered), with the zero-shot head as logits ---
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        split = self.eval_dataset if eval_dataset is None else eval_dataset
+        return self._get_dataloader(self.evaluator.images(split), "Evaluation", self.args.eval_batch_size,
+                                    sampler_fn=self._get_eval_sampler)  # fmt: skip
+
+    def get_test_dataloader(self, test_dataset):
+        return self._get_dataloader(self.evaluator.images(test_dataset), "test", self.args.eval_batch_size,
+                                    sampler_fn=self._get_eval_sampler)  # fmt: skip
+
+    def evaluation_loop(self, *args, **kwargs):
+        model = self.accelerator.unwrap_model(self.model).eval()
+        with self.accelerator.autocast():  # the class head once per evaluation, from the current text tower
+            self._eval_class_embeds = self.evaluator.class_embeddings(model).to(self.args.device)
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self._eval_class_embeds = None
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """No loss; the logits are the zero-shot class scores of the batch's images."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.inference_mode(), self.accelerator.autocast():
+            images = self.evaluator.backbone.encode_images(inputs["pixel_values"])
+        scale = self.accelerator.unwrap_model(model).get_base_model().logit_scale
+        return None, zero_shot_logits(images, self._eval_class_embeds, scale), inputs["labels"]
+
+    def scalar_metrics(self, prediction) -> dict[str, float]:
+        """``compute_metrics``: the numbers of :func:`classification_metrics` (Trainer logs and compares them)."""
+        metrics = self.evaluator.metrics(prediction.label_ids, prediction.predictions)
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def score(self, split) -> dict:
+        """All metrics of ``split`` (per class and rank too), through the evaluation loop, without logging them."""
+        out = self.predict(split)
+        return self.evaluator.metrics(out.label_ids, out.predictions)
+
+
+def zero_shot_logits(images: torch.Tensor, class_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """``exp(logit_scale) * images @ class_embeds.T`` in fp32, also under bf16/fp16 autocast."""
+    with torch.autocast(images.device.type, enabled=False):
+        return logit_scale.detach().float().exp() * images.float() @ class_embeds.float().T
 
 
 MAX_LOGIT_SCALE = math.log(100)
@@ -238,37 +274,43 @@ class SeededDraws(torch.utils.data.Dataset):
 
 
 class ZeroShotEvaluator:
-    """Scores a split with the model's current text tower as the classifier head."""
+    """The zero-shot head from the model's current text tower, the images it scores and their metrics."""
 
-    def __init__(self, backbone, taxonomy, text_type: str, templates: list[str], batch_size: int, num_workers: int,
-                 precision: str = "fp32"):  # fmt: skip
+    def __init__(self, backbone, taxonomy, text_type: str, templates: list[str]):
         self.backbone, self.taxonomy = backbone, taxonomy
         self.prompts = class_prompts(taxonomy, text_type, templates)
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # the training's
+
+    def images(self, split) -> LabelledPixels:
+        """A ``datasets`` split through the backbone's evaluation preprocessing (uint8, normalised on the device)."""
+        from mushroomclip.features import PreprocessedImages
+
+        return LabelledPixels(PreprocessedImages(split, self.backbone.preprocess))
 
     @torch.inference_mode()
-    def __call__(self, model, split) -> tuple[dict, np.ndarray]:
-        from mushroomclip.features import image_features
+    def class_embeddings(self, model) -> torch.Tensor:
+        """``(C, D)`` class text embeddings of ``model`` (the peft model; the caller sets eval mode and autocast)."""
         from mushroomclip.prompts import class_text_embeddings
 
-        was_training = model.training
-        model.eval()
         self.backbone.model = model
         self.backbone.device = next(model.parameters()).device
-        autocast = (
-            torch.autocast(self.backbone.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            class_emb = class_text_embeddings(self.backbone, self.prompts)
-            one_bar = int(os.environ.get("RANK", "0")) == 0  # a progress bar from rank 0, not one per rank
-            feats, labels = image_features(self.backbone, split, self.batch_size, self.num_workers, "eval", one_bar)
-        scale = model.get_base_model().logit_scale.exp().item()
-        scores = scale * feats @ class_emb.numpy().T
-        model.train(was_training)
-        return classification_metrics(labels, scores, len(self.taxonomy), taxonomy=self.taxonomy), scores
+        return class_text_embeddings(self.backbone, self.prompts).float()
+
+    def metrics(self, labels: np.ndarray, scores: np.ndarray) -> dict:
+        return classification_metrics(labels, scores, len(self.taxonomy), taxonomy=self.taxonomy)
+
+
+class LabelledPixels(torch.utils.data.Dataset):
+    """``(pixels, label)`` pairs as the ``{"pixel_values", "labels"}`` items that :func:`collate` stacks."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        pixels, label = self.images[index]
+        return {"pixel_values": pixels, "labels": label}
 
 
 def divergence_message(what: str, step: int, lr: float, checkpoints: Path) -> str:
@@ -445,8 +487,7 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     args = training_arguments(cfg, checkpoints, steps_per_epoch)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     templates = templates_for(cfg.data.eval_templates)
-    evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates, cfg.training.eval_batch_size,
-                                  cfg.data.num_workers, precision)  # fmt: skip
+    evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates)
     trainer = ContrastiveTrainer(
         model=model, args=args, train_dataset=train,
         eval_dataset=splits["validation"], data_collator=collate,
@@ -463,8 +504,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
         untrained = json.loads(saved.read_text()) if saved.is_file() else {}
         baseline_val, baseline_test = untrained.get("validation"), untrained.get("test")
     else:
-        baseline_val, _ = evaluator(model, splits["validation"])
-        baseline_test, _ = evaluator(model, splits["test"]) if cfg.training.test_after else (None, None)
+        baseline_val = trainer.score(splits["validation"])
+        baseline_test = trainer.score(splits["test"]) if cfg.training.test_after else None
     trainer.untrained = {"validation": metrics_summary(baseline_val), "test": metrics_summary(baseline_test)}
     if cfg.training.overwrite and trainer.is_world_process_zero():
         clear_run_outputs(run_dir, log)
@@ -473,8 +514,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
         raise TrainingDivergedError(f"{len(bad)} trained weights are NaN or infinite (e.g. {bad[0]}); nothing was "
                                     f"written. Lower training.lr (now {cfg.training.lr:g})")  # fmt: skip
     # 5. Evaluate the best checkpoint (loaded back by Trainer) on validation and test.
-    best, _ = evaluator(trainer.model, splits["validation"])
-    test, _ = evaluator(trainer.model, splits["test"]) if cfg.training.test_after else (None, None)
+    best = trainer.score(splits["validation"])
+    test = trainer.score(splits["test"]) if cfg.training.test_after else None
     lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
     logger.debug("rank %d step %d lora-checksum %.8f val-miou %.6f", trainer.args.process_index,
                  trainer.state.global_step, lora_sum, best["miou"])  # fmt: skip
