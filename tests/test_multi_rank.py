@@ -30,7 +30,8 @@ def run_ranks(fn, *args) -> None:
 
 
 def _init_and_run(rank: int, port: int, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))  # fmt: skip
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         fn(rank, *args)
@@ -88,3 +89,81 @@ def test_multi_gpu_accelerate_config_takes_the_number_of_gpus_from_the_command_l
     args = launch_command_parser().parse_args(["--config_file", str(config), "x.py"])
     with pytest.raises(ValueError, match="pass in `--num_processes`"):  # never a silently wrong count
         _validate_launch_command(args)
+
+
+EVAL_IMAGES = 5  # odd: the second rank's last batch is padding that must not count
+
+
+def _eval_trainer(data: Path, out: Path, loss_name: str = "class_text"):
+    """The same ContrastiveTrainer (tiny-clip, LoRA on both towers, seeded) in every process."""
+    from transformers import TrainingArguments
+
+    from mushroomclip.data import prepared_taxonomy
+    from mushroomclip.lora import add_lora
+    from mushroomclip.models import load_backbone
+    from mushroomclip.prompts import templates_for
+    from mushroomclip.trainer import ContrastiveTrainer, ZeroShotEvaluator, collate
+
+    torch.manual_seed(0)
+    backbone = load_backbone("tiny-clip")
+    backbone.model = add_lora(backbone.model, 4, 8, 0.0, ["vision", "text"], ["q_proj", "v_proj"], False)
+    taxonomy = prepared_taxonomy(data)
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], per_device_eval_batch_size=1,
+                             dataloader_num_workers=0, remove_unused_columns=False, label_names=["labels"])  # fmt: skip
+    evaluator = ZeroShotEvaluator(backbone, taxonomy, "sci", templates_for("single"))
+    ids = backbone.tokenize(taxonomy.classes[:6])
+    return ContrastiveTrainer(model=backbone.model, args=args, class_input_ids=ids, loss_name=loss_name,
+                              evaluator=evaluator, data_collator=collate)  # fmt: skip
+
+
+def _validation(data: Path):
+    from mushroomclip.data import load_splits
+
+    return load_splits(data)["validation"].select(range(EVAL_IMAGES))
+
+
+def _loss_inputs() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {"pixel_values": torch.randn(6, 3, 32, 32, generator=generator), "labels": torch.tensor([0, 1, 1, 2, 0, 3])}
+
+
+def _rank_metrics_and_loss(rank: int, data: Path, out: Path) -> None:
+    import json
+
+    from transformers import TrainerCallback
+
+    from mushroomclip.metrics import to_jsonable
+
+    class CountSteps(TrainerCallback):
+        steps = 0
+
+        def on_prediction_step(self, *args, **kwargs):
+            CountSteps.steps += 1
+
+    trainer = _eval_trainer(data, out / f"rank{rank}", "clip")
+    assert trainer.args.world_size == WORLD
+    trainer.add_callback(CountSteps)
+    scalars = trainer.evaluate(_validation(data))
+    metrics = trainer.score(_validation(data))
+    inputs = {k: v[rank * 3 : rank * 3 + 3] for k, v in _loss_inputs().items()}
+    loss = trainer.compute_loss(trainer.model.train(), inputs).item()
+    result = {"metrics": to_jsonable(metrics), "miou": scalars["eval_miou"], "loss": loss, "steps": CountSteps.steps}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_two_ranks_give_exactly_the_single_process_metrics_and_contrastive_loss(prepared, tmp_path):
+    import json
+
+    from mushroomclip.metrics import to_jsonable
+
+    trainer = _eval_trainer(prepared[0], tmp_path / "single", "clip")
+    expected = to_jsonable(trainer.score(_validation(prepared[0])))
+    assert expected["num_images"] == EVAL_IMAGES
+    loss = trainer.compute_loss(trainer.model.train(), _loss_inputs()).item()
+    run_ranks(_rank_metrics_and_loss, prepared[0], tmp_path)
+    for rank in range(WORLD):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["metrics"] == expected  # every image once, padding dropped, split order kept
+        assert got["miou"] == expected["miou"]  # what Trainer logs and picks the best checkpoint on
+        assert got["loss"] == pytest.approx(loss, abs=1e-6)  # the clip loss over the 6 images of both ranks
+        assert got["steps"] == 2 * 3  # each rank scored its share (3 one-image batches of 5), not all 5, twice
