@@ -209,7 +209,8 @@ class ContrastiveTrainer(Trainer):
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def score(self, split) -> dict:
-        """All metrics of ``split`` (per class and rank too), through the evaluation loop, without logging them."""
+        """All metrics of ``split`` (per class and per taxonomic rank too), through the evaluation loop (each
+        process scores its share of the images), without logging them."""
         out = self.predict(split)
         return self.evaluator.metrics(out.label_ids, out.predictions)
 
@@ -516,9 +517,10 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     # 5. Evaluate the best checkpoint (loaded back by Trainer) on validation and test.
     best = trainer.score(splits["validation"])
     test = trainer.score(splits["test"]) if cfg.training.test_after else None
-    lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
-    logger.debug("rank %d step %d lora-checksum %.8f val-miou %.6f", trainer.args.process_index,
-                 trainer.state.global_step, lora_sum, best["miou"])  # fmt: skip
+    if logger.isEnabledFor(logging.DEBUG):  # to compare the ranks of a multi-process run
+        lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
+        logger.debug("rank %d step %d lora-checksum %.8f val-miou %.6f", trainer.args.process_index,
+                     trainer.state.global_step, lora_sum, best["miou"])  # fmt: skip
     result = {"validation_best": best, "test": test, "validation_untrained": baseline_val, "test_untrained": baseline_test,
               "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
               "model": trainer.model, "push_error": None}  # fmt: skip

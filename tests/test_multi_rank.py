@@ -53,29 +53,32 @@ LOSSES = {
 SHARDS = (slice(0, 4), slice(4, 7))
 
 
-def _gathered_loss(rank: int, loss_name: str, out: Path) -> None:
+def _gathered_losses(rank: int, out: Path) -> None:
     from mushroomclip.collectives import gather_batch
 
-    image, text, labels = (t[SHARDS[rank]].clone() for t in contrastive_batch())
-    image.requires_grad_(True), text.requires_grad_(True)
-    loss = LOSSES[loss_name](gather_batch(image), gather_batch(text), gather_batch(labels))
-    loss.backward()
-    torch.save({"loss": loss.detach(), "image": image.grad, "text": text.grad}, out / f"rank{rank}.pt")
+    results = {}
+    for name, loss_fn in LOSSES.items():
+        image, text, labels = (t[SHARDS[rank]].clone() for t in contrastive_batch())
+        image.requires_grad_(True), text.requires_grad_(True)
+        loss = loss_fn(gather_batch(image), gather_batch(text), gather_batch(labels))
+        loss.backward()
+        results[name] = {"loss": loss.detach(), "image": image.grad, "text": text.grad}
+    torch.save(results, out / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("loss_name", sorted(LOSSES))
-def test_gathered_loss_and_gradients_on_two_ranks_equal_one_process_on_the_whole_batch(loss_name, tmp_path):
-    image, text, labels = (t.clone() for t in contrastive_batch())
-    image.requires_grad_(True), text.requires_grad_(True)
-    loss = LOSSES[loss_name](image, text, labels)
-    loss.backward()
-    run_ranks(_gathered_loss, loss_name, tmp_path)
-    for rank, rows in enumerate(SHARDS):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert torch.allclose(got["loss"], loss.detach(), atol=1e-6)
-        # DDP averages gradients over the ranks: what each rank holds, divided by WORLD, is the whole batch's.
-        assert torch.allclose(got["image"] / WORLD, image.grad[rows], atol=1e-6)
-        assert torch.allclose(got["text"] / WORLD, text.grad[rows], atol=1e-6)
+def test_gathered_losses_and_gradients_on_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+    run_ranks(_gathered_losses, tmp_path)
+    for name, loss_fn in LOSSES.items():
+        image, text, labels = (t.clone() for t in contrastive_batch())
+        image.requires_grad_(True), text.requires_grad_(True)
+        loss = loss_fn(image, text, labels)
+        loss.backward()
+        for rank, rows in enumerate(SHARDS):
+            got = torch.load(tmp_path / f"rank{rank}.pt")[name]
+            assert torch.allclose(got["loss"], loss.detach(), atol=1e-6), name
+            # DDP averages gradients over the ranks: what each rank holds, divided by WORLD, is the whole batch's.
+            assert torch.allclose(got["image"] / WORLD, image.grad[rows], atol=1e-6), name
+            assert torch.allclose(got["text"] / WORLD, text.grad[rows], atol=1e-6), name
 
 
 def test_multi_gpu_accelerate_config_takes_the_number_of_gpus_from_the_command_line():
