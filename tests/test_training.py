@@ -450,12 +450,22 @@ def _tiny_trainer(tmp_path, **kwargs):
                               **kwargs)  # fmt: skip
 
 
-def test_the_trainers_loader_workers_run_at_a_lower_priority(tmp_path):
+class _NicenessImages:
+    """An evaluator stand-in whose images are :class:`_Niceness` items."""
+
+    def images(self, split) -> _Niceness:
+        return _Niceness()
+
+
+@pytest.mark.parametrize("which", ["train", "eval"])
+def test_the_trainers_loader_workers_run_at_a_lower_priority(which, tmp_path):
     from mushroomclip.augment import WORKER_NICENESS
 
-    trainer = _tiny_trainer(tmp_path, args={"dataloader_num_workers": 1, "per_device_train_batch_size": 4},
-                            train_dataset=_Niceness(), data_collator=torch.tensor)  # fmt: skip
-    [niceness] = list(trainer.get_train_dataloader())
+    args = {"dataloader_num_workers": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4}
+    trainer = _tiny_trainer(tmp_path, args=args, train_dataset=_Niceness(), data_collator=torch.tensor)
+    trainer.evaluator = _NicenessImages()
+    loader = trainer.get_train_dataloader() if which == "train" else trainer.get_eval_dataloader("any split")
+    [niceness] = list(loader)
     assert niceness.tolist() == [min(os.nice(0) + WORKER_NICENESS, 19)] * 4
 
 
