@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainingArguments
 
 from mushroomclip.augment import background_workers, normalize, pixel_stats, train_images
 from mushroomclip.collectives import gather_batch
@@ -211,7 +211,11 @@ class ContrastiveTrainer(Trainer):
     def score(self, split) -> dict:
         """All metrics of ``split`` (per class and per taxonomic rank too), through the evaluation loop (each
         process scores its share of the images), without logging them."""
-        out = self.predict(split)
+        # Not predict(): its on_predict event would send them to wandb/tensorboard as "test" metrics.
+        out = self.evaluation_loop(self.get_test_dataloader(split), "Scoring")
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback):  # closes the progress bar of the loop
+                callback.on_predict(self.args, self.state, self.control)
         return self.evaluator.metrics(out.label_ids, out.predictions)
 
 
