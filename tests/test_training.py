@@ -443,8 +443,12 @@ def _tiny_trainer(tmp_path, **kwargs):
     from mushroomclip.trainer import ContrastiveTrainer
 
     backbone = load_backbone("tiny-clip")
-    model = add_lora(backbone.model, 4, 8, 0.0, ["vision"], ["q_proj", "v_proj"], kwargs.pop("train_logit_scale", False))
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], data_seed=0, **kwargs.pop("args", {}))
+    model = add_lora(
+        backbone.model, 4, 8, 0.0, ["vision"], ["q_proj", "v_proj"], kwargs.pop("train_logit_scale", False)
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], data_seed=0, **kwargs.pop("args", {})
+    )
     ids = backbone.tokenize(["Amanita muscaria", "Boletus edulis"])
     return ContrastiveTrainer(model=model, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None,
                               **kwargs)  # fmt: skip
