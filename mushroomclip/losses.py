@@ -4,7 +4,9 @@ A batch holds many images of the same species, so vanilla CLIP InfoNCE (targets 
 pairs that are in fact positives. ``class_text`` (default) scores each image against the text
 embeddings of *all* classes and applies cross-entropy on the label: exact under DDP without gathering,
 and the same head zero-shot evaluation uses. ``clip`` is vanilla symmetric InfoNCE, for parity with
-earlier work; ``multi_positive`` treats every same-label pair as a positive.
+earlier work; ``multi_positive`` treats every same-label pair as a positive. Under DDP the trainer
+gives these two the whole global batch (:func:`mushroomclip.collectives.gather_batch`), so their value
+and gradients do not depend on the number of GPUs.
 """
 
 from __future__ import annotations

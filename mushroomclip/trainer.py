@@ -6,8 +6,8 @@ numbers are directly comparable to the zero-shot table, and the best checkpoint 
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainingArguments
 
 from mushroomclip.augment import background_workers, normalize, pixel_stats, train_images
+from mushroomclip.collectives import gather_batch
 from mushroomclip.config import TrainConfig
 from mushroomclip.losses import class_text_loss, clip_loss, multi_positive_loss
 from mushroomclip.metrics import classification_metrics
@@ -33,6 +34,8 @@ from mushroomclip.runs import (
     save_json,
     write_run_folder,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class ContrastiveTrainer(Trainer):
@@ -50,6 +53,8 @@ class ContrastiveTrainer(Trainer):
         self.pixel_mean, self.pixel_std = (torch.tensor(v) for v in pixel_stats) if pixel_stats else (None, None)
         self.loss_name = loss_name
         self.evaluator = evaluator
+        if evaluator is not None:
+            self.compute_metrics = self.scalar_metrics
         # No LoRA in the text tower (lora.towers: [vision]): its class embeddings never change, so they
         # are computed once instead of at every step.
         self.text_frozen = not any(
@@ -58,6 +63,7 @@ class ContrastiveTrainer(Trainer):
         self._class_text_embeds = None
         self._seeded_step, self._micro_step = -1, 0
         self._non_finite: str | None = None  # what went NaN/inf in the current step
+        self._clamp_hook = None
         # Our losses are per-batch means: let Trainer divide by the accumulation steps, and never
         # rescale by token counts (CLIPModel.forward takes **kwargs, which would suggest otherwise).
         self.model_accepts_loss_kwargs = False
@@ -89,7 +95,10 @@ class ContrastiveTrainer(Trainer):
         image = out.image_embeds.float()
         if self.loss_name == "class_text":
             loss = class_text_loss(image, text, labels, scale)
-        elif self.loss_name == "clip":
+            return (loss, out) if return_outputs else loss
+        # Images against per-image texts: the whole global batch on every rank, as in one process.
+        image, text, labels = gather_batch(image), gather_batch(text), gather_batch(labels)
+        if self.loss_name == "clip":
             loss = clip_loss(image, text, scale)
         else:
             loss = multi_positive_loss(image, text, labels, scale)
@@ -120,6 +129,17 @@ class ContrastiveTrainer(Trainer):
                                                            self.args.learning_rate, Path(self.args.output_dir)))  # fmt: skip
         return norm
 
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # A trainable logit_scale is a temperature, not a weight: no decay towards 0 (as in CLIP).
+        return [n for n in super().get_decay_parameter_names(model) if "logit_scale" not in n]
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        scale = self.accelerator.unwrap_model(self.model).get_base_model().logit_scale
+        if scale.requires_grad and self._clamp_hook is None:  # clamped at ln(100) after every step, as in CLIP
+            self._clamp_hook = optimizer.register_step_post_hook(lambda *_: clamp_logit_scale(scale))
+        return optimizer
+
     def _get_train_sampler(self, train_dataset=None):
         self.train_sampler = SeededDrawSampler(
             len(self.train_dataset if train_dataset is None else train_dataset), self.args.data_seed
@@ -130,10 +150,12 @@ class ContrastiveTrainer(Trainer):
         self.train_sampler.set_epoch(epoch)  # also where accelerate's wrappers (resume under DDP) do not reach it
         return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
-    def get_train_dataloader(self):
-        loader = super().get_train_dataloader()
-        # Trainer's worker seeding first, then a lower CPU priority for decoding than for this process.
-        loader.worker_init_fn = background_workers(loader.worker_init_fn)
+    def _get_dataloader(self, *args, **kwargs):
+        loader = super()._get_dataloader(*args, **kwargs)
+        # Trainer's worker seeding first, then a lower CPU priority for decoding than for this process. Set on
+        # the DataLoader accelerate wraps (its workers), not on the wrapper, where it would do nothing.
+        base = getattr(loader, "base_dataloader", loader)
+        base.worker_init_fn = background_workers(base.worker_init_fn)
         return loader
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -153,14 +175,63 @@ class ContrastiveTrainer(Trainer):
         if self.untrained is not None:
             save_json(Path(output_dir, UNTRAINED_METRICS), self.untrained)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics, _ = self.evaluator(self.model, eval_dataset if eval_dataset is not None else self.eval_dataset)
-        scalars = {
-            f"{metric_key_prefix}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None
-        }
-        self.log(scalars)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, scalars)
-        return scalars
+    # --- evaluation: Trainer's own loop (split across ranks, gathered), with the zero-shot head as logits ---
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        split = self.eval_dataset if eval_dataset is None else eval_dataset
+        return self._get_dataloader(self.evaluator.images(split), "Evaluation", self.args.eval_batch_size,
+                                    sampler_fn=self._get_eval_sampler)  # fmt: skip
+
+    def get_test_dataloader(self, test_dataset):
+        return self._get_dataloader(self.evaluator.images(test_dataset), "test", self.args.eval_batch_size,
+                                    sampler_fn=self._get_eval_sampler)  # fmt: skip
+
+    def evaluation_loop(self, *args, **kwargs):
+        model = self.accelerator.unwrap_model(self.model).eval()
+        with self.accelerator.autocast():  # the class head once per evaluation, from the current text tower
+            self._eval_class_embeds = self.evaluator.class_embeddings(model).to(self.args.device)
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self._eval_class_embeds = None
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """No loss; the logits are the zero-shot class scores of the batch's images."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.inference_mode(), self.accelerator.autocast():
+            images = self.evaluator.backbone.encode_images(inputs["pixel_values"])
+        scale = self.accelerator.unwrap_model(model).get_base_model().logit_scale
+        return None, zero_shot_logits(images, self._eval_class_embeds, scale), inputs["labels"]
+
+    def scalar_metrics(self, prediction) -> dict[str, float]:
+        """``compute_metrics``: the numbers of :func:`classification_metrics` (Trainer logs and compares them)."""
+        metrics = self.evaluator.metrics(prediction.label_ids, prediction.predictions)
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def score(self, split) -> dict:
+        """All metrics of ``split`` (per class and per taxonomic rank too), through the evaluation loop (each
+        process scores its share of the images), without logging them."""
+        # Not predict(): its on_predict event would send them to wandb/tensorboard as "test" metrics.
+        out = self.evaluation_loop(self.get_test_dataloader(split), "Scoring")
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback):  # closes the progress bar of the loop
+                callback.on_predict(self.args, self.state, self.control)
+        return self.evaluator.metrics(out.label_ids, out.predictions)
+
+
+def zero_shot_logits(images: torch.Tensor, class_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """``exp(logit_scale) * images @ class_embeds.T`` in fp32, also under bf16/fp16 autocast."""
+    with torch.autocast(images.device.type, enabled=False):
+        return logit_scale.detach().float().exp() * images.float() @ class_embeds.float().T
+
+
+MAX_LOGIT_SCALE = math.log(100)
+
+
+@torch.no_grad()
+def clamp_logit_scale(logit_scale: torch.Tensor) -> None:
+    """Keep a trainable logit scale (log temperature) in [0, ln 100], as CLIP and open_clip do."""
+    logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
 def draw_seed(*keys: int) -> int:
@@ -208,37 +279,43 @@ class SeededDraws(torch.utils.data.Dataset):
 
 
 class ZeroShotEvaluator:
-    """Scores a split with the model's current text tower as the classifier head."""
+    """The zero-shot head from the model's current text tower, the images it scores and their metrics."""
 
-    def __init__(self, backbone, taxonomy, text_type: str, templates: list[str], batch_size: int, num_workers: int,
-                 precision: str = "fp32"):  # fmt: skip
+    def __init__(self, backbone, taxonomy, text_type: str, templates: list[str]):
         self.backbone, self.taxonomy = backbone, taxonomy
         self.prompts = class_prompts(taxonomy, text_type, templates)
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # the training's
+
+    def images(self, split) -> LabelledPixels:
+        """A ``datasets`` split through the backbone's evaluation preprocessing (uint8, normalised on the device)."""
+        from mushroomclip.features import PreprocessedImages
+
+        return LabelledPixels(PreprocessedImages(split, self.backbone.preprocess))
 
     @torch.inference_mode()
-    def __call__(self, model, split) -> tuple[dict, np.ndarray]:
-        from mushroomclip.features import image_features
+    def class_embeddings(self, model) -> torch.Tensor:
+        """``(C, D)`` class text embeddings of ``model`` (the peft model; the caller sets eval mode and autocast)."""
         from mushroomclip.prompts import class_text_embeddings
 
-        was_training = model.training
-        model.eval()
         self.backbone.model = model
         self.backbone.device = next(model.parameters()).device
-        autocast = (
-            torch.autocast(self.backbone.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            class_emb = class_text_embeddings(self.backbone, self.prompts)
-            one_bar = int(os.environ.get("RANK", "0")) == 0  # a progress bar from rank 0, not one per rank
-            feats, labels = image_features(self.backbone, split, self.batch_size, self.num_workers, "eval", one_bar)
-        scale = model.get_base_model().logit_scale.exp().item()
-        scores = scale * feats @ class_emb.numpy().T
-        model.train(was_training)
-        return classification_metrics(labels, scores, len(self.taxonomy), taxonomy=self.taxonomy), scores
+        return class_text_embeddings(self.backbone, self.prompts).float()
+
+    def metrics(self, labels: np.ndarray, scores: np.ndarray) -> dict:
+        return classification_metrics(labels, scores, len(self.taxonomy), taxonomy=self.taxonomy)
+
+
+class LabelledPixels(torch.utils.data.Dataset):
+    """``(pixels, label)`` pairs as the ``{"pixel_values", "labels"}`` items that :func:`collate` stacks."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        pixels, label = self.images[index]
+        return {"pixel_values": pixels, "labels": label}
 
 
 def divergence_message(what: str, step: int, lr: float, checkpoints: Path) -> str:
@@ -415,8 +492,7 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     args = training_arguments(cfg, checkpoints, steps_per_epoch)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     templates = templates_for(cfg.data.eval_templates)
-    evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates, cfg.training.eval_batch_size,
-                                  cfg.data.num_workers, precision)  # fmt: skip
+    evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates)
     trainer = ContrastiveTrainer(
         model=model, args=args, train_dataset=train,
         eval_dataset=splits["validation"], data_collator=collate,
@@ -433,8 +509,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
         untrained = json.loads(saved.read_text()) if saved.is_file() else {}
         baseline_val, baseline_test = untrained.get("validation"), untrained.get("test")
     else:
-        baseline_val, _ = evaluator(model, splits["validation"])
-        baseline_test, _ = evaluator(model, splits["test"]) if cfg.training.test_after else (None, None)
+        baseline_val = trainer.score(splits["validation"])
+        baseline_test = trainer.score(splits["test"]) if cfg.training.test_after else None
     trainer.untrained = {"validation": metrics_summary(baseline_val), "test": metrics_summary(baseline_test)}
     if cfg.training.overwrite and trainer.is_world_process_zero():
         clear_run_outputs(run_dir, log)
@@ -443,11 +519,12 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
         raise TrainingDivergedError(f"{len(bad)} trained weights are NaN or infinite (e.g. {bad[0]}); nothing was "
                                     f"written. Lower training.lr (now {cfg.training.lr:g})")  # fmt: skip
     # 5. Evaluate the best checkpoint (loaded back by Trainer) on validation and test.
-    best, _ = evaluator(trainer.model, splits["validation"])
-    test, _ = evaluator(trainer.model, splits["test"]) if cfg.training.test_after else (None, None)
-    lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
-    log(f"[rank {trainer.args.process_index}] step {trainer.state.global_step} lora-checksum {lora_sum:.8f} "
-        f"val-miou {best['miou']:.6f}")  # fmt: skip
+    best = trainer.score(splits["validation"])
+    test = trainer.score(splits["test"]) if cfg.training.test_after else None
+    if logger.isEnabledFor(logging.DEBUG):  # to compare the ranks of a multi-process run
+        lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
+        logger.debug("rank %d step %d lora-checksum %.8f val-miou %.6f", trainer.args.process_index,
+                     trainer.state.global_step, lora_sum, best["miou"])  # fmt: skip
     result = {"validation_best": best, "test": test, "validation_untrained": baseline_val, "test_untrained": baseline_test,
               "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
               "model": trainer.model, "push_error": None}  # fmt: skip

@@ -96,3 +96,17 @@ def test_frozen_text_tower_reuses_class_embeddings_with_the_same_loss_and_gradie
     assert not ContrastiveTrainer(
         model=both, args=args, class_input_ids=ids, loss_name=loss_name, evaluator=None
     ).text_frozen
+
+
+def test_zero_shot_logits_keep_the_logit_scale_and_scores_in_fp32_under_bf16_autocast():
+    from mushroomclip.trainer import zero_shot_logits
+
+    images = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    classes = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(100)))  # CLIP's trained value, the clamp's bound
+    expected = 100 * images.double() @ classes.double().T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = zero_shot_logits(images, classes, logit_scale)
+        naive = logit_scale.exp() * images @ classes.T  # the product in bf16: 2-3 significant digits
+    assert logits.dtype == torch.float32 and torch.allclose(logits.double(), expected, rtol=1e-5)
+    assert not torch.allclose(naive.double(), expected, rtol=1e-3)  # what the fp32 guard is for

@@ -312,20 +312,32 @@ def test_resume_after_a_killed_run_continues_the_same_run(prepared, uninterrupte
 
 
 def test_two_process_gloo_run_agrees_and_only_rank_zero_writes(prepared, tmp_path):
+    from test_multi_rank import free_port
+
     out = tmp_path / "ddp"
+    # Each rank's debug line (LoRA checksum) goes to a file of its own: a sitecustomize module sets up the logger.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import logging, os\n"
+        "if 'RANK' in os.environ:\n"
+        "    logger = logging.getLogger('mushroomclip')\n"
+        "    logger.setLevel(logging.DEBUG)\n"
+        f"    logger.addHandler(logging.FileHandler(f'{tmp_path}/rank{{os.environ[\"RANK\"]}}.log'))\n"
+    )
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     accelerate = Path(sys.executable).with_name("accelerate")
     # The issue's command: accelerate alone would start one process here (no MPI); train.py starts the
     # second rank itself (torch.distributed.run, gloo on the CPU).
     cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29517", "train.py", "--config", "configs/tiny.yaml",
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "train.py", "--config", "configs/tiny.yaml",
            *tiny_overrides(prepared[0], out, **{"training.max_steps": 10, "training.eval_steps": 10, "training.batch_size": 8})]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "starting 2 CPU ranks" in output
-    ranks = [line for line in output.splitlines() if line.startswith("[rank ")]
-    assert sorted(line.split()[1] for line in ranks) == ["0]", "1]"], ranks
-    assert len({line.split(" ", 2)[2] for line in ranks}) == 1, ranks  # same step, LoRA weights and val mIoU
+    assert "lora-checksum" not in output  # a debug line, not part of a normal run's output
+    ranks = [(tmp_path / f"rank{rank}.log").read_text().split() for rank in (0, 1)]
+    assert [words[1] for words in ranks] == ["0", "1"]
+    assert ranks[0][2:] == ranks[1][2:], ranks  # same step, LoRA weights and val mIoU
     assert output.count("best validation mIoU") == 1  # the summary comes from rank 0 only
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 10 and metrics["processes"] == 2 and metrics["precision"] == "fp32"
@@ -411,3 +423,67 @@ def test_speed_benchmarks_run_on_the_tiny_model_and_count_every_image(prepared):
     for towers in (("vision", "text"), ("vision",)):
         train = measure_train_speed(str(prepared[0]), "tiny-clip", 8, 2, 0, "cpu", towers)
         assert train["steps"] == 2 and train["pipeline_images_per_s"] > 0 and train["model_only_images_per_s"] > 0
+
+
+class _Niceness(torch.utils.data.Dataset):
+    """Each item is the niceness of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        return os.nice(0)
+
+
+def _tiny_trainer(tmp_path, **kwargs):
+    """A ContrastiveTrainer on tiny-clip with LoRA on the vision tower, on the CPU."""
+    from transformers import TrainingArguments
+
+    from mushroomclip.lora import add_lora
+    from mushroomclip.trainer import ContrastiveTrainer
+
+    backbone = load_backbone("tiny-clip")
+    model = add_lora(
+        backbone.model, 4, 8, 0.0, ["vision"], ["q_proj", "v_proj"], kwargs.pop("train_logit_scale", False)
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], data_seed=0, **kwargs.pop("args", {})
+    )
+    ids = backbone.tokenize(["Amanita muscaria", "Boletus edulis"])
+    return ContrastiveTrainer(model=model, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None,
+                              **kwargs)  # fmt: skip
+
+
+class _NicenessImages:
+    """An evaluator stand-in whose images are :class:`_Niceness` items."""
+
+    def images(self, split) -> _Niceness:
+        return _Niceness()
+
+
+@pytest.mark.parametrize("which", ["train", "eval"])
+def test_the_trainers_loader_workers_run_at_a_lower_priority(which, tmp_path):
+    from mushroomclip.augment import WORKER_NICENESS
+
+    args = {"dataloader_num_workers": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4}
+    trainer = _tiny_trainer(tmp_path, args=args, train_dataset=_Niceness(), data_collator=torch.tensor)
+    trainer.evaluator = _NicenessImages()
+    loader = trainer.get_train_dataloader() if which == "train" else trainer.get_eval_dataloader("any split")
+    [niceness] = list(loader)
+    assert niceness.tolist() == [min(os.nice(0) + WORKER_NICENESS, 19)] * 4
+
+
+def test_a_trainable_logit_scale_has_no_weight_decay_and_stays_at_most_ln_100(tmp_path):
+    import math
+
+    trainer = _tiny_trainer(tmp_path, train_logit_scale=True, args={"learning_rate": 1.0, "weight_decay": 0.5})
+    scale = trainer.model.get_base_model().logit_scale
+    optimizer = trainer.create_optimizer()
+    [group] = [g for g in optimizer.param_groups if any(p is scale for p in g["params"])]
+    assert group["weight_decay"] == 0.0
+    assert any(g["weight_decay"] == 0.5 and g["params"] for g in optimizer.param_groups)  # LoRA weights decay
+    with torch.no_grad():
+        scale.fill_(math.log(100) - 0.01)
+    scale.grad = torch.full_like(scale, -1.0)  # a step of about lr = 1.0 upwards
+    optimizer.step()
+    assert scale.item() == pytest.approx(math.log(100))
