@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SYNONYMS = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
             "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
-            "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "mixed_precision": "precision"}  # fmt: skip
+            "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "mixed_precision": "precision",
+            "activation_checkpointing": "gradient_checkpointing"}  # fmt: skip
 
 
 def unknown_key_message(key: str, valid: list[str], where: str) -> str:
@@ -112,6 +113,7 @@ class TrainingConfig:
     grad_accum: int = 1
     optim: str = "auto"  # auto: adamw_bnb_8bit when bitsandbytes and CUDA are there, else adamw_torch
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto: the accelerate config's, else bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less GPU memory, slower
     eval_steps: int = 0  # 0: once per epoch
     save_steps: int = 0  # 0: with every evaluation
     save_total_limit: int = 3

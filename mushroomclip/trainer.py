@@ -303,6 +303,7 @@ def training_arguments(cfg: TrainConfig, checkpoints: Path, steps_per_epoch: int
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, weight_decay=t.weight_decay,
         lr_scheduler_type="cosine", warmup_steps=math.ceil(t.warmup_ratio * _total_steps(cfg, steps_per_epoch)), optim=optim,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=cpu,
+        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=t.save_steps or eval_steps,
         save_total_limit=t.save_total_limit, load_best_model_at_end=True, metric_for_best_model="miou",
         greater_is_better=True, logging_steps=t.logging_steps, report_to=[] if t.report_to == "none" else [t.report_to],
