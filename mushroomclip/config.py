@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
 
 @dataclass
 class ModelConfig:
-    base: str = "openai/clip-vit-base-patch32"  # hub id, local folder, or tiny-clip (offline)
+    base: str = "openai/clip-vit-base-patch32"  # hub id, local folder, convert:<open_clip source>, or tiny-clip
+    base_hub_id: str | None = None  # the Hub repo of a local base (convert --push-to-hub): what the run records
     random_weights: bool = False  # keep the architecture, skip the download (throughput checks)
 
 
@@ -262,6 +264,10 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     if config.data.taxonomy is not None and not Path(config.data.taxonomy).is_file():
         raise ConfigError(f"data.taxonomy {config.data.taxonomy} does not exist (a CSV like the prepared folder's "
                           "taxonomy.csv; leave it unset to use that one)")  # fmt: skip
+    hub_id = config.model.base_hub_id
+    if hub_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id):
+        raise ConfigError(f"model.base_hub_id must be a Hub repo id USER/NAME (e.g. the --push-to-hub of "
+                          f"python -m mushroomclip.convert), got {hub_id!r}")  # fmt: skip
     if config.hub.push and not config.hub.repo_id:
         raise ConfigError("hub.push is true but hub.repo_id is not set (e.g. hub.repo_id=USER/mushroomclip-lora-b32)")
     return config

@@ -390,7 +390,7 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     from transformers import set_seed
 
     from mushroomclip.data import load_splits
-    from mushroomclip.lora import add_lora, backbone_name
+    from mushroomclip.lora import add_lora, backbone_name, base_record
     from mushroomclip.models import load_backbone
     from mushroomclip.prompts import templates_for
     from mushroomclip.runs import clear_run_outputs
@@ -406,7 +406,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     model = add_lora(
         backbone.model, lora.r, lora.alpha, lora.dropout, lora.towers, lora.target_modules, lora.train_logit_scale
     )
-    model.peft_config["default"].base_model_name_or_path = cfg.model.base
+    portable_base = base_record(cfg.model.base, cfg.model.base_hub_id)["base_model"]  # a Hub id or convert: recipe where there is one
+    model.peft_config["default"].base_model_name_or_path = portable_base
     backbone.model = model
     class_ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, cfg.data.text_type, [cfg.data.train_template])])
     train = train_images(splits["train"], backbone.preprocess)  # uint8, normalised on the device
