@@ -406,7 +406,7 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     model = add_lora(
         backbone.model, lora.r, lora.alpha, lora.dropout, lora.towers, lora.target_modules, lora.train_logit_scale
     )
-    portable_base = base_record(cfg.model.base, cfg.model.base_hub_id)["base_model"]  # a Hub id or convert: recipe where there is one
+    portable_base = base_record(cfg.model.base, cfg.model.base_hub_id)["base_model"]  # Hub id or convert: recipe
     model.peft_config["default"].base_model_name_or_path = portable_base
     backbone.model = model
     class_ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, cfg.data.text_type, [cfg.data.train_template])])
