@@ -31,7 +31,8 @@ SUMMARY_KEYS = ("oa", "top5", "balanced_acc", "mf1", "miou", "rank_accuracy", "m
                 "dangerous_as_edible", "deadly_recall")  # fmt: skip
 # Keys that change where and how a run is executed or published, not what it computes: they may differ on
 # --resume (a checkpoint copied to another folder continues there).
-EXECUTION_KEYS = {"training": ("output_dir", "resume", "overwrite", "report_to", "eval_batch_size"), "data": ("num_workers",),
+EXECUTION_KEYS = {"training": ("output_dir", "resume", "overwrite", "report_to", "eval_batch_size",
+                              "gradient_checkpointing"), "data": ("num_workers",),
                   "hub": ("push", "repo_id", "private")}  # fmt: skip
 
 

@@ -61,3 +61,17 @@ def test_gradient_checkpointing_is_off_by_default_and_on_in_the_bioclip2_config(
     assert not training_arguments(load_train_config(None), tmp_path, steps_per_epoch=1).activation_checkpointing
     config = Path(__file__).parents[1] / "configs/lora_bioclip2.yaml"
     assert load_train_config(config).training.gradient_checkpointing is True
+
+
+def test_a_run_may_be_resumed_with_gradient_checkpointing_switched(tmp_path):
+    """Checkpointing changes memory, not results: after an out-of-memory stop, --resume may turn it on."""
+    import yaml
+
+    from mushroomclip.runs import CHECKPOINT_CONFIG, check_run_folder
+
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / CHECKPOINT_CONFIG).write_text(yaml.safe_dump(load_train_config(None).to_dict()))
+    config = load_train_config(None, ["training.gradient_checkpointing=true"]).to_dict()
+    check_run_folder(tmp_path, config, resume=True, overwrite=False)  # no RunFolderError
