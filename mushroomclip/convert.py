@@ -328,7 +328,8 @@ def converted_card(rec: dict):
 
     source = rec["source"]
     repo = source.removeprefix("hf-hub:") if source.startswith("hf-hub:") else None
-    named = f"[{repo}](https://huggingface.co/{repo})" if repo else f"open_clip `{source}` (`{rec.get('pretrained')}`)"
+    title = repo or f"open_clip {source} ({rec.get('pretrained')})"
+    named = f"[{repo}](https://huggingface.co/{repo})" if repo else f"`{title}`"
     license_ = known_license(source)
     data = ModelCardData(base_model=repo, library_name="transformers", license=license_ or "other",
                          pipeline_tag="zero-shot-image-classification", tags=["clip", "open_clip", "mushroomclip"])  # fmt: skip
@@ -339,7 +340,7 @@ def converted_card(rec: dict):
 {data.to_yaml()}
 ---
 
-# {named.split("](")[0].lstrip("[")} as a transformers CLIPModel
+# {title} as a transformers CLIPModel
 
 The weights of {named} ({rec["weights"]}), converted exactly from open_clip to `transformers.CLIPModel`
 with `python -m mushroomclip.convert` (converter version {rec["converter"]}): no training, no new weights.

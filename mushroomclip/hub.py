@@ -239,7 +239,10 @@ def stage_upload(run_dir: Path, repo_id: str, staging: Path) -> list[str]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if "config" in metrics:
         metrics["config"] = shareable_config(metrics["config"], base, run_dir.name)
-    metrics["command"] = _shareable_command(metrics.get("command") or "")
+    trained_on = config["model"]["base"]  # a local folder where it differs from the portable name
+    local_base = trained_on if trained_on != base and "/" in trained_on else None
+    command = metrics.get("command") or ""
+    metrics["command"] = _shareable_command(command.replace(local_base, base) if local_base else command)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if "data.json" in names:
         data = json.loads((run_dir / "data.json").read_text())
@@ -247,9 +250,8 @@ def stage_upload(run_dir: Path, repo_id: str, staging: Path) -> list[str]:
         (staging / "data.json").write_text(json.dumps(data, indent=2))
     card = staging / "README.md"
     card.write_text(card.read_text().replace(REPO, repo_id))
-    local = {
-        str(p) for p in (run_dir.resolve(), Path(config["model"]["base"]).resolve(), Path.cwd()) if len(p.parts) > 2
-    }
+    local = {str(p) for p in (run_dir.resolve(), Path(trained_on).resolve(), Path.cwd()) if len(p.parts) > 2}
+    local |= {local_base} if local_base else set()
     for name in names:
         if name.endswith((".json", ".yaml", ".md", ".csv")):
             text = (staging / name).read_text()

@@ -6,6 +6,7 @@ moved away and the converted folder deleted, so only the recorded recipe can bri
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -102,6 +103,11 @@ def test_moved_run_loads_with_identical_logits_after_the_converted_folder_is_del
         after = load_classifier(str(moved)).logits(IMAGES)
         assert torch.equal(before, after) and torch.isfinite(after).all()
         assert len(list(converted_cache().iterdir())) == 1  # converted on demand again, from the Hub cache
+        IMAGES[0].save(tmp_path / "photo.png")
+        spec = importlib.util.spec_from_file_location("predict_script", ROOT / "predict.py")
+        predict = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(predict)
+        assert predict.main([str(tmp_path / "photo.png"), "--adapter", str(moved), "--format", "json"]) == 0
     finally:
         shutil.move(hidden, base)
 
@@ -126,12 +132,19 @@ def _snippets(card: str) -> str:
 def test_pushed_files_hold_no_local_path_and_the_card_snippet_runs_as_written(world, converted_run, tmp_path):
     from huggingface_hub import ModelCard
 
-    root = world[0]
-    api = _pushed(converted_run, "someone/mushroomclip-bioclip")
+    root, base = world[0], world[1]
+    run = Path(shutil.copytree(converted_run, tmp_path / "on-converted"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["command"] = f"train.py --config {root}/my.yaml model.base={base} training.output_dir={run}"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    api = _pushed(run, "someone/mushroomclip-bioclip")
     assert {"adapter_config.json", "classes.json", "config.yaml", "data.json", "metrics.json", "README.md"} <= set(
         api.files
     )
     _assert_no_local_path(api, root)
+    assert json.loads(api.files["metrics.json"])["command"] == (
+        "train.py --config my.yaml model.base=convert:hf-hub:imageomics/bioclip training.output_dir=on-converted"
+    )
     card = ModelCard(api.files["README.md"])
     assert card.data.base_model == "imageomics/bioclip" and card.data.license == "mit"
     assert "https://huggingface.co/imageomics/bioclip" in card.text
@@ -218,3 +231,17 @@ def test_convert_push_to_hub_publishes_the_folder_with_a_card_crediting_the_sour
     assert "https://huggingface.co/imageomics/bioclip" in card.text and "MIT" in card.text
     assert 'from_pretrained("someone/bioclip-hf")' in card.text and "REPO_ID" not in card.text
     assert str(tmp_path) not in api.files[RECIPE_FILE] + api.files["README.md"]
+
+
+def test_a_convert_base_trains_and_loads_like_the_converted_folder(world):
+    from mushroomclip.lora import backbone_name, base_record
+    from mushroomclip.models import load_backbone
+
+    _, base, _, _ = world
+    spec = "convert:hf-hub:imageomics/bioclip"
+    assert base_record(spec) == {"base_model": spec, "base_conversion": json.loads((base / RECIPE_FILE).read_text())}
+    assert base_record(str(base), "someone/bioclip-hf")["base_model"] == "someone/bioclip-hf"
+    on_demand, folder = load_backbone(backbone_name(spec)), load_backbone(f"hf:{base}")
+    pixels = torch.stack([folder.preprocess(im) for im in IMAGES])
+    assert torch.equal(on_demand.encode_images(pixels), folder.encode_images(pixels))
+    assert torch.equal(on_demand.encode_texts(["Amanita muscaria"]), folder.encode_texts(["Amanita muscaria"]))
