@@ -201,6 +201,7 @@ def test_a_folder_without_recipe_is_refused_at_push_and_is_a_clear_error_elsewhe
     (plain / RECIPE_FILE).unlink()  # a folder of unknown origin
     run = train(world, "on-plain-folder", plain)
     assert json.loads((run / "classes.json").read_text())["base_model_is_folder"] is True
+    assert "license" not in (run / "README.md").read_text().split("---")[1]  # unknown origin: no license claimed
     api = FakeApi()
     with pytest.raises(PushError, match="local model folder .*plain-hf.*mushroomclip.convert") as info:
         push_run(run, "someone/nope", api=api)
@@ -245,3 +246,13 @@ def test_a_convert_base_trains_and_loads_like_the_converted_folder(world):
     pixels = torch.stack([folder.preprocess(im) for im in IMAGES])
     assert torch.equal(on_demand.encode_images(pixels), folder.encode_images(pixels))
     assert torch.equal(on_demand.encode_texts(["Amanita muscaria"]), folder.encode_texts(["Amanita muscaria"]))
+
+
+def test_the_license_is_claimed_only_for_bases_known_to_be_mit():
+    from mushroomclip.models import known_license
+
+    mit = ["clip-b32", "openai/clip-vit-large-patch14", "bioclip", "bioclip-2", "imageomics/bioclip",
+           "convert:hf-hub:imageomics/bioclip-2", "hf-hub:imageomics/bioclip"]  # fmt: skip
+    assert {known_license(b) for b in mit} == {"mit"}
+    unknown = ["tiny-clip", "tiny-openclip", "openclip-b32-laion2b", "someone/bioclip-hf", "models/bioclip-hf"]
+    assert {known_license(b) for b in unknown} == {None}
