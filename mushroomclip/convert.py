@@ -293,7 +293,7 @@ def converted_cache() -> Path:
 
 def converted_folder(base: str, expected_weights: str | None = None) -> Path:
     """The folder of a ``convert:`` base, converted on first use and reused afterwards (keyed by the source's
-    weights, so new weights on the Hub make a new folder). ModelLoadError / ConversionError."""
+    weights, so new weights on the Hub make a new folder); a one-line ModelLoadError where it cannot be made."""
     from mushroomclip.hub_files import weights_id
     from mushroomclip.models import ModelLoadError, open_clip_weights
 

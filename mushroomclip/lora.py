@@ -2,7 +2,8 @@
 
 A saved run directory holds the peft adapter (``adapter_config.json``, ``adapter_model.safetensors``)
 and ``classes.json`` (species order, text type, templates, taxonomy hash, base model), which is all
-:func:`load_classifier` needs.
+:func:`load_classifier` needs. The base is recorded so that another machine can load it (:func:`base_record`):
+a Hub id, or the recipe of a converted BioCLIP folder, which is converted again on first use.
 """
 
 from __future__ import annotations

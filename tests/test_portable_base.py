@@ -256,3 +256,11 @@ def test_the_license_is_claimed_only_for_bases_known_to_be_mit():
     assert {known_license(b) for b in mit} == {"mit"}
     unknown = ["tiny-clip", "tiny-openclip", "openclip-b32-laion2b", "someone/bioclip-hf", "models/bioclip-hf"]
     assert {known_license(b) for b in unknown} == {None}
+
+
+def test_on_demand_conversion_warns_when_the_source_weights_changed_since_training(world, caplog):
+    from mushroomclip.convert import converted_folder
+
+    with caplog.at_level("WARNING", logger="mushroomclip.convert"):
+        converted_folder("convert:hf-hub:imageomics/bioclip", expected_weights="commit 0123abc")
+    assert "trained on the weights of commit 0123abc" in caplog.text and "the source now has commit " in caplog.text
