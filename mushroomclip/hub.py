@@ -223,8 +223,10 @@ def _shareable_command(command: str) -> str:
 
 
 def stage_upload(run_dir: Path, repo_id: str, staging: Path) -> list[str]:
-    """Copies of the files a push uploads in ``staging``, with no path of this machine in them (config.yaml,
-    data.json and metrics.json rewritten, the card's snippets naming ``repo_id``); their names."""
+    """Copies of the files a push uploads in ``staging``, with no path of this machine in them (classes.json,
+    config.yaml, data.json and metrics.json rewritten, the card's snippets naming ``repo_id``); their names."""
+    from mushroomclip.taxonomy import BUNDLED
+
     record = json.loads((run_dir / "classes.json").read_text())
     base = record["base_model"]
     if record.get("base_model_is_folder"):
@@ -234,13 +236,16 @@ def stage_upload(run_dir: Path, repo_id: str, staging: Path) -> list[str]:
     names = [f for f in UPLOAD if (run_dir / f).is_file()]
     for name in names:
         shutil.copy2(run_dir / name, staging / name)
+    source = record.get("taxonomy_source")
+    if source and source != BUNDLED:  # a table file of this machine
+        (staging / "classes.json").write_text(json.dumps(record | {"taxonomy_source": Path(source).name}, indent=2))
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     (staging / "config.yaml").write_text(yaml.safe_dump(shareable_config(config, base, run_dir.name), sort_keys=False))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if "config" in metrics:
         metrics["config"] = shareable_config(metrics["config"], base, run_dir.name)
-    trained_on = config["model"]["base"]  # a local folder where it differs from the portable name
-    local_base = trained_on if trained_on != base and "/" in trained_on else None
+    trained_on = config["model"]["base"]
+    local_base = trained_on if trained_on != base and Path(trained_on).is_dir() else None
     command = metrics.get("command") or ""
     metrics["command"] = _shareable_command(command.replace(local_base, base) if local_base else command)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -250,7 +255,8 @@ def stage_upload(run_dir: Path, repo_id: str, staging: Path) -> list[str]:
         (staging / "data.json").write_text(json.dumps(data, indent=2))
     card = staging / "README.md"
     card.write_text(card.read_text().replace(REPO, repo_id))
-    local = {str(p) for p in (run_dir.resolve(), Path(trained_on).resolve(), Path.cwd()) if len(p.parts) > 2}
+    paths = (run_dir.resolve(), Path(trained_on).resolve(), Path(config["data"]["path"]).resolve(), Path.cwd())
+    local = {str(p) for p in paths if len(p.parts) > 2}
     local |= {local_base} if local_base else set()
     for name in names:
         if name.endswith((".json", ".yaml", ".md", ".csv")):

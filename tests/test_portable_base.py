@@ -51,6 +51,7 @@ def world(prepared, tmp_path_factory):
     """An offline fake Hub cache with imageomics/bioclip, a private HF_HOME, and the base converted into
     ``models/bioclip-hf`` as the README's command does."""
     root = tmp_path_factory.mktemp("portable")
+    base_temp = tmp_path_factory.getbasetemp()  # holds this machine's paths of the run, data and models
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HOME", str(root / "hf_home"))
         cache = use_offline_cache(mp, root / "hub")
@@ -59,12 +60,12 @@ def world(prepared, tmp_path_factory):
         )
         base = root / "models" / "bioclip-hf"
         assert convert_main(["--model", "bioclip", "--output", str(base)]) == 0
-        yield root, base, cache, prepared[0]
+        yield base_temp, base, cache, prepared[0]
 
 
 def train(world, name: str, base: Path, **extra) -> Path:
-    root, _, _, data = world
-    out = root / "runs" / name
+    _, converted, _, data = world
+    out = converted.parents[1] / "runs" / name
     values = {"model.base": base, "data.path": data, "training.output_dir": out, "training.max_steps": 3,
               "training.eval_steps": 3, "training.logging_steps": 1, "data.num_workers": 0} | extra  # fmt: skip
     run_training(
