@@ -268,6 +268,14 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     if hub_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id):
         raise ConfigError(f"model.base_hub_id must be a Hub repo id USER/NAME (e.g. the --push-to-hub of "
                           f"python -m mushroomclip.convert), got {hub_id!r}")  # fmt: skip
+    base = Path(config.model.base)
+    if config.hub.push and hub_id is None and base.is_dir():
+        from mushroomclip.convert import RECIPE_FILE
+
+        if not (base / RECIPE_FILE).is_file():
+            raise ConfigError(f"hub.push: model.base {base} is a local folder no other machine has; set "
+                              "model.base_hub_id to its Hub repo, or use a folder written by python -m "
+                              "mushroomclip.convert (it records the source to convert again)")  # fmt: skip
     if config.hub.push and not config.hub.repo_id:
         raise ConfigError("hub.push is true but hub.repo_id is not set (e.g. hub.repo_id=USER/mushroomclip-lora-b32)")
     return config

@@ -207,6 +207,8 @@ def test_a_folder_without_recipe_is_refused_at_push_and_is_a_clear_error_elsewhe
     with pytest.raises(PushError, match="local model folder .*plain-hf.*mushroomclip.convert") as info:
         push_run(run, "someone/nope", api=api)
     assert "\n" not in str(info.value) and api.files == {} and api.repo is None
+    with pytest.raises(ConfigError, match="hub.push: model.base .*plain-hf is a local folder"):
+        load_train_config(None, [f"model.base={plain}", "hub.push=true", "hub.repo_id=someone/nope"])
     shutil.rmtree(plain)
     with pytest.raises(AdapterError, match="local model folder .*plain-hf.* not on this machine"):
         load_classifier(str(run))
