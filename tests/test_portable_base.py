@@ -267,3 +267,18 @@ def test_on_demand_conversion_warns_when_the_source_weights_changed_since_traini
     with caplog.at_level("WARNING", logger="mushroomclip.convert"):
         converted_folder("convert:hf-hub:imageomics/bioclip", expected_weights="commit 0123abc")
     assert "trained on the weights of commit 0123abc" in caplog.text and "the source now has commit " in caplog.text
+
+
+def test_a_failed_convert_push_is_one_line_and_keeps_the_folder(world, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    class Offline(FakeApi):
+        def upload_folder(self, **kwargs):
+            raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    out = tmp_path / "bioclip-hf"
+    assert convert_main(["--model", "bioclip", "--output", str(out), "--push-to-hub", "someone/bioclip-hf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not push") and "\n" not in err and "Network is unreachable" in err
+    assert (out / RECIPE_FILE).is_file() and (out / "model.safetensors").is_file()
