@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -22,7 +23,8 @@ class ConfigError(ValueError):
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SYNONYMS = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
             "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
-            "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "mixed_precision": "precision"}  # fmt: skip
+            "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "mixed_precision": "precision",
+            "activation_checkpointing": "gradient_checkpointing"}  # fmt: skip
 
 
 def unknown_key_message(key: str, valid: list[str], where: str) -> str:
@@ -69,7 +71,8 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
 
 @dataclass
 class ModelConfig:
-    base: str = "openai/clip-vit-base-patch32"  # hub id, local folder, or tiny-clip (offline)
+    base: str = "openai/clip-vit-base-patch32"  # hub id, local folder, convert:<open_clip source>, or tiny-clip
+    base_hub_id: str | None = None  # the Hub repo of a local base (convert --push-to-hub): what the run records
     random_weights: bool = False  # keep the architecture, skip the download (throughput checks)
 
 
@@ -112,6 +115,7 @@ class TrainingConfig:
     grad_accum: int = 1
     optim: str = "auto"  # auto: adamw_bnb_8bit when bitsandbytes and CUDA are there, else adamw_torch
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto: the accelerate config's, else bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less GPU memory, slower
     eval_steps: int = 0  # 0: once per epoch
     save_steps: int = 0  # 0: with every evaluation
     save_total_limit: int = 3
@@ -260,6 +264,18 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     if config.data.taxonomy is not None and not Path(config.data.taxonomy).is_file():
         raise ConfigError(f"data.taxonomy {config.data.taxonomy} does not exist (a CSV like the prepared folder's "
                           "taxonomy.csv; leave it unset to use that one)")  # fmt: skip
+    hub_id = config.model.base_hub_id
+    if hub_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id):
+        raise ConfigError(f"model.base_hub_id must be a Hub repo id USER/NAME (e.g. the --push-to-hub of "
+                          f"python -m mushroomclip.convert), got {hub_id!r}")  # fmt: skip
+    base = Path(config.model.base)
+    if config.hub.push and hub_id is None and base.is_dir():
+        from mushroomclip.convert import RECIPE_FILE
+
+        if not (base / RECIPE_FILE).is_file():
+            raise ConfigError(f"hub.push: model.base {base} is a local folder no other machine has; set "
+                              "model.base_hub_id to its Hub repo, or use a folder written by python -m "
+                              "mushroomclip.convert (it records the source to convert again)")  # fmt: skip
     if config.hub.push and not config.hub.repo_id:
         raise ConfigError("hub.push is true but hub.repo_id is not set (e.g. hub.repo_id=USER/mushroomclip-lora-b32)")
     return config

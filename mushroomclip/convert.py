@@ -6,15 +6,26 @@ Supports OpenAI-architecture open_clip models (ViT towers, class-token pooling, 
 OpenAI BPE tokenizer). The activation (QuickGELU or GELU) and the image mean/std are read from the
 source model, never assumed. The source must load with its real weights; ``--check`` reloads the
 written folder and, independently, the source, and compares their embeddings on the same inputs.
+
+The folder carries ``conversion.json`` (source, pretrained tag, weights, converter version): a run trained
+on it records the portable base ``convert:<source>``, which :func:`converted_folder` re-creates on any
+machine (once, cached). ``--push-to-hub USER/NAME`` publishes the folder, for ``model.base_hub_id``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class ConversionError(ValueError):
@@ -217,6 +228,162 @@ def check_folder(name: str, spec, folder: Path) -> float:
     return max_embedding_difference(reference, hf, tokenize(CHECK_TEXTS), pixels, hf_tokens)
 
 
+# --- the recipe: a converted folder says what it was made from, so another machine can make it again ------
+
+RECIPE_FILE = "conversion.json"
+CONVERTER_VERSION = 1  # raise when a change to this module changes the converted weights
+PREFIX = "convert:"
+
+
+def recipe(spec, weights: str) -> dict:
+    """What a converted folder was made from: the open_clip source, its tag, the converter and the weights."""
+    from mushroomclip.hub_files import weights_id
+
+    return {"source": spec.source, "pretrained": spec.pretrained, "converter": CONVERTER_VERSION,
+            "weights": weights_id(weights)}  # fmt: skip
+
+
+def read_recipe(folder: str | Path) -> dict | None:
+    """The recipe of a folder written by this module; None for any other folder."""
+    path = Path(folder) / RECIPE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def recipe_base(rec: dict) -> str:
+    """A portable name of the base a recipe makes: ``convert:<open_clip source>[@<pretrained tag>]``."""
+    return PREFIX + rec["source"] + (f"@{rec['pretrained']}" if rec.get("pretrained") else "")
+
+
+def _spec_of_base(base: str):
+    from mushroomclip.models import ModelSpec
+
+    source, _, tag = base.removeprefix(PREFIX).partition("@")
+    return ModelSpec("open_clip", source, tag or None, description=base)
+
+
+def convert_source(name: str, spec):
+    """``(CLIPModel, CLIPProcessor, weight file)`` of an open_clip model; ModelLoadError / ConversionError."""
+    import open_clip
+    from transformers import CLIPProcessor
+
+    from mushroomclip.models import load_open_clip, offline_clip_tokenizer
+
+    model, _, tokenizer, weights = load_open_clip(name, spec)  # the real weights, or an error
+    if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
+        raise ConversionError("only models with OpenAI CLIP's BPE tokenizer can be converted")
+    hf = convert_open_clip(model)
+    processor = CLIPProcessor(image_processor=image_processor_from_open_clip(model), tokenizer=offline_clip_tokenizer())
+    return hf, processor, weights
+
+
+def save_converted(hf, processor, rec: dict, out: Path) -> None:
+    """Model, processor, model card, and the recipe last (a folder with a recipe is complete)."""
+    hf.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "README.md").write_text(str(converted_card(rec)))
+    (out / RECIPE_FILE).write_text(json.dumps(rec, indent=2))
+
+
+def converted_cache() -> Path:
+    """Where bases converted on demand live: ``$HF_HOME/mushroomclip/converted``."""
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("HF_HOME") or constants.HF_HOME) / "mushroomclip" / "converted"
+
+
+def converted_folder(base: str, expected_weights: str | None = None) -> Path:
+    """The folder of a ``convert:`` base, converted on first use and reused afterwards (keyed by the source's
+    weights, so new weights on the Hub make a new folder); a one-line ModelLoadError where it cannot be made."""
+    from mushroomclip.hub_files import weights_id
+    from mushroomclip.models import ModelLoadError, open_clip_weights
+
+    spec = _spec_of_base(base)
+    found = weights_id(open_clip_weights(base, spec))
+    if expected_weights is not None and found != expected_weights:
+        logger.warning(f"{base}: the adapter was trained on the weights of {expected_weights}, the source now "
+                       f"has {found}; predictions may differ from the run's metrics")  # fmt: skip
+    key = hashlib.sha256(f"{spec.source}|{spec.pretrained}|{CONVERTER_VERSION}|{found}".encode()).hexdigest()[:16]
+    folder = converted_cache() / key
+    if read_recipe(folder) is not None:
+        return folder
+    try:
+        hf, processor, weights = convert_source(base, spec)
+    except ConversionError as err:
+        raise ModelLoadError(f"could not convert {base}: {err}") from None
+    partial = folder.with_name(f"{key}.partial-{os.getpid()}")
+    save_converted(hf, processor, recipe(spec, weights), partial)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(partial)
+    logger.info(f"converted {base} into {folder}")
+    return folder
+
+
+def converted_card(rec: dict):
+    """The card of a converted base: what it is, what it was made from, and the source's license."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from mushroomclip.models import known_license
+
+    source = rec["source"]
+    repo = source.removeprefix("hf-hub:") if source.startswith("hf-hub:") else None
+    title = repo or f"open_clip {source} ({rec.get('pretrained')})"
+    named = f"[{repo}](https://huggingface.co/{repo})" if repo else f"`{title}`"
+    license_ = known_license(source)
+    data = ModelCardData(base_model=repo, library_name="transformers", license=license_ or "other",
+                         pipeline_tag="zero-shot-image-classification", tags=["clip", "open_clip", "mushroomclip"])  # fmt: skip
+    terms = (
+        f"the {license_.upper()} license, as the source" if license_ else "the source model's license (see its card)"
+    )
+    return ModelCard(f"""---
+{data.to_yaml()}
+---
+
+# {title} as a transformers CLIPModel
+
+The weights of {named} ({rec["weights"]}), converted exactly from open_clip to `transformers.CLIPModel`
+with `python -m mushroomclip.convert` (converter version {rec["converter"]}): no training, no new weights.
+All credit for the model goes to its authors; cite them as its card asks. Use under {terms}.
+
+```python
+from transformers import CLIPModel, CLIPProcessor
+
+model = CLIPModel.from_pretrained("REPO_ID")
+processor = CLIPProcessor.from_pretrained("REPO_ID")
+```
+
+`conversion.json` records the source, its weights and the converter version.
+""")
+
+
+def push_converted(folder: str | Path, repo_id: str, private: bool = False, api=None) -> str:
+    """Upload a converted folder (weights, processor, card with ``REPO_ID`` filled in, recipe); the repo URL."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    from mushroomclip.hub import PushError, upload_errors
+
+    folder = Path(folder)
+    api = api or HfApi()  # token: HF_TOKEN or the hf auth login cache
+    with tempfile.TemporaryDirectory() as staging:
+        for path in folder.iterdir():
+            if path.is_file():
+                shutil.copy2(path, staging)
+        card = Path(staging, "README.md")
+        card.write_text(card.read_text().replace("REPO_ID", repo_id))
+        try:
+            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model",
+                              commit_message=f"{folder.name}: converted with mushroomclip.convert")  # fmt: skip
+        except upload_errors() as err:
+            cause = (str(err).strip().splitlines() or [""])[0][:200]
+            raise PushError(f"could not push {folder} to {repo_id} ({type(err).__name__}: {cause}); check the "
+                            "network and the login (HF_TOKEN or hf auth login)") from None  # fmt: skip
+    return str(url)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Convert an open_clip model (e.g. BioCLIP) into a transformers CLIPModel folder."
@@ -230,22 +397,17 @@ def main(argv: list[str] | None = None) -> int:
         help="reload the written folder and the source model (independently) and compare their embeddings; "
         f"exit 1 above {CHECK_TOLERANCE:g}",
     )
+    p.add_argument("--push-to-hub", metavar="USER/NAME", help="also publish the folder as this Hub repo (with a card "
+                   "crediting the source and its license); runs trained on it name it as model.base_hub_id")  # fmt: skip
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
     args = p.parse_args(argv)
 
-    import open_clip
-    from transformers import CLIPProcessor
-
-    from mushroomclip.models import ModelLoadError, load_open_clip, offline_clip_tokenizer
+    from mushroomclip.hub import PushError
+    from mushroomclip.models import ModelLoadError
 
     spec = source_spec(args.model, args.pretrained)
     try:
-        model, _, tokenizer, weights = load_open_clip(args.model, spec)  # the real weights, or an error
-        if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
-            raise ConversionError("only models with OpenAI CLIP's BPE tokenizer can be converted")
-        hf = convert_open_clip(model)
-        processor = CLIPProcessor(
-            image_processor=image_processor_from_open_clip(model), tokenizer=offline_clip_tokenizer()
-        )
+        hf, processor, weights = convert_source(args.model, spec)
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -253,8 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not convert {args.model}: {err}", file=sys.stderr)
         return 2
     out = Path(args.output)
-    hf.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_converted(hf, processor, recipe(spec, weights), out)
     print(f"wrote {out} from {weights} (vision {hf.config.vision_config.hidden_act}, mean {processor.image_processor.image_mean})")  # fmt: skip
     if args.check:
         diff = check_folder(args.model, spec, out)
@@ -262,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
         if not diff <= CHECK_TOLERANCE:
             print(f"error: {out} does not reproduce {args.model} (difference {diff:.2e} > {CHECK_TOLERANCE:g}); do not use it", file=sys.stderr)  # fmt: skip
             return 1
+    if args.push_to_hub:
+        try:
+            print(f"pushed: {push_converted(out, args.push_to_hub, args.private)} (train on it with "
+                  f"model.base_hub_id={args.push_to_hub})")  # fmt: skip
+        except PushError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

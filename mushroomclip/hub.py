@@ -2,7 +2,7 @@
 
     python -m mushroomclip.hub push runs/lora-b32 --repo-id USER/mushroomclip-lora-b32 [--private]
 
-The token comes from the environment (HF_TOKEN) or ``huggingface-cli login`` only, and is never written
+The token comes from the environment (HF_TOKEN) or ``hf auth login`` only, and is never written
 to any file or log.
 """
 
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,29 +23,55 @@ UPLOAD = ("adapter_config.json", "adapter_model.safetensors", "classes.json", "t
           "data.json", "metrics.json", "README.md", "loss_curve.png", "confusion.png")  # fmt: skip
 
 
+REPO = "REPO_OR_FOLDER"  # the card's loading snippets name the adapter so; a push puts the repo id there
+
+
 class PushError(RuntimeError):
-    """The upload failed (network, login, permissions); the run folder is unchanged."""
+    """The upload failed (network, login, permissions) or would publish what only this machine has; the run
+    folder is unchanged."""
+
+
+def base_label(base: str) -> str:
+    """A recorded base as the card's results table names it."""
+    from mushroomclip.convert import PREFIX
+
+    return f"{base.removeprefix(PREFIX).removeprefix('hf-hub:')} (converted)" if base.startswith(PREFIX) else base
 
 
 def _pct(m: dict | None, key: str) -> str:
     return "n/a" if not m or m.get(key) is None else f"{100 * m[key]:.1f}"
 
 
-def describe_base(base: str, random_weights: bool) -> tuple[str, str | None]:
-    """How a card names ``model.base``, and its Hub id where it has one (the only base worth a link)."""
+def card_base(model: dict, record: dict) -> str:
+    """The base a card names: config.yaml's ``model.base``, or, for a local folder, the portable name that
+    classes.json recorded for it (its Hub id or conversion recipe)."""
+    local = model.get("base_hub_id") or record.get("base_conversion") or record.get("base_model_is_folder")
+    return record.get("base_model", model["base"]) if local else model["base"]
+
+
+def describe_base(base: str, random_weights: bool) -> tuple[str, str | None, bool]:
+    """How a card names a run's recorded base model, its Hub id where it has one (the only base worth a link
+    and the card's ``base_model``), and whether ``CLIPModel.from_pretrained`` loads that id."""
+    from mushroomclip.convert import PREFIX
     from mushroomclip.models import REGISTRY
 
     spec = REGISTRY.get(base)
     if spec is not None and spec.tiny:
         return (f"`{base}`, a randomly initialised test model (not a pretrained model); the figures below are a "
-                "pipeline check, not a measure of species recognition"), None  # fmt: skip
+                "pipeline check, not a measure of species recognition"), None, False  # fmt: skip
+    if base.startswith(PREFIX):
+        source = base.removeprefix(PREFIX)
+        repo = source.removeprefix("hf-hub:") if source.startswith("hf-hub:") else None
+        named = f"[{repo}](https://huggingface.co/{repo})" if repo else f"open_clip `{source}`"
+        return (f"{named}, converted exactly to a transformers `CLIPModel` by `mushroomclip.convert`; "
+                "`load_classifier` repeats that conversion on first use (cached)"), repo, False  # fmt: skip
     hub_id = spec.source if spec is not None else base
     if "/" not in hub_id or Path(base).exists():
-        return f"the local model `{base}`", None
+        return f"the local model `{base}`", None, False
     if random_weights:
         return (f"the architecture of [{hub_id}](https://huggingface.co/{hub_id}) with random weights "
-                "(model.random_weights: a throughput check, not a trained model)"), None  # fmt: skip
-    return f"[{hub_id}](https://huggingface.co/{hub_id})", hub_id
+                "(model.random_weights: a throughput check, not a trained model)"), None, False  # fmt: skip
+    return f"[{hub_id}](https://huggingface.co/{hub_id})", hub_id, True
 
 
 def describe_data_used(data: dict | None) -> str:
@@ -57,7 +86,7 @@ def describe_data_used(data: dict | None) -> str:
     prepared = (f"; preparation skipped {skipped} unusable files (`prepare_report.json` of the data folder)"
                 if skipped is not None else "; no preparation report was found")  # fmt: skip
     return (f"Training data: {data['num_species']} species with training images ({counts} images; {split}) "
-            f"from `{data.get('source') or data['path']}`{prepared}. Details: `data.json`.")  # fmt: skip
+            f"from `{Path(data.get('source') or data['path']).name}`{prepared}. Details: `data.json`.")  # fmt: skip
 
 
 def model_card(run_dir: str | Path):
@@ -65,19 +94,24 @@ def model_card(run_dir: str | Path):
     a model-index of the test metrics and the zero-shot baseline row. Links only to real Hub models."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    from mushroomclip.models import known_license
+
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     data_file = run_dir / "data.json"
     data = json.loads(data_file.read_text()) if data_file.is_file() else None
-    base = config["model"]["base"]
-    base_text, hub_id = describe_base(base, config["model"].get("random_weights", False))
+    classes_file = run_dir / "classes.json"
+    record = json.loads(classes_file.read_text()) if classes_file.is_file() else {}
+    base = card_base(config["model"], record)
+    base_text, hub_id, loadable = describe_base(base, config["model"].get("random_weights", False))
+    # a converted base is under its source's license; None (omitted) for a base we cannot vouch for
+    license_ = known_license((record.get("base_conversion") or {}).get("source") or base)
     name = run_dir.name
     test = metrics.get("test") or metrics["validation_best"]
     split = "test" if metrics.get("test") else "validation"
     species = f"{data['num_species']} species" if data else "mushroom species"
-    classes_file = run_dir / "classes.json"
-    head = len(json.loads(classes_file.read_text())["species"]) if classes_file.is_file() else None
+    head = len(record["species"]) if record else None
     head_note = (f" It ranks all {head} species of its taxonomy, but saw images of these {data['num_species']} only."
                  if data and head and head != data["num_species"] else "")  # fmt: skip
     dataset = (
@@ -92,7 +126,7 @@ def model_card(run_dir: str | Path):
         if test.get(key) is not None
     ]  # fmt: skip
     card_data = ModelCardData(
-        base_model=hub_id, library_name="peft", model_name=name, license="apache-2.0", eval_results=results,
+        base_model=hub_id, library_name="peft", model_name=name, license=license_, eval_results=results,
         tags=["clip", "lora", "peft", "mushrooms", "fungi", "biology", "zero-shot-image-classification", "mushroomclip"],
         pipeline_tag="zero-shot-image-classification",
     )  # fmt: skip
@@ -103,11 +137,11 @@ def model_card(run_dir: str | Path):
 from transformers import CLIPModel
 from peft import PeftModel
 
-model = PeftModel.from_pretrained(CLIPModel.from_pretrained("{hub_id}"), "REPO_OR_FOLDER")
+model = PeftModel.from_pretrained(CLIPModel.from_pretrained("{hub_id}"), "{REPO}")
 ```
 
 """
-        if hub_id
+        if loadable
         else ""
     )
     text = f"""---
@@ -128,7 +162,7 @@ Base model: {base_text}.
 
 | model | OA | top-5 | mF1 | mIoU |
 |---|---|---|---|---|
-| {base} zero-shot (before LoRA) | {_pct(baseline, "oa")} | {_pct(baseline, "top5")} | {_pct(baseline, "mf1")} | {_pct(baseline, "miou")} |
+| {base_label(base)} zero-shot (before LoRA) | {_pct(baseline, "oa")} | {_pct(baseline, "top5")} | {_pct(baseline, "mf1")} | {_pct(baseline, "miou")} |
 | **{name}** | {_pct(test, "oa")} | {_pct(test, "top5")} | {_pct(test, "mf1")} | **{_pct(test, "miou")}** |
 
 Dangerous species (deadly or poisonous) predicted as an edible one: {_pct(test, "dangerous_as_edible")}%.
@@ -146,17 +180,17 @@ LoRA r={lora["r"]}, alpha={lora["alpha"]}, dropout={lora["dropout"]} on {", ".jo
 
 ```python
 from mushroomclip.lora import load_classifier
-classifier = load_classifier("REPO_OR_FOLDER")
+classifier = load_classifier("{REPO}")
 ```
 
 ```bash
-python predict.py photo.jpg --adapter REPO_OR_FOLDER --top-k 5
+python predict.py photo.jpg --adapter {REPO} --top-k 5
 ```
 """
     return ModelCard(text)
 
 
-def _upload_errors() -> tuple[type[BaseException], ...]:
+def upload_errors() -> tuple[type[BaseException], ...]:
     """What a failed upload raises: OSError (huggingface_hub's HTTP and offline errors, requests' errors) and
     the HTTP client's own errors (httpx, or the httpx2 that some huggingface_hub versions use)."""
     import importlib
@@ -172,34 +206,98 @@ def retry_command(run_dir: str | Path, repo_id: str, private: bool) -> str:
     return f"python -m mushroomclip.hub push {run_dir} --repo-id {repo_id}" + (" --private" if private else "")
 
 
+def shareable_config(config: dict, base: str, run_name: str) -> dict:
+    """A run's resolved config as published: the portable base, and folders by name, not by this machine's path."""
+    config = copy.deepcopy(config)
+    config["model"]["base"] = base
+    config["training"]["output_dir"] = run_name
+    for key in ("path", "taxonomy"):
+        if config["data"].get(key):
+            config["data"][key] = Path(config["data"][key]).name
+    return config
+
+
+def _shareable_command(command: str) -> str:
+    """The command line with absolute paths cut to their last part."""
+    return re.sub(r"(?<![^\s=])/(?:[^\s/]*/)*", "", command)
+
+
+def stage_upload(run_dir: Path, repo_id: str, staging: Path) -> list[str]:
+    """Copies of the files a push uploads in ``staging``, with no path of this machine in them (classes.json,
+    config.yaml, data.json and metrics.json rewritten, the card's snippets naming ``repo_id``); their names."""
+    from mushroomclip.taxonomy import BUNDLED
+
+    record = json.loads((run_dir / "classes.json").read_text())
+    base = record["base_model"]
+    if record.get("base_model_is_folder"):
+        raise PushError(f"{run_dir} was trained on the local model folder {base}, which no other machine has; "
+                        "retrain on a Hub model, or convert the base with python -m mushroomclip.convert (add "
+                        "--push-to-hub USER/NAME and set model.base_hub_id to name it by that repo)")  # fmt: skip
+    names = [f for f in UPLOAD if (run_dir / f).is_file()]
+    for name in names:
+        shutil.copy2(run_dir / name, staging / name)
+    source = record.get("taxonomy_source")
+    if source and source != BUNDLED:  # a table file of this machine
+        (staging / "classes.json").write_text(json.dumps(record | {"taxonomy_source": Path(source).name}, indent=2))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (staging / "config.yaml").write_text(yaml.safe_dump(shareable_config(config, base, run_dir.name), sort_keys=False))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if "config" in metrics:
+        metrics["config"] = shareable_config(metrics["config"], base, run_dir.name)
+    trained_on = config["model"]["base"]
+    local_base = trained_on if trained_on != base and Path(trained_on).is_dir() else None
+    command = metrics.get("command") or ""
+    metrics["command"] = _shareable_command(command.replace(local_base, base) if local_base else command)
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if "data.json" in names:
+        data = json.loads((run_dir / "data.json").read_text())
+        data |= {k: Path(data[k]).name for k in ("path", "source") if data.get(k)}
+        (staging / "data.json").write_text(json.dumps(data, indent=2))
+    card = staging / "README.md"
+    card.write_text(card.read_text().replace(REPO, repo_id))
+    paths = (run_dir.resolve(), Path(trained_on).resolve(), Path(config["data"]["path"]).resolve(), Path.cwd())
+    local = {str(p) for p in paths if len(p.parts) > 2}
+    local |= {local_base} if local_base else set()
+    for name in names:
+        if name.endswith((".json", ".yaml", ".md", ".csv")):
+            text = (staging / name).read_text()
+            if found := next((p for p in local if p in text), None):
+                raise PushError(f"{run_dir / name} holds the local path {found}, which must not be published")
+    return names
+
+
 def push_run(run_dir: str | Path, repo_id: str, private: bool = False, api=None) -> str:
     """Create ``repo_id`` if needed and upload the adapter, card and class list; returns the repo URL.
 
     A failed upload is one :class:`PushError` naming the cause and the command that retries it.
     """
+    import tempfile
+
     from huggingface_hub import HfApi
 
     run_dir = Path(run_dir)
     missing = [
         f
-        for f in ("adapter_config.json", "adapter_model.safetensors", "classes.json", "README.md")
+        for f in ("adapter_config.json", "adapter_model.safetensors", "classes.json", "README.md", "config.yaml",
+                  "metrics.json")
         if not (run_dir / f).is_file()
-    ]
+    ]  # fmt: skip
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a finished run (missing {', '.join(missing)}); train it first")
-    api = api or HfApi()  # token: HF_TOKEN or the huggingface-cli login cache, never an argument we store
-    try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(run_dir), repo_id=repo_id, repo_type="model",
-                          allow_patterns=[f for f in UPLOAD if (run_dir / f).is_file()],
-                          commit_message=f"MushroomCLIP adapter {run_dir.name}")  # fmt: skip
-    except _upload_errors() as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        hint = ("check the login (HF_TOKEN or huggingface-cli login) and your write access to the repo"
-                if status in (401, 403) else "check the network")  # fmt: skip
-        cause = (str(err).strip().splitlines() or [""])[0][:200]
-        raise PushError(f"could not push {run_dir} to {repo_id} ({type(err).__name__}: {cause}); {hint}. The run "
-                        f"folder is kept as it is; retry with: {retry_command(run_dir, repo_id, private)}") from None  # fmt: skip
+    api = api or HfApi()  # token: HF_TOKEN or the hf auth login cache, never an argument we store
+    with tempfile.TemporaryDirectory() as staging:
+        names = stage_upload(run_dir, repo_id, Path(staging))
+        try:
+            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model", allow_patterns=names,
+                              commit_message=f"MushroomCLIP adapter {run_dir.name}")  # fmt: skip
+        except upload_errors() as err:
+            status = getattr(getattr(err, "response", None), "status_code", None)
+            hint = ("check the login (HF_TOKEN or hf auth login) and your write access to the repo"
+                    if status in (401, 403) else "check the network")  # fmt: skip
+            cause = (str(err).strip().splitlines() or [""])[0][:200]
+            raise PushError(f"could not push {run_dir} to {repo_id} ({type(err).__name__}: {cause}); {hint}. The run "
+                            f"folder is kept as it is; retry with: {retry_command(run_dir, repo_id, private)}") from None  # fmt: skip
     return str(url)
 
 

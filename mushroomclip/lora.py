@@ -2,7 +2,8 @@
 
 A saved run directory holds the peft adapter (``adapter_config.json``, ``adapter_model.safetensors``)
 and ``classes.json`` (species order, text type, templates, taxonomy hash, base model), which is all
-:func:`load_classifier` needs.
+:func:`load_classifier` needs. The base is recorded so that another machine can load it (:func:`base_record`):
+a Hub id, or the recipe of a converted BioCLIP folder, which is converted again on first use.
 """
 
 from __future__ import annotations
@@ -30,8 +31,13 @@ class AdapterError(ValueError):
     """An adapter does not fit what the user asked for (classes, base model) or is incomplete."""
 
 
-def backbone_name(base: str) -> str:
-    """``model.base`` of a config -> a :func:`load_backbone` name (registry name or ``hf:``)."""
+def backbone_name(base: str, expected_weights: str | None = None) -> str:
+    """``model.base`` of a config -> a :func:`load_backbone` name (registry name or ``hf:``). A ``convert:``
+    base is converted on first use (:func:`~mushroomclip.convert.converted_folder`)."""
+    from mushroomclip.convert import PREFIX, converted_folder
+
+    if base.startswith(PREFIX):
+        return f"hf:{converted_folder(base, expected_weights)}"
     if base in REGISTRY:
         if REGISTRY[base].kind != "hf":
             raise AdapterError(
@@ -40,6 +46,22 @@ def backbone_name(base: str) -> str:
         return base
     by_source = {spec.source: name for name, spec in REGISTRY.items() if spec.kind == "hf" and spec.source}
     return by_source.get(base, f"hf:{base}")
+
+
+def base_record(base: str, base_hub_id: str | None = None) -> dict:
+    """How a run records its base so that another machine can load it: ``base_model`` is a Hub id (``base_hub_id``)
+    or registry name, or ``convert:<source>`` for a folder written by ``mushroomclip.convert`` (its recipe in
+    ``base_conversion``); a folder without a recipe stays a path (``base_model_is_folder``: never published)."""
+    from mushroomclip.convert import PREFIX, converted_folder, read_recipe, recipe_base
+
+    folder = converted_folder(base) if base.startswith(PREFIX) else Path(base) if Path(base).is_dir() else None
+    rec = read_recipe(folder) if folder is not None else None
+    conversion = {"base_conversion": rec} if rec else {}
+    if base_hub_id:
+        return {"base_model": base_hub_id} | conversion
+    if rec:
+        return {"base_model": recipe_base(rec)} | conversion
+    return {"base_model": base} | ({"base_model_is_folder": True} if folder is not None else {})
 
 
 def lora_target_regex(towers: list[str], modules: list[str]) -> str:
@@ -72,11 +94,12 @@ def add_lora(model, r: int, alpha: int, dropout: float, towers: list[str], modul
 
 
 def classes_record(
-    taxonomy: Taxonomy, text_type: str, templates: list[str], base: str, logit_scale: float | None
+    taxonomy: Taxonomy, text_type: str, templates: list[str], base: dict, logit_scale: float | None
 ) -> dict:
+    """``classes.json``: the class list and prompts, and the base as :func:`base_record` describes it."""
     return {
         "species": taxonomy.classes, "text_type": text_type, "templates": templates,
-        "taxonomy_sha256": taxonomy.fingerprint, "taxonomy_source": taxonomy.source, "base_model": base,
+        "taxonomy_sha256": taxonomy.fingerprint, "taxonomy_source": taxonomy.source, **base,
         "logit_scale": logit_scale,
     }  # fmt: skip
 
@@ -210,7 +233,13 @@ def load_classifier(
     taxonomy = load_taxonomy(taxonomy_file if taxonomy_file.is_file() else None)
     if taxonomy.fingerprint != record["taxonomy_sha256"] or taxonomy.classes != record["species"]:
         raise AdapterError(f"{dir_or_repo}: the taxonomy does not match the one the adapter was trained with")
-    backbone = load_backbone(backbone_name(record["base_model"]), device=device)
+    base_model = record["base_model"]
+    if record.get("base_model_is_folder") and not Path(base_model).is_dir():
+        raise AdapterError(f"{dir_or_repo} was trained on the local model folder {base_model}, which is not on this "
+                           "machine; copy it here, or retrain on a base another machine can load (a Hub id, "
+                           "model.base_hub_id, or a folder written by python -m mushroomclip.convert)")  # fmt: skip
+    expected_weights = (record.get("base_conversion") or {}).get("weights")
+    backbone = load_backbone(backbone_name(base_model, expected_weights), device=device)
     with quiet_peft():
         backbone.model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
     if record.get("logit_scale") is not None:

@@ -54,6 +54,17 @@ REGISTRY: dict[str, ModelSpec] = {
 }  # fmt: skip
 
 
+MIT_LICENSED = ("openai/clip-vit-", "imageomics/bioclip")  # OpenAI CLIP and BioCLIP (1 and 2): MIT
+
+
+def known_license(base: str) -> str | None:
+    """The license of a base model we know (registry name, Hub id, ``hf-hub:`` or ``convert:`` source); None
+    for any other, whose license we cannot vouch for."""
+    source = (REGISTRY[base].source or "") if base in REGISTRY else base
+    source = source.removeprefix("convert:").removeprefix("hf-hub:")
+    return "mit" if source.startswith(MIT_LICENSED) else None
+
+
 def resolve_spec(name: str) -> ModelSpec:
     """A registry name, ``hf:<hub id or folder>``, or ``open_clip:<name>[@<pretrained tag>]``."""
     if name in REGISTRY:
@@ -312,17 +323,9 @@ def load_open_clip(name: str, spec: ModelSpec):
     """
     import open_clip
 
-    repo_id, weight_files, tag_preprocess = _open_clip_weight_files(name, spec)
-    local_only, hub = not hub_reachable(), spec.source.startswith("hf-hub:")
-    if hub:
-        _open_clip_config_dir(name, spec, local_only)
-    try:
-        weights = next(filter(None, (hub_file(repo_id, f, local_only) for f in weight_files)), None)
-    except OSError as err:  # the repo is private, gated or misspelt; an HTTP error
-        raise ModelLoadError(_load_error(name, spec.source, _first_line(err))) from None
-    if weights is None:
-        problem = not_found(f"the weights ({' / '.join(weight_files)})", repo_id, local_only)
-        raise ModelLoadError(_load_error(name, spec.source, problem))
+    weights = open_clip_weights(name, spec)
+    _, _, tag_preprocess = _open_clip_weight_files(name, spec)
+    hub = spec.source.startswith("hf-hub:")
     # The resolved files, by path: open_clip itself would ask the Hub again, and fall back to random weights.
     source = f"local-dir:{Path(weights).parent}" if hub else spec.source
     kwargs = {} if hub else dict(pretrained=weights, **tag_preprocess)
@@ -333,6 +336,23 @@ def load_open_clip(name: str, spec: ModelSpec):
         problem = f"the weight file {weights} cannot be loaded ({_first_line(err)})"
         raise ModelLoadError(_load_error(name, spec.source, problem, REDOWNLOAD)) from None
     return model.eval(), preprocess, tokenizer, weights
+
+
+def open_clip_weights(name: str, spec: ModelSpec) -> str:
+    """Local path of a pretrained open_clip model's weight file (and, for ``hf-hub:``, its config beside it),
+    from the Hub or, out of its reach, the local cache; a one-line :class:`ModelLoadError` where there is none."""
+    repo_id, weight_files, _ = _open_clip_weight_files(name, spec)
+    local_only = not hub_reachable()
+    if spec.source.startswith("hf-hub:"):
+        _open_clip_config_dir(name, spec, local_only)
+    try:
+        weights = next(filter(None, (hub_file(repo_id, f, local_only) for f in weight_files)), None)
+    except OSError as err:  # the repo is private, gated or misspelt; an HTTP error
+        raise ModelLoadError(_load_error(name, spec.source, _first_line(err))) from None
+    if weights is None:
+        problem = not_found(f"the weights ({' / '.join(weight_files)})", repo_id, local_only)
+        raise ModelLoadError(_load_error(name, spec.source, problem))
+    return weights
 
 
 def _open_clip_config_dir(name: str, spec: ModelSpec, local_only: bool) -> Path:

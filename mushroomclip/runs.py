@@ -31,7 +31,8 @@ SUMMARY_KEYS = ("oa", "top5", "balanced_acc", "mf1", "miou", "rank_accuracy", "m
                 "dangerous_as_edible", "deadly_recall")  # fmt: skip
 # Keys that change where and how a run is executed or published, not what it computes: they may differ on
 # --resume (a checkpoint copied to another folder continues there).
-EXECUTION_KEYS = {"training": ("output_dir", "resume", "overwrite", "report_to", "eval_batch_size"), "data": ("num_workers",),
+EXECUTION_KEYS = {"training": ("output_dir", "resume", "overwrite", "report_to", "eval_batch_size",
+                              "gradient_checkpointing"), "data": ("num_workers",),
                   "hub": ("push", "repo_id", "private")}  # fmt: skip
 
 
@@ -195,7 +196,7 @@ def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Tra
     import yaml
 
     from mushroomclip.hub import model_card
-    from mushroomclip.lora import CLASSES_FILE, classes_record
+    from mushroomclip.lora import CLASSES_FILE, base_record, classes_record
     from mushroomclip.plots import save_confusion_png, save_loss_curve
     from mushroomclip.provenance import run_provenance
 
@@ -203,7 +204,8 @@ def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Tra
     run_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(run_dir), save_embedding_layers=False)  # LoRA never touches the embeddings
     scale = model.get_base_model().logit_scale.exp().item() if cfg.lora.train_logit_scale else None
-    record = classes_record(taxonomy, cfg.data.text_type, templates, cfg.model.base, scale)
+    base = base_record(cfg.model.base, cfg.model.base_hub_id)
+    record = classes_record(taxonomy, cfg.data.text_type, templates, base, scale)
     save_json(run_dir / CLASSES_FILE, record | {"trained_species": trained_species})
     (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -380,6 +380,7 @@ def training_arguments(cfg: TrainConfig, checkpoints: Path, steps_per_epoch: int
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, weight_decay=t.weight_decay,
         lr_scheduler_type="cosine", warmup_steps=math.ceil(t.warmup_ratio * _total_steps(cfg, steps_per_epoch)), optim=optim,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=cpu,
+        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=t.save_steps or eval_steps,
         save_total_limit=t.save_total_limit, load_best_model_at_end=True, metric_for_best_model="miou",
         greater_is_better=True, logging_steps=t.logging_steps, report_to=[] if t.report_to == "none" else [t.report_to],
@@ -466,7 +467,7 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     from transformers import set_seed
 
     from mushroomclip.data import load_splits
-    from mushroomclip.lora import add_lora, backbone_name
+    from mushroomclip.lora import add_lora, backbone_name, base_record
     from mushroomclip.models import load_backbone
     from mushroomclip.prompts import templates_for
     from mushroomclip.runs import clear_run_outputs
@@ -482,7 +483,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     model = add_lora(
         backbone.model, lora.r, lora.alpha, lora.dropout, lora.towers, lora.target_modules, lora.train_logit_scale
     )
-    model.peft_config["default"].base_model_name_or_path = cfg.model.base
+    portable_base = base_record(cfg.model.base, cfg.model.base_hub_id)["base_model"]  # Hub id or convert: recipe
+    model.peft_config["default"].base_model_name_or_path = portable_base
     backbone.model = model
     class_ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, cfg.data.text_type, [cfg.data.train_template])])
     train = train_images(splits["train"], backbone.preprocess)  # uint8, normalised on the device
