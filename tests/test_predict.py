@@ -269,5 +269,9 @@ def test_a_folder_becomes_one_csv_row_per_input_with_the_safety_answer(runs, pre
     for i in range(3):
         row = table[table["image"] == str(photos / f"{i}.jpg")].iloc[0]
         expected = answer(classifier.classes, probs[i], classifier.taxonomy, Thresholds(), k=5)
-        assert (row["answer"], row["kind"], row["warning"]) == (expected.headline, expected.kind, expected.warning or "")
+        assert (row["answer"], row["kind"], row["warning"]) == (
+            expected.headline,
+            expected.kind,
+            expected.warning or "",
+        )
         assert row["top_species"].split(";") == [r.species for r in expected.rows]
