@@ -72,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     from mushroomclip.lora import AdapterError, load_classifier
     from mushroomclip.models import ModelLoadError
 
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        print(f"error: --device {args.device}: {err}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}, but no CUDA GPU is available here; use --device cpu", file=sys.stderr)
+        return 2
     # 1. the files: folders expanded; a missing path is reported, not fatal
     files, problems = image_files(args.images)
     for problem in problems:

@@ -76,10 +76,10 @@ def decode_rgb(image) -> torch.Tensor:
     """A ``datasets`` image cell (``{"bytes", "path"}`` with ``decode=False``), a file path or a PIL image
     as a ``(3, H, W)`` uint8 tensor, upright (EXIF orientation applied). Anything unreadable, undecodable
     or over the decompression-bomb limit is an :class:`ImageError` naming it."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     if isinstance(image, Image.Image):
-        return v2.functional.pil_to_tensor(ImageOps.exif_transpose(image).convert("RGB"))
+        return _pil_rgb(image)
     if isinstance(image, (str, Path)):
         image = {"bytes": None, "path": str(image)}
     where = image.get("path") or "an in-memory image"
@@ -94,12 +94,27 @@ def decode_rgb(image) -> torch.Tensor:
                 encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                 with contextlib.suppress(RuntimeError), warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    return decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-            return v2.functional.pil_to_tensor(ImageOps.exif_transpose(pil).convert("RGB"))
+                    pixels = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+                    # a 16-bit PNG decodes to uint16: keep its 8 high bits, as for any other photo
+                    return pixels if pixels.dtype == torch.uint8 else (pixels.to(torch.int32) >> 8).to(torch.uint8)
+            return _pil_rgb(pil)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError) as err:
         raise _image_error(where, f"{type(err).__name__}: {err}", _PREPARED_HINT) from None
+
+
+def _pil_rgb(pil) -> torch.Tensor:
+    """A PIL image as upright ``(3, H, W)`` uint8 RGB; 16/32-bit greyscale is scaled to 8 bits (Pillow's own
+    conversion would clip it to white)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    pil = ImageOps.exif_transpose(pil)
+    if pil.mode.startswith("I"):
+        high = np.clip(np.asarray(pil).astype(np.int64), 0, 65535) >> 8
+        pil = Image.fromarray(high.astype(np.uint8))  # 2-D uint8: mode L
+    return v2.functional.pil_to_tensor(pil.convert("RGB"))
 
 
 def _crop_size(preprocess) -> int | tuple[int, int]:

@@ -101,7 +101,7 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     from mushroomclip.data import load_splits, prepared_taxonomy, split_fingerprint
     from mushroomclip.features import cached_image_features
     from mushroomclip.fewshot import linear_probe_scores, sample_support, simpleshot_scores, summarise_runs
-    from mushroomclip.lora import data_mismatch, find_adapters, load_classifier
+    from mushroomclip.lora import AdapterError, data_mismatch, find_adapters, load_classifier
     from mushroomclip.models import load_backbone
     from mushroomclip.prompts import cached_class_text_embeddings
     from mushroomclip.taxonomy import load_taxonomy
@@ -132,7 +132,14 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     for name in list(cfg.models) + found:
         adapter = name.startswith("lora:")
         if adapter:  # a fine-tuned run: zero-shot head of its own text type, no few-shot
-            classifier = load_classifier(name[len("lora:") :], species=taxonomy.classes, device=device)
+            try:
+                classifier = load_classifier(name[len("lora:") :], species=taxonomy.classes, device=device)
+            except AdapterError as err:
+                if name not in found:
+                    raise  # named in --models: the user asked for this one
+                notes.append(f"skipped {name[len('lora:') :]}: {err}")  # one broken run never sinks the table
+                log(notes[-1])
+                continue
             if reason := data_mismatch(classifier.record, taxonomy.classes, data_species):  # named in --models
                 notes.append(f"{name}: {reason}; evaluated because --models names it")
                 log(f"note: {notes[-1]}")

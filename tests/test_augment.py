@@ -201,3 +201,20 @@ def test_image_files_expands_folders_recursively_in_sorted_order(tmp_path):
         f"no image files in folder {tmp_path / 'empty'} (looked for .jpg, .jpeg, .png, .webp, .bmp, .gif, .tif, .tiff)",
         "cannot read image nope.jpg: no such file or folder",
     ]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_greyscale_photo_decodes_to_its_8_high_bits(fmt):
+    """A 16-bit PNG decodes to uint16 in torchvision and clips to white in Pillow's own conversion."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    grey16 = (np.arange(48 * 40).reshape(48, 40) * 31).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(grey16).save(buf, format=fmt)
+    pixels = decode_rgb({"bytes": buf.getvalue(), "path": None})
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 48, 40)
+    expected = torch.from_numpy((grey16 >> 8).astype(np.uint8))
+    assert all(torch.equal(channel, expected) for channel in pixels)

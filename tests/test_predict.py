@@ -275,3 +275,28 @@ def test_a_folder_becomes_one_csv_row_per_input_with_the_safety_answer(runs, pre
             expected.warning or "",
         )
         assert row["top_species"].split(";") == [r.species for r in expected.rows]
+
+
+def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs, prepared, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "runs"
+    copy_run(runs, folder / "good")
+    broken = copy_run(runs, folder / "nan")
+    weights = load_file(broken / "adapter_model.safetensors")
+    next(iter(weights.values())).view(-1)[0] = float("nan")
+    save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+    lines = []
+    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[], include_adapters=str(folder), shots=[],
+                               output=str(tmp_path / "res"), num_workers=0), log=lines.append)  # fmt: skip
+    assert [r["model"] for r in rows] == ["lora-good"]
+    assert any(line.startswith(f"skipped {broken}: ") and "NaN or inf" in line for line in lines)
+    assert f"> skipped {broken}: " in (tmp_path / "res" / "summary.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_device_this_machine_lacks_is_one_line(runs, prepared, predict_cli):
+    image = next((prepared[0] / "test").rglob("*.jpg"))
+    for device, expected in (("cuda", "no CUDA GPU is available here"), ("gpu0", "--device gpu0")):
+        status, out, err = predict_cli(image, "--adapter", runs / "good", "--device", device)
+        assert status == 2 and out == "" and len(err.splitlines()) == 1 and expected in err
