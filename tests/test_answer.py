@@ -163,14 +163,16 @@ def test_a_folder_that_is_not_a_run_is_refused_by_name(tmp_path):
 @pytest.fixture(scope="module")
 def untrained_run(tmp_path_factory):
     """A LoRA adapter on tiny-clip, saved as the trainer saves one (no training: its answers do not matter)."""
-    from mushroomclip.lora import CLASSES_FILE, add_lora, classes_record
+    from mushroomclip.lora import CLASSES_FILE, add_lora, base_record, classes_record
     from mushroomclip.models import load_backbone
 
     run, taxonomy = tmp_path_factory.mktemp("runs") / "untrained", load_taxonomy()
     model = add_lora(load_backbone("tiny-clip").model, 4, 8, 0.0, ["vision"], ["q_proj"], False)
     model.peft_config["default"].base_model_name_or_path = "tiny-clip"
     model.save_pretrained(str(run), save_embedding_layers=False)
-    (run / CLASSES_FILE).write_text(json.dumps(classes_record(taxonomy, "sci", ["a photo of {}."], "tiny-clip", None)))
+    (run / CLASSES_FILE).write_text(
+        json.dumps(classes_record(taxonomy, "sci", ["a photo of {}."], base_record("tiny-clip"), None))
+    )
     (run / "taxonomy.csv").write_bytes(taxonomy.raw)
     (run / "metrics.json").write_text(json.dumps({"thresholds": {"species": 0.6, "genus": 0.9}}))
     return run
