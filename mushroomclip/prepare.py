@@ -154,6 +154,20 @@ def _options_key(opts: PrepareOptions) -> str:
     return f"2:{opts.copy_mode}:{opts.max_side}:{opts.jpeg_quality}"
 
 
+def _skip_name_collisions(plan: Plan) -> None:
+    """Report, never overwrite, a source whose output name another source of the same species and split takes
+    (``caf%E9.jpg`` beside a non-UTF-8 ``caf\xe9.jpg``, which is written ``caf%E9.jpg``)."""
+    taken: dict[tuple[str, str, str], Entry] = {}
+    for entry in sorted(plan.entries.values(), key=lambda e: str(e.src)):
+        key = (entry.split, entry.label, utf8_safe(entry.src.name))
+        if key not in taken:
+            taken[key] = entry
+            continue
+        detail = f"its output name {key[2]!r} is taken by {plan.rel(taken[key].src)}; rename one of the two files"
+        plan.skip("name_collision", entry.src, entry.split, entry.label, detail)
+        del plan.entries[entry.src]
+
+
 def _process(plan: Plan, opts: PrepareOptions, cache: dict[str, dict]) -> None:
     """Validate, hash and place every entry, reusing results of an earlier run on the same output."""
     todo = []
@@ -312,6 +326,7 @@ def prepare(opts: PrepareOptions) -> dict:
             plan = plan_official(root, taxonomy, opts.allow_outside_source)
         else:
             plan = plan_random(root, taxonomy, opts.seed, opts.allow_outside_source)
+        _skip_name_collisions(plan)
         cache, written = _load_cache(opts.output, _options_key(opts))
         _process(plan, opts, cache)
         for entry in plan.entries.values():

@@ -200,6 +200,27 @@ def test_a_non_utf8_file_name_is_kept_under_a_utf8_name(small_download, tmp_path
     assert sum(len(s) for s in splits.values()) == manifest["images"] + 1
 
 
+def test_two_sources_with_one_output_name_are_reported_not_overwritten(small_download, tmp_path):
+    root, manifest = small_download
+    species = manifest["species"][0]
+    folder = os.fsencode(root / "merged_dataset" / species)
+    latin1, literal = Path(os.fsdecode(folder + b"/caf\xe9.jpg")), Path(os.fsdecode(folder + b"/caf%E9.jpg"))
+    Image.new("RGB", (32, 32), (5, 200, 5)).save(latin1)
+    Image.new("RGB", (32, 32), (200, 5, 5)).save(literal)
+    with (root / "test.csv").open("ab") as f:
+        for name in (b"caf\xe9.jpg", b"caf%E9.jpg"):
+            f.write(
+                b"/kaggle/working/merged_dataset/" + species.encode() + b"/" + name + b"," + species.encode() + b"\n"
+            )
+    out = tmp_path / "out"
+    report = prepare(options(root, out))
+    [skip] = [s for s in report["skipped_items"] if s["reason"] == "name_collision"]
+    assert "is taken by" in skip["detail"]
+    rows = [r for r in metadata(out) if "caf" in r["file_name"]]
+    assert len(rows) == 1 and report["unique_images"] == manifest["images"] + 1
+    assert (out / rows[0]["split"] / rows[0]["file_name"]).read_bytes() in (latin1.read_bytes(), literal.read_bytes())
+
+
 def test_a_csv_that_is_not_8_bit_text_is_refused_naming_it(small_download, tmp_path):
     root, _ = small_download
     (root / "val.csv").write_text((root / "val.csv").read_text(), encoding="utf-16")
