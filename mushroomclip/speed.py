@@ -112,9 +112,12 @@ def _already_wrapped(formula):
     return raw
 
 
-def measured_matmul_tflops(device: str, dtype: torch.dtype, size: int | None = None, repeats: int = 10) -> float:
+def measured_matmul_tflops(
+    device: str, dtype: torch.dtype, size: int | None = None, repeats: int | None = None
+) -> float:
     """TFLOP/s of a large square matmul in ``dtype`` on ``device``: the peak this machine actually reaches."""
-    size = size or (8192 if device.startswith("cuda") else 1024)
+    cuda = device.startswith("cuda")
+    size, repeats = size or (8192 if cuda else 1024), repeats or (50 if cuda else 5)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up (kernel selection)
     sync(device)
@@ -274,7 +277,7 @@ def _machine(m: dict) -> str:
 def table_rows(result: dict) -> list[str]:
     """Markdown table rows, one per measured variant of one result file."""
     r, rows = result, []
-    setup = f"`{r['model']}`, batch {r['batch_size']}, {r['dtype'].removeprefix('torch.')}, {r['num_workers']} workers"
+    setup = f"`{r['model']}`, batch {r['batch_size']}, {r['dtype'].removeprefix('torch.')}, {r['num_workers']} worker{'s' if r['num_workers'] != 1 else ''}"
     for key, label in VARIANTS.items():
         if key not in r:
             continue
