@@ -9,7 +9,7 @@ DEMO ?= demo
 BENCH ?= /tmp/mushroomclip-bench
 NPROC ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup test demo demo-data app train benchmark bench-prepare bench-zero-shot bench-train lint format clean
+.PHONY: help setup test demo demo-data app train benchmark bench-prepare bench-zero-shot bench-train bench-table lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -71,19 +71,36 @@ bench-prepare: setup  ## prepare ~20k synthetic 500px images (169 classes): copy
 	= {r['images_per_second']:.0f} images/s on {n} cores ({r['images_per_second'] / n:.0f} per core)\")"; \
 	done
 
-# 169 species x ~130 images of 500 px (~15k train): enough batches of 256 for a steady-state measurement
-# with every loader worker busy. Made once, reused by both speed benchmarks.
-SPEED_DATA := $(BENCH)/speed-prepared
+# The speed benchmarks' data: SPEED_CLASSES species x SPEED_PER_CLASS images of SPEED_SIZE px, made once
+# and reused by both. The default (169 x 130, ~15k train images) is for a GPU: enough batches of 256 for a
+# steady-state measurement with every loader worker busy. For a small CPU run, e.g.:
+#   make bench-train bench-zero-shot SPEED_CLASSES=8 SPEED_PER_CLASS=40 WORKERS=1 STEPS=2 ZS_BATCH=32
+SPEED_CLASSES ?= 169
+SPEED_PER_CLASS ?= 130
+SPEED_SIZE ?= 500
+SPEED_DATA := $(BENCH)/speed-$(SPEED_CLASSES)x$(SPEED_PER_CLASS)-$(SPEED_SIZE)px
+BENCH_MODEL ?= clip-b32
+WORKERS ?= $(NPROC)
+BATCH ?=
+STEPS ?=
+ZS_BATCH ?= 256
+ZS_BATCHES ?=
+BENCH_OUT ?= results/bench
 $(SPEED_DATA)/prepare_report.json:
-	$(PY) data_scripts/make_synthetic.py --output $(BENCH)/speed-kaggle --classes 169 --per-class 130 --size 500 --num-proc $(NPROC)
-	$(PY) data_scripts/prepare_kaggle.py --source $(BENCH)/speed-kaggle --output $(SPEED_DATA) --num-proc $(NPROC) --no-progress > /dev/null
+	$(PY) data_scripts/make_synthetic.py --output $(SPEED_DATA)-kaggle --classes $(SPEED_CLASSES) --per-class $(SPEED_PER_CLASS) --size $(SPEED_SIZE) --num-proc $(NPROC)
+	$(PY) data_scripts/prepare_kaggle.py --source $(SPEED_DATA)-kaggle --output $(SPEED_DATA) --num-proc $(NPROC) --no-progress > /dev/null
 
-bench-zero-shot: setup $(SPEED_DATA)/prepare_report.json  ## zero-shot image-encoding images/s of the clip-b32 architecture (random weights), batch 256: data pipeline vs model only
-	$(OFFLINE) $(PY) -m mushroomclip.benchmark speed --data $(SPEED_DATA) --model clip-b32 --batch-size 256 --num-workers $(NPROC)
+bench-zero-shot: setup $(SPEED_DATA)/prepare_report.json  ## zero-shot encoding images/s (data vs model only), FLOPs, MFU, peak memory, whole-split time -> results/bench/*.json (ZS_BATCH, ZS_BATCHES, WORKERS, SPEED_*)
+	$(OFFLINE) $(PY) -m mushroomclip.benchmark speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --batch-size $(ZS_BATCH) \
+	  --num-workers $(WORKERS) --output $(BENCH_OUT) $(if $(ZS_BATCHES),--batches $(ZS_BATCHES))
 
 TOWERS ?= vision,text
-bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s of the clip-b32 architecture (random weights): data pipeline vs model only (TOWERS=vision: frozen text)
-	$(OFFLINE) $(PY) -m mushroomclip.benchmark train-speed --data $(SPEED_DATA) --model clip-b32 --num-workers $(NPROC) --towers $(TOWERS)
+bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s (data, model only, run_clip.py baseline), FLOPs, MFU, peak memory -> results/bench/*.json (TOWERS=vision: frozen text; BATCH, STEPS, WORKERS, SPEED_*)
+	$(OFFLINE) $(PY) -m mushroomclip.benchmark train-speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --num-workers $(WORKERS) \
+	  --towers $(TOWERS) --output $(BENCH_OUT) $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--steps $(STEPS))
+
+bench-table:  ## regenerate the README speed table from results/bench/*.json (BENCH_OUT=DIR)
+	$(PY) -m mushroomclip.benchmark table --results $(BENCH_OUT) --readme README.md
 
 lint: setup  ## ruff lint + format check
 	$(PY) -m ruff check .

@@ -1,14 +1,18 @@
-"""`make benchmark` and `make bench-zero-shot`: the comparison table, and zero-shot throughput.
+"""`make benchmark`, `make bench-zero-shot`, `make bench-train`: the comparison table, and throughput.
 
 python -m mushroomclip.benchmark hub-reachable          exit 0 if the Hugging Face Hub answers
 python -m mushroomclip.benchmark report --results results
 python -m mushroomclip.benchmark speed --data DIR --model clip-b32 --batch-size 256
+python -m mushroomclip.benchmark train-speed --data DIR --model clip-b32
+python -m mushroomclip.benchmark table            README speed table from results/bench/*.json
+
+Speed results: images/s, FLOPs per step (FlopCounterMode), MFU and peak memory, written to
+results/bench/NAME.json with the machine (:mod:`mushroomclip.speed`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -18,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from mushroomclip import speed
 
 OFFLINE_NOTE = ("offline: no Hugging Face Hub, so these rows are the randomly initialised test models (tiny-clip, "
                 "tiny-openclip) on the synthetic demo data. They check the pipeline, not model quality.")  # fmt: skip
@@ -53,24 +59,19 @@ def write_report(results: Path) -> Path:
     return out
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _images_per_s(batches, run, timed: int, skip: int, device: str, count=len) -> tuple[float, int]:
     """Images/s of ``run(batch)`` over ``timed`` batches, after one warm-up and ``skip`` untimed ones;
     and how many images were timed (``count(batch)`` each)."""
     batches = iter(batches)
     for _ in range(1 + skip):
         run(next(batches))
-    _sync(device)
+    speed.sync(device)
     start, seen = time.perf_counter(), 0
     for _ in range(timed):
         batch = next(batches)
         run(batch)
         seen += count(batch)
-    _sync(device)
+    speed.sync(device)
     return seen / (time.perf_counter() - start), seen
 
 
@@ -119,13 +120,48 @@ def measure_speed(
             for _ in range(2)
         ]
         synthetic = [on_device[i % 2] for i in range(1 + batches)]
+        speed.reset_peak_memory(device)
         first, _ = _images_per_s(synthetic, backbone.encode_images, batches, 0, device)
         pipeline, seen = _images_per_s((pixels for pixels, _ in loader), backbone.encode_images, batches, skip, device)
         # before and after: first-call slowness must not flatter the pipeline
         model_only = max(first, _images_per_s(synthetic, backbone.encode_images, batches, 0, device)[0])
-    return {"model": model, "device": device, "dtype": str(dtype), "batch_size": batch_size, "images": seen,
-            "num_workers": num_workers, "pipeline_images_per_s": pipeline, "model_only_images_per_s": model_only,
-            "ratio": pipeline / model_only}  # fmt: skip
+        memory = speed.peak_memory(device)
+        flops = speed.count_flops(backbone.encode_images, on_device[0])
+        split_encode = _encode_split(images, backbone, batch_size, num_workers, device)
+    peak = speed.peaks(device, dtype)
+    return {"benchmark": "bench-zero-shot", "model": model, "device": device, "dtype": str(dtype),
+            "batch_size": batch_size, "batches": batches, "images": seen, "num_workers": num_workers, "data": str(data),
+            "step": "batch encoded (forward)", "flops_per_step": flops, **peak,
+            "pipeline": speed.variant(pipeline, flops, batch_size, peak),
+            "model_only": speed.variant(model_only, flops, batch_size, peak, memory), "ratio": pipeline / model_only,
+            "split_encode": dict(split_encode, split=split), "machine": speed.machine(device)}  # fmt: skip
+
+
+def _encode_split(images, backbone, batch_size: int, num_workers: int, device: str) -> dict:
+    """Seconds to encode every image of a split end to end: a fresh loader (worker start-up included)."""
+    from mushroomclip.augment import background_worker
+
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.startswith("cuda"), worker_init_fn=background_worker)  # fmt: skip
+    speed.sync(device)
+    start = time.perf_counter()
+    for pixels, _ in loader:
+        backbone.encode_images(pixels)
+    speed.sync(device)
+    seconds = time.perf_counter() - start
+    return {"images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds}
+
+
+def _lora_model(model: str, device: str, towers: tuple):
+    """A random-weights backbone with the default config's LoRA on ``towers``, in train mode on ``device``."""
+    from mushroomclip.config import LoraSettings
+    from mushroomclip.lora import add_lora
+    from mushroomclip.models import load_backbone
+
+    backbone = load_backbone(model, device=device, random_weights=True)
+    s = LoraSettings()
+    peft = add_lora(backbone.model, s.r, s.alpha, s.dropout, list(towers), s.target_modules, False).to(device).train()
+    return backbone, peft
 
 
 def measure_train_speed(
@@ -136,9 +172,11 @@ def measure_train_speed(
     num_workers: int,
     device: str,
     towers: tuple = ("vision", "text"),
+    baseline: bool = True,
 ) -> dict:
     """Train images/s of LoRA steps fed by the real pipeline vs uint8 tensors on the device, in the steady
-    state (:func:`_steady_state_plan`), and what the loader alone delivers.
+    state (:func:`_steady_state_plan`), what the loader alone delivers, and (``baseline``) the same LoRA,
+    batch and precision trained the ``run_clip.py`` way; with FLOPs per step, MFU and peak memory.
 
     A step is the trainer's own: ``ContrastiveTrainer.compute_loss`` (class_text loss over all classes,
     the default config's prompt), backward and AdamW, in bf16 autocast on a GPU.
@@ -146,36 +184,26 @@ def measure_train_speed(
     from transformers import TrainingArguments
 
     from mushroomclip.augment import background_worker, pixel_stats, train_images
-    from mushroomclip.config import DataConfig, LoraSettings
+    from mushroomclip.config import DataConfig
     from mushroomclip.data import load_splits, prepared_taxonomy
-    from mushroomclip.lora import add_lora
-    from mushroomclip.models import load_backbone
     from mushroomclip.prompts import class_prompts
     from mushroomclip.trainer import ContrastiveTrainer, collate
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    backbone = load_backbone(model, device=device, random_weights=True)
-    s, d = LoraSettings(), DataConfig()
-    peft = add_lora(backbone.model, s.r, s.alpha, s.dropout, list(towers), s.target_modules, False).to(device).train()
+    backbone, peft = _lora_model(model, device, towers)
+    d = DataConfig()
     taxonomy = prepared_taxonomy(data)
     ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, d.text_type, [d.train_template])]).to(device)
-    split = train_images(load_splits(data)["train"], backbone.preprocess)  # the trainer's own pipeline
+    splits = load_splits(data)
+    split = train_images(splits["train"], backbone.preprocess)  # the trainer's own pipeline
     loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
                                          worker_init_fn=background_worker, pin_memory=device.startswith("cuda"),
                                          persistent_workers=num_workers > 0, collate_fn=collate)  # fmt: skip
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=not device.startswith("cuda"), report_to=[])
     trainer = ContrastiveTrainer(model=peft, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None,
                                  pixel_stats=pixel_stats(backbone.preprocess))  # fmt: skip
-    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
-
-    def step(batch: dict) -> None:
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast:
-            loss = trainer.compute_loss(peft, inputs)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    params = [p for p in peft.parameters() if p.requires_grad]
+    step = speed.train_step(params, lambda inputs: trainer.compute_loss(peft, inputs), device)
 
     def copy(batch: dict) -> None:  # the loader alone: only the copy to the device
         batch["pixel_values"].to(device, non_blocking=True)
@@ -192,14 +220,61 @@ def measure_train_speed(
     synthetic = [fixed[i % 2] for i in range(steps + 1)]
     # Model-only before and after the pipeline, the faster one counts: the first steps of a process run
     # slower (allocator, caches), which must not make the data pipeline look faster than the model.
+    speed.reset_peak_memory(device)
     first, _ = _images_per_s(synthetic, step, steps, 0, device, count)
     pipeline, _ = _images_per_s(loader, step, steps, skip, device, count)
     model_only = max(first, _images_per_s(synthetic, step, steps, 0, device, count)[0])
+    memory = speed.peak_memory(device)
     loader_only, _ = _images_per_s(loader, copy, steps, skip, device, count)  # the decoding ceiling, a fresh epoch
+    flops = speed.count_flops(step, fixed[0])
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    peak = speed.peaks(device, dtype)
     shutil.rmtree(args.output_dir, ignore_errors=True)
-    return {"model": model, "device": device, "batch_size": batch_size, "steps": steps, "towers": list(towers),
-            "num_workers": num_workers, "pipeline_images_per_s": pipeline, "model_only_images_per_s": model_only,
-            "loader_only_images_per_s": loader_only, "ratio": pipeline / model_only}  # fmt: skip
+    result = {"benchmark": "bench-train", "model": model, "device": device, "dtype": str(dtype), "batch_size": batch_size,
+              "steps": steps, "towers": list(towers), "num_workers": num_workers, "data": str(data),
+              "train_images": len(split), "classes": len(taxonomy), "step": "training step (forward + backward)",
+              "flops_per_step": flops, **peak, "pipeline": speed.variant(pipeline, flops, batch_size, peak),
+              "model_only": speed.variant(model_only, flops, batch_size, peak, memory),
+              "loader_only": speed.variant(loader_only), "ratio": pipeline / model_only}  # fmt: skip
+    if baseline:
+        del trainer, peft, step, fixed, synthetic
+        result["baseline"] = _baseline_speed(splits["train"], taxonomy, model, batch_size, steps, num_workers, skip,
+                                             device, towers, peak)  # fmt: skip
+        result["speedup_vs_baseline"] = pipeline / result["baseline"]["images_per_s"]
+    result["machine"] = speed.machine(device)
+    return result
+
+
+def _baseline_speed(split, taxonomy, model: str, batch_size: int, steps: int, num_workers: int, skip: int,
+                    device: str, towers: tuple, peak: dict) -> dict:  # fmt: skip
+    """Images/s of the Hugging Face recipe (``run_clip.py``: Pillow + torchvision in ``set_transform``, one
+    caption per image, ``CLIPModel(..., return_loss=True)``) with the same LoRA, batch and precision."""
+    from mushroomclip.config import DataConfig
+    from mushroomclip.models import offline_clip_tokenizer  # the same BPE as openai/clip-vit-*
+
+    backbone, peft = _lora_model(model, device, towers)
+    d = DataConfig()
+    captions = speed.caption_dataset(split, taxonomy, d.text_type, d.train_template, offline_clip_tokenizer(),
+                                     backbone.preprocess)  # fmt: skip
+    loader = torch.utils.data.DataLoader(captions, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                                         drop_last=True, pin_memory=device.startswith("cuda"),
+                                         collate_fn=speed.caption_collate)  # fmt: skip
+    params = [p for p in peft.parameters() if p.requires_grad]
+    step = speed.train_step(params, lambda inputs: speed.baseline_loss(peft, inputs), device)
+    speed.reset_peak_memory(device)
+    batches = iter(loader)
+    rate, _ = _images_per_s(batches, step, steps, skip, device, lambda b: len(b["input_ids"]))
+    memory = speed.peak_memory(device)
+    flops = speed.count_flops(step, speed.caption_collate([captions[i] for i in range(batch_size)]))
+    return {**speed.variant(rate, flops, batch_size, peak, memory), "flops_per_step": flops,
+            "recipe": "run_clip.py: datasets + set_transform (Pillow, torchvision), captions padded to 77, "
+                      "CLIPModel(return_loss=True), same LoRA, batch and precision"}  # fmt: skip
+
+
+def _print_and_write(result: dict, name: str, out_dir: Path) -> None:
+    """Every figure of ``result`` as the README table would show it, and its JSON file."""
+    print(speed.render_table([result]))
+    print(f"written: {speed.write_result(name, result, out_dir)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,22 +283,24 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("hub-reachable", help="exit 0 if models can be downloaded, 1 if not")
     report = sub.add_parser("report", help="write benchmark.md and benchmark.png from an evaluation's summary.json")
     report.add_argument("--results", default="results")
-    speed = sub.add_parser("speed", help="zero-shot image-encoding throughput (random weights)")
-    speed.add_argument("--data", required=True, help="prepared data folder")
-    speed.add_argument("--split", default="train", help="split to read images from")
-    speed.add_argument("--model", default="clip-b32", help="architecture (random weights)")
-    speed.add_argument("--batch-size", type=int, default=256)
-    speed.add_argument("--batches", type=int, help="timed batches, after warm-up (default: 10 on a GPU, 2 on CPU)")
-    speed.add_argument("--num-workers", type=int, default=os.cpu_count() or 2)
-    speed.add_argument("--device", default="auto")
+    table = sub.add_parser("table", help="regenerate the README speed table from results/bench/*.json")
+    table.add_argument("--results", default=str(speed.RESULTS), help="folder of bench JSON files")
+    table.add_argument("--readme", default="README.md")
+    speed_cmd = sub.add_parser("speed", help="zero-shot image-encoding throughput (random weights)")
+    speed_cmd.add_argument("--split", default="train", help="split to read images from")
+    speed_cmd.add_argument("--batch-size", type=int, default=256)
+    speed_cmd.add_argument("--batches", type=int, help="timed batches, after warm-up (default: 10 on a GPU, 2 on CPU)")
     train = sub.add_parser("train-speed", help="LoRA training throughput (random weights)")
-    train.add_argument("--data", required=True, help="prepared data folder")
-    train.add_argument("--model", default="clip-b32", help="architecture (random weights)")
     train.add_argument("--batch-size", type=int, help="per step (default: 256 on a GPU, as lora_b32.yaml; 8 on CPU)")
     train.add_argument("--steps", type=int, help="timed steps, after warm-up (default: 20 on a GPU, 2 on CPU)")
-    train.add_argument("--num-workers", type=int, default=os.cpu_count() or 2)
-    train.add_argument("--device", default="auto")
     train.add_argument("--towers", default="vision,text", help="LoRA towers (vision: frozen text tower)")
+    train.add_argument("--no-baseline", action="store_true", help="skip the run_clip.py-style baseline")
+    for cmd in (speed_cmd, train):
+        cmd.add_argument("--data", required=True, help="prepared data folder")
+        cmd.add_argument("--model", default="clip-b32", help="architecture (random weights)")
+        cmd.add_argument("--num-workers", type=int, default=os.cpu_count() or 2)
+        cmd.add_argument("--device", default="auto")
+        cmd.add_argument("--output", default=str(speed.RESULTS), help="folder for the result JSON")
     args = p.parse_args(argv)
     gpu = args.command in ("speed", "train-speed") and (
         args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
@@ -232,13 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
         args.batch_size = args.batch_size or (256 if gpu else 8)
         args.steps = args.steps or (20 if gpu else 2)
-        r = measure_train_speed(
-            args.data, args.model, args.batch_size, args.steps, args.num_workers, args.device, towers
-        )
-        print(f"bench-train {r['model']} + LoRA on {'+'.join(towers)} (random weights) on {r['device']}, batch {r['batch_size']}, {r['steps']} steps: "
-              f"{r['pipeline_images_per_s']:.1f} images/s with the data pipeline, {r['model_only_images_per_s']:.1f} images/s "
-              f"on synthetic tensors (ratio {r['ratio']:.2f}); the loader alone delivers {r['loader_only_images_per_s']:.1f} "
-              f"images/s with {r['num_workers']} workers")  # fmt: skip
+        r = measure_train_speed(args.data, args.model, args.batch_size, args.steps, args.num_workers, args.device,
+                                towers, baseline=not args.no_baseline)  # fmt: skip
+        _print_and_write(r, f"train-{args.model}-{'+'.join(towers)}-{'gpu' if gpu else 'cpu'}", Path(args.output))
         return 0
     if args.command == "hub-reachable":
         from mushroomclip.models import hub_reachable
@@ -251,11 +324,17 @@ def main(argv: list[str] | None = None) -> int:
         print(out.read_text())
         print(f"written: {out}, {out.with_suffix('.png')}")
         return 0
+    if args.command == "table":
+        try:
+            print(speed.update_readme(Path(args.readme), Path(args.results)))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"written: the speed table of {args.readme}")
+        return 0
     args.batches = args.batches or (10 if gpu else 2)
     r = measure_speed(args.data, args.model, args.batch_size, args.num_workers, args.device, args.split, args.batches)
-    print(f"bench-zero-shot {r['model']} (random weights) on {r['device']} {r['dtype']}, batch {r['batch_size']}, {r['images']} images: "
-          f"{r['pipeline_images_per_s']:.1f} images/s with data loading ({r['num_workers']} workers), {r['model_only_images_per_s']:.1f} images/s model only "
-          f"(ratio {r['ratio']:.2f}); a 15.6k-image test split would take {15600 / r['pipeline_images_per_s']:.0f} s")  # fmt: skip
+    _print_and_write(r, f"zero-shot-{args.model}-{'gpu' if gpu else 'cpu'}", Path(args.output))
     return 0
 
 

@@ -1,0 +1,181 @@
+"""The speed benchmark's arithmetic and outputs: FLOP counts, peaks, MFU, the baseline's loss, JSON and table.
+
+No test times anything: the figures' correctness is checked, never their size.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mushroomclip import speed
+
+
+def test_flop_count_of_a_training_step_equals_the_analytic_count():
+    a, b, c, batch = 16, 32, 8, 4
+    model = torch.nn.Sequential(torch.nn.Linear(a, b), torch.nn.ReLU(), torch.nn.Linear(b, c))
+    x = torch.randn(batch, a)  # no gradient for the input: the first layer computes only its weight gradient
+
+    def step(inputs):
+        model(inputs).sum().backward()
+
+    forward = 2 * batch * a * b + 2 * batch * b * c
+    backward = 2 * batch * a * b + 2 * (2 * batch * b * c)  # layer 1: weight grad; layer 2: weight + input grads
+    assert speed.count_flops(step, x) == forward + backward
+
+
+def test_cpu_attention_is_counted_like_the_same_attention_written_as_matmuls():
+    b, h, s, d = 2, 3, 10, 8
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+
+    def fused(q, k, v):
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    def matmuls(q, k, v):
+        (torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1) @ v).sum().backward()
+
+    matmul = 2 * b * h * s * s * d  # one (s x d) @ (d x s) or (s x s) @ (s x d) per head
+    with torch.no_grad():
+        assert speed.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * matmul
+        assert speed.count_flops(lambda: torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v) == 2 * matmul
+    assert speed.count_flops(matmuls, q, k, v) == 6 * matmul
+    # FlopCounterMode's flash-attention backward recomputes the scores: 5 matmuls, as on a GPU
+    assert speed.count_flops(fused, q, k, v) == 7 * matmul
+
+
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A100 80GB PCIe", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA GeForce RTX 4090", None),
+        ("NVIDIA H100", None),  # SXM or PCIe? not guessed
+    ],
+)
+def test_spec_peak_is_looked_up_by_device_name_and_never_guessed(name, tflops):
+    peak, source = speed.spec_peak_tflops(name)
+    assert peak == tflops
+    assert (name in source) == (tflops is None)
+
+
+def test_cpu_has_no_spec_peak():
+    assert speed.spec_peak_tflops(None) == (None, "no spec peak for CPU")
+
+
+def test_mfu_is_achieved_flops_over_each_peak():
+    # 1 TFLOP per step of 10 images at 20 images/s: 2 steps/s = 2 TFLOP/s
+    assert speed.efficiency(10**12, 10, 20.0, 100.0, 50.0) == pytest.approx(
+        {"tflops_per_s": 2.0, "mfu_spec": 0.02, "mfu_matmul": 0.04}
+    )
+    assert speed.efficiency(10**12, 10, 20.0, None, 50.0)["mfu_spec"] is None
+
+
+def test_baseline_loss_is_clip_loss_of_each_image_with_its_own_caption(prepared):
+    from mushroomclip.benchmark import _lora_model
+    from mushroomclip.data import load_splits, prepared_taxonomy
+    from mushroomclip.losses import clip_loss
+    from mushroomclip.models import offline_clip_tokenizer
+
+    backbone, peft = _lora_model("tiny-clip", "cpu", ("vision", "text"))
+    peft.eval()
+    split = load_splits(prepared[0])["train"]
+    captions = speed.caption_dataset(split, prepared_taxonomy(prepared[0]), "taxon_com", "a photo of {}.",
+                                     offline_clip_tokenizer(), backbone.preprocess)  # fmt: skip
+    rows = [captions[i] for i in range(0, len(split), len(split) // 6)][:6]
+    batch = speed.caption_collate(rows)
+    assert batch["input_ids"].shape == (6, 77) and batch["pixel_values"].shape == (6, 3, 32, 32)
+    labels = [split[i]["label"] for i in range(0, len(split), len(split) // 6)][:6]
+    for i in range(6):  # a caption per image, the same for images of one class
+        for j in range(6):
+            assert torch.equal(batch["input_ids"][i], batch["input_ids"][j]) == (labels[i] == labels[j])
+    with torch.no_grad():
+        loss = speed.baseline_loss(peft, batch)
+        out = peft(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                   attention_mask=batch["attention_mask"])  # fmt: skip
+        expected = clip_loss(out.image_embeds, out.text_embeds, peft.get_base_model().logit_scale.exp())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_train_and_zero_shot_results_have_every_documented_field(prepared, tmp_path, capsys):
+    from mushroomclip.benchmark import main
+
+    common = ["--data", str(prepared[0]), "--model", "tiny-clip", "--num-workers", "0", "--output", str(tmp_path)]
+    assert main(["train-speed", "--batch-size", "4", "--steps", "1", *common]) == 0
+    assert main(["speed", "--batch-size", "8", "--batches", "1", *common]) == 0
+    train = json.loads((tmp_path / "train-tiny-clip-vision+text-cpu.json").read_text())
+    zero_shot = json.loads((tmp_path / "zero-shot-tiny-clip-cpu.json").read_text())
+    assert set(speed.TRAIN_FIELDS) <= set(train) and set(speed.ZERO_SHOT_FIELDS) <= set(zero_shot)
+    for result in (train, zero_shot):
+        assert set(speed.MACHINE_FIELDS) <= set(result["machine"])
+        assert result["spec_peak_tflops"] is None and result["spec_peak_source"] == "no spec peak for CPU"
+        assert result["flops_per_step"] > 0 and result["matmul_tflops"] > 0
+        assert result["model_only"]["peak_memory"]["kind"].startswith("cpu process peak RSS")
+        for key in ("pipeline", "model_only"):
+            eff = result[key]["efficiency"]
+            assert eff["mfu_spec"] is None
+            assert eff["mfu_matmul"] == pytest.approx(eff["tflops_per_s"] / result["matmul_tflops"])
+    assert train["baseline"]["flops_per_step"] > 0 and "peak_memory" in train["baseline"]
+    assert train["speedup_vs_baseline"] == pytest.approx(
+        train["pipeline"]["images_per_s"] / train["baseline"]["images_per_s"]
+    )
+    assert zero_shot["split_encode"]["images"] == len(__import__("mushroomclip").load_splits(prepared[0])["train"])
+    printed = capsys.readouterr().out
+    assert "| bench-train | HF `run_clip.py`-style baseline" in printed and "no spec peak for CPU" in printed
+
+
+def _gpu_result() -> dict:
+    """A hand-made result file, as an H100 run would write it."""
+    eff = {"tflops_per_s": 49.47, "mfu_spec": 0.05, "mfu_matmul": 0.07}
+    memory = {"kind": "gpu max_memory_allocated", "bytes": 3 * 2**30}
+    return {"benchmark": "bench-train", "model": "clip-b32", "device": "cuda", "dtype": "torch.bfloat16",
+            "batch_size": 256, "num_workers": 16, "step": "training step (forward + backward)",
+            "flops_per_step": 6.3e12, "spec_peak_tflops": 989.4, "spec_peak_source": "H100 SXM datasheet, dense bf16",
+            "matmul_tflops": 700.0, "matmul_dtype": "torch.bfloat16", "ratio": 0.9, "speedup_vs_baseline": 3.0,
+            "pipeline": {"images_per_s": 1800.0, "efficiency": eff},
+            "model_only": {"images_per_s": 2000.0, "efficiency": eff, "peak_memory": memory},
+            "baseline": {"images_per_s": 600.0, "efficiency": eff, "flops_per_step": 5e12, "peak_memory": memory},
+            "loader_only": {"images_per_s": 6000.0},
+            "machine": {"cpu": "Intel Xeon", "cores": 16, "gpu": "NVIDIA H100 80GB HBM3", "git_commit": "abc",
+                        "created": "2026-11-24T06:00:00+00:00"}}  # fmt: skip
+
+
+def test_readme_speed_table_is_generated_between_its_markers_from_result_files(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "train.json").write_text(json.dumps(_gpu_result()))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n\nbefore\n{speed.TABLE_START}\n| old | row |\n{speed.TABLE_END}\nafter\n")
+    speed.update_readme(readme, tmp_path / "bench")
+    text = readme.read_text()
+    assert text.startswith("# T\n\nbefore\n") and text.endswith(f"{speed.TABLE_END}\nafter\n")
+    assert "| old | row |" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| bench-train |")]
+    assert len(rows) == 4  # model only, with data, baseline, loader alone
+    assert "| model only (synthetic tensors on the device) | `clip-b32`, batch 256, bfloat16, 16 workers | " \
+           "NVIDIA H100 80GB HBM3, 16-core Intel Xeon | 2,000 | 49.5 | 5% | 7% | 3.00 GiB" in rows[0]  # fmt: skip
+    assert "6,300 GFLOP per training step" in text and "3.00×" in text and "H100 SXM datasheet" in text
+    speed.update_readme(readme, tmp_path / "bench")
+    assert readme.read_text() == text  # regenerating changes nothing
+
+
+def test_table_command_says_what_is_missing(tmp_path, capsys):
+    from mushroomclip.benchmark import main
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    assert main(["table", "--readme", str(readme), "--results", str(tmp_path / "none")]) == 2
+    assert "make bench-train" in capsys.readouterr().err
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "train.json").write_text(json.dumps(_gpu_result()))
+    assert main(["table", "--readme", str(readme), "--results", str(tmp_path / "bench")]) == 2
+    assert "bench-table:start" in capsys.readouterr().err and readme.read_text() == "# no markers\n"
