@@ -205,6 +205,7 @@ def _check_ranges(config: TrainConfig) -> None:
         ("training.lr", t.lr, math.isfinite(t.lr) and t.lr > 0, "a positive number, e.g. 5e-4"),
         ("training.epochs", t.epochs, t.max_steps > 0 or (math.isfinite(t.epochs) and t.epochs > 0),
          "positive (or set training.max_steps)"),
+        ("training.max_steps", t.max_steps, t.max_steps == -1 or t.max_steps >= 1, "-1 (train for training.epochs) or at least 1"),
         ("training.warmup_ratio", t.warmup_ratio, 0 <= t.warmup_ratio < 1, "in [0, 1)"),
         ("training.weight_decay", t.weight_decay, t.weight_decay >= 0, "0 or more"),
         ("training.eval_steps", t.eval_steps, t.eval_steps >= 0, "0 (every epoch) or more"),

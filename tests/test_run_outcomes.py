@@ -65,6 +65,7 @@ def test_trained_weights_that_are_not_finite_are_never_written():
         ),  # fmt: skip
         ("training.lr=-1e-4", "training.lr must be a positive number"),
         ("lora.dropout=1.5", "lora.dropout must be in [0, 1), got 1.5"),
+        ("training.max_steps=0", "training.max_steps must be -1 (train for training.epochs) or at least 1, got 0"),
     ],
 )
 def test_values_a_run_cannot_use_are_one_config_error_each(override, message):
