@@ -13,34 +13,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mushroomclip.augment import background_worker, decode_rgb, eval_transform
+from mushroomclip.augment import EvalPixels, background_worker
 
 
 class PreprocessedImages(torch.utils.data.Dataset):
-    """A ``datasets`` split as (pixels, label) pairs through the backbone's own preprocessing.
-
-    Where that preprocessing is a plain Resize + CenterCrop (every registered model's), the pixels are its
-    uint8 twin from :mod:`mushroomclip.augment` (torchvision decoding, normalised later on the device);
-    otherwise Pillow runs the preprocessing as given.
-    """
+    """A ``datasets`` split as (pixels, label) pairs through :class:`mushroomclip.augment.EvalPixels`, the one
+    evaluation image path that ``predict.py`` and the app use too (uint8 where the model's preprocessing is a
+    plain Resize + CenterCrop, normalised later on the device)."""
 
     def __init__(self, split, preprocess):
         from datasets import Image
 
-        self.split = split.select_columns(["image", "label"])
-        self.preprocess = preprocess
-        self.fast = eval_transform(preprocess)
-        if self.fast is not None:
-            self.split = self.split.cast_column("image", Image(decode=False))
+        # undecoded, so that decode_rgb (EXIF applied) and not the datasets feature decodes each image
+        self.split = split.select_columns(["image", "label"]).cast_column("image", Image(decode=False))
+        self.pixels = EvalPixels(preprocess)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int):
         row = self.split[index]
-        if self.fast is not None:
-            return self.fast(decode_rgb(row["image"])), row["label"]
-        return self.preprocess(row["image"]), row["label"]
+        return self.pixels(row["image"]), row["label"]
 
 
 @torch.inference_mode()
