@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from mushroomclip.data import REPORT_NAME
 from mushroomclip.imaging import COPY_MODES, process_job, utf8_safe, write_atomically
 from mushroomclip.kaggle import (
     IMAGES_DIR,
@@ -47,7 +48,6 @@ from mushroomclip.taxonomy import RANKS, load_taxonomy
 
 CACHE_NAME = ".prepare_cache.jsonl"
 LOCK_NAME = ".prepare.lock"
-REPORT_NAME = "prepare_report.json"
 PARTIAL_FILE = re.compile(r"(.+?)(\.\d+)?\.part")  # write_atomically's temporary "NAME.PID.part"
 METADATA_COLUMNS = ("file_name", "label", "species", *RANKS[:-1], "common_name", "edibility", "taxonomy", "source")
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from mushroomclip.data import REPORT_NAME
+
 if TYPE_CHECKING:
     from transformers import Trainer
 
@@ -124,21 +126,18 @@ def remove_empty_dirs(folder: str | Path) -> None:
 
 
 def unreadable_image(err: BaseException) -> str | None:
-    """The one-line message of :func:`mushroomclip.augment.decode_rgb` inside ``err``, also when a DataLoader
-    worker raised it (torch then wraps it in the worker's traceback); None for any other error."""
-    if not isinstance(err, ValueError):
+    """The one-line message of an :class:`mushroomclip.augment.ImageError`, also when a DataLoader worker
+    raised it (torch re-raises it with the worker's traceback before the message); None for any other error."""
+    from mushroomclip.augment import ImageError
+
+    if not isinstance(err, ImageError):
         return None
-    for line in reversed(str(err).splitlines()):
-        # the worker's traceback ends with "<module.ErrorClass>: <message>"
-        message = re.sub(r"^[\w.]*Error: ", "", line)
-        if message.startswith(("cannot read ", "cannot decode ")):
-            return message
-    return None
+    return re.sub(r"^[\w.]*ImageError: ", "", str(err).strip().splitlines()[-1])
 
 
 def describe_data(data_path: str | Path, images: dict[str, int], trained_species: list[str]) -> dict:
     """``data.json``: the data a run actually used, with the prepared folder's own report where it has one."""
-    report_path = Path(data_path) / "prepare_report.json"
+    report_path = Path(data_path) / REPORT_NAME
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     summary = None
     if report is not None:
@@ -191,12 +190,13 @@ def save_json(path: Path, value) -> None:
 
 
 def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Trainer, taxonomy, templates: list[str],
-                     precision: str, trained_species: list[str], images: dict[str, int]) -> None:  # fmt: skip
-    """Adapter, classes.json, taxonomy, resolved config, data.json, metrics.json, figures and model card."""
+                     precision: str, trained_species: list[str], images: dict[str, int], base: dict) -> None:  # fmt: skip
+    """Adapter, classes.json, taxonomy, resolved config, data.json, metrics.json, figures and model card;
+    ``base`` is the run's :func:`mushroomclip.lora.base_record`."""
     import yaml
 
     from mushroomclip.hub import model_card
-    from mushroomclip.lora import CLASSES_FILE, base_record, classes_record
+    from mushroomclip.lora import CLASSES_FILE, classes_record
     from mushroomclip.plots import save_confusion_png, save_loss_curve
     from mushroomclip.provenance import run_provenance
 
@@ -204,7 +204,6 @@ def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Tra
     run_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(run_dir), save_embedding_layers=False)  # LoRA never touches the embeddings
     scale = model.get_base_model().logit_scale.exp().item() if cfg.lora.train_logit_scale else None
-    base = base_record(cfg.model.base, cfg.model.base_hub_id)
     record = classes_record(taxonomy, cfg.data.text_type, templates, base, scale)
     save_json(run_dir / CLASSES_FILE, record | {"trained_species": trained_species})
     (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)

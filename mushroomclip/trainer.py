@@ -483,8 +483,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     model = add_lora(
         backbone.model, lora.r, lora.alpha, lora.dropout, lora.towers, lora.target_modules, lora.train_logit_scale
     )
-    portable_base = base_record(cfg.model.base, cfg.model.base_hub_id)["base_model"]  # Hub id or convert: recipe
-    model.peft_config["default"].base_model_name_or_path = portable_base
+    base = base_record(cfg.model.base, cfg.model.base_hub_id)  # resolved once: a convert: base asks the Hub
+    model.peft_config["default"].base_model_name_or_path = base["base_model"]  # Hub id or convert: recipe
     backbone.model = model
     class_ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, cfg.data.text_type, [cfg.data.train_template])])
     train = train_images(splits["train"], backbone.preprocess)  # uint8, normalised on the device
@@ -534,7 +534,7 @@ def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     if trainer.is_world_process_zero():
         trained_species = sorted({taxonomy.classes[i] for i in splits["train"]["label"]})
         images = {name: len(split) for name, split in splits.items()}
-        write_run_folder(run_dir, cfg, result, trainer, taxonomy, templates, precision, trained_species, images)
+        write_run_folder(run_dir, cfg, result, trainer, taxonomy, templates, precision, trained_species, images, base)
         log(run_summary(cfg, history_from_log(trainer.state.log_history)[0], best, test, precision))
         if cfg.hub.push:
             result["push_error"] = publish(run_dir, cfg.hub.repo_id, cfg.hub.private, log)
