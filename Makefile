@@ -32,14 +32,14 @@ demo-data: setup  ## (re)make the synthetic demo download and prepare it into $(
 	$(OFFLINE) $(PY) data_scripts/prepare_kaggle.py --source $(DEMO)/kaggle --output $(DEMO)/prepared --no-progress
 
 demo: demo-data  ## offline tour: data -> baselines -> LoRA training -> predict -> benchmark table with the adapter (< 5 min)
-	$(OFFLINE) $(PY) -m mushroomclip.baselines --data $(DEMO)/prepared --split test --output $(DEMO)/results/baselines
+	$(OFFLINE) $(PY) -m mushroomclip.evaluation.baselines --data $(DEMO)/prepared --split test --output $(DEMO)/results/baselines
 	$(OFFLINE) $(PY) train.py --config configs/tiny.yaml data.path=$(DEMO)/prepared training.output_dir=$(DEMO)/runs/tiny --overwrite
 	@$(PY) -c "import glob, shutil; f = sorted(glob.glob('$(DEMO)/prepared/test/*/*.jpg')); \
 	[shutil.copy(p, '$(DEMO)/sample%d.jpg' % i) for i, p in enumerate([f[0], f[len(f) // 2]])]"
 	$(OFFLINE) $(PY) predict.py $(DEMO)/sample0.jpg $(DEMO)/sample1.jpg --adapter $(DEMO)/runs/tiny --top-k 3
 	$(OFFLINE) $(PY) evaluate_zero_shot.py --config configs/benchmark_offline.yaml --data $(DEMO)/prepared \
 	  --include-adapters $(DEMO)/runs --output $(DEMO)/results/benchmark > $(DEMO)/results/benchmark.log 2>&1
-	$(PY) -m mushroomclip.benchmark report --results $(DEMO)/results/benchmark
+	$(PY) -m mushroomclip.evaluation.benchmark report --results $(DEMO)/results/benchmark
 
 APP_MODEL ?= $(DEMO)/runs/tiny
 app: setup  ## serve the web app on http://127.0.0.1:7860, offline, with the adapter of make demo (APP_MODEL=runs/NAME)
@@ -52,13 +52,13 @@ train: setup  ## LoRA fine-tuning with accelerate_config.yaml (bf16, one GPU): C
 	$(VENV)/bin/accelerate launch -q --config_file accelerate_config.yaml train.py --config $(CONFIG) $(ARGS)
 
 benchmark: setup  ## zero-/few-shot for every configured model -> results/benchmark.md (tiny models on demo data when offline)
-	@if $(PY) -m mushroomclip.benchmark hub-reachable; then \
+	@if $(PY) -m mushroomclip.evaluation.benchmark hub-reachable; then \
 	  $(PY) evaluate_zero_shot.py --config configs/benchmark.yaml; \
 	else \
 	  grep -qs "\"complete\": true" $(DEMO)/prepared/prepare_report.json || $(MAKE) --no-print-directory demo-data; \
 	  $(OFFLINE) $(PY) evaluate_zero_shot.py --config configs/benchmark_offline.yaml; \
 	fi
-	$(PY) -m mushroomclip.benchmark report --results results
+	$(PY) -m mushroomclip.evaluation.benchmark report --results results
 
 bench-prepare: setup  ## prepare ~20k synthetic 500px images (169 classes): copy path, then re-encode path; prints images/s
 	$(PY) data_scripts/make_synthetic.py --output $(BENCH)/kaggle --classes 169 --per-class 120 --size 500 --num-proc $(NPROC)
@@ -91,16 +91,16 @@ $(SPEED_DATA)/prepare_report.json:
 	$(PY) data_scripts/prepare_kaggle.py --source $(SPEED_DATA)-kaggle --output $(SPEED_DATA) --num-proc $(NPROC) --no-progress > /dev/null
 
 bench-zero-shot: setup $(SPEED_DATA)/prepare_report.json  ## zero-shot encoding images/s (data vs model only), FLOPs, MFU, peak memory, whole-split time -> results/bench/*.json (ZS_BATCH, ZS_BATCHES, WORKERS, SPEED_*)
-	$(OFFLINE) $(PY) -m mushroomclip.benchmark speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --batch-size $(ZS_BATCH) \
+	$(OFFLINE) $(PY) -m mushroomclip.evaluation.benchmark speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --batch-size $(ZS_BATCH) \
 	  --num-workers $(WORKERS) --output $(BENCH_OUT) $(if $(ZS_BATCHES),--batches $(ZS_BATCHES))
 
 TOWERS ?= vision,text
 bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s (data, model only, run_clip.py baseline), FLOPs, MFU, peak memory -> results/bench/*.json (TOWERS=vision: frozen text; BATCH, STEPS, WORKERS, SPEED_*)
-	$(OFFLINE) $(PY) -m mushroomclip.benchmark train-speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --num-workers $(WORKERS) \
+	$(OFFLINE) $(PY) -m mushroomclip.evaluation.benchmark train-speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --num-workers $(WORKERS) \
 	  --towers $(TOWERS) --output $(BENCH_OUT) $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--steps $(STEPS))
 
 bench-table:  ## regenerate the README speed table from results/bench/*.json (BENCH_OUT=DIR)
-	$(PY) -m mushroomclip.benchmark table --results $(BENCH_OUT) --readme README.md
+	$(PY) -m mushroomclip.evaluation.benchmark table --results $(BENCH_OUT) --readme README.md
 
 lint: setup  ## ruff lint + format check
 	$(PY) -m ruff check .

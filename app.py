@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: the web app needs gradio: pip install '.[app]'", file=sys.stderr)
         return 2
-    from mushroomclip.identify import ZERO_SHOT_CHOICES, find_runs
-    from mushroomclip.webapp import build_app
+    from mushroomclip.prediction.identify import ZERO_SHOT_CHOICES, find_runs
+    from mushroomclip.prediction.webapp import build_app
 
     chosen = args.model or [m for m in [os.environ.get("MUSHROOMCLIP_MODEL")] if m]
     runs = find_runs(args.runs)

@@ -84,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from mushroomclip.models import ModelLoadError, list_models, resolve_spec
+    from mushroomclip.models.backbones import ModelLoadError, list_models, resolve_spec
 
     if args.list_models:
         print(list_models())
         return 0
-    from mushroomclip.prompts import text_types
+    from mushroomclip.evaluation.zeroshot import EvalConfig, evaluate
+    from mushroomclip.models.prompts import text_types
     from mushroomclip.taxonomy import TaxonomyError
-    from mushroomclip.zeroshot import EvalConfig, evaluate
 
     try:
         if not args.data:

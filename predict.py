@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from mushroomclip.answer import answer, csv_row, predictions_csv
-    from mushroomclip.augment import ImageError, image_files
-    from mushroomclip.identify import thresholds_for
-    from mushroomclip.lora import AdapterError, load_classifier
-    from mushroomclip.models import ModelLoadError
+    from mushroomclip.data.transforms import ImageError, image_files
+    from mushroomclip.models.backbones import ModelLoadError
+    from mushroomclip.models.classifier import AdapterError, load_classifier
+    from mushroomclip.prediction.answer import answer, csv_row, predictions_csv
+    from mushroomclip.prediction.identify import thresholds_for
 
     try:
         device = torch.device(args.device)

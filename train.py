@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from mushroomclip.config import ConfigError, load_train_config
-    from mushroomclip.lora import AdapterError
-    from mushroomclip.models import ModelLoadError
-    from mushroomclip.runs import DataReadError, RunFolderError, TrainingDivergedError
+    from mushroomclip.models.backbones import ModelLoadError
+    from mushroomclip.models.classifier import AdapterError
     from mushroomclip.taxonomy import TaxonomyError
+    from mushroomclip.training.runs import DataReadError, RunFolderError, TrainingDivergedError
 
     flags = [
         *(["training.resume=true"] if args.resume else []),
@@ -47,17 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     ]
     try:
         cfg = load_train_config(args.config, [*args.overrides, *flags])
-        from mushroomclip.distributed import spawn_cpu_ranks, unstarted_cpu_ranks
+        from mushroomclip.training.distributed import spawn_cpu_ranks, unstarted_cpu_ranks
 
         if ranks := unstarted_cpu_ranks():  # `accelerate launch --cpu --num_processes N` started only this one
             return spawn_cpu_ranks(ranks, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-        from mushroomclip.trainer import run_training
+        from mushroomclip.training.trainer import run_training
 
         result = run_training(cfg, log=log_line)
     except (ConfigError, ModelLoadError, AdapterError, TaxonomyError, FileNotFoundError, RunFolderError,
             TrainingDivergedError, DataReadError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr, flush=True)
-        from mushroomclip.distributed import launcher_repeats_failures
+        from mushroomclip.training.distributed import launcher_repeats_failures
 
         if launcher_repeats_failures():
             print("(accelerate launch reports this exit status again as a CalledProcessError traceback below; "

@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mushroomclip.synthetic import make_synthetic_download
+    from mushroomclip.data.synthetic import make_synthetic_download
     from mushroomclip.taxonomy import TaxonomyError, load_taxonomy
 
     try:

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mushroomclip.prepare import PrepareError, PrepareOptions, format_summary, prepare
+    from mushroomclip.data.prepare import PrepareError, PrepareOptions, format_summary, prepare
     from mushroomclip.taxonomy import TaxonomyError
 
     try:

@@ -9,8 +9,8 @@ two entry points most users need; heavy modules load only when used.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_classifier": "mushroomclip.lora",
-    "load_splits": "mushroomclip.data",
+    "load_classifier": "mushroomclip.models.classifier",
+    "load_splits": "mushroomclip.data.splits",
     "load_taxonomy": "mushroomclip.taxonomy",
 }
 

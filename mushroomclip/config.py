@@ -240,8 +240,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. training.lr=1e-4")
         section, _, name = key.partition(".")
         _apply(config, {section: {name: yaml.safe_load(raw)}}, "the command line")
-    from mushroomclip.losses import LOSSES
     from mushroomclip.taxonomy import TEXT_TYPES
+    from mushroomclip.training.losses import LOSSES
 
     if config.loss.name not in LOSSES:
         raise ConfigError(f"loss.name must be one of {', '.join(LOSSES)}, got {config.loss.name!r}")
@@ -268,15 +268,15 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     hub_id = config.model.base_hub_id
     if hub_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id):
         raise ConfigError(f"model.base_hub_id must be a Hub repo id USER/NAME (e.g. the --push-to-hub of "
-                          f"python -m mushroomclip.convert), got {hub_id!r}")  # fmt: skip
+                          f"python -m mushroomclip.models.convert), got {hub_id!r}")  # fmt: skip
     base = Path(config.model.base)
     if config.hub.push and hub_id is None and base.is_dir():
-        from mushroomclip.convert import RECIPE_FILE
+        from mushroomclip.models.convert import RECIPE_FILE
 
         if not (base / RECIPE_FILE).is_file():
             raise ConfigError(f"hub.push: model.base {base} is a local folder no other machine has; set "
                               "model.base_hub_id to its Hub repo, or use a folder written by python -m "
-                              "mushroomclip.convert (it records the source to convert again)")  # fmt: skip
+                              "mushroomclip.models.convert (it records the source to convert again)")  # fmt: skip
     if config.hub.push and not config.hub.repo_id:
         raise ConfigError("hub.push is true but hub.repo_id is not set (e.g. hub.repo_id=USER/mushroomclip-lora-b32)")
     return config

@@ -33,7 +33,7 @@ class PushError(RuntimeError):
 
 def base_label(base: str) -> str:
     """A recorded base as the card's results table names it."""
-    from mushroomclip.convert import PREFIX
+    from mushroomclip.models.convert import PREFIX
 
     return f"{base.removeprefix(PREFIX).removeprefix('hf-hub:')} (converted)" if base.startswith(PREFIX) else base
 
@@ -52,8 +52,8 @@ def card_base(model: dict, record: dict) -> str:
 def describe_base(base: str, random_weights: bool) -> tuple[str, str | None, bool]:
     """How a card names a run's recorded base model, its Hub id where it has one (the only base worth a link
     and the card's ``base_model``), and whether ``CLIPModel.from_pretrained`` loads that id."""
-    from mushroomclip.convert import PREFIX
-    from mushroomclip.models import REGISTRY
+    from mushroomclip.models.backbones import REGISTRY
+    from mushroomclip.models.convert import PREFIX
 
     spec = REGISTRY.get(base)
     if spec is not None and spec.tiny:
@@ -63,7 +63,7 @@ def describe_base(base: str, random_weights: bool) -> tuple[str, str | None, boo
         source = base.removeprefix(PREFIX)
         repo = source.removeprefix("hf-hub:") if source.startswith("hf-hub:") else None
         named = f"[{repo}](https://huggingface.co/{repo})" if repo else f"open_clip `{source}`"
-        return (f"{named}, converted exactly to a transformers `CLIPModel` by `mushroomclip.convert`; "
+        return (f"{named}, converted exactly to a transformers `CLIPModel` by `mushroomclip.models.convert`; "
                 "`load_classifier` repeats that conversion on first use (cached)"), repo, False  # fmt: skip
     hub_id = spec.source if spec is not None else base
     if "/" not in hub_id or Path(base).exists():
@@ -94,7 +94,7 @@ def model_card(run_dir: str | Path):
     a model-index of the test metrics and the zero-shot baseline row. Links only to real Hub models."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from mushroomclip.models import known_license
+    from mushroomclip.models.backbones import known_license
 
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -179,7 +179,7 @@ LoRA r={lora["r"]}, alpha={lora["alpha"]}, dropout={lora["dropout"]} on {", ".jo
 {usage}With MushroomCLIP installed, with the class list and prompts restored:
 
 ```python
-from mushroomclip.lora import load_classifier
+from mushroomclip.models.classifier import load_classifier
 classifier = load_classifier("{REPO}")
 ```
 
@@ -231,7 +231,7 @@ def stage_upload(run_dir: Path, repo_id: str, staging: Path) -> list[str]:
     base = record["base_model"]
     if record.get("base_model_is_folder"):
         raise PushError(f"{run_dir} was trained on the local model folder {base}, which no other machine has; "
-                        "retrain on a Hub model, or convert the base with python -m mushroomclip.convert (add "
+                        "retrain on a Hub model, or convert the base with python -m mushroomclip.models.convert (add "
                         "--push-to-hub USER/NAME and set model.base_hub_id to name it by that repo)")  # fmt: skip
     names = [f for f in UPLOAD if (run_dir / f).is_file()]
     for name in names:

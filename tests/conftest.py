@@ -21,7 +21,7 @@ def _isolated_hf_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def dirty_download(tmp_path_factory) -> tuple[Path, dict]:
     """6 species, ~30 images each, 2 truncated JPEGs and one of every other bad input. Read-only."""
-    from mushroomclip.synthetic import make_synthetic_download
+    from mushroomclip.data.synthetic import make_synthetic_download
 
     root = tmp_path_factory.mktemp("kaggle") / "download"
     manifest = make_synthetic_download(root, classes=6, per_class=30, size=48, seed=1, corrupt=2, dirty=True)
@@ -31,7 +31,7 @@ def dirty_download(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="session")
 def prepared(dirty_download, tmp_path_factory) -> tuple[Path, dict]:
     """The dirty download prepared with default options. Read-only."""
-    from mushroomclip.prepare import PrepareOptions, prepare
+    from mushroomclip.data.prepare import PrepareOptions, prepare
 
     out = tmp_path_factory.mktemp("prepared") / "out"
     report = prepare(PrepareOptions(dirty_download[0], out, num_proc=2, progress=False))

@@ -84,7 +84,7 @@ def _clip_b32_files(seed: int) -> dict[str, bytes]:
 
     from transformers import CLIPModel
 
-    from mushroomclip.models import _openai_bpe, offline_clip_tokenizer, tiny_clip_config
+    from mushroomclip.models.backbones import _openai_bpe, offline_clip_tokenizer, tiny_clip_config
 
     config = tiny_clip_config()
     config.vision_config.image_size, config.vision_config.patch_size = 224, 32

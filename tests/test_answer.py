@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mushroomclip.answer import Thresholds, answer, csv_row, fuse_log_probs, predictions_csv, run_thresholds
+from mushroomclip.prediction.answer import Thresholds, answer, csv_row, fuse_log_probs, predictions_csv, run_thresholds
 from mushroomclip.taxonomy import load_taxonomy
 
 CLASSES = ["Boletus edulis", "Boletus reticulatus", "Boletus rex-veris", "Amanita phalloides", "Amanita rubescens",
@@ -120,13 +120,13 @@ def test_predictions_csv_has_one_row_per_image_unreadable_ones_included(tmp_path
 
 @pytest.fixture(scope="module")
 def zero_shot():
-    from mushroomclip.identify import load_model
+    from mushroomclip.prediction.identify import load_model
 
     return load_model("zero-shot:tiny-clip")
 
 
 def test_several_photos_give_the_fused_answer_and_bad_files_are_listed(zero_shot, tmp_path):
-    from mushroomclip.identify import identify
+    from mushroomclip.prediction.identify import identify
 
     classifier, thresholds = zero_shot
     photos = []
@@ -145,7 +145,7 @@ def test_several_photos_give_the_fused_answer_and_bad_files_are_listed(zero_shot
 
 
 def test_decompression_bombs_are_refused(zero_shot, tmp_path):
-    from mushroomclip.identify import identify
+    from mushroomclip.prediction.identify import identify
 
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20000, 10000)).save(bomb)  # 200 M pixels in a few kB: over Pillow's limit
@@ -154,7 +154,7 @@ def test_decompression_bombs_are_refused(zero_shot, tmp_path):
 
 
 def test_a_folder_that_is_not_a_run_is_refused_by_name(tmp_path):
-    from mushroomclip.identify import load_model
+    from mushroomclip.prediction.identify import load_model
 
     with pytest.raises(ValueError, match="is not a run folder"):
         load_model(str(tmp_path))
@@ -163,8 +163,9 @@ def test_a_folder_that_is_not_a_run_is_refused_by_name(tmp_path):
 @pytest.fixture(scope="module")
 def untrained_run(tmp_path_factory):
     """A LoRA adapter on tiny-clip, saved as the trainer saves one (no training: its answers do not matter)."""
-    from mushroomclip.lora import CLASSES_FILE, add_lora, base_record, classes_record
-    from mushroomclip.models import load_backbone
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.classifier import CLASSES_FILE, base_record, classes_record
+    from mushroomclip.models.lora import add_lora
 
     run, taxonomy = tmp_path_factory.mktemp("runs") / "untrained", load_taxonomy()
     model = add_lora(load_backbone("tiny-clip").model, 4, 8, 0.0, ["vision"], ["q_proj"], False)
@@ -181,7 +182,7 @@ def untrained_run(tmp_path_factory):
 def test_run_folders_and_hub_adapters_load_with_the_thresholds_they_record(untrained_run, tmp_path, monkeypatch):
     from fake_hub import use_offline_cache, write_snapshot
 
-    from mushroomclip.identify import find_runs, load_model
+    from mushroomclip.prediction.identify import find_runs, load_model
 
     assert find_runs([untrained_run.parent, tmp_path / "absent"]) == [str(untrained_run)]
     classifier, thresholds = load_model(str(untrained_run))
@@ -194,8 +195,8 @@ def test_run_folders_and_hub_adapters_load_with_the_thresholds_they_record(untra
 
 
 def test_a_model_that_cannot_load_is_a_message_on_the_page(tmp_path):
-    from mushroomclip.identify import load_model
-    from mushroomclip.webapp import model_answer_html
+    from mushroomclip.prediction.identify import load_model
+    from mushroomclip.prediction.webapp import model_answer_html
 
     page = model_answer_html(load_model, str(tmp_path), [])
     assert f"Model {tmp_path} cannot be used: {tmp_path} is not a run folder" in page
@@ -203,7 +204,7 @@ def test_a_model_that_cannot_load_is_a_message_on_the_page(tmp_path):
 
 def test_answered_uploads_are_deleted_and_nothing_outside_the_upload_folder(tmp_path, monkeypatch):
     pytest.importorskip("gradio")
-    from mushroomclip.webapp import forget_uploads
+    from mushroomclip.prediction.webapp import forget_uploads
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
     upload = tmp_path / "uploads" / "abc123" / "photo.jpg"
@@ -227,4 +228,4 @@ def test_space_folder_stages_a_runnable_space(tmp_path):
     deploy.stage(tmp_path)
     front = yaml.safe_load((tmp_path / "README.md").read_text().split("---")[1])
     assert front["sdk"] == "gradio" and (tmp_path / front["app_file"]).is_file()
-    assert (tmp_path / "mushroomclip" / "webapp.py").is_file() and (tmp_path / "requirements.txt").is_file()
+    assert (tmp_path / "mushroomclip" / "prediction" / "webapp.py").is_file() and (tmp_path / "requirements.txt").is_file()

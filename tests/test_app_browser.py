@@ -32,7 +32,7 @@ pytest.importorskip("selenium", reason="the browser test needs selenium: pip ins
 def adapter(prepared, tmp_path_factory) -> Path:
     """A 2-step tiny adapter trained on the prepared data."""
     from mushroomclip.config import load_train_config
-    from mushroomclip.trainer import run_training
+    from mushroomclip.training.trainer import run_training
 
     run = tmp_path_factory.mktemp("app-runs") / "tiny"
     overrides = {"data.path": prepared[0], "training.output_dir": run, "training.max_steps": 2,
@@ -77,7 +77,7 @@ def test_browser_upload_shows_the_species_and_the_deadly_warning(adapter, prepar
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from mushroomclip.identify import identify, load_model
+    from mushroomclip.prediction.identify import identify, load_model
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a browser or driver
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from mushroomclip.augment import TrainAugment, decode_rgb, normalize, pixel_stats, train_images
-from mushroomclip.models import clip_transform
+from mushroomclip.data.transforms import TrainAugment, decode_rgb, normalize, pixel_stats, train_images
+from mushroomclip.models.backbones import clip_transform
 
 
 def encoded(image: Image.Image, fmt: str, **save) -> bytes:
@@ -68,7 +68,7 @@ def test_device_normalisation_equals_the_models_own_to_tensor_and_normalize():
 
 
 def test_augmented_training_batches_are_uint8_crops_at_the_models_size(prepared):
-    from mushroomclip.data import load_splits
+    from mushroomclip.data.splits import load_splits
 
     preprocess = clip_transform(32, [0.5] * 3, [0.5] * 3)
     split = load_splits(prepared[0])["train"]
@@ -83,8 +83,8 @@ def test_augmented_training_batches_are_uint8_crops_at_the_models_size(prepared)
 
 @pytest.mark.parametrize("model", ["tiny-clip", "tiny-openclip"])
 def test_evaluation_pixels_match_the_models_own_pillow_preprocessing(model, tmp_path):
-    from mushroomclip.augment import eval_transform
-    from mushroomclip.models import load_backbone
+    from mushroomclip.data.transforms import eval_transform
+    from mushroomclip.models.backbones import load_backbone
 
     backbone = load_backbone(model, random_weights=True)
     fast = eval_transform(backbone.preprocess)
@@ -103,9 +103,9 @@ def test_evaluation_pixels_match_the_models_own_pillow_preprocessing(model, tmp_
 
 
 def test_unknown_preprocessing_keeps_pillow(prepared):
-    from mushroomclip.augment import eval_transform
-    from mushroomclip.data import load_splits
-    from mushroomclip.features import PreprocessedImages
+    from mushroomclip.data.splits import load_splits
+    from mushroomclip.data.transforms import eval_transform
+    from mushroomclip.evaluation.features import PreprocessedImages
 
     custom = T.Compose(
         [T.Resize(32), T.CenterCrop(32), T.ColorJitter(0.1), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
@@ -134,7 +134,7 @@ def _mark_seeded(worker_id):
 def test_loader_workers_decode_at_lower_priority_after_the_trainers_own_init():
     import os
 
-    from mushroomclip.augment import WORKER_NICENESS, background_workers
+    from mushroomclip.data.transforms import WORKER_NICENESS, background_workers
 
     loader = torch.utils.data.DataLoader(_Niceness(), num_workers=1, worker_init_fn=background_workers(_mark_seeded))
     [(niceness, seeded)] = [(int(n), s) for n, [s] in loader]
@@ -157,7 +157,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def test_decompression_bomb_is_refused_from_its_header_before_any_decoder_runs(monkeypatch):
-    import mushroomclip.augment as augment
+    import mushroomclip.data.transforms as augment
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("torchvision decoded an image over the pixel limit")
@@ -173,7 +173,7 @@ def test_decompression_bomb_is_refused_from_its_header_before_any_decoder_runs(m
 
 
 def test_not_an_image_is_a_clear_error_with_a_short_reason(tmp_path):
-    from mushroomclip.augment import ImageError
+    from mushroomclip.data.transforms import ImageError
 
     path = tmp_path / "notes.jpg"
     path.write_text("not a photo")
@@ -183,7 +183,7 @@ def test_not_an_image_is_a_clear_error_with_a_short_reason(tmp_path):
 
 
 def test_image_files_expands_folders_recursively_in_sorted_order(tmp_path):
-    from mushroomclip.augment import image_files
+    from mushroomclip.data.transforms import image_files
 
     for name in ("b/2.JPG", "b/1.png", "a.jpeg", "notes.txt", ".hidden/x.jpg", "b/.y.jpg"):
         (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mushroomclip import speed
+from mushroomclip.evaluation import speed
 
 
 def test_flop_count_of_a_training_step_equals_the_analytic_count():
@@ -82,10 +82,10 @@ def test_mfu_is_achieved_flops_over_each_peak():
 
 
 def test_baseline_loss_is_clip_loss_of_each_image_with_its_own_caption(prepared):
-    from mushroomclip.benchmark import _lora_model
-    from mushroomclip.data import load_splits, prepared_taxonomy
-    from mushroomclip.losses import clip_loss
-    from mushroomclip.models import offline_clip_tokenizer
+    from mushroomclip.data.splits import load_splits, prepared_taxonomy
+    from mushroomclip.evaluation.benchmark import _lora_model
+    from mushroomclip.models.backbones import offline_clip_tokenizer
+    from mushroomclip.training.losses import clip_loss
 
     backbone, peft = _lora_model("tiny-clip", "cpu", ("vision", "text"))
     peft.eval()
@@ -108,7 +108,7 @@ def test_baseline_loss_is_clip_loss_of_each_image_with_its_own_caption(prepared)
 
 
 def test_train_and_zero_shot_results_have_every_documented_field(prepared, tmp_path, capsys):
-    from mushroomclip.benchmark import main
+    from mushroomclip.evaluation.benchmark import main
 
     common = ["--data", str(prepared[0]), "--model", "tiny-clip", "--num-workers", "0", "--output", str(tmp_path)]
     assert main(["train-speed", "--batch-size", "4", "--steps", "1", *common]) == 0
@@ -169,7 +169,7 @@ def test_readme_speed_table_is_generated_between_its_markers_from_result_files(t
 
 
 def test_table_command_says_what_is_missing(tmp_path, capsys):
-    from mushroomclip.benchmark import main
+    from mushroomclip.evaluation.benchmark import main
 
     readme = tmp_path / "README.md"
     readme.write_text("# no markers\n")

@@ -5,14 +5,14 @@ import torch.nn.functional as F
 from fake_hub import LOGIT_SCALE, TINY_BIOCLIP2_MODEL_CFG, open_clip_files, use_offline_cache, write_snapshot
 from PIL import Image
 
-from mushroomclip.convert import (
+from mushroomclip.models.backbones import load_backbone, offline_clip_tokenizer
+from mushroomclip.models.convert import (
     ConversionError,
     convert_open_clip,
     image_processor_from_open_clip,
     max_embedding_difference,
 )
-from mushroomclip.convert import main as convert_main
-from mushroomclip.models import load_backbone, offline_clip_tokenizer
+from mushroomclip.models.convert import main as convert_main
 
 SHRUNK_L14 = dict(  # ViT-L-14's shape rules (patch 14, GELU), small enough for CPU tests
     embed_dim=48,
@@ -109,7 +109,7 @@ def test_convert_check_compares_the_reloaded_folder_with_the_source(hub_cache, t
 
 
 def test_convert_check_fails_when_the_conversion_does_not_reproduce_the_source(hub_cache, tmp_path, monkeypatch):
-    import mushroomclip.convert as convert
+    import mushroomclip.models.convert as convert
 
     real = convert.convert_open_clip
 

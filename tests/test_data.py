@@ -1,6 +1,6 @@
 import pytest
 
-from mushroomclip.data import load_splits
+from mushroomclip.data.splits import load_splits
 from mushroomclip.taxonomy import load_taxonomy
 
 COLUMNS = [

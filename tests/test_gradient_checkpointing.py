@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from mushroomclip.config import load_train_config
-from mushroomclip.lora import add_lora
-from mushroomclip.models import load_backbone
-from mushroomclip.trainer import training_arguments
+from mushroomclip.models.backbones import load_backbone
+from mushroomclip.models.lora import add_lora
+from mushroomclip.training.trainer import training_arguments
 
 
 def _loss_and_lora_grads(checkpointing_kwargs: dict | None) -> tuple[torch.Tensor, dict, int]:
@@ -67,7 +67,7 @@ def test_a_run_may_be_resumed_with_gradient_checkpointing_switched(tmp_path):
     """Checkpointing changes memory, not results: after an out-of-memory stop, --resume may turn it on."""
     import yaml
 
-    from mushroomclip.runs import CHECKPOINT_CONFIG, check_run_folder
+    from mushroomclip.training.runs import CHECKPOINT_CONFIG, check_run_folder
 
     checkpoint = tmp_path / "checkpoints" / "checkpoint-3"
     checkpoint.mkdir(parents=True)

@@ -25,7 +25,7 @@ from fake_hub import (
 )
 from PIL import Image
 
-from mushroomclip.models import ModelLoadError, hub_reachable, load_backbone
+from mushroomclip.models.backbones import ModelLoadError, hub_reachable, load_backbone
 
 # name -> (repo, weight file, image size from its config, files builder)
 REPOS = {
@@ -197,7 +197,7 @@ def test_evaluate_cli_with_config_but_no_weights_exits_with_one_line(prepared, t
 
 
 def test_text_embedding_cache_of_older_weights_is_not_reused(hub_cache, tmp_path):
-    from mushroomclip.prompts import cached_class_text_embeddings
+    from mushroomclip.models.prompts import cached_class_text_embeddings
     from mushroomclip.taxonomy import load_taxonomy
 
     repo, _, _, files = REPOS["bioclip"]

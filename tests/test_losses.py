@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mushroomclip.losses import class_text_loss, clip_loss, multi_positive_loss
+from mushroomclip.training.losses import class_text_loss, clip_loss, multi_positive_loss
 
 E1, E2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
 SCALE = torch.tensor(2.0)
@@ -67,9 +67,9 @@ def test_losses_have_gradients_for_both_towers():
 def test_frozen_text_tower_reuses_class_embeddings_with_the_same_loss_and_gradients(loss_name, tmp_path):
     from transformers import TrainingArguments
 
-    from mushroomclip.lora import add_lora
-    from mushroomclip.models import load_backbone
-    from mushroomclip.trainer import ContrastiveTrainer
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.lora import add_lora
+    from mushroomclip.training.trainer import ContrastiveTrainer
 
     backbone = load_backbone("tiny-clip")
     model = add_lora(backbone.model, 4, 8, 0.0, ["vision"], ["q_proj", "v_proj"], False).train()
@@ -99,7 +99,7 @@ def test_frozen_text_tower_reuses_class_embeddings_with_the_same_loss_and_gradie
 
 
 def test_zero_shot_logits_keep_the_logit_scale_and_scores_in_fp32_under_bf16_autocast():
-    from mushroomclip.trainer import zero_shot_logits
+    from mushroomclip.training.trainer import zero_shot_logits
 
     images = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     classes = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from mushroomclip.evaluation.reporting import write_results
 from mushroomclip.metrics import classification_metrics, format_report
-from mushroomclip.reporting import write_results
 from mushroomclip.taxonomy import load_taxonomy
 
 HEADER = "label,kingdom,phylum,class,order,family,genus,common_name,edibility,lichen,synonym_of\n"

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mushroomclip.models import ModelLoadError, load_backbone, offline_clip_tokenizer, resolve_spec
-from mushroomclip.prompts import (
+from mushroomclip.models.backbones import ModelLoadError, load_backbone, offline_clip_tokenizer, resolve_spec
+from mushroomclip.models.prompts import (
     OPENAI_TEMPLATES,
     cached_class_text_embeddings,
     class_prompts,
@@ -53,7 +53,7 @@ def test_offline_tokenizer_matches_open_clip_token_ids():
 def test_padding_to_the_longest_prompt_gives_the_same_text_embeddings_as_padding_to_77(eos_token_id):
     from transformers import CLIPModel
 
-    from mushroomclip.models import tiny_clip_config
+    from mushroomclip.models.backbones import tiny_clip_config
 
     torch.manual_seed(0)
     config = tiny_clip_config()

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mushroomclip.losses import clip_loss, multi_positive_loss
+from mushroomclip.training.losses import clip_loss, multi_positive_loss
 
 WORLD = 2
 SCALE = torch.tensor(5.0)
@@ -54,7 +54,7 @@ SHARDS = (slice(0, 4), slice(4, 7))
 
 
 def _gathered_losses(rank: int, out: Path) -> None:
-    from mushroomclip.collectives import gather_batch
+    from mushroomclip.training.collectives import gather_batch
 
     results = {}
     for name, loss_fn in LOSSES.items():
@@ -101,11 +101,11 @@ def _eval_trainer(data: Path, out: Path, loss_name: str = "class_text"):
     """The same ContrastiveTrainer (tiny-clip, LoRA on both towers, seeded) in every process."""
     from transformers import TrainingArguments
 
-    from mushroomclip.data import prepared_taxonomy
-    from mushroomclip.lora import add_lora
-    from mushroomclip.models import load_backbone
-    from mushroomclip.prompts import templates_for
-    from mushroomclip.trainer import ContrastiveTrainer, ZeroShotEvaluator, collate
+    from mushroomclip.data.splits import prepared_taxonomy
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.lora import add_lora
+    from mushroomclip.models.prompts import templates_for
+    from mushroomclip.training.trainer import ContrastiveTrainer, ZeroShotEvaluator, collate
 
     torch.manual_seed(0)
     backbone = load_backbone("tiny-clip")
@@ -120,7 +120,7 @@ def _eval_trainer(data: Path, out: Path, loss_name: str = "class_text"):
 
 
 def _validation(data: Path):
-    from mushroomclip.data import load_splits
+    from mushroomclip.data.splits import load_splits
 
     return load_splits(data)["validation"].select(range(EVAL_IMAGES))
 

@@ -18,11 +18,11 @@ from fake_hub import TINY_BIOCLIP_MODEL_CFG, open_clip_files, use_offline_cache,
 from PIL import Image
 
 from mushroomclip.config import ConfigError, load_train_config
-from mushroomclip.convert import RECIPE_FILE, converted_cache
-from mushroomclip.convert import main as convert_main
 from mushroomclip.hub import PushError, push_run
-from mushroomclip.lora import AdapterError, load_classifier
-from mushroomclip.trainer import run_training
+from mushroomclip.models.classifier import AdapterError, load_classifier
+from mushroomclip.models.convert import RECIPE_FILE, converted_cache
+from mushroomclip.models.convert import main as convert_main
+from mushroomclip.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = [Image.new("RGB", (40, 30), color) for color in ((180, 120, 40), (30, 90, 160), (220, 220, 200))]
@@ -204,7 +204,7 @@ def test_a_folder_without_recipe_is_refused_at_push_and_is_a_clear_error_elsewhe
     assert json.loads((run / "classes.json").read_text())["base_model_is_folder"] is True
     assert "license" not in (run / "README.md").read_text().split("---")[1]  # unknown origin: no license claimed
     api = FakeApi()
-    with pytest.raises(PushError, match="local model folder .*plain-hf.*mushroomclip.convert") as info:
+    with pytest.raises(PushError, match="local model folder .*plain-hf.*mushroomclip.models.convert") as info:
         push_run(run, "someone/nope", api=api)
     assert "\n" not in str(info.value) and api.files == {} and api.repo is None
     with pytest.raises(ConfigError, match="hub.push: model.base .*plain-hf is a local folder"):
@@ -238,8 +238,8 @@ def test_convert_push_to_hub_publishes_the_folder_with_a_card_crediting_the_sour
 
 
 def test_a_convert_base_trains_and_loads_like_the_converted_folder(world):
-    from mushroomclip.lora import backbone_name, base_record
-    from mushroomclip.models import load_backbone
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.classifier import backbone_name, base_record
 
     _, base, _, _ = world
     spec = "convert:hf-hub:imageomics/bioclip"
@@ -252,7 +252,7 @@ def test_a_convert_base_trains_and_loads_like_the_converted_folder(world):
 
 
 def test_the_license_is_claimed_only_for_bases_known_to_be_mit():
-    from mushroomclip.models import known_license
+    from mushroomclip.models.backbones import known_license
 
     mit = ["clip-b32", "openai/clip-vit-large-patch14", "bioclip", "bioclip-2", "imageomics/bioclip",
            "convert:hf-hub:imageomics/bioclip-2", "hf-hub:imageomics/bioclip"]  # fmt: skip
@@ -262,9 +262,9 @@ def test_the_license_is_claimed_only_for_bases_known_to_be_mit():
 
 
 def test_on_demand_conversion_warns_when_the_source_weights_changed_since_training(world, caplog):
-    from mushroomclip.convert import converted_folder
+    from mushroomclip.models.convert import converted_folder
 
-    with caplog.at_level("WARNING", logger="mushroomclip.convert"):
+    with caplog.at_level("WARNING", logger="mushroomclip.models.convert"):
         converted_folder("convert:hf-hub:imageomics/bioclip", expected_weights="commit 0123abc")
     assert "trained on the weights of commit 0123abc" in caplog.text and "the source now has commit " in caplog.text
 

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from mushroomclip.config import load_train_config
-from mushroomclip.lora import CLASSES_FILE, AdapterError, load_classifier
-from mushroomclip.trainer import run_training
-from mushroomclip.zeroshot import EvalConfig, evaluate
+from mushroomclip.evaluation.zeroshot import EvalConfig, evaluate
+from mushroomclip.models.classifier import CLASSES_FILE, AdapterError, load_classifier
+from mushroomclip.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def _jpeg(image: Image.Image, **save) -> bytes:
 
 @pytest.mark.parametrize("given_as", ["path", "pil"])
 def test_photo_stored_rotated_with_exif_orientation_scores_exactly_like_the_upright_one(classifier, tmp_path, given_as):
-    from mushroomclip.augment import decode_rgb
+    from mushroomclip.data.transforms import decode_rgb
 
     sensor = Image.new("RGB", (48, 32), (40, 90, 40))
     sensor.paste((230, 60, 20), (4, 4, 20, 28))  # something off-centre, so sideways crops differ
@@ -131,9 +131,9 @@ def test_photo_stored_rotated_with_exif_orientation_scores_exactly_like_the_upri
 def test_predict_scores_each_file_exactly_as_the_evaluation_pipeline(classifier, runs, prepared, predict_cli):
     from datasets import Image as ImageFeature
 
-    from mushroomclip.data import load_splits
-    from mushroomclip.features import image_features
-    from mushroomclip.zeroshot import zero_shot_scores
+    from mushroomclip.data.splits import load_splits
+    from mushroomclip.evaluation.features import image_features
+    from mushroomclip.evaluation.zeroshot import zero_shot_scores
 
     split = load_splits(prepared[0])["test"].select(range(12))
     features, _ = image_features(classifier.backbone, split, batch_size=12, num_workers=0, progress=False)
@@ -248,7 +248,7 @@ def test_a_folder_of_photos_is_predicted_despite_its_bad_files(runs, prepared, t
 def test_a_folder_becomes_one_csv_row_per_input_with_the_safety_answer(runs, prepared, tmp_path, predict_cli):
     import pandas as pd
 
-    from mushroomclip.answer import Thresholds, answer
+    from mushroomclip.prediction.answer import Thresholds, answer
 
     photos = tmp_path / "photos"
     photos.mkdir()

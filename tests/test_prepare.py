@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mushroomclip.kaggle import PrepareError, reroot
-from mushroomclip.prepare import PrepareOptions, prepare
-from mushroomclip.synthetic import UNKNOWN_SPECIES, make_synthetic_download
+from mushroomclip.data.kaggle import PrepareError, reroot
+from mushroomclip.data.prepare import PrepareOptions, prepare
+from mushroomclip.data.synthetic import UNKNOWN_SPECIES, make_synthetic_download
 
 
 def read_metadata(out: Path, split: str) -> list[dict]:

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import mushroomclip.imaging as imaging
-import mushroomclip.prepare as prepare_module
-from mushroomclip.data import load_splits
-from mushroomclip.kaggle import PrepareError
-from mushroomclip.prepare import LOCK_NAME, PrepareOptions, prepare
-from mushroomclip.synthetic import make_synthetic_download
+import mushroomclip.data.image_jobs as imaging
+import mushroomclip.data.prepare as prepare_module
+from mushroomclip.data.kaggle import PrepareError
+from mushroomclip.data.prepare import LOCK_NAME, PrepareOptions, prepare
+from mushroomclip.data.splits import load_splits
+from mushroomclip.data.synthetic import make_synthetic_download
 
 ROOT = Path(__file__).resolve().parents[1]
 

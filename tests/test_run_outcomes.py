@@ -43,7 +43,7 @@ def test_diverging_run_stops_naming_the_step_and_writes_nothing(prepared, tmp_pa
 def test_trained_weights_that_are_not_finite_are_never_written():
     import torch
 
-    from mushroomclip.trainer import non_finite_weights
+    from mushroomclip.training.trainer import non_finite_weights
 
     model = torch.nn.Linear(2, 2)
     assert non_finite_weights(model) == []
@@ -83,7 +83,7 @@ def test_taxonomy_option_is_used_when_it_lists_the_prepared_species(prepared, tm
     import csv
 
     from mushroomclip.taxonomy import load_taxonomy
-    from mushroomclip.trainer import run_taxonomy
+    from mushroomclip.training.trainer import run_taxonomy
 
     with pytest.raises(ConfigError, match="data.taxonomy .*nope.csv does not exist"):
         load_train_config(ROOT / "configs/tiny.yaml", [f"data.taxonomy={tmp_path / 'nope.csv'}"])

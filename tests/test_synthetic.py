@@ -4,11 +4,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mushroomclip.baselines import colour_histograms, nearest_centroid_scores
-from mushroomclip.data import load_splits
+from mushroomclip.data.prepare import PrepareOptions, prepare
+from mushroomclip.data.splits import load_splits
+from mushroomclip.data.synthetic import choose_species, make_synthetic_download
+from mushroomclip.evaluation.baselines import colour_histograms, nearest_centroid_scores
 from mushroomclip.metrics import classification_metrics
-from mushroomclip.prepare import PrepareOptions, prepare
-from mushroomclip.synthetic import choose_species, make_synthetic_download
 from mushroomclip.taxonomy import load_taxonomy
 
 

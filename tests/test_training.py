@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from mushroomclip.config import ConfigError, load_train_config
-from mushroomclip.lora import AdapterError, load_classifier
-from mushroomclip.models import load_backbone
-from mushroomclip.trainer import run_training
+from mushroomclip.models.backbones import load_backbone
+from mushroomclip.models.classifier import AdapterError, load_classifier
+from mushroomclip.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_THISISNOTAREALTOKEN0123456789"
@@ -203,13 +203,13 @@ def test_config_typo_is_a_clear_error_from_the_cli(tmp_path):
     ],
 )
 def test_precision_follows_the_accelerate_config_unless_set(requested, cpu, bf16_gpu, accelerate_setting, expected):
-    from mushroomclip.trainer import resolve_precision
+    from mushroomclip.training.trainer import resolve_precision
 
     assert resolve_precision(requested, cpu, bf16_gpu, accelerate_setting) == expected
 
 
 def test_impossible_precision_is_a_clear_error():
-    from mushroomclip.trainer import resolve_precision
+    from mushroomclip.training.trainer import resolve_precision
 
     with pytest.raises(ConfigError, match="this GPU has no bf16 support; use training.precision=fp16"):
         resolve_precision("bf16", False, False, None)
@@ -357,7 +357,7 @@ def test_two_process_gloo_run_agrees_and_only_rank_zero_writes(prepared, tmp_pat
     ],
 )
 def test_requested_cpu_processes_are_read_from_the_launch_command(launcher, expected, tmp_path):
-    from mushroomclip.distributed import requested_cpu_processes
+    from mushroomclip.training.distributed import requested_cpu_processes
 
     config = tmp_path / "cpu.yaml"
     config.write_text("distributed_type: MULTI_CPU\nuse_cpu: true\nnum_processes: 2\nnum_machines: 1\n")
@@ -365,7 +365,7 @@ def test_requested_cpu_processes_are_read_from_the_launch_command(launcher, expe
 
 
 def test_hint_about_accelerates_own_traceback_only_where_it_will_appear():
-    from mushroomclip.distributed import launcher_repeats_failures
+    from mushroomclip.training.distributed import launcher_repeats_failures
 
     assert launcher_repeats_failures(["python3", "/venv/bin/accelerate", "launch", "train.py", "--config", "c.yaml"])
     assert not launcher_repeats_failures(["python3", "/venv/bin/accelerate", "launch", "-q", "train.py"])
@@ -373,7 +373,7 @@ def test_hint_about_accelerates_own_traceback_only_where_it_will_appear():
 
 
 def test_benchmark_row_of_the_adapter_equals_its_own_test_metrics(trained, prepared, tmp_path):
-    from mushroomclip.zeroshot import EvalConfig, evaluate
+    from mushroomclip.evaluation.zeroshot import EvalConfig, evaluate
 
     _, out, _, _ = trained
     rows = evaluate(EvalConfig(data=str(prepared[0]), models=[], include_adapters=str(out.parent), templates="openai",
@@ -413,7 +413,7 @@ def test_wandb_reporting_works_offline(prepared, tmp_path, monkeypatch):
 
 
 def test_speed_benchmarks_run_on_the_tiny_model_and_count_every_image(prepared):
-    from mushroomclip.benchmark import measure_speed, measure_train_speed
+    from mushroomclip.evaluation.benchmark import measure_speed, measure_train_speed
 
     zero_shot = measure_speed(str(prepared[0]), "tiny-clip", 16, 0, "cpu", "train", 2)
     assert zero_shot["images"] == 32 and zero_shot["pipeline"]["images_per_s"] > 0
@@ -439,8 +439,8 @@ def _tiny_trainer(tmp_path, **kwargs):
     """A ContrastiveTrainer on tiny-clip with LoRA on the vision tower, on the CPU."""
     from transformers import TrainingArguments
 
-    from mushroomclip.lora import add_lora
-    from mushroomclip.trainer import ContrastiveTrainer
+    from mushroomclip.models.lora import add_lora
+    from mushroomclip.training.trainer import ContrastiveTrainer
 
     backbone = load_backbone("tiny-clip")
     model = add_lora(
@@ -463,7 +463,7 @@ class _NicenessImages:
 
 @pytest.mark.parametrize("which", ["train", "eval"])
 def test_the_trainers_loader_workers_run_at_a_lower_priority(which, tmp_path):
-    from mushroomclip.augment import WORKER_NICENESS
+    from mushroomclip.data.transforms import WORKER_NICENESS
 
     args = {"dataloader_num_workers": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4}
     trainer = _tiny_trainer(tmp_path, args=args, train_dataset=_Niceness(), data_collator=torch.tensor)

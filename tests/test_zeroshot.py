@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mushroomclip.data import load_splits
-from mushroomclip.fewshot import sample_support, simpleshot_scores
-from mushroomclip.models import load_backbone
-from mushroomclip.prompts import templates_for
+from mushroomclip.data.splits import load_splits
+from mushroomclip.evaluation.fewshot import sample_support, simpleshot_scores
+from mushroomclip.evaluation.zeroshot import EvalConfig, evaluate
+from mushroomclip.models.backbones import load_backbone
+from mushroomclip.models.prompts import templates_for
 from mushroomclip.taxonomy import load_taxonomy
-from mushroomclip.zeroshot import EvalConfig, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_output_files_have_the_documented_fields(evaluated):
 
 
 def test_image_features_are_cached_between_runs(evaluated, monkeypatch):
-    import mushroomclip.features as features
+    import mushroomclip.evaluation.features as features
 
     cfg, out, _ = evaluated
     calls = []
@@ -170,7 +170,7 @@ def test_cli_config_file_runs_and_rejects_typos(prepared, tmp_path):
 
 
 def test_benchmark_report_has_every_row_and_says_when_it_is_offline(evaluated):
-    from mushroomclip.benchmark import OFFLINE_NOTE, write_report
+    from mushroomclip.evaluation.benchmark import OFFLINE_NOTE, write_report
 
     _, out, rows = evaluated
     report = write_report(out).read_text()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mushroomclip.evaluation.plots import save_confusion_png, save_rank_accuracy_png
 from mushroomclip.metrics import to_jsonable
-from mushroomclip.plots import save_confusion_png, save_rank_accuracy_png
 from mushroomclip.provenance import run_provenance
 from mushroomclip.taxonomy import Taxonomy
 

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mushroomclip.augment import EvalPixels, background_worker
+from mushroomclip.data.transforms import EvalPixels, background_worker
 
 
 class PreprocessedImages(torch.utils.data.Dataset):
-    """A ``datasets`` split as (pixels, label) pairs through :class:`mushroomclip.augment.EvalPixels`, the one
+    """A ``datasets`` split as (pixels, label) pairs through :class:`mushroomclip.data.transforms.EvalPixels`, the one
     evaluation image path that ``predict.py`` and the app use too (uint8 where the model's preprocessing is a
     plain Resize + CenterCrop, normalised later on the device)."""
 

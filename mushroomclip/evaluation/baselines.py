@@ -1,6 +1,6 @@
 """Trivial reference points for any model: the majority class and colour-histogram nearest centroid.
 
-python -m mushroomclip.baselines --data demo/prepared --split test --output results/baselines
+python -m mushroomclip.evaluation.baselines --data demo/prepared --split test --output results/baselines
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for 95%% intervals (0: none)")
     args = p.parse_args(argv)
 
-    from mushroomclip.data import load_splits, prepared_taxonomy
+    from mushroomclip.data.splits import load_splits, prepared_taxonomy
+    from mushroomclip.evaluation.reporting import write_results
     from mushroomclip.metrics import classification_metrics, format_report
-    from mushroomclip.reporting import write_results
 
     try:
         splits = load_splits(args.data)

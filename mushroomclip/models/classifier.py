@@ -1,4 +1,4 @@
-"""LoRA on CLIP: building the adapter, describing its classes, and loading it back as a classifier.
+"""A saved LoRA run as a classifier: describing its classes and base, and loading it back.
 
 A saved run directory holds the peft adapter (``adapter_config.json``, ``adapter_model.safetensors``)
 and ``classes.json`` (species order, text type, templates, taxonomy hash, base model), which is all
@@ -8,23 +8,21 @@ a Hub id, or the recipe of a converted BioCLIP folder, which is converted again 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mushroomclip.models import REGISTRY, Backbone, load_backbone
+from mushroomclip.models.backbones import REGISTRY, Backbone, load_backbone
+from mushroomclip.models.lora import quiet_peft
 from mushroomclip.taxonomy import Taxonomy
 
 CLASSES_FILE = "classes.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-TOWER_PREFIX = {"vision": "vision_model", "text": "text_model"}
 
 
 class AdapterError(ValueError):
@@ -33,15 +31,15 @@ class AdapterError(ValueError):
 
 def backbone_name(base: str, expected_weights: str | None = None) -> str:
     """``model.base`` of a config -> a :func:`load_backbone` name (registry name or ``hf:``). A ``convert:``
-    base is converted on first use (:func:`~mushroomclip.convert.converted_folder`)."""
-    from mushroomclip.convert import PREFIX, converted_folder
+    base is converted on first use (:func:`~mushroomclip.models.convert.converted_folder`)."""
+    from mushroomclip.models.convert import PREFIX, converted_folder
 
     if base.startswith(PREFIX):
         return f"hf:{converted_folder(base, expected_weights)}"
     if base in REGISTRY:
         if REGISTRY[base].kind != "hf":
             raise AdapterError(
-                f"model.base {base!r} is an open_clip model; convert it first: python -m mushroomclip.convert"
+                f"model.base {base!r} is an open_clip model; convert it first: python -m mushroomclip.models.convert"
             )
         return base
     by_source = {spec.source: name for name, spec in REGISTRY.items() if spec.kind == "hf" and spec.source}
@@ -50,9 +48,9 @@ def backbone_name(base: str, expected_weights: str | None = None) -> str:
 
 def base_record(base: str, base_hub_id: str | None = None) -> dict:
     """How a run records its base so that another machine can load it: ``base_model`` is a Hub id (``base_hub_id``)
-    or registry name, or ``convert:<source>`` for a folder written by ``mushroomclip.convert`` (its recipe in
+    or registry name, or ``convert:<source>`` for a folder written by ``mushroomclip.models.convert`` (its recipe in
     ``base_conversion``); a folder without a recipe stays a path (``base_model_is_folder``: never published)."""
-    from mushroomclip.convert import PREFIX, converted_folder, read_recipe, recipe_base
+    from mushroomclip.models.convert import PREFIX, converted_folder, read_recipe, recipe_base
 
     folder = converted_folder(base) if base.startswith(PREFIX) else Path(base) if Path(base).is_dir() else None
     rec = read_recipe(folder) if folder is not None else None
@@ -62,35 +60,6 @@ def base_record(base: str, base_hub_id: str | None = None) -> dict:
     if rec:
         return {"base_model": recipe_base(rec)} | conversion
     return {"base_model": base} | ({"base_model_is_folder": True} if folder is not None else {})
-
-
-def lora_target_regex(towers: list[str], modules: list[str]) -> str:
-    """peft ``target_modules`` regex for the chosen towers and layer names (q/k/v/out_proj, fc1, fc2)."""
-    tower = "|".join(TOWER_PREFIX[t] for t in towers)
-    return rf"^({tower})\.encoder\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(modules)})$"
-
-
-@contextlib.contextmanager
-def quiet_peft():
-    """peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning
-    in every process: noise a user cannot act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
-def add_lora(model, r: int, alpha: int, dropout: float, towers: list[str], modules: list[str], train_logit_scale: bool):
-    """Wrap a ``CLIPModel`` in a ``PeftModel``; only LoRA weights (and, on request, logit_scale) train.
-
-    No peft ``task_type``: the task wrappers assume a language model's forward and break CLIP's.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(towers, modules))
-    with quiet_peft():
-        peft_model = get_peft_model(model, config)
-    peft_model.get_base_model().logit_scale.requires_grad_(train_logit_scale)
-    return peft_model
 
 
 def classes_record(
@@ -113,13 +82,13 @@ class Prediction:
 class Classifier:
     """A LoRA-tuned CLIP with its class list and prompts: images in, ranked species out.
 
-    Images go through evaluation's own preprocessing (:class:`~mushroomclip.augment.EvalPixels`: EXIF
+    Images go through evaluation's own preprocessing (:class:`~mushroomclip.data.transforms.EvalPixels`: EXIF
     rotation, the model's resize and crop), so a photo scores here exactly as in the reported metrics.
     """
 
     def __init__(self, backbone: Backbone, record: dict, taxonomy: Taxonomy):
-        from mushroomclip.augment import EvalPixels
-        from mushroomclip.prompts import class_prompts, class_text_embeddings
+        from mushroomclip.data.transforms import EvalPixels
+        from mushroomclip.models.prompts import class_prompts, class_text_embeddings
 
         self.backbone, self.record, self.taxonomy = backbone, record, taxonomy
         self.classes: list[str] = record["species"]
@@ -237,7 +206,7 @@ def load_classifier(
     if record.get("base_model_is_folder") and not Path(base_model).is_dir():
         raise AdapterError(f"{dir_or_repo} was trained on the local model folder {base_model}, which is not on this "
                            "machine; copy it here, or retrain on a base another machine can load (a Hub id, "
-                           "model.base_hub_id, or a folder written by python -m mushroomclip.convert)")  # fmt: skip
+                           "model.base_hub_id, or a folder written by python -m mushroomclip.models.convert)")  # fmt: skip
     expected_weights = (record.get("base_conversion") or {}).get("weights")
     backbone = load_backbone(backbone_name(base_model, expected_weights), device=device)
     with quiet_peft():

@@ -1,6 +1,6 @@
 """Kaggle "Mushroom species recognition" download -> Hugging Face ImageFolder with taxonomy metadata.
 
-Output layout (load it with :func:`mushroomclip.data.load_splits`)::
+Output layout (load it with :func:`mushroomclip.data.splits.load_splits`)::
 
     OUT/{train,validation,test}/<species>/<image>   images (re-encoded once if larger than --max-side)
     OUT/{train,validation,test}/metadata.csv        file_name, label, species, ranks, common_name, ...
@@ -30,9 +30,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mushroomclip.data import REPORT_NAME
-from mushroomclip.imaging import COPY_MODES, process_job, utf8_safe, write_atomically
-from mushroomclip.kaggle import (
+from mushroomclip.data.splits import REPORT_NAME
+from mushroomclip.data.image_jobs import COPY_MODES, process_job, utf8_safe, write_atomically
+from mushroomclip.data.kaggle import (
     IMAGES_DIR,
     PRECEDENCE,
     SPLITS,

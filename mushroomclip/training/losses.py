@@ -5,7 +5,7 @@ pairs that are in fact positives. ``class_text`` (default) scores each image aga
 embeddings of *all* classes and applies cross-entropy on the label: exact under DDP without gathering,
 and the same head zero-shot evaluation uses. ``clip`` is vanilla symmetric InfoNCE, for parity with
 earlier work; ``multi_positive`` treats every same-label pair as a positive. Under DDP the trainer
-gives these two the whole global batch (:func:`mushroomclip.collectives.gather_batch`), so their value
+gives these two the whole global batch (:func:`mushroomclip.training.collectives.gather_batch`), so their value
 and gradients do not depend on the number of GPUs.
 """
 

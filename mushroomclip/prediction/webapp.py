@@ -1,4 +1,4 @@
-"""The Gradio page: photos in, an :class:`~mushroomclip.answer.Answer` rendered as HTML out.
+"""The Gradio page: photos in, an :class:`~mushroomclip.prediction.answer.Answer` rendered as HTML out.
 
 Uploads live in Gradio's upload folder (``GRADIO_TEMP_DIR``, set by ``app.py`` before Gradio is imported)
 only until their answer is computed: :func:`forget_uploads` deletes them then.
@@ -11,8 +11,8 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-from mushroomclip.answer import Answer
-from mushroomclip.identify import identify, load_model
+from mushroomclip.prediction.answer import Answer
+from mushroomclip.prediction.identify import identify, load_model
 
 EDIBILITY_COLOURS = {"deadly": "#7f0000", "poisonous": "#c62828", "psychoactive": "#6a1b9a", "edible": "#2e7d32",
                      "inedible": "#6d4c41", "unknown": "#616161"}  # fmt: skip

@@ -2,7 +2,7 @@
 
 A model is named by a string: a run folder or Hub repo of a LoRA adapter (CLIP- or BioCLIP-based), or
 ``zero-shot:<backbone>`` for a plain CLIP / BioCLIP with class prompts. Every model is a
-:class:`~mushroomclip.lora.Classifier` (``classes``, ``taxonomy``, ``pixels``, ``logits``). Another kind of
+:class:`~mushroomclip.models.classifier.Classifier` (``classes``, ``taxonomy``, ``pixels``, ``logits``). Another kind of
 run (a supervised head, say) plugs in as one more entry of :data:`RUN_LOADERS`, keyed by a file its folder holds.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mushroomclip.answer import Answer, Thresholds, answer, fuse_log_probs, run_thresholds
-from mushroomclip.lora import Classifier, load_classifier
+from mushroomclip.models.classifier import Classifier, load_classifier
+from mushroomclip.prediction.answer import Answer, Thresholds, answer, fuse_log_probs, run_thresholds
 
 ZERO_SHOT = "zero-shot:"
 #: Zero-shot models the page lists; any registry name works after ``zero-shot:``.
@@ -26,8 +26,8 @@ RUN_LOADERS: list[tuple[str, Callable[..., Classifier]]] = [("adapter_config.jso
 
 def zero_shot_classifier(backbone_name: str, device: str = "cpu", text_type: str = "taxon_com") -> Classifier:
     """A plain backbone scored against BioCLIP-style prompts of every species in the bundled taxonomy."""
-    from mushroomclip.models import load_backbone
-    from mushroomclip.prompts import templates_for
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.prompts import templates_for
     from mushroomclip.taxonomy import load_taxonomy
 
     taxonomy = load_taxonomy()
@@ -73,7 +73,7 @@ def identify(
 ) -> tuple[Answer | None, list[str]]:
     """One answer for several photos of one find (mean of their log-probabilities), and one message per
     photo that could not be read (an unreadable or oversized file is never fatal). ``None`` if none could."""
-    from mushroomclip.augment import ImageError
+    from mushroomclip.data.transforms import ImageError
 
     pixels, problems = [], []
     for image in images:

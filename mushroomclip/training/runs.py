@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from mushroomclip.data import REPORT_NAME
+from mushroomclip.data.splits import REPORT_NAME
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -126,9 +126,9 @@ def remove_empty_dirs(folder: str | Path) -> None:
 
 
 def unreadable_image(err: BaseException) -> str | None:
-    """The one-line message of an :class:`mushroomclip.augment.ImageError`, also when a DataLoader worker
+    """The one-line message of an :class:`mushroomclip.data.transforms.ImageError`, also when a DataLoader worker
     raised it (torch re-raises it with the worker's traceback before the message); None for any other error."""
-    from mushroomclip.augment import ImageError
+    from mushroomclip.data.transforms import ImageError
 
     if not isinstance(err, ImageError):
         return None
@@ -192,12 +192,12 @@ def save_json(path: Path, value) -> None:
 def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Trainer, taxonomy, templates: list[str],
                      precision: str, trained_species: list[str], images: dict[str, int], base: dict) -> None:  # fmt: skip
     """Adapter, classes.json, taxonomy, resolved config, data.json, metrics.json, figures and model card;
-    ``base`` is the run's :func:`mushroomclip.lora.base_record`."""
+    ``base`` is the run's :func:`mushroomclip.models.classifier.base_record`."""
     import yaml
 
+    from mushroomclip.evaluation.plots import save_confusion_png, save_loss_curve
     from mushroomclip.hub import model_card
-    from mushroomclip.lora import CLASSES_FILE, classes_record
-    from mushroomclip.plots import save_confusion_png, save_loss_curve
+    from mushroomclip.models.classifier import CLASSES_FILE, classes_record
     from mushroomclip.provenance import run_provenance
 
     model = trainer.model

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from mushroomclip.hub_files import hub_file, hub_reachable, not_found, offline_note, weights_id
+from mushroomclip.models.weights import hub_file, hub_reachable, not_found, offline_note, weights_id
 
 CONTEXT_LENGTH = 77
 # OpenAI CLIP's normalisation; only the tiny offline models use it directly.
@@ -101,7 +101,7 @@ class Backbone:
     @cached_property
     def _pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean, std)`` of ``preprocess``, for uint8 input: read once, not at every batch."""
-        from mushroomclip.augment import pixel_stats
+        from mushroomclip.data.transforms import pixel_stats
 
         mean, std = pixel_stats(self.preprocess)
         return torch.tensor(mean), torch.tensor(std)
@@ -113,7 +113,7 @@ class Backbone:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` preprocessed pixels, float (normalised) or uint8 (normalised here, on the device)."""
         if pixels.dtype == torch.uint8:
-            from mushroomclip.augment import normalize
+            from mushroomclip.data.transforms import normalize
 
             pixels = normalize(pixels.to(self.device, non_blocking=True), *self._pixel_stats)
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)

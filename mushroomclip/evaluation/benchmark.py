@@ -1,13 +1,13 @@
 """`make benchmark`, `make bench-zero-shot`, `make bench-train`: the comparison table, and throughput.
 
-python -m mushroomclip.benchmark hub-reachable          exit 0 if the Hugging Face Hub answers
-python -m mushroomclip.benchmark report --results results
-python -m mushroomclip.benchmark speed --data DIR --model clip-b32 --batch-size 256
-python -m mushroomclip.benchmark train-speed --data DIR --model clip-b32
-python -m mushroomclip.benchmark table            README speed table from results/bench/*.json
+python -m mushroomclip.evaluation.benchmark hub-reachable          exit 0 if the Hugging Face Hub answers
+python -m mushroomclip.evaluation.benchmark report --results results
+python -m mushroomclip.evaluation.benchmark speed --data DIR --model clip-b32 --batch-size 256
+python -m mushroomclip.evaluation.benchmark train-speed --data DIR --model clip-b32
+python -m mushroomclip.evaluation.benchmark table            README speed table from results/bench/*.json
 
 Speed results: images/s, FLOPs per step (FlopCounterMode), MFU and peak memory, written to
-results/bench/NAME.json with the machine (:mod:`mushroomclip.speed`).
+results/bench/NAME.json with the machine (:mod:`mushroomclip.evaluation.speed`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mushroomclip import speed
+from mushroomclip.evaluation import speed
 
 OFFLINE_NOTE = ("offline: no Hugging Face Hub, so these rows are the randomly initialised test models (tiny-clip, "
                 "tiny-openclip) on the synthetic demo data. They check the pipeline, not model quality.")  # fmt: skip
@@ -31,8 +31,8 @@ OFFLINE_NOTE = ("offline: no Hugging Face Hub, so these rows are the randomly in
 
 def write_report(results: Path) -> Path:
     """``results/benchmark.md`` (the table, with a banner when offline) and ``results/benchmark.png``."""
-    from mushroomclip.plots import _pyplot
-    from mushroomclip.zeroshot import RANDOM_WEIGHTS_NOTE, summary_markdown
+    from mushroomclip.evaluation.plots import _pyplot
+    from mushroomclip.evaluation.zeroshot import RANDOM_WEIGHTS_NOTE, summary_markdown
 
     summary_path = results / "summary.json"
     if not summary_path.is_file():
@@ -97,10 +97,10 @@ def measure_speed(
 ) -> dict:
     """Images/s of zero-shot image encoding with the real data pipeline vs tensors on the device (model only),
     in the steady state (:func:`_steady_state_plan`)."""
-    from mushroomclip.augment import background_worker
-    from mushroomclip.data import load_splits
-    from mushroomclip.features import PreprocessedImages
-    from mushroomclip.models import load_backbone
+    from mushroomclip.data.splits import load_splits
+    from mushroomclip.data.transforms import background_worker
+    from mushroomclip.evaluation.features import PreprocessedImages
+    from mushroomclip.models.backbones import load_backbone
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -139,7 +139,7 @@ def measure_speed(
 
 def _encode_split(images, backbone, batch_size: int, num_workers: int, device: str) -> dict:
     """Seconds to encode every image of a split end to end: a fresh loader (worker start-up included)."""
-    from mushroomclip.augment import background_worker
+    from mushroomclip.data.transforms import background_worker
 
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.startswith("cuda"), worker_init_fn=background_worker)  # fmt: skip
@@ -155,8 +155,8 @@ def _encode_split(images, backbone, batch_size: int, num_workers: int, device: s
 def _lora_model(model: str, device: str, towers: tuple):
     """A random-weights backbone with the default config's LoRA on ``towers``, in train mode on ``device``."""
     from mushroomclip.config import LoraSettings
-    from mushroomclip.lora import add_lora
-    from mushroomclip.models import load_backbone
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.lora import add_lora
 
     backbone = load_backbone(model, device=device, random_weights=True)
     s = LoraSettings()
@@ -183,11 +183,11 @@ def measure_train_speed(
     """
     from transformers import TrainingArguments
 
-    from mushroomclip.augment import background_worker, pixel_stats, train_images
     from mushroomclip.config import DataConfig
-    from mushroomclip.data import load_splits, prepared_taxonomy
-    from mushroomclip.prompts import class_prompts
-    from mushroomclip.trainer import ContrastiveTrainer, collate
+    from mushroomclip.data.splits import load_splits, prepared_taxonomy
+    from mushroomclip.data.transforms import background_worker, pixel_stats, train_images
+    from mushroomclip.models.prompts import class_prompts
+    from mushroomclip.training.trainer import ContrastiveTrainer, collate
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     backbone, peft = _lora_model(model, device, towers)
@@ -250,7 +250,7 @@ def _baseline_speed(split, taxonomy, model: str, batch_size: int, steps: int, nu
     """Images/s of the Hugging Face recipe (``run_clip.py``: Pillow + torchvision in ``set_transform``, one
     caption per image, ``CLIPModel(..., return_loss=True)``) with the same LoRA, batch and precision."""
     from mushroomclip.config import DataConfig
-    from mushroomclip.models import offline_clip_tokenizer  # the same BPE as openai/clip-vit-*
+    from mushroomclip.models.backbones import offline_clip_tokenizer  # the same BPE as openai/clip-vit-*
 
     backbone, peft = _lora_model(model, device, towers)
     d = DataConfig()
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_and_write(r, f"train-{args.model}-{'+'.join(towers)}-{'gpu' if gpu else 'cpu'}", Path(args.output))
         return 0
     if args.command == "hub-reachable":
-        from mushroomclip.models import hub_reachable
+        from mushroomclip.models.backbones import hub_reachable
 
         reachable = hub_reachable()
         print("hub reachable" if reachable else "hub not reachable: offline benchmark with the tiny test models")

@@ -219,7 +219,7 @@ def train_step(params, loss_of, device: str):
 def caption_dataset(split, taxonomy, text_type: str, template: str, tokenizer, preprocess):
     """``run_clip.py``'s data: one caption per image (its class prompt), tokenised once with ``map`` and
     padded to the maximum length (77), images decoded by Pillow in ``set_transform``."""
-    from mushroomclip.prompts import class_prompts
+    from mushroomclip.models.prompts import class_prompts
 
     captions = [p for [p] in class_prompts(taxonomy, text_type, [template])]
     split = split.map(lambda b: tokenizer([captions[i] for i in b["label"]], padding="max_length", max_length=77,

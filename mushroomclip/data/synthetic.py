@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mushroomclip.kaggle import CSV_FOR_SPLIT, IMAGES_DIR, KAGGLE_PREFIX
+from mushroomclip.data.kaggle import CSV_FOR_SPLIT, IMAGES_DIR, KAGGLE_PREFIX
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 
 SHAPES = ("ellipse", "rectangle", "triangle", "stripes")

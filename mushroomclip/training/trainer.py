@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from transformers import ProgressCallback, Trainer, TrainingArguments
 
-from mushroomclip.augment import background_workers, normalize, pixel_stats, train_images
-from mushroomclip.collectives import gather_batch
 from mushroomclip.config import TrainConfig
-from mushroomclip.losses import class_text_loss, clip_loss, multi_positive_loss
+from mushroomclip.data.transforms import background_workers, normalize, pixel_stats, train_images
 from mushroomclip.metrics import classification_metrics
-from mushroomclip.prompts import class_prompts
-from mushroomclip.runs import (
+from mushroomclip.models.prompts import class_prompts
+from mushroomclip.training.collectives import gather_batch
+from mushroomclip.training.losses import class_text_loss, clip_loss, multi_positive_loss
+from mushroomclip.training.runs import (
     CHECKPOINT_CONFIG,
     UNTRAINED_METRICS,
     TrainingDivergedError,
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 class ContrastiveTrainer(Trainer):
-    """Trainer whose loss is one of :mod:`mushroomclip.losses` and whose evaluation is zero-shot."""
+    """Trainer whose loss is one of :mod:`mushroomclip.training.losses` and whose evaluation is zero-shot."""
 
     def __init__(self, *args, class_input_ids: torch.Tensor, loss_name: str, evaluator, pixel_stats=None,
                  run_config: dict | None = None, **kwargs):  # fmt: skip
@@ -49,7 +49,7 @@ class ContrastiveTrainer(Trainer):
         self.run_config = run_config  # saved in every checkpoint: --resume checks it is the same run
         self.untrained: dict | None = None  # the evaluation before training, also saved in every checkpoint
         self.class_input_ids = class_input_ids
-        # uint8 batches (mushroomclip.augment) are normalised here, on the device, with the model's mean/std.
+        # uint8 batches (mushroomclip.data.transforms) are normalised here, on the device, with the model's mean/std.
         self.pixel_mean, self.pixel_std = (torch.tensor(v) for v in pixel_stats) if pixel_stats else (None, None)
         self.loss_name = loss_name
         self.evaluator = evaluator
@@ -287,14 +287,14 @@ class ZeroShotEvaluator:
 
     def images(self, split) -> LabelledPixels:
         """A ``datasets`` split through the backbone's evaluation preprocessing (uint8, normalised on the device)."""
-        from mushroomclip.features import PreprocessedImages
+        from mushroomclip.evaluation.features import PreprocessedImages
 
         return LabelledPixels(PreprocessedImages(split, self.backbone.preprocess))
 
     @torch.inference_mode()
     def class_embeddings(self, model) -> torch.Tensor:
         """``(C, D)`` class text embeddings of ``model`` (the peft model; the caller sets eval mode and autocast)."""
-        from mushroomclip.prompts import class_text_embeddings
+        from mushroomclip.models.prompts import class_text_embeddings
 
         self.backbone.model = model
         self.backbone.device = next(model.parameters()).device
@@ -424,7 +424,7 @@ def run_summary(cfg: TrainConfig, train_losses: list, best: dict, test: dict | N
 def run_taxonomy(data_path: str, taxonomy_file: str | None):
     """The prepared folder's table, or ``data.taxonomy`` when it lists the same species (the label ids index it)."""
     from mushroomclip.config import ConfigError
-    from mushroomclip.data import prepared_taxonomy
+    from mushroomclip.data.splits import prepared_taxonomy
     from mushroomclip.taxonomy import load_taxonomy
 
     taxonomy = prepared_taxonomy(data_path)
@@ -445,10 +445,16 @@ def non_finite_weights(model) -> list[str]:
 def run_training(cfg: TrainConfig, log=print) -> dict:
     """Train, pick the best checkpoint on validation mIoU, test it, and write the run folder (rank 0).
 
-    The folder is checked first (:func:`mushroomclip.runs.check_run_folder`); a run that fails leaves no
+    The folder is checked first (:func:`mushroomclip.training.runs.check_run_folder`); a run that fails leaves no
     empty folder behind, and an image that cannot be read any more is one :class:`DataReadError`.
     """
-    from mushroomclip.runs import CHECKPOINTS, DataReadError, check_run_folder, remove_empty_dirs, unreadable_image
+    from mushroomclip.training.runs import (
+        CHECKPOINTS,
+        DataReadError,
+        check_run_folder,
+        remove_empty_dirs,
+        unreadable_image,
+    )
 
     run_dir = Path(cfg.training.output_dir)
     created = not run_dir.exists()
@@ -466,11 +472,12 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
 def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
     from transformers import set_seed
 
-    from mushroomclip.data import load_splits
-    from mushroomclip.lora import add_lora, backbone_name, base_record
-    from mushroomclip.models import load_backbone
-    from mushroomclip.prompts import templates_for
-    from mushroomclip.runs import clear_run_outputs
+    from mushroomclip.data.splits import load_splits
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.classifier import backbone_name, base_record
+    from mushroomclip.models.lora import add_lora
+    from mushroomclip.models.prompts import templates_for
+    from mushroomclip.training.runs import clear_run_outputs
 
     # 1. The base model first: without network this is the error a user should see, before any data work.
     backbone = load_backbone(backbone_name(cfg.model.base), random_weights=cfg.model.random_weights)

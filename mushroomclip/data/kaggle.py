@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mushroomclip.imaging import utf8_safe
+from mushroomclip.data.image_jobs import utf8_safe
 from mushroomclip.taxonomy import Taxonomy
 
 SPLITS = ("train", "validation", "test")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mushroomclip.evaluation.reporting import write_results
 from mushroomclip.metrics import classification_metrics, format_report, to_jsonable
-from mushroomclip.reporting import write_results
 
 SUMMARY_KEYS = ("oa", "top5", "mf1", "miou", "balanced_acc", "genus_acc", "family_acc", "dangerous_as_edible")
 RANDOM_WEIGHTS_NOTE = "random weights: architectures only, figures are not model quality"
@@ -98,12 +98,12 @@ def _row(model: str, method: str, text_type: str, metrics: dict) -> dict:
 
 def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     """Run every configured evaluation; writes results under ``cfg.output`` and returns the summary rows."""
-    from mushroomclip.data import load_splits, prepared_taxonomy, split_fingerprint
-    from mushroomclip.features import cached_image_features
-    from mushroomclip.fewshot import linear_probe_scores, sample_support, simpleshot_scores, summarise_runs
-    from mushroomclip.lora import AdapterError, data_mismatch, find_adapters, load_classifier
-    from mushroomclip.models import load_backbone
-    from mushroomclip.prompts import cached_class_text_embeddings
+    from mushroomclip.data.splits import load_splits, prepared_taxonomy, split_fingerprint
+    from mushroomclip.evaluation.features import cached_image_features
+    from mushroomclip.evaluation.fewshot import linear_probe_scores, sample_support, simpleshot_scores, summarise_runs
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.classifier import AdapterError, data_mismatch, find_adapters, load_classifier
+    from mushroomclip.models.prompts import cached_class_text_embeddings
     from mushroomclip.taxonomy import load_taxonomy
 
     taxonomy = prepared_taxonomy(cfg.data)

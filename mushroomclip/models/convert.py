@@ -1,6 +1,6 @@
 """open_clip -> ``transformers.CLIPModel`` conversion, so BioCLIP can be fine-tuned like any HF CLIP.
 
-    python -m mushroomclip.convert --model hf-hub:imageomics/bioclip --output models/bioclip-hf
+    python -m mushroomclip.models.convert --model hf-hub:imageomics/bioclip --output models/bioclip-hf
 
 Supports OpenAI-architecture open_clip models (ViT towers, class-token pooling, argmax text pooling,
 OpenAI BPE tokenizer). The activation (QuickGELU or GELU) and the image mean/std are read from the
@@ -204,7 +204,7 @@ CHECK_TOLERANCE = 1e-3  # fp32 rounding stays orders of magnitude below; a wrong
 
 def source_spec(model: str, pretrained: str | None):
     """The open_clip model to convert: a registered name (``bioclip``) or an open_clip name with its tag."""
-    from mushroomclip.models import REGISTRY, ModelSpec
+    from mushroomclip.models.backbones import REGISTRY, ModelSpec
 
     spec = REGISTRY.get(model)
     if spec is not None and spec.kind == "open_clip" and not spec.tiny:
@@ -216,7 +216,7 @@ def check_folder(name: str, spec, folder: Path) -> float:
     """Embedding difference between the saved HF folder, reloaded, and the source loaded again on its own."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    from mushroomclip.models import load_open_clip
+    from mushroomclip.models.backbones import load_open_clip
 
     reference, _, tokenize, _ = load_open_clip(name, spec)
     hf = CLIPModel.from_pretrained(folder).eval()
@@ -237,7 +237,7 @@ PREFIX = "convert:"
 
 def recipe(spec, weights: str) -> dict:
     """What a converted folder was made from: the open_clip source, its tag, the converter and the weights."""
-    from mushroomclip.hub_files import weights_id
+    from mushroomclip.models.weights import weights_id
 
     return {"source": spec.source, "pretrained": spec.pretrained, "converter": CONVERTER_VERSION,
             "weights": weights_id(weights)}  # fmt: skip
@@ -255,7 +255,7 @@ def recipe_base(rec: dict) -> str:
 
 
 def _spec_of_base(base: str):
-    from mushroomclip.models import ModelSpec
+    from mushroomclip.models.backbones import ModelSpec
 
     source, _, tag = base.removeprefix(PREFIX).partition("@")
     return ModelSpec("open_clip", source, tag or None, description=base)
@@ -266,7 +266,7 @@ def convert_source(name: str, spec):
     import open_clip
     from transformers import CLIPProcessor
 
-    from mushroomclip.models import load_open_clip, offline_clip_tokenizer
+    from mushroomclip.models.backbones import load_open_clip, offline_clip_tokenizer
 
     model, _, tokenizer, weights = load_open_clip(name, spec)  # the real weights, or an error
     if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
@@ -294,8 +294,8 @@ def converted_cache() -> Path:
 def converted_folder(base: str, expected_weights: str | None = None) -> Path:
     """The folder of a ``convert:`` base, converted on first use and reused afterwards (keyed by the source's
     weights, so new weights on the Hub make a new folder); a one-line ModelLoadError where it cannot be made."""
-    from mushroomclip.hub_files import weights_id
-    from mushroomclip.models import ModelLoadError, open_clip_weights
+    from mushroomclip.models.backbones import ModelLoadError, open_clip_weights
+    from mushroomclip.models.weights import weights_id
 
     spec = _spec_of_base(base)
     found = weights_id(open_clip_weights(base, spec))
@@ -324,7 +324,7 @@ def converted_card(rec: dict):
     """The card of a converted base: what it is, what it was made from, and the source's license."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from mushroomclip.models import known_license
+    from mushroomclip.models.backbones import known_license
 
     source = rec["source"]
     repo = source.removeprefix("hf-hub:") if source.startswith("hf-hub:") else None
@@ -343,7 +343,7 @@ def converted_card(rec: dict):
 # {title} as a transformers CLIPModel
 
 The weights of {named} ({rec["weights"]}), converted exactly from open_clip to `transformers.CLIPModel`
-with `python -m mushroomclip.convert` (converter version {rec["converter"]}): no training, no new weights.
+with `python -m mushroomclip.models.convert` (converter version {rec["converter"]}): no training, no new weights.
 All credit for the model goes to its authors; cite them as its card asks. Use under {terms}.
 
 ```python
@@ -376,7 +376,7 @@ def push_converted(folder: str | Path, repo_id: str, private: bool = False, api=
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model",
-                              commit_message=f"{folder.name}: converted with mushroomclip.convert")  # fmt: skip
+                              commit_message=f"{folder.name}: converted with mushroomclip.models.convert")  # fmt: skip
         except upload_errors() as err:
             cause = (str(err).strip().splitlines() or [""])[0][:200]
             raise PushError(f"could not push {folder} to {repo_id} ({type(err).__name__}: {cause}); check the "
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from mushroomclip.hub import PushError
-    from mushroomclip.models import ModelLoadError
+    from mushroomclip.models.backbones import ModelLoadError
 
     spec = source_spec(args.model, args.pretrained)
     try:
