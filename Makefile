@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Extra pip spec installed before requirements.txt, e.g. TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+# Which torch `make setup` installs before requirements.txt. TORCH=cpu: the CPU-only wheels from PyTorch's
+# index (no 5 GB of CUDA libraries on a machine without a GPU; cu126, cu128, ... name a CUDA build the same way).
+# TORCH_SPEC pins versions, e.g. TORCH_SPEC="torch==2.14.1 torchvision==0.29.1" (CI). Neither: pip's default build.
+TORCH ?=
 TORCH_SPEC ?=
+TORCH_INDEX := $(if $(TORCH),--index-url https://download.pytorch.org/whl/$(TORCH))
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 DEMO ?= demo
 BENCH ?= /tmp/mushroomclip-bench
@@ -14,14 +18,13 @@ NPROC ?= $(shell nproc 2>/dev/null || echo 2)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed  ## create .venv with requirements.txt and the package (editable)
+setup: $(VENV)/.installed  ## create .venv (package + test extras); TORCH=cpu: CPU-only torch wheels, TORCH_SPEC="torch==X ...": pinned
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet $(TORCH_SPEC))
+	$(if $(TORCH)$(TORCH_SPEC),$(PY) -m pip install --quiet $(TORCH_INDEX) $(or $(TORCH_SPEC),torch torchvision))
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps --editable .
 	touch $@
 
 test: setup  ## run the test suite (offline, CPU, tiny data)
