@@ -1,6 +1,6 @@
 """Publishing a run: the model card (from metrics.json and the resolved config) and the Hub upload.
 
-    python -m mushroomclip.hub push runs/lora-b32 --repo-id USER/mushroomclip-lora-b32 [--private]
+    mushroomclip push runs/lora-b32 --repo-id USER/mushroomclip-lora-b32 [--private]
 
 The token comes from the environment (HF_TOKEN) or ``hf auth login`` only, and is never written
 to any file or log.
@@ -8,7 +8,6 @@ to any file or log.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -301,21 +300,7 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, api=None)
     return str(url)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Publish a MushroomCLIP run to the Hugging Face Hub.")
-    sub = p.add_subparsers(dest="command", required=True)
-    push = sub.add_parser("push", help="upload adapter, model card and classes.json")
-    push.add_argument("run_dir", help="runs/<name> written by train.py")
-    push.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
-    push.add_argument("--private", action="store_true", help="create the repo as private")
-    args = p.parse_args(argv)
-    try:
-        print(f"pushed: {push_run(args.run_dir, args.repo_id, private=args.private)}")
-    except (FileNotFoundError, PushError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+if __name__ == "__main__":  # python -m mushroomclip.hub push RUN ...: the `mushroomclip push` command
+    from mushroomclip.cli import main  # not at the top: the commands import this module
 
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from fake_hub import LOGIT_SCALE, TINY_BIOCLIP2_MODEL_CFG, open_clip_files, use_offline_cache, write_snapshot
 from PIL import Image
 
+from mushroomclip.commands.convert import main as convert_main
 from mushroomclip.models.backbones import load_backbone, offline_clip_tokenizer
 from mushroomclip.models.convert import (
     ConversionError,
@@ -12,7 +13,6 @@ from mushroomclip.models.convert import (
     image_processor_from_open_clip,
     max_embedding_difference,
 )
-from mushroomclip.models.convert import main as convert_main
 
 SHRUNK_L14 = dict(  # ViT-L-14's shape rules (patch 14, GELU), small enough for CPU tests
     embed_dim=48,

@@ -17,11 +17,11 @@ import torch
 from fake_hub import TINY_BIOCLIP_MODEL_CFG, open_clip_files, use_offline_cache, write_snapshot
 from PIL import Image
 
+from mushroomclip.commands.convert import main as convert_main
 from mushroomclip.config import ConfigError, load_train_config
 from mushroomclip.hub import PushError, push_run
 from mushroomclip.models.classifier import AdapterError, load_classifier
 from mushroomclip.models.convert import RECIPE_FILE, converted_cache
-from mushroomclip.models.convert import main as convert_main
 from mushroomclip.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -164,8 +164,8 @@ def test_push_without_network_is_one_line_with_the_retry_command(prepared, tmp_p
     assert status == 3 and line.endswith(f"retry with: python -m mushroomclip.hub push {out} --repo-id someone/tiny")
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()  # the run is kept
 
-    from mushroomclip import hub
+    from mushroomclip.commands.push import main as push_main
 
-    assert hub.main(["push", str(out), "--repo-id", "someone/tiny", "--private"]) == 2
+    assert push_main([str(out), "--repo-id", "someone/tiny", "--private"]) == 2
     line = assert_one_error_line(capsys.readouterr().err, "could not push")
     assert line.endswith("--repo-id someone/tiny --private")

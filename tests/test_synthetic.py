@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mushroomclip.data.prepare import PrepareOptions, prepare
+from mushroomclip.data.prepare import PrepareArguments, prepare
 from mushroomclip.data.splits import load_splits
 from mushroomclip.data.synthetic import choose_species, make_synthetic_download
 from mushroomclip.evaluation.baselines import colour_histograms, nearest_centroid_scores
@@ -41,7 +41,7 @@ def test_species_choice_spreads_over_the_table_and_includes_a_deadly_one():
 
 def test_classes_are_learnable_from_pixels(tmp_path):
     make_synthetic_download(tmp_path / "dl", classes=8, per_class=30, size=32, seed=5)
-    prepare(PrepareOptions(tmp_path / "dl", tmp_path / "out", num_proc=1, progress=False))
+    prepare(PrepareArguments(tmp_path / "dl", tmp_path / "out", num_proc=1, progress=False))
     splits = load_splits(tmp_path / "out")
     train, test = splits["train"], splits["test"]
     scores = nearest_centroid_scores(
