@@ -51,6 +51,7 @@ def warn_if_dangerous(record: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Predict every readable input; exit 0, 1 when some inputs could not be read, 2 when nothing could be done."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )

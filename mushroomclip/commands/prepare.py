@@ -14,6 +14,7 @@ from mushroomclip.taxonomy import TaxonomyError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, one flag per field of :class:`~mushroomclip.data.prepare.PrepareArguments`."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Prepare the folder and print its summary; exit 2 with one line on a source or option that cannot be used."""
     args = parse_args(argv)
     try:
         options = PrepareArguments(
