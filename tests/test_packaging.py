@@ -163,6 +163,12 @@ def test_an_unknown_command_is_one_line_with_a_suggestion(capsys):
     assert err.startswith("error: unknown command 'predcit'; did you mean 'predict'?") and err.count("\n") == 1
 
 
+def test_no_command_prints_the_usage_as_an_error(capsys):
+    assert cli_main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("usage: mushroomclip COMMAND")
+
+
 def test_the_wheel_installs_a_working_package_and_command(tmp_path):
     """`pip wheel .` (offline, no build isolation) holds every file of the package and the console script; installed
     on its own (--target), it imports and `mushroomclip --help` runs, away from the source tree."""
@@ -207,14 +213,15 @@ def test_the_wheel_installs_a_working_package_and_command(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     where = subprocess.run(
-        [sys.executable, "-c", "import mushroomclip; print(mushroomclip.__file__)"],
+        [sys.executable, "-c", "import mushroomclip; print(len(mushroomclip.load_taxonomy()), mushroomclip.__file__)"],
         cwd=elsewhere,
         env=env,
         capture_output=True,
         text=True,
         check=True,
     )
-    assert Path(where.stdout.strip()).is_relative_to(target)
+    species, location = where.stdout.split()
+    assert Path(location).is_relative_to(target) and int(species) == 169  # the bundled table, read from the install
     script = subprocess.run(
         [str(target / "bin" / "mushroomclip"), "--help"], cwd=elsewhere, env=env, capture_output=True, text=True
     )
