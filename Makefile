@@ -23,6 +23,8 @@ setup: $(VENV)/.installed  ## create .venv (package + test extras); TORCH=cpu: C
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH)$(TORCH_SPEC),,@command -v nvidia-smi >/dev/null 2>&1 || echo "note: no NVIDIA GPU found, yet pip's \
+	default torch (several GB of CUDA libraries) comes next; for the CPU wheels: rm -rf $(VENV) && make setup TORCH=cpu" >&2)
 	$(if $(TORCH)$(TORCH_SPEC),$(PY) -m pip install --quiet $(TORCH_INDEX) $(or $(TORCH_SPEC),torch torchvision))
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@

@@ -115,7 +115,8 @@ def test_requirements_txt_installs_the_package_with_existing_extras():
     ],
 )
 def test_make_setup_installs_the_torch_build_asked_for(tmp_path, variables, torch_line):
-    """`make setup TORCH=cpu` takes the CPU wheels, TORCH_SPEC pins; without either pip's default build (dry run)."""
+    """`make setup TORCH=cpu` takes the CPU wheels, TORCH_SPEC pins; without either pip's default build, after a
+    note on how to choose the CPU wheels (dry run: what make would run)."""
     venv = tmp_path / "venv"
     result = subprocess.run(
         ["make", "-n", "-B", f"{venv}/.installed", f"VENV={venv}", *variables],
@@ -130,6 +131,8 @@ def test_make_setup_installs_the_torch_build_asked_for(tmp_path, variables, torc
     assert torch_lines == ([] if torch_line is None else [f"{venv}/bin/python -m {torch_line}"])
     requirements = commands.index(f"{pip} -r requirements.txt")
     assert torch_line is None or commands.index(torch_lines[0]) < requirements  # torch before what needs it
+    # no choice made: a note (where no NVIDIA GPU is found) says how to avoid the CUDA build
+    assert any("make setup TORCH=cpu" in c for c in commands[:requirements]) == (not variables)
 
 
 def test_mushroomclip_help_lists_every_command(capsys):
