@@ -213,7 +213,7 @@ def _launch_env(accelerate_args: list[str], monkeypatch) -> dict[str, str]:
     for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "PMI_SIZE", "OMP_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args([*accelerate_args, "train.py"]))
-    assert args.cpu and not args.multi_gpu  # accelerate's launch_command takes its single-process launcher
+    assert args.cpu  # with --cpu, accelerate's launch_command always takes its single-process launcher
     command, env = prepare_simple_launcher_cmd_env(args)
     assert command[-1] == "train.py" and "mpirun" not in command[0]  # one process, this one
     return env
