@@ -47,21 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     try:
         cfg = load_train_config(args.config, [*args.overrides, *flags])
-        from mushroomclip.training.distributed import spawn_cpu_ranks, unstarted_cpu_ranks
-
-        if ranks := unstarted_cpu_ranks():  # `accelerate launch --cpu --num_processes N` started only this one
-            return spawn_cpu_ranks(ranks, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+        from mushroomclip.training.collectives import warn_if_accelerate_started_one_cpu_process
         from mushroomclip.training.trainer import run_training
+
+        warn_if_accelerate_started_one_cpu_process()
 
         result = run_training(cfg, log=log_line)
     except (ConfigError, ModelLoadError, AdapterError, TaxonomyError, FileNotFoundError, RunFolderError,
             TrainingDivergedError, DataReadError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr, flush=True)
-        from mushroomclip.training.distributed import launcher_repeats_failures
-
-        if launcher_repeats_failures():
-            print("(accelerate launch reports this exit status again as a CalledProcessError traceback below; "
-                  "`accelerate launch -q ...` leaves only the error above)", file=sys.stderr)  # fmt: skip
         return 2
     if result["push_error"]:
         print(f"error: {result['push_error']}", file=sys.stderr, flush=True)
