@@ -1,0 +1,228 @@
+"""The documentation runs as written, documents every command-line flag, and links to files that exist.
+
+Conventions for README.md and docs/*.md (the pages this test reads):
+
+- A fenced block opened with ```bash or ```python is **run** by this test, offline, as written: in a
+  temporary copy of the repository (the files git knows, tracked or not ignored), with HF_HUB_OFFLINE=1,
+  HF_DATASETS_OFFLINE=1, WANDB_MODE=offline, the test's Python first on PATH. Blocks run in document
+  order (README.md, then the docs/ pages in the order README.md links them), each one in a fresh
+  ``bash -euo pipefail`` or ``python``, sharing the files earlier blocks wrote; each must exit 0.
+- A block opened with ```sh, ```py, ```text or ```console is **shown only**: commands that need the
+  network, a GPU, real model weights or the Kaggle download, and commands too slow for the suite
+  (``make demo``, ``make test``, ``make benchmark``).
+- Every flag of every command-line program (found at test time: the scripts and ``python -m`` modules
+  with a ``__main__`` guard, and their subcommands, read from their ``--help``) appears in docs/.
+- Every relative link of README.md and docs/*.md points to an existing file (and heading, for ``#anchors``),
+  and every docs/ page is linked from README.md.
+- Every key of the shipped configs (configs/*.yaml) is mentioned in docs/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_LANGUAGES = {"bash": ["bash", "-euo", "pipefail", "-c"], "python": [sys.executable, "-c"]}
+SHOWN_LANGUAGES = {"sh", "py", "text", "console"}
+FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```\s*$", re.M | re.S)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+OPTION_LINE = re.compile(r"^\s{2}(-\S.*)$", re.M)  # an argparse option line: "  -h, --help   show ..."
+SUBCOMMANDS = re.compile(r"^positional arguments:\n\s{2}\{([\w,-]+)\}", re.M)
+BLOCK_TIMEOUT_S = 600
+
+
+def doc_pages() -> list[Path]:
+    """README.md, then every docs/ page in the order README.md first links it (unlinked pages last, by name)."""
+    readme = ROOT / "README.md"
+    linked = [(readme.parent / t.split("#")[0]).resolve() for t in LINK.findall(readme.read_text())]
+    pages = sorted((ROOT / "docs").glob("*.md"), key=lambda p: (linked.index(p) if p in linked else len(linked), p.name))
+    return [readme, *pages]
+
+
+def relative(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def fenced_blocks(page: Path) -> list[tuple[int, str, str]]:
+    """``(line, language, code)`` of every fenced block of ``page``."""
+    text = page.read_text()
+    return [(text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2)) for m in FENCE.finditer(text)]
+
+
+def docs_text() -> str:
+    return "\n".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
+
+
+def test_every_fenced_block_is_marked_run_or_shown():
+    unmarked = [f"{relative(page)}:{line}: ```{lang}" for page in doc_pages()
+                for line, lang, _ in fenced_blocks(page) if lang not in RUN_LANGUAGES.keys() | SHOWN_LANGUAGES]  # fmt: skip
+    assert not unmarked, (
+        "fenced blocks must say whether this test runs them (```bash, ```python) or only shows them "
+        f"(```{', ```'.join(sorted(SHOWN_LANGUAGES))}): " + "; ".join(unmarked)
+    )
+
+
+def repo_copy(dest: Path) -> Path:
+    """The files git knows (tracked, or untracked and not ignored), copied to ``dest``; ``.venv`` linked."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name, follow_symlinks=False)
+    if (ROOT / ".venv").exists():
+        (dest / ".venv").symlink_to((ROOT / ".venv").resolve())
+    return dest
+
+
+@pytest.mark.slow
+def test_offline_commands_in_the_docs_run_as_written(tmp_path):
+    blocks = [(page, line, lang, code) for page in doc_pages() for line, lang, code in fenced_blocks(page)
+              if lang in RUN_LANGUAGES]  # fmt: skip
+    assert blocks, "no ```bash or ```python block in README.md or docs/"
+    work = repo_copy(tmp_path / "repo")
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                        "WANDB_MODE": "offline", "TQDM_DISABLE": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(work),
+                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    for page, line, lang, code in blocks:
+        where = f"{relative(page)}:{line} (```{lang} block)"
+        try:
+            result = subprocess.run([*RUN_LANGUAGES[lang], code], cwd=work, env=env, capture_output=True, text=True,
+                                    timeout=BLOCK_TIMEOUT_S)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{where} ran over {BLOCK_TIMEOUT_S} s:\n{code}")
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr)[-3000:]
+            pytest.fail(f"{where} exited {result.returncode}:\n{code}\n--- its output (end) ---\n{output}")
+
+
+def programs() -> list[list[str]]:
+    """How to start every command-line program: scripts and modules with a ``__main__`` guard."""
+    guard = re.compile(r"^if __name__ == [\"']__main__[\"']:", re.M)
+    found = []
+    for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("data_scripts/*.py"), *ROOT.glob("spaces/*.py")]):
+        if guard.search(path.read_text()):
+            found.append([relative(path)])
+    for path in sorted((ROOT / "mushroomclip").rglob("*.py")):
+        if path.name == "__main__.py" or guard.search(path.read_text()):
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            found.append(["-m", module.removesuffix(".__main__")])
+    return found
+
+
+def help_text(command: list[str]) -> str:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"`python {' '.join(command)} --help` exited {result.returncode}:\n{result.stderr}"
+    return result.stdout
+
+
+def option_flags(text: str) -> set[str]:
+    """The ``--flags`` an argparse help text declares (from its option lines, not from the descriptions)."""
+    flags = set()
+    for line in OPTION_LINE.findall(text):
+        invocation = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+        flags |= set(re.findall(r"--[\w-]+", invocation))
+    return flags - {"--help"}
+
+
+def all_flags() -> dict[str, set[str]]:
+    """``{"python PROGRAM [SUBCOMMAND]": flags}`` for every program and subcommand."""
+    flags, todo = {}, programs()
+    while todo:
+        command = todo.pop(0)
+        text = help_text(command)
+        flags[f"python {' '.join(command)}"] = option_flags(text)
+        if sub := SUBCOMMANDS.search(text):
+            todo += [[*command, name] for name in sub.group(1).split(",")]
+    return flags
+
+
+def normalised(flag: str) -> str:
+    return flag.replace("_", "-")
+
+
+def test_every_command_line_flag_is_documented_in_docs():
+    text = docs_text()
+    documented = {normalised(f) for f in re.findall(r"--[\w-]+", text)}
+    by_program = all_flags()
+    assert by_program, "no command-line program found"
+    missing = []
+    for program, flags in sorted(by_program.items()):
+        for flag in sorted(flags):
+            flag = normalised(flag)
+            positive = "--" + flag.removeprefix("--no-")  # HfArgumentParser adds --no-X for a boolean X
+            if flag not in documented and positive not in documented:
+                missing.append(f"{flag} of `{program}`")
+    assert not missing, "flags not documented in any docs/*.md page: " + "; ".join(missing)
+
+
+def test_every_command_line_program_is_named_in_docs():
+    text = docs_text()
+    unnamed = []
+    for command in programs():
+        target = command[-1]
+        names = {target, Path(target).name} if target.endswith(".py") else {target, f"mushroomclip {target.split('.')[-1]}"}
+        if not any(name in text for name in names):
+            unnamed.append(" or ".join(sorted(names)))
+    assert not unnamed, "programs not named in any docs/*.md page: " + "; ".join(unnamed)
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors of the page's headings: lower case, punctuation dropped, spaces as dashes."""
+    headings = re.findall(r"^#+\s+(.+?)\s*$", FENCE.sub("", page.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_relative_link_points_to_an_existing_file():
+    broken = []
+    for page in doc_pages():
+        for target in LINK.findall(FENCE.sub("", page.read_text())):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{relative(page)}: ({target}): no file {path}")
+            elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file):
+                broken.append(f"{relative(page)}: ({target}): no heading #{anchor} in {relative(file)}")
+    assert not broken, "broken links: " + "; ".join(broken)
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    links = {(ROOT / t.split("#")[0]).resolve() for t in LINK.findall((ROOT / "README.md").read_text())}
+    unlinked = [relative(p) for p in sorted((ROOT / "docs").glob("*.md")) if p not in links]
+    assert not unlinked, "docs pages the README does not link to: " + ", ".join(unlinked)
+
+
+def config_keys(value: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of a YAML mapping, two levels deep (``training.learning_rate``)."""
+    keys = []
+    for key, inner in value.items():
+        keys.append(prefix + key)
+        if isinstance(inner, dict) and not prefix:
+            keys += config_keys(inner, f"{key}.")
+    return keys
+
+
+@pytest.mark.xfail(strict=True, reason="docs/training.md names the training keys as TrainingArguments fields "
+                   "(learning_rate, per_device_train_batch_size, ...), which the configs use once the training-config "
+                   "change is merged: then this passes and the marker goes")
+def test_every_shipped_config_key_is_mentioned_in_docs():
+    text = normalised(docs_text())
+    missing = []
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        for key in config_keys(yaml.safe_load(path.read_text()) or {}):
+            name = normalised(key.rpartition(".")[2])
+            if not re.search(rf"(?<![\w-])(--)?{re.escape(name)}(?![\w-])", text):  # a key, or a flag (--shots)
+                missing.append(f"{key} ({relative(path)})")
+    assert not missing, "config keys not mentioned in any docs/*.md page: " + "; ".join(missing)
