@@ -5,7 +5,7 @@ Conventions for README.md and docs/*.md (the pages this test reads):
 - A fenced block opened with ```bash or ```python is **run** by this test, offline, as written: in a
   temporary copy of the repository (the files git knows, tracked or not ignored), with HF_HUB_OFFLINE=1,
   HF_DATASETS_OFFLINE=1, WANDB_MODE=offline, the test's Python first on PATH. Blocks run in document
-  order (README.md, then the docs/ pages in the order README.md links them), each one in a fresh
+  order (README.md, then the docs/ pages in the order of the README's "Documentation" table), each in a fresh
   ``bash -euo pipefail`` or ``python``, sharing the files earlier blocks wrote; each must exit 0.
 - A block opened with ```sh, ```py, ```text or ```console is **shown only**: commands that need the
   network, a GPU, real model weights or the Kaggle download, and commands too slow for the suite
@@ -40,9 +40,10 @@ BLOCK_TIMEOUT_S = 600
 
 
 def doc_pages() -> list[Path]:
-    """README.md, then every docs/ page in the order README.md first links it (unlinked pages last, by name)."""
+    """README.md, then the docs/ pages in the order of the README's "Documentation" table (others last, by name)."""
     readme = ROOT / "README.md"
-    linked = [(readme.parent / t.split("#")[0]).resolve() for t in LINK.findall(readme.read_text())]
+    table = re.search(r"^## Documentation\n(.*?)(?=^## |\Z)", readme.read_text(), re.M | re.S)
+    linked = [(ROOT / t.split("#")[0]).resolve() for t in LINK.findall(table.group(1) if table else "")]
     pages = sorted((ROOT / "docs").glob("*.md"), key=lambda p: (linked.index(p) if p in linked else len(linked), p.name))
     return [readme, *pages]
 
