@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ SHOWN_LANGUAGES = {"sh", "py", "text", "console"}
 FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```\s*$", re.M | re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 OPTION_LINE = re.compile(r"^\s{2}(-\S.*)$", re.M)  # an argparse option line: "  -h, --help   show ..."
-SUBCOMMANDS = re.compile(r"^positional arguments:\n\s{2}\{([\w,-]+)\}", re.M)
+SUBCOMMANDS = re.compile(r"^\s{2}\{([\w,-]+)\}(?:\s{2,}.*)?$", re.M)  # a sub-parser line: "  {report,table}"
 BLOCK_TIMEOUT_S = 600
 
 
@@ -106,24 +107,40 @@ def test_offline_commands_in_the_docs_run_as_written(tmp_path):
             pytest.fail(f"{where} exited {result.returncode}:\n{code}\n--- its output (end) ---\n{output}")
 
 
-def programs() -> list[list[str]]:
-    """How to start every command-line program: scripts and modules with a ``__main__`` guard."""
+@dataclass
+class Program:
+    """A command-line program: how to start it, and the names the docs may call it by."""
+
+    argv: list[str]  # after `python`
+    names: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return self.names[0]
+
+
+def programs() -> list[Program]:
+    """Every command-line program: scripts and modules with a ``__main__`` guard, and each
+    ``mushroomclip/commands/<name>.py`` (the ``mushroomclip <name>`` subcommand) with a ``main``."""
     guard = re.compile(r"^if __name__ == [\"']__main__[\"']:", re.M)
     found = []
     for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("data_scripts/*.py"), *ROOT.glob("spaces/*.py")]):
         if guard.search(path.read_text()):
-            found.append([relative(path)])
+            found.append(Program([relative(path)], (relative(path), path.name)))
     for path in sorted((ROOT / "mushroomclip").rglob("*.py")):
-        if path.name == "__main__.py" or guard.search(path.read_text()):
-            module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
-            found.append(["-m", module.removesuffix(".__main__")])
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__main__")
+        if path.parent.name == "commands" and re.search(r"^def main\(", path.read_text(), re.M):
+            call = f"import sys; from {module} import main; sys.exit(main(sys.argv[1:]))"
+            found.append(Program(["-c", call], (f"mushroomclip {path.stem}",)))
+        elif path.name == "__main__.py" or guard.search(path.read_text()):
+            found.append(Program(["-m", module], (f"python -m {module}", module, f"mushroomclip {path.stem}")))
     return found
 
 
-def help_text(command: list[str]) -> str:
+def help_text(argv: list[str], label: str) -> str:
     env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"`python {' '.join(command)} --help` exited {result.returncode}:\n{result.stderr}"
+    result = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"`{label} --help` exited {result.returncode}:\n{result.stderr}"
     return result.stdout
 
 
@@ -137,14 +154,15 @@ def option_flags(text: str) -> set[str]:
 
 
 def all_flags() -> dict[str, set[str]]:
-    """``{"python PROGRAM [SUBCOMMAND]": flags}`` for every program and subcommand."""
-    flags, todo = {}, programs()
+    """``{"PROGRAM [SUBCOMMAND]": flags}`` for every program and its subcommands (argparse sub-parsers)."""
+    flags = {}
+    todo = [(program.argv, program.label) for program in programs()]
     while todo:
-        command = todo.pop(0)
-        text = help_text(command)
-        flags[f"python {' '.join(command)}"] = option_flags(text)
-        if sub := SUBCOMMANDS.search(text):
-            todo += [[*command, name] for name in sub.group(1).split(",")]
+        argv, label = todo.pop(0)
+        text = help_text(argv, label)
+        flags[label] = option_flags(text)
+        if (sub := SUBCOMMANDS.search(text)) and label.count(" ") < 4:  # a sub-parser's {a,b,...} line
+            todo += [([*argv, name], f"{label} {name}") for name in sub.group(1).split(",")]
     return flags
 
 
@@ -169,12 +187,7 @@ def test_every_command_line_flag_is_documented_in_docs():
 
 def test_every_command_line_program_is_named_in_docs():
     text = docs_text()
-    unnamed = []
-    for command in programs():
-        target = command[-1]
-        names = {target, Path(target).name} if target.endswith(".py") else {target, f"mushroomclip {target.split('.')[-1]}"}
-        if not any(name in text for name in names):
-            unnamed.append(" or ".join(sorted(names)))
+    unnamed = [" or ".join(p.names) for p in programs() if not any(name in text for name in p.names)]
     assert not unnamed, "programs not named in any docs/*.md page: " + "; ".join(unnamed)
 
 
