@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,25 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 OPTION_LINE = re.compile(r"^\s{2}(-\S.*)$", re.M)  # an argparse option line: "  -h, --help   show ..."
 SUBCOMMANDS = re.compile(r"^\s{2}\{([\w,-]+)\}(?:\s{2,}.*)?$", re.M)  # a sub-parser line: "  {report,table}"
 BLOCK_TIMEOUT_S = 600
+# The docs describe issue 15's target state, which changes in other branches provide: the training section as
+# transformers.TrainingArguments (the configs still use the older key names here) and `make setup TORCH=cpu`.
+# Until those are merged these items are missing; after the merge each test fails until its entries are removed.
+AWAITING_MERGE = {
+    "config keys": {f"training.{key} (configs/{name}.yaml)" for key, names in {
+        "epochs": ("lora_b16", "lora_b32", "lora_bioclip", "lora_bioclip2"), "grad_accum": ("lora_bioclip2",),
+        "lr": ("lora_b16", "lora_b32", "lora_bioclip", "lora_bioclip2", "tiny"), "eval_batch_size": ("tiny",),
+    }.items() for name in names},
+    "make": {"variable TORCH (`make setup TORCH=cpu`)"},
+}  # fmt: skip
+
+
+def assert_none_missing(missing: list[str], kind: str, message: str) -> None:
+    """Fail on what is missing, apart from this kind's AWAITING_MERGE entries, and on entries no longer missing."""
+    awaiting = AWAITING_MERGE.get(kind, set())
+    unexpected = [item for item in missing if item not in awaiting]
+    assert not unexpected, f"{message}: " + "; ".join(unexpected)
+    merged = sorted(awaiting - set(missing))
+    assert not merged, f"remove from AWAITING_MERGE[{kind!r}] in tests/test_docs.py (no longer missing): " + "; ".join(merged)
 
 
 def doc_pages() -> list[Path]:
@@ -228,9 +248,6 @@ def config_keys(value: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-@pytest.mark.xfail(strict=True, reason="docs/training.md names the training keys as TrainingArguments fields "
-                   "(learning_rate, per_device_train_batch_size, ...), which the configs use once the training-config "
-                   "change is merged: then this passes and the marker goes")
 def test_every_shipped_config_key_is_mentioned_in_docs():
     text = normalised(docs_text())
     missing = []
@@ -239,4 +256,33 @@ def test_every_shipped_config_key_is_mentioned_in_docs():
             name = normalised(key.rpartition(".")[2])
             if not re.search(rf"(?<![\w-])(--)?{re.escape(name)}(?![\w-])", text):  # a key, or a flag (--shots)
                 missing.append(f"{key} ({relative(path)})")
-    assert not missing, "config keys not mentioned in any docs/*.md page: " + "; ".join(missing)
+    assert_none_missing(missing, "config keys", "config keys not mentioned in any docs/*.md page")
+
+
+def make_commands(page: Path) -> list[list[str]]:
+    """The words after ``make`` of every make command in the page's fenced blocks and inline code."""
+    text = page.read_text()
+    lines = [line for _, _, code in fenced_blocks(page) for line in code.splitlines()]
+    lines += re.findall(r"`((?:[A-Z_]+=\S+ )*make [^`]+)`", FENCE.sub("", text))
+    commands = []
+    for line in lines:
+        if m := re.match(r"\s*(?:[A-Z_]+=\S+\s+)*make\s+(.*)$", line):
+            commands.append(shlex.split(m.group(1), comments=True))
+    return commands
+
+
+def test_every_make_target_and_variable_in_the_docs_is_in_the_makefile():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
+    variables = set(re.findall(r"^(\w+)\s*[?:+]?=", makefile, re.M)) | set(re.findall(r"\$\((\w+)\)", makefile))
+    missing = set()
+    for page in doc_pages():
+        for words in make_commands(page):
+            command = f"`make {' '.join(words)}`"
+            for word in words:
+                name, is_variable, _ = word.partition("=")
+                if is_variable and name not in variables:
+                    missing.add(f"variable {name} ({command})")
+                elif not is_variable and not word.startswith("-") and word not in targets:
+                    missing.add(f"target {word} ({command}, {relative(page)})")
+    assert_none_missing(sorted(missing), "make", "make targets or variables the Makefile does not define")
