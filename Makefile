@@ -104,8 +104,8 @@ bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s 
 	$(OFFLINE) $(PY) -m mushroomclip.evaluation.benchmark train-speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --num-workers $(WORKERS) \
 	  --towers $(TOWERS) --output $(BENCH_OUT) $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--steps $(STEPS))
 
-bench-table:  ## regenerate the README speed table from results/bench/*.json (BENCH_OUT=DIR)
-	$(PY) -m mushroomclip.evaluation.benchmark table --results $(BENCH_OUT) --readme README.md
+bench-table:  ## regenerate the speed table of docs/benchmarks.md from results/bench/*.json (BENCH_OUT=DIR)
+	$(PY) -m mushroomclip.evaluation.benchmark table --results $(BENCH_OUT) --readme docs/benchmarks.md
 
 lint: setup  ## ruff lint + format check
 	$(PY) -m ruff check .

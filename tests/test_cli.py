@@ -18,12 +18,12 @@ def run(*args, check=True):
 
 
 @pytest.mark.parametrize("script", ["data_scripts/prepare_kaggle.py", "data_scripts/make_synthetic.py"])
-def test_every_flag_is_in_help_and_readme(script):
+def test_every_flag_is_in_help_and_docs(script):
     help_text = run(script, "--help").stdout
     flags = set(re.findall(r"--[a-z][a-z-]+", help_text)) - {"--help"}
     assert "--output" in flags and "--num-proc" in flags and "--taxonomy" in flags
-    readme = (ROOT / "README.md").read_text()
-    assert not [f for f in flags if f not in readme], "flags missing from README.md"
+    docs = (ROOT / "docs" / "data.md").read_text()
+    assert not [f for f in flags if f not in docs], "flags missing from docs/data.md"
 
 
 def test_synthetic_then_prepare_prints_the_summary(tmp_path):

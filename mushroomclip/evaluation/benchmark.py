@@ -4,7 +4,7 @@ python -m mushroomclip.evaluation.benchmark hub-reachable          exit 0 if the
 python -m mushroomclip.evaluation.benchmark report --results results
 python -m mushroomclip.evaluation.benchmark speed --data DIR --model clip-b32 --batch-size 256
 python -m mushroomclip.evaluation.benchmark train-speed --data DIR --model clip-b32
-python -m mushroomclip.evaluation.benchmark table            README speed table from results/bench/*.json
+python -m mushroomclip.evaluation.benchmark table            docs/benchmarks.md speed table from results/bench/*.json
 
 Speed results: images/s, FLOPs per step (FlopCounterMode), MFU and peak memory, written to
 results/bench/NAME.json with the machine (:mod:`mushroomclip.evaluation.speed`).
@@ -283,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("hub-reachable", help="exit 0 if models can be downloaded, 1 if not")
     report = sub.add_parser("report", help="write benchmark.md and benchmark.png from an evaluation's summary.json")
     report.add_argument("--results", default="results")
-    table = sub.add_parser("table", help="regenerate the README speed table from results/bench/*.json")
+    table = sub.add_parser("table", help="regenerate the speed table of docs/benchmarks.md from results/bench/*.json")
     table.add_argument("--results", default=str(speed.RESULTS), help="folder of bench JSON files")
-    table.add_argument("--readme", default="README.md")
+    table.add_argument("--readme", default="docs/benchmarks.md", help="the page holding the bench-table markers")
     speed_cmd = sub.add_parser("speed", help="zero-shot image-encoding throughput (random weights)")
     speed_cmd.add_argument("--split", default="train", help="split to read images from")
     speed_cmd.add_argument("--batch-size", type=int, default=256)
