@@ -1,5 +1,5 @@
 """Taxonomy tensors and the taxonomy- and safety-aware losses (Bertinetto et al. 2020 soft labels and HXE, the
-danger term), checked against hand computations and plain loop references built from the species' lineages."""
+danger term) and the average hierarchical distance of top-k, checked against hand computations and plain loop references built from the species' lineages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_metrics import TOY  # A1/A2 share a genus, B1 another family of the order, C1 another phylum
 
+from mushroomclip.metrics import classification_metrics, format_report, hierarchical_distance_top_k
 from mushroomclip.taxonomy import RANKS, load_taxonomy
 from mushroomclip.training.losses import (
     danger_penalty,
@@ -145,3 +147,20 @@ def test_gradients_are_finite_even_for_confident_logits(tensors):
              + danger_penalty(logits, labels, tensors.dangerous, tensors.edible))  # fmt: skip
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_average_hierarchical_distance_of_top_k_on_a_hand_checked_case(tmp_path):
+    path = tmp_path / "toy.csv"
+    path.write_text(TOY)
+    tax = load_taxonomy(path)
+    # LCA heights: A1-A2 1 (genus), A1-B1 and A2-B1 3 (order), C1 to anything else 6 (kingdom)
+    scores = np.array([[0.4, 0.1, 0.3, 0.2],  # truth A1; ranked A1, B1, C1, A2: 0, 3, 6, 1
+                       [0.1, 0.5, 0.1, 0.3]])  # truth C1; ranked A2, C1, A1, B1 (tie: lower id first): 6, 0, 6, 6
+    y = np.array([0, 3])  # fmt: skip
+    m = classification_metrics(y, scores, 4, taxonomy=tax)
+    # k = 5 and 20 are capped at the 4 classes
+    assert m["hierarchical_distance_top_k"] == pytest.approx({"top1": (0 + 6) / 2, "top4": (10 / 4 + 18 / 4) / 2})
+    distance = hierarchical_distance_top_k(y, scores, tax.lca_distance_matrix, ks=(2,))
+    assert distance == pytest.approx({"top2": ((0 + 3) / 2 + (6 + 0) / 2) / 2})
+    assert "average hierarchical distance  top1 3.00  top4 3.50 ranks" in format_report(m)
+    assert "hierarchical_distance_top_k" not in classification_metrics(y, scores.argmax(1), 4, taxonomy=tax)
