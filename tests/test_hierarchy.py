@@ -164,3 +164,15 @@ def test_average_hierarchical_distance_of_top_k_on_a_hand_checked_case(tmp_path)
     assert distance == pytest.approx({"top2": ((0 + 3) / 2 + (6 + 0) / 2) / 2})
     assert "average hierarchical distance  top1 3.00  top4 3.50 ranks" in format_report(m)
     assert "hierarchical_distance_top_k" not in classification_metrics(y, scores.argmax(1), 4, taxonomy=tax)
+
+
+def test_hierarchical_distance_of_top_k_equals_a_loop_reference(taxonomy):
+    rng = np.random.default_rng(4)
+    scores, y = rng.random((30, len(taxonomy))), rng.integers(0, len(taxonomy), 30)
+    lineages = [s.lineage for s in taxonomy.species]
+    expected = {}
+    for k in (1, 5, 20):
+        per_image = [np.mean([lca_height(lineages[t], lineages[j]) for j in sorted(range(len(row)), key=lambda j: -row[j])[:k]])
+                     for t, row in zip(y, scores)]  # fmt: skip
+        expected[f"top{k}"] = np.mean(per_image)
+    assert hierarchical_distance_top_k(y, scores, taxonomy.lca_distance_matrix) == pytest.approx(expected)
