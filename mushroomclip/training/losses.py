@@ -11,8 +11,13 @@ and gradients do not depend on the number of GPUs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from mushroomclip.taxonomy import Taxonomy
 
 LOSSES = ("class_text", "clip", "multi_positive")
 
@@ -41,3 +46,77 @@ def multi_positive_loss(
     image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
     text_to_image = -(targets * F.log_softmax(logits.T, dim=1)).sum(1).mean()  # positives is symmetric
     return (image_to_text + text_to_image) / 2
+
+
+# Taxonomy- and safety-aware terms on class logits ``(B, C)`` (supervised heads, or CLIP's image-vs-all-class-prompt
+# logits): Bertinetto et al. 2020, "Making Better Mistakes" (arXiv 1912.09393), and a cost-sensitive danger term.
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the classes in at least float32 (bf16 logits would round the subtree sums)."""
+    return logits.log_softmax(dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
+@dataclass(frozen=True)
+class HierarchyTensors:
+    """The taxonomy as the tensors these losses take; build once per run with :func:`hierarchy_tensors`."""
+
+    lca_distance: torch.Tensor  # (C, C) float: height of the lowest common ancestor, 0 for the same species
+    lineage: torch.Tensor  # (C, R) long: each class's node id at every rank, kingdom first
+    dangerous: torch.Tensor  # (C,) bool: deadly or poisonous
+    edible: torch.Tensor  # (C,) bool
+
+
+def hierarchy_tensors(taxonomy: Taxonomy, device: torch.device | str | None = None) -> HierarchyTensors:
+    """:class:`HierarchyTensors` of ``taxonomy``'s classes (class id = row of the table), on ``device``."""
+
+    def tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
+
+    return HierarchyTensors(
+        lca_distance=tensor(taxonomy.lca_distance_matrix, torch.float32),
+        lineage=tensor(taxonomy.lineage_codes, torch.long),
+        dangerous=tensor(taxonomy.dangerous_mask, torch.bool),
+        edible=tensor(taxonomy.edible_mask, torch.bool),
+    )
+
+
+def hierarchical_soft_loss(
+    logits: torch.Tensor, labels: torch.Tensor, lca_distance: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Cross-entropy against soft labels whose mass on class j is proportional to exp(-beta * d(y, j)).
+
+    d is the LCA height divided by its largest value (as the authors' code does, so ``beta`` reads as in the
+    paper's tables, 4 to 30); a large ``beta`` gives back plain cross-entropy.
+    """
+    distance = lca_distance[labels] / lca_distance.max().clamp(min=1)
+    targets = torch.softmax(-beta * distance, dim=1)
+    return -(targets * _log_softmax(logits)).sum(dim=1).mean()
+
+
+def hierarchical_xent_loss(logits: torch.Tensor, labels: torch.Tensor, lineage: torch.Tensor, alpha: float) -> torch.Tensor:
+    """HXE: -sum over the label's lineage of w(C) * log p(C | parent of C), with a flat softmax over the leaves.
+
+    p(C | parent) is the summed probability of the leaves under C over that under its parent (the root's is 1).
+    w(C) = exp(-alpha * depth(C)), depth counting edges from the root (kingdom 1 ... species ``R``): the
+    authors' released code, which weights the coarse levels most as the paper describes ("discounting
+    information down the hierarchy"); the paper's formula writes it exp(-alpha * h(C)) with the leaf as C^(0).
+    Unlike that code the weights are not divided by their sum over the whole tree (a constant factor), so
+    ``alpha = 0`` is exactly cross-entropy.
+    """
+    log_p = _log_softmax(logits)  # (B, C)
+    under = lineage[labels].unsqueeze(2) == lineage.T.unsqueeze(0)  # (B, R, C): leaves under the label's node
+    log_node = torch.logsumexp(log_p.unsqueeze(1).masked_fill(~under, float("-inf")), dim=2)  # (B, R)
+    log_parent = F.pad(log_node[:, :-1], (1, 0))  # the root holds all the mass: log 1 = 0
+    depth = torch.arange(1, lineage.shape[1] + 1, device=logits.device, dtype=log_p.dtype)
+    return -((log_node - log_parent) * torch.exp(-alpha * depth)).sum(dim=1).mean()
+
+
+def danger_penalty(
+    logits: torch.Tensor, labels: torch.Tensor, dangerous: torch.Tensor, edible: torch.Tensor
+) -> torch.Tensor:
+    """Mean over the batch of the softmax mass on edible species for images whose truth is deadly or poisonous
+    (0 for every other image): (1/B) * sum_i [y_i dangerous] * sum_{j edible} p_ij. Scaled by ``loss.danger_weight``
+    and added to the main loss, it pushes a dangerous species' images away from every edible answer."""
+    probs = _log_softmax(logits).exp()
+    return (probs @ edible.to(probs.dtype) * dangerous[labels]).mean()
