@@ -23,6 +23,7 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,12 +228,14 @@ def train_images(split, preprocess: PreprocessConfig):
     return split.with_transform(augment.batch)
 
 
-def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def normalize(
+    pixels: torch.Tensor, mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float]
+) -> torch.Tensor:
     """uint8 ``(N, 3, H, W)`` -> the model's float input, ``(x / 255 - mean) / std``; float input passes through."""
     if pixels.dtype != torch.uint8:
         return pixels
-    mean = mean.to(pixels.device).view(1, -1, 1, 1)
-    std = std.to(pixels.device).view(1, -1, 1, 1)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
     return (pixels.float() / 255.0 - mean) / std
 
 
