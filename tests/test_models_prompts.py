@@ -81,10 +81,15 @@ def test_tiny_backbones_give_normalised_deterministic_embeddings(name):
     assert a.cache_id == b.cache_id
 
 
-def test_openai_templates_are_open_clips():
+def test_openai_templates_render_class_names_as_open_clips_own():
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-    assert OPENAI_TEMPLATES == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert len(OPENAI_TEMPLATES) == 80 and OPENAI_TEMPLATES[0] == "a bad photo of a {}."
+    tax = load_taxonomy()
+    for species in ("Amanita muscaria", "Boletus edulis"):
+        name = tax.text(species, "sci_com")
+        ours = class_prompts(tax, "sci_com", OPENAI_TEMPLATES)[tax.id(species)]
+        assert ours == [template(name) for template in OPENAI_IMAGENET_TEMPLATES]
 
 
 def test_class_prompts_render_each_text_type_in_each_template():
