@@ -90,7 +90,7 @@ def describe_data_used(data: dict | None) -> str:
             f"from `{Path(data.get('source') or data['path']).name}`{prepared}. Details: `data.json`.")  # fmt: skip
 
 
-def model_card(run_dir: str | Path):
+def model_card(run_dir: str | Path) -> ModelCard:
     """A ``huggingface_hub.ModelCard`` describing the run actually made: its base model, its data (data.json),
     a model-index of the test metrics and the zero-shot baseline row. Links only to real Hub models."""
     run_dir = Path(run_dir)
