@@ -6,7 +6,8 @@ from fake_hub import LOGIT_SCALE, TINY_BIOCLIP2_MODEL_CFG, open_clip_files, use_
 from PIL import Image
 
 from mushroomclip.commands.convert import main as convert_main
-from mushroomclip.models.backbones import load_backbone, offline_clip_tokenizer
+from mushroomclip.data.transforms import EvalPixels
+from mushroomclip.models.backbones import load_backbone, offline_clip_tokenizer, preprocess_from_open_clip
 from mushroomclip.models.convert import (
     ConversionError,
     convert_open_clip,
@@ -63,7 +64,8 @@ def test_converted_folder_loads_as_an_hf_backbone_with_the_source_preprocessing(
     with torch.no_grad():
         reference = F.normalize(model.encode_image(preprocess(image)[None]), dim=-1)
         text_ref = F.normalize(model.encode_text(open_clip.get_tokenizer("ViT-L-14")(["fly agaric"])), dim=-1)
-    assert (backbone.encode_images(backbone.preprocess(image)[None]) - reference).abs().max() <= 1e-4
+    assert backbone.preprocess == preprocess_from_open_clip(model.visual.preprocess_cfg)
+    assert (backbone.encode_images(EvalPixels(backbone.preprocess)(image)[None]) - reference).abs().max() <= 1e-4
     assert (backbone.encode_texts(["fly agaric"]) - text_ref).abs().max() <= 1e-4
 
 

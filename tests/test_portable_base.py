@@ -238,6 +238,7 @@ def test_convert_push_to_hub_publishes_the_folder_with_a_card_crediting_the_sour
 
 
 def test_a_convert_base_trains_and_loads_like_the_converted_folder(world):
+    from mushroomclip.data.transforms import EvalPixels
     from mushroomclip.models.backbones import load_backbone
     from mushroomclip.models.classifier import backbone_name, base_record
 
@@ -246,7 +247,7 @@ def test_a_convert_base_trains_and_loads_like_the_converted_folder(world):
     assert base_record(spec) == {"base_model": spec, "base_conversion": json.loads((base / RECIPE_FILE).read_text())}
     assert base_record(str(base), "someone/bioclip-hf")["base_model"] == "someone/bioclip-hf"
     on_demand, folder = load_backbone(backbone_name(spec)), load_backbone(f"hf:{base}")
-    pixels = torch.stack([folder.preprocess(im) for im in IMAGES])
+    pixels = torch.stack([EvalPixels(folder.preprocess)(im) for im in IMAGES])
     assert torch.equal(on_demand.encode_images(pixels), folder.encode_images(pixels))
     assert torch.equal(on_demand.encode_texts(["Amanita muscaria"]), folder.encode_texts(["Amanita muscaria"]))
 

@@ -149,6 +149,41 @@ def test_predict_scores_each_file_exactly_as_the_evaluation_pipeline(classifier,
     assert [p["probability"] for p in record["predictions"]] == pytest.approx(probs.values.tolist(), abs=1e-4)
 
 
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-openclip"])
+def test_a_photo_reaches_the_model_as_the_same_pixels_in_the_metrics_and_in_prediction(model, tmp_path, monkeypatch):
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    from mushroomclip.evaluation.features import image_features
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.classifier import Classifier
+    from mushroomclip.taxonomy import load_taxonomy
+
+    sensor = Image.new("RGB", (90, 60), (40, 90, 40))
+    sensor.paste((230, 60, 20), (4, 4, 30, 50))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # taken sideways: the upright photo is 60 x 90
+    (tmp_path / "photo.jpg").write_bytes(_jpeg(sensor, exif=exif))
+    sensor.convert("RGBA").save(tmp_path / "photo.png")
+    paths = [str(tmp_path / "photo.jpg"), str(tmp_path / "photo.png")]
+    backbone, taxonomy = load_backbone(model), load_taxonomy()
+    record = {"species": taxonomy.classes, "text_type": "sci", "templates": ["a photo of {}."]}
+    classifier = Classifier(backbone, record, taxonomy)  # what predict.py and the app score with
+    seen = []
+
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:  # what reaches the model
+        seen.append(pixels.clone())
+        return torch.zeros(len(pixels), classifier.class_embeddings.shape[1])
+
+    monkeypatch.setattr(backbone, "encode_images", encode_images)
+    split = Dataset.from_dict({"image": paths, "label": [0, 1]}).cast_column("image", ImageFeature())
+    image_features(backbone, split, batch_size=2, num_workers=0, progress=False)  # the metrics' path
+    classifier.logits(paths)  # predict.py's path
+    metrics, prediction = seen
+    assert metrics.dtype == torch.uint8 and metrics.shape == (2, 3, 32, 32)
+    assert torch.equal(metrics, prediction)
+
+
 # 6. --include-adapters takes a run only where it was trained on exactly this data's species.
 
 

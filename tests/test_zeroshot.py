@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mushroomclip.data.splits import load_splits
+from mushroomclip.data.transforms import EvalPixels, normalize, pixel_stats
 from mushroomclip.evaluation.fewshot import sample_support, simpleshot_scores
 from mushroomclip.evaluation.zeroshot import EvalConfig, evaluate
 from mushroomclip.models.backbones import load_backbone
@@ -36,7 +37,7 @@ def _raw_text(backbone, text: str) -> torch.Tensor:
 
 
 def _raw_image(backbone, image) -> torch.Tensor:
-    pixels = backbone.preprocess(image)[None]
+    pixels = normalize(EvalPixels(backbone.preprocess)(image)[None], *pixel_stats(backbone.preprocess))
     if backbone.kind == "hf":
         return backbone.model.get_image_features(pixel_values=pixels).pooler_output[0]
     return backbone.model.encode_image(pixels)[0]

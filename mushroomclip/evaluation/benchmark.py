@@ -112,12 +112,9 @@ def measure_speed(
                                          num_workers=num_workers, pin_memory=device.startswith("cuda"), worker_init_fn=background_worker)  # fmt: skip
 
     with torch.inference_mode():
-        sample = images[0][0]  # uint8 from the fast pipeline, float where Pillow preprocesses
+        sample = images[0][0]  # uint8, as every evaluation image reaches the model
         on_device = [
-            torch.randint(0, 256, (batch_size, *sample.shape), dtype=torch.uint8, device=device)
-            if sample.dtype == torch.uint8
-            else torch.randn(batch_size, *sample.shape, device=device)
-            for _ in range(2)
+            torch.randint(0, 256, (batch_size, *sample.shape), dtype=torch.uint8, device=device) for _ in range(2)
         ]
         synthetic = [on_device[i % 2] for i in range(1 + batches)]
         speed.reset_peak_memory(device)

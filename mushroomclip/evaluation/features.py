@@ -18,8 +18,8 @@ from mushroomclip.data.transforms import EvalPixels, background_worker
 
 class PreprocessedImages(torch.utils.data.Dataset):
     """A ``datasets`` split as (pixels, label) pairs through :class:`mushroomclip.data.transforms.EvalPixels`, the one
-    evaluation image path that ``predict.py`` and the app use too (uint8 where the model's preprocessing is a
-    plain Resize + CenterCrop, normalised later on the device)."""
+    evaluation image path that ``predict.py`` and the app use too (uint8, built from the backbone's ``preprocess``
+    config, normalised later on the device)."""
 
     def __init__(self, split, preprocess):
         from datasets import Image

@@ -167,15 +167,22 @@ def convert_open_clip(model):
 
 
 def image_processor_from_open_clip(model):
+    """The ``CLIPImageProcessor`` that applies the open_clip model's own preprocessing, so that the converted folder
+    loads with the source's :class:`~mushroomclip.data.transforms.PreprocessConfig`."""
     from transformers import CLIPImageProcessor
 
+    from mushroomclip.models.backbones import preprocess_from_open_clip
+
     cfg = model.visual.preprocess_cfg
-    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
     if cfg.get("resize_mode", "shortest") != "shortest" or cfg.get("interpolation", "bicubic") != "bicubic":
         raise ConversionError(f"preprocessing {cfg} is not CLIP's shortest-side bicubic resize + centre crop")
+    try:
+        preprocess = preprocess_from_open_clip(cfg)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
     return CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=list(cfg["mean"]), image_std=list(cfg["std"]), resample=3, do_convert_rgb=True,
+        size={"shortest_edge": preprocess.resize_size}, crop_size=dict(zip(("height", "width"), preprocess.size)),
+        image_mean=list(preprocess.mean), image_std=list(preprocess.std), resample=3, do_convert_rgb=True,
     )  # fmt: skip
 
 
