@@ -267,3 +267,24 @@ def test_a_16_bit_greyscale_photo_decodes_to_its_8_high_bits(fmt):
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 48, 40)
     expected = torch.from_numpy((grey16 >> 8).astype(np.uint8))
     assert all(torch.equal(channel, expected) for channel in pixels)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_jpeg_and_png_decode_through_torchcodec_to_torchvisions_former_pixels(fmt):
+    """torchvision 0.29 deprecates its image decoders for TorchCodec's: the same pixels, no warning to silence."""
+    import warnings
+
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as torchvision_decode
+
+    from mushroomclip.data import transforms
+
+    assert transforms.decode_image.__module__.startswith("torchcodec")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encoded(gradient(), fmt, **({"quality": 90, "exif": exif} if fmt == "JPEG" else {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        before = torchvision_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                    apply_exif_orientation=True)  # fmt: skip
+    assert torch.equal(decode_rgb({"bytes": data, "path": None}), before)

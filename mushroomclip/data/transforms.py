@@ -3,7 +3,7 @@ normalise on the device.
 
 Every transform is built from the backbone's one :class:`PreprocessConfig` (its input size, resize, interpolation,
 mean and std, read from the model's own config when it is loaded). Per image, in a DataLoader worker:
-``torchvision.io`` decodes the file (EXIF rotation applied, as the ``datasets`` Image feature does), then, for
+TorchCodec decodes the file (EXIF rotation applied, as the ``datasets`` Image feature does), then, for
 training, RandomResizedCrop (bicubic, antialiased) and a horizontal flip at the model's input size, or, for
 evaluation and prediction alike (:class:`EvalPixels`), the model's resize and centre crop, run on the uint8 tensor. Batches
 travel as uint8, a quarter of float32's bytes, and become the model's normalised float input on the device
@@ -28,14 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torchcodec.decoders import decode_image  # torchvision.io's image decoders moved here (torchvision 0.29)
 from torchvision.transforms import v2
 
-try:  # deprecated since torchvision 0.29 in favour of TorchCodec; without it, Pillow decodes (slower)
-    from torchvision.io import ImageReadMode, decode_image
-except ImportError:  # pragma: no cover - a future torchvision
-    decode_image = None
-
-# JPEG and PNG, nearly all of the data, go through torchvision; anything else (WebP, BMP, TIFF, a JPEG
+# JPEG and PNG, nearly all of the data, go through TorchCodec (libjpeg-turbo, libpng); anything else (WebP, BMP, TIFF, a JPEG
 # flavour libjpeg-turbo refuses) through Pillow, which validated every image when the data was prepared.
 _FAST_SIGNATURES = (b"\xff\xd8", b"\x89PNG")
 
@@ -94,11 +90,10 @@ def decode_rgb(image) -> torch.Tensor:
         raise _image_error(where, reason, _MOVED_HINT, action="read") from None
     try:
         with _open_checked(data, where) as pil:
-            if decode_image is not None and data.startswith(_FAST_SIGNATURES):
+            if data.startswith(_FAST_SIGNATURES):
                 encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                with contextlib.suppress(RuntimeError), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    pixels = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+                with contextlib.suppress(RuntimeError):  # a flavour libjpeg-turbo refuses: Pillow below
+                    pixels = decode_image(encoded, mode="RGB", output_dtype="auto")  # EXIF orientation applied
                     # a 16-bit PNG decodes to uint16: keep its 8 high bits, as for any other photo
                     return pixels if pixels.dtype == torch.uint8 else (pixels.to(torch.int32) >> 8).to(torch.uint8)
             return _pil_rgb(pil)
