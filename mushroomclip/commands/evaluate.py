@@ -57,17 +57,20 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[EvaluationArguments,
 
 @contextlib.contextmanager
 def console_logging() -> Iterator[None]:
-    """The package's messages on stdout as plain lines while the command runs (the library only logs)."""
+    """The package's messages on stdout as plain lines while the command runs (the library only logs), and only
+    there: not also through a root handler that a dependency's ``logging.warning`` call installs."""
     package = logging.getLogger("mushroomclip")
-    handler, level = logging.StreamHandler(sys.stdout), package.level
+    handler, level, propagate = logging.StreamHandler(sys.stdout), package.level, package.propagate
     handler.setFormatter(logging.Formatter("%(message)s"))
     package.addHandler(handler)
     package.setLevel(logging.INFO)
+    package.propagate = False
     try:
         yield
     finally:
         package.removeHandler(handler)
         package.setLevel(level)
+        package.propagate = propagate
 
 
 def main(argv: list[str] | None = None) -> int:
