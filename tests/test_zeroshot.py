@@ -187,6 +187,8 @@ def test_config_file_sets_defaults_and_the_command_line_overrides_them(tmp_path)
         ("modles: [tiny-clip]\n", "unknown key 'modles' in {config}; did you mean 'models'?"),
         ("text_types: all\n", "unknown key 'text_types' in {config}; did you mean 'text_type'?"),
         ("split: train\n", "--split must be one of validation, test, got 'train'"),
+        ("seeds: 2.5\n", "--seeds must be int, got 2.5"),
+        ("cache_dir: 5\n", "--cache-dir must be str or unset, got 5"),
         ("shots: [1, five]\n", "--shots must be comma-separated whole numbers such as 1,5, got '1,five'"),
     ],
 )

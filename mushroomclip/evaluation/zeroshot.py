@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,8 @@ SUMMARY_KEYS = ("oa", "top5", "mf1", "miou", "balanced_acc", "genus_acc", "famil
 RANDOM_WEIGHTS_NOTE = "random weights: architectures only, figures are not model quality"
 COLUMN_NAMES = ("OA", "top-5", "mF1", "mIoU", "balanced acc", "genus acc", "family acc", "dangerous→edible")
 ADAPTER = "lora:"  # a model name that is a training run's folder
+Split = Literal["validation", "test"]
+TemplateSet = Literal["single", "openai"]
 
 
 def _comma_list(value: str) -> list[str]:
@@ -45,10 +47,10 @@ class EvaluationArguments:
     keys of its ``--config`` YAML file (flag names with ``_``). Lists are comma-separated, as on the command line."""
 
     data: str | None = field(default=None, metadata={"help": "prepared data folder (data_scripts/prepare_kaggle.py --output)"})  # fmt: skip
-    split: Literal["validation", "test"] = field(default="test", metadata={"help": "split to evaluate on"})
+    split: Split = field(default="test", metadata={"help": "split to evaluate on"})
     models: str = field(default="clip-b32,bioclip", metadata={"help": "comma-separated model names (see --list-models), hf:<hub id or folder>, or open_clip:<architecture>@<pretrained tag>"})  # fmt: skip
     text_type: str = field(default="taxon_com", metadata={"help": "comma-separated text types (sci, com, taxon, sci_com, taxon_com) or all, for BioCLIP's text-type ablation"})  # fmt: skip
-    templates: Literal["single", "openai"] = field(default="openai", metadata={"help": "single: 'a photo of {}.'; openai: the 80 OpenAI ImageNet templates, averaged"})  # fmt: skip
+    templates: TemplateSet = field(default="openai", metadata={"help": "single: 'a photo of {}.'; openai: the 80 OpenAI ImageNet templates, averaged"})  # fmt: skip
     output: str = field(default="results", metadata={"help": "folder for zero_shot/, few_shot/, probe/ and summary.md"})  # fmt: skip
     shots: str = field(default="1,5", metadata={"help": "SimpleShot k values, comma-separated; empty for none"})
     seeds: int = field(default=5, metadata={"help": "few-shot repetitions (seeds 0..N-1); mean and std reported"})
@@ -65,10 +67,17 @@ class EvaluationArguments:
 
     def __post_init__(self):
         """Checks that need no data or model, so that a typo fails before any download."""
-        for name, allowed in (("split", ("validation", "test")), ("templates", ("single", "openai"))):
-            if getattr(self, name) not in allowed:  # a YAML value does not pass argparse's choices
-                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        self.text_types  # noqa: B018 (raises ValueError naming an unknown text type)
+        for name, hint in get_type_hints(type(self)).items():  # a YAML value does not pass argparse's types
+            value = getattr(self, name)
+            if get_origin(hint) is Literal:
+                ok, expected = value in get_args(hint), "one of " + ", ".join(get_args(hint))
+            else:
+                types = get_args(hint) or (hint,)
+                ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+                expected = " or ".join("unset" if t is type(None) else t.__name__ for t in types)
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+        text_types(self.text_type)  # a ValueError naming an unknown text type
         if not all(k.isdigit() for k in _comma_list(self.shots)):
             raise ValueError(f"--shots must be comma-separated whole numbers such as 1,5, got {self.shots!r}")
         for name in self.model_names:
