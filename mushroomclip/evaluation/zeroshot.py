@@ -35,6 +35,7 @@ COLUMN_NAMES = ("OA", "top-5", "mF1", "mIoU", "balanced acc", "genus acc", "fami
 ADAPTER = "lora:"  # a model name that is a training run's folder
 Split = Literal["validation", "test"]
 TemplateSet = Literal["single", "openai"]
+Features = tuple[np.ndarray, np.ndarray]  # (N, D) L2-normalised image features and their (N,) labels
 
 
 def _comma_list(value: str) -> list[str]:
@@ -192,7 +193,7 @@ class EvaluationRun:
         """The resolved options, the device, and what this result is (model, text type): each metrics.json's config."""
         return self.args.resolved() | {"device": self.device, "dtype": str(self.dtype)} | what
 
-    def features(self, backbone: Backbone, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def features(self, backbone: Backbone, name: str, split: str) -> Features:
         """Image features and labels of ``split``, cached under ``--cache-dir``."""
         feats, labels, _ = cached_image_features(
             backbone, self.splits[split], split_fingerprint(self.args.data, split), self.cache_dir, desc=f"{name} {split}",
@@ -261,10 +262,10 @@ def load_model(run: EvaluationRun, name: str, found: bool) -> EvaluatedModel | N
     return EvaluatedModel(backbone.name, backbone, [classifier.record["text_type"]], classifier)
 
 
-def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, feats: np.ndarray, labels: np.ndarray) -> list[dict]:
+def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Features) -> list[dict]:
     """The zero-shot head for every text type (a LoRA run: its own prompts from classes.json, not the config's);
     metrics, figures and predictions.parquet under ``zero_shot/MODEL/TEXT_TYPE``."""
-    args, adapter, rows = run.args, model.classifier is not None, []
+    (feats, labels), args, adapter, rows = evaluated, run.args, model.classifier is not None, []
     for text_type in model.text_types:
         if adapter:
             class_emb = model.classifier.class_embeddings
@@ -283,7 +284,7 @@ def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, feats: np.ndarray,
     return rows
 
 
-def few_shot_rows(run: EvaluationRun, name: str, train: tuple, evaluated: tuple) -> list[dict]:
+def few_shot_rows(run: EvaluationRun, name: str, train: Features, evaluated: Features) -> list[dict]:
     """SimpleShot for every ``--shots`` k over ``--seeds`` support draws: mean and std under ``few_shot/MODEL/kK``.
     A k no class has enough training images for is a note, not a row."""
     (train_feats, train_labels), (feats, labels) = train, evaluated
@@ -311,7 +312,7 @@ def few_shot_rows(run: EvaluationRun, name: str, train: tuple, evaluated: tuple)
     return rows
 
 
-def probe_row(run: EvaluationRun, name: str, train: tuple, evaluated: tuple) -> dict:
+def probe_row(run: EvaluationRun, name: str, train: Features, evaluated: Features) -> dict:
     """A logistic-regression probe on the frozen train features; metrics and figures under ``probe/MODEL``."""
     (train_feats, train_labels), (feats, labels) = train, evaluated
     scores = linear_probe_scores(train_feats, train_labels, feats, run.num_classes, seed=run.args.seed)
@@ -336,7 +337,7 @@ def evaluate(args: EvaluationArguments) -> list[dict]:
             continue
         # 4. features of the evaluated split, then the zero-shot head for every text type
         evaluated = run.features(model.backbone, model.name, args.split)
-        rows += zero_shot_rows(run, model, *evaluated)
+        rows += zero_shot_rows(run, model, evaluated)
         # 5. few-shot and the linear probe from train features (base models only: an adapter saw the train split)
         if model.classifier is None and (args.shot_counts or args.probe):
             train = run.features(model.backbone, model.name, "train")
