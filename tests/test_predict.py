@@ -3,6 +3,7 @@ wrong table, and a batch of photos that survives its bad files."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from mushroomclip.config import load_train_config
-from mushroomclip.evaluation.zeroshot import EvalConfig, evaluate
+from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
 from mushroomclip.models.classifier import CLASSES_FILE, AdapterError, load_classifier
 from mushroomclip.training.trainer import run_training
 
@@ -187,7 +188,7 @@ def test_a_photo_reaches_the_model_as_the_same_pixels_in_the_metrics_and_in_pred
 # 6. --include-adapters takes a run only where it was trained on exactly this data's species.
 
 
-def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, prepared, tmp_path):
+def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, prepared, tmp_path, caplog):
     from mushroomclip.taxonomy import load_taxonomy
 
     folder = tmp_path / "runs"
@@ -196,11 +197,10 @@ def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, pre
     patch_record(copy_run(runs, folder / "wider"), trained_species=wider)
     patch_record(copy_run(runs, folder / "older"), trained_species=None)  # before trained_species was recorded
     (copy_run(runs, folder / "unfinished") / "adapter_config.json").unlink()
-    lines = []
-    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[], include_adapters=str(folder), shots=[],
-                               output=str(tmp_path / "res"), num_workers=0), log=lines.append)  # fmt: skip
+    rows = evaluate(EvaluationArguments(data=str(prepared[0]), models="", include_adapters=str(folder), shots="",
+                                        output=str(tmp_path / "res"), num_workers=0))  # fmt: skip
     assert [(r["model"], r["method"]) for r in rows] == [("lora-same", "LoRA")]
-    skipped = [line for line in lines if line.startswith("skipped ")]
+    skipped = [line for line in caplog.messages if line.startswith("skipped ")]
     assert skipped == [
         f"skipped {folder / 'older'}: its classes.json does not say which species it was trained on "
         "(trained_species: an older run)",
@@ -211,8 +211,8 @@ def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, pre
     summary = (tmp_path / "res" / "summary.md").read_text()
     assert all(f"> {line}" in summary for line in skipped)
     # named in --models, a run is evaluated as asked, with the mismatch said above the table
-    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[f"lora:{folder / 'wider'}"], shots=[],
-                               output=str(tmp_path / "named"), num_workers=0), log=lines.append)  # fmt: skip
+    rows = evaluate(EvaluationArguments(data=str(prepared[0]), models=f"lora:{folder / 'wider'}", shots="",
+                                        output=str(tmp_path / "named"), num_workers=0))  # fmt: skip
     assert [r["model"] for r in rows] == ["lora-wider"]
     assert (
         f"> lora:{folder / 'wider'}: {skipped[-1].split(': ', 1)[1]}; evaluated because --models names it"
@@ -220,7 +220,7 @@ def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, pre
     )
 
 
-def test_adapter_for_other_classes_is_a_clear_error_not_a_shape_error(runs, prepared, tmp_path):
+def test_adapter_for_other_classes_is_a_clear_error_not_a_shape_error(runs, prepared, tmp_path, caplog):
     from mushroomclip.taxonomy import load_taxonomy
 
     # an adapter whose own table lists only the 6 species it was trained on
@@ -232,16 +232,15 @@ def test_adapter_for_other_classes_is_a_clear_error_not_a_shape_error(runs, prep
     )
     patch_record(narrow, species=trained, taxonomy_sha256=load_taxonomy(narrow / "taxonomy.csv").fingerprint)
     assert load_classifier(str(narrow)).classes == trained  # a sound adapter, for other classes
-    cfg = EvalConfig(
-        data=str(prepared[0]), models=[f"lora:{narrow}"], shots=[], output=str(tmp_path / "res"), num_workers=0
+    cfg = EvaluationArguments(
+        data=str(prepared[0]), models=f"lora:{narrow}", shots="", output=str(tmp_path / "res"), num_workers=0
     )
     with pytest.raises(
         AdapterError, match=rf"{narrow} was trained on other classes \(6 species, this data's taxonomy has 169"
     ):
-        evaluate(cfg, log=lambda *a: None)
-    lines = []
-    evaluate(EvalConfig(**{**cfg.__dict__, "models": [], "include_adapters": str(narrow.parent)}), log=lines.append)
-    assert f"skipped {narrow}: its 6 classes are not this data's 169-species taxonomy" in lines
+        evaluate(cfg)
+    evaluate(dataclasses.replace(cfg, models="", include_adapters=str(narrow.parent)))
+    assert f"skipped {narrow}: its 6 classes are not this data's 169-species taxonomy" in caplog.messages
 
 
 # 14 and 16. predict.py: arguments checked first, folders expanded, bad files reported, the rest predicted.
@@ -312,7 +311,7 @@ def test_a_folder_becomes_one_csv_row_per_input_with_the_safety_answer(runs, pre
         assert row["top_species"].split(";") == [r.species for r in expected.rows]
 
 
-def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs, prepared, tmp_path):
+def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs, prepared, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "runs"
@@ -321,11 +320,10 @@ def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs,
     weights = load_file(broken / "adapter_model.safetensors")
     next(iter(weights.values())).view(-1)[0] = float("nan")
     save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
-    lines = []
-    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[], include_adapters=str(folder), shots=[],
-                               output=str(tmp_path / "res"), num_workers=0), log=lines.append)  # fmt: skip
+    rows = evaluate(EvaluationArguments(data=str(prepared[0]), models="", include_adapters=str(folder), shots="",
+                                        output=str(tmp_path / "res"), num_workers=0))  # fmt: skip
     assert [r["model"] for r in rows] == ["lora-good"]
-    assert any(line.startswith(f"skipped {broken}: ") and "NaN or inf" in line for line in lines)
+    assert any(line.startswith(f"skipped {broken}: ") and "NaN or inf" in line for line in caplog.messages)
     assert f"> skipped {broken}: " in (tmp_path / "res" / "summary.md").read_text()
 
 

@@ -310,11 +310,11 @@ def test_resume_after_a_killed_run_continues_the_same_run(prepared, uninterrupte
 
 
 def test_benchmark_row_of_the_adapter_equals_its_own_test_metrics(trained, prepared, tmp_path):
-    from mushroomclip.evaluation.zeroshot import EvalConfig, evaluate
+    from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
 
     _, out, _, _ = trained
-    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[], include_adapters=str(out.parent), templates="openai",
-                               shots=[], output=str(tmp_path), num_workers=0), log=lambda *a: None)  # fmt: skip
+    rows = evaluate(EvaluationArguments(data=str(prepared[0]), models="", include_adapters=str(out.parent),
+                                        templates="openai", shots="", output=str(tmp_path), num_workers=0))  # fmt: skip
     [row] = rows
     assert row["method"] == "LoRA" and row["model"] == f"lora-{out.name}"
     assert row["miou"] == pytest.approx(json.loads((out / "metrics.json").read_text())["test"]["miou"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import Image
 from tqdm.auto import tqdm
 
 from mushroomclip.data.transforms import EvalPixels, background_worker
@@ -22,8 +23,6 @@ class PreprocessedImages(torch.utils.data.Dataset):
     config, normalised later on the device)."""
 
     def __init__(self, split, preprocess):
-        from datasets import Image
-
         # undecoded, so that decode_rgb (EXIF applied) and not the datasets feature decodes each image
         self.split = split.select_columns(["image", "label"]).cast_column("image", Image(decode=False))
         self.pixels = EvalPixels(preprocess)
