@@ -171,7 +171,7 @@ Dangerous species (deadly or poisonous) predicted as an edible one: {_pct(test, 
 ## Training
 
 LoRA r={lora["r"]}, alpha={lora["alpha"]}, dropout={lora["dropout"]} on {", ".join(lora["target_modules"])} of the
-{" and ".join(lora["towers"])} tower(s); loss `{config["loss"]["name"]}`; lr {training["lr"]}, batch {training["batch_size"]},
+{" and ".join(lora["towers"])} tower(s); loss `{config["loss"]["name"]}`; lr {training["learning_rate"]}, batch {training["per_device_train_batch_size"]},
 {metrics.get("global_step")} steps, seed {training["seed"]}. Full configuration: `config.yaml`; provenance: `metrics.json`.
 
 ## How to use

@@ -7,14 +7,34 @@ and the same head zero-shot evaluation uses. ``clip`` is vanilla symmetric InfoN
 earlier work; ``multi_positive`` treats every same-label pair as a positive. Under DDP the trainer
 gives these two the whole global batch (:func:`mushroomclip.training.collectives.gather_batch`), so their value
 and gradients do not depend on the number of GPUs.
+
+``LOSSES`` maps each ``loss.name`` to a function of one :class:`LossInputs`; a new loss is one more entry
+(a loss on class logits, e.g. a hierarchical one, reads :meth:`LossInputs.class_logits` and ``context``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("class_text", "clip", "multi_positive")
+
+@dataclass
+class LossInputs:
+    """What a loss is given: L2-normalised embeddings, the labels, the logit scale and the run's context."""
+
+    image: torch.Tensor  # (B, D)
+    text: torch.Tensor  # (C, D) every class prompt; (B, D) each image's own prompt for PAIRED_LOSSES
+    labels: torch.Tensor  # (B,) class ids
+    logit_scale: torch.Tensor  # exp(logit_scale), a scalar
+    context: dict[str, Any] = field(default_factory=dict)  # what a loss needs beyond the batch, e.g. "taxonomy"
+
+    def class_logits(self) -> torch.Tensor:
+        """``(B, C)`` scaled cosine similarities of every image with every class prompt."""
+        return self.logit_scale * self.image @ self.text.T
 
 
 def class_text_loss(
@@ -41,3 +61,13 @@ def multi_positive_loss(
     image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
     text_to_image = -(targets * F.log_softmax(logits.T, dim=1)).sum(1).mean()  # positives is symmetric
     return (image_to_text + text_to_image) / 2
+
+
+LOSSES: dict[str, Callable[[LossInputs], torch.Tensor]] = {
+    "class_text": lambda x: class_text_loss(x.image, x.text, x.labels, x.logit_scale),
+    "clip": lambda x: clip_loss(x.image, x.text, x.logit_scale),
+    "multi_positive": lambda x: multi_positive_loss(x.image, x.text, x.labels, x.logit_scale),
+}
+# Losses of images against per-image texts (each image's own class prompt): the trainer encodes those and
+# gathers the whole global batch on every rank; every other loss gets the (C, D) embeddings of all classes.
+PAIRED_LOSSES = frozenset({"clip", "multi_positive"})
