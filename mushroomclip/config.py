@@ -71,8 +71,6 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
     return parser.parse_args(argv)
 
 
-
-
 # --- training configuration: YAML sections -> dataclasses, ``training`` being TrainingArguments itself ---
 
 
@@ -179,7 +177,8 @@ def auto_precision(cpu: bool, bf16_supported: bool, accelerate_setting: str | No
 
 
 def auto_optim() -> str:
-    """8-bit AdamW where bitsandbytes and CUDA are there, else PyTorch's AdamW (not the fused one: CPU runs)."""
+    """8-bit AdamW where bitsandbytes and CUDA are there, else ``adamw_torch`` (transformers' default is the fused
+    kernel, whose numbers differ slightly from those of the project's runs)."""
     return "adamw_bnb_8bit" if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") else "adamw_torch"
 
 

@@ -483,7 +483,7 @@ def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
     # 7. Write the run folder, its figures and card (rank 0), then push it if asked.
     if trainer.is_world_process_zero():
         precision = precision_name(trainer.args)
-        write_run_folder(run_dir, cfg, result, trainer, taxonomy, trainer.evaluator.templates, precision, base)
+        write_run_folder(run_dir, cfg, result, trainer, taxonomy, trainer.evaluator.templates, precision, splits, base)
         logger.info(run_summary(cfg, history_from_log(trainer.state.log_history)[0], best, test, precision))
         if cfg.hub.push:
             result["push_error"] = publish(run_dir, cfg.hub.repo_id, cfg.hub.private)
