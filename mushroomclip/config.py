@@ -26,6 +26,10 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
+from mushroomclip.models.convert import RECIPE_FILE
+from mushroomclip.taxonomy import TEXT_TYPES
+from mushroomclip.training.losses import LOSSES
+
 
 class ConfigError(ValueError):
     """A config file is missing, malformed, or has an unknown key."""
@@ -331,9 +335,6 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
 
 def _validate(config: TrainConfig) -> None:
     """The checks across keys and against the machine (files, installed packages)."""
-    from mushroomclip.taxonomy import TEXT_TYPES
-    from mushroomclip.training.losses import LOSSES
-
     if config.loss.name not in LOSSES:
         raise ConfigError(f"loss.name must be one of {', '.join(LOSSES)}, got {config.loss.name!r}")
     if config.data.text_type not in TEXT_TYPES:
@@ -357,8 +358,6 @@ def _validate(config: TrainConfig) -> None:
                           f"python -m mushroomclip.models.convert), got {hub_id!r}")  # fmt: skip
     base = Path(config.model.base)
     if config.hub.push and hub_id is None and base.is_dir():
-        from mushroomclip.models.convert import RECIPE_FILE
-
         if not (base / RECIPE_FILE).is_file():
             raise ConfigError(f"hub.push: model.base {base} is a local folder no other machine has; set "
                               "model.base_hub_id to its Hub repo, or use a folder written by python -m "

@@ -24,11 +24,12 @@ from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
 from mushroomclip.config import ConfigError, TrainConfig
 from mushroomclip.data.splits import load_splits, prepared_taxonomy
 from mushroomclip.data.transforms import background_workers, normalize, pixel_stats, train_images
+from mushroomclip.evaluation.features import PreprocessedImages
 from mushroomclip.metrics import classification_metrics
 from mushroomclip.models.backbones import load_backbone
 from mushroomclip.models.classifier import backbone_name, base_record
 from mushroomclip.models.lora import add_lora
-from mushroomclip.models.prompts import class_prompts, templates_for
+from mushroomclip.models.prompts import class_prompts, class_text_embeddings, templates_for
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 from mushroomclip.training.collectives import gather_batch
 from mushroomclip.training.losses import LOSSES, PAIRED_LOSSES, LossInputs
@@ -295,15 +296,11 @@ class ZeroShotEvaluator:
 
     def images(self, split) -> LabelledPixels:
         """A ``datasets`` split through the backbone's evaluation preprocessing (uint8, normalised on the device)."""
-        from mushroomclip.evaluation.features import PreprocessedImages
-
         return LabelledPixels(PreprocessedImages(split, self.backbone.preprocess))
 
     @torch.inference_mode()
     def class_embeddings(self, model) -> torch.Tensor:
         """``(C, D)`` class text embeddings of ``model`` (the peft model; the caller sets eval mode and autocast)."""
-        from mushroomclip.models.prompts import class_text_embeddings
-
         self.backbone.model = model
         self.backbone.device = next(model.parameters()).device
         return class_text_embeddings(self.backbone, self.prompts).float()
@@ -342,6 +339,7 @@ def trainer_arguments(training: TrainingArguments, checkpoints: Path) -> Trainin
 
 
 def precision_name(args: TrainingArguments) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: what the run summary and metrics.json call the run's precision."""
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
