@@ -27,7 +27,8 @@ class ConsoleLines(logging.StreamHandler):
     multi-process run share one pipe, and a caller may have swapped stdout since the handler was added."""
 
     def __init__(self):
-        super().__init__(level=logging.INFO)  # debug messages go only where a user sends them
+        super().__init__()
+        self.setLevel(logging.INFO)  # debug messages go only where a user sends them
         self.setFormatter(logging.Formatter("%(message)s"))
 
     @property
