@@ -8,6 +8,7 @@ checkpoints of an unfinished run unless it is continued (``--resume``, same conf
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -15,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import yaml
 from accelerate import PartialState
-from accelerate.logging import get_logger
 
 from mushroomclip.data.splits import REPORT_NAME
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from mushroomclip.config import TrainConfig
 
-logger = get_logger(__name__)  # accelerate's: messages from the main process only
+logger = logging.getLogger(__name__)  # messages from the main process only (the callers check)
 
 # Everything training writes at the top of a run folder (checkpoints/ aside); hub.UPLOAD is a subset.
 OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "classes.json", "taxonomy.csv", "config.yaml",

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import PartialState
-from accelerate.logging import get_logger
 from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
 
 from mushroomclip.config import ConfigError, TrainConfig
@@ -51,7 +50,7 @@ from mushroomclip.training.runs import (
     write_run_folder,
 )
 
-logger = get_logger(__name__)  # accelerate's: messages from the main process only, unless said otherwise
+logger = logging.getLogger(__name__)  # progress lines come from the main process only (the callers check)
 
 
 class ContrastiveTrainer(Trainer):
@@ -412,7 +411,7 @@ def train(trainer: ContrastiveTrainer, splits, run_dir: Path, resume: bool, over
     ``overwrite`` clears the earlier run only now, once model and data have loaded. The untrained metrics."""
     checkpoints = Path(trainer.args.output_dir)
     last = last_complete_checkpoint(checkpoints) if resume else None
-    if resume and last is None:
+    if resume and last is None and trainer.is_world_process_zero():
         logger.info(f"--resume: no checkpoint in {checkpoints}, starting from scratch")
     if last:  # the evaluation before training is that of the run's first start
         saved = Path(last, UNTRAINED_METRICS)
@@ -438,7 +437,7 @@ def evaluate_best(trainer: ContrastiveTrainer, splits, test_after: bool) -> tupl
     if logger.isEnabledFor(logging.DEBUG):  # to compare the ranks of a multi-process run
         lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
         logger.debug("rank %d step %d lora-checksum %.8f val-miou %.6f", trainer.args.process_index,
-                     trainer.state.global_step, lora_sum, best["miou"], main_process_only=False)  # fmt: skip
+                     trainer.state.global_step, lora_sum, best["miou"])  # fmt: skip
     return best, test
 
 
