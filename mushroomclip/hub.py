@@ -133,7 +133,7 @@ def model_card(run_dir: str | Path) -> ModelCard:
         text_type=config["data"]["text_type"], head_note=head_note, base_text=base_text,
         data_used=describe_data_used(data), split=split, base_label=base_label(base),
         before={key: _pct(baseline, key) for key in CARD_SCORES}, after={key: _pct(test, key) for key in CARD_SCORES},
-        lora=config["lora"], loss=config["loss"]["name"], lr=training["lr"], batch_size=training["batch_size"],
+        lora=config["lora"], loss=config["loss"]["name"], lr=training["learning_rate"], batch_size=training["per_device_train_batch_size"],
         steps=metrics.get("global_step"), seed=training["seed"], loadable=loadable, hub_id=hub_id, repo=REPO,
     )  # fmt: skip
 

@@ -154,4 +154,4 @@ def test_lora_bioclip2_config_trains_the_folder_its_conversion_command_writes():
     path = Path(__file__).parents[1] / "configs/lora_bioclip2.yaml"
     cfg = load_train_config(path)
     assert f"--output {cfg.model.base} " in path.read_text()  # the header's convert command
-    assert (cfg.training.precision, cfg.lora.towers, cfg.loss.name) == ("bf16", ["vision", "text"], "class_text")
+    assert (cfg.training.bf16, cfg.lora.towers, cfg.loss.name) == (True, ["vision", "text"], "class_text")

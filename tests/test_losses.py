@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mushroomclip.training.losses import class_text_loss, clip_loss, multi_positive_loss
+from mushroomclip.training.losses import LOSSES, LossInputs, class_text_loss, clip_loss, multi_positive_loss
 
 E1, E2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
 SCALE = torch.tensor(2.0)
@@ -110,3 +110,42 @@ def test_zero_shot_logits_keep_the_logit_scale_and_scores_in_fp32_under_bf16_aut
         naive = logit_scale.exp() * images @ classes.T  # the product in bf16: 2-3 significant digits
     assert logits.dtype == torch.float32 and torch.allclose(logits.double(), expected, rtol=1e-5)
     assert not torch.allclose(naive.double(), expected, rtol=1e-3)  # what the fp32 guard is for
+
+
+def test_every_loss_of_the_table_is_its_function_on_the_inputs():
+    images = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    labels = torch.tensor([0, 0, 1, 3])
+    batch = LossInputs(images, texts, labels, SCALE)
+    assert set(LOSSES) == {"class_text", "clip", "multi_positive"}
+    assert torch.equal(LOSSES["class_text"](batch), class_text_loss(images, texts, labels, SCALE))
+    assert torch.equal(LOSSES["clip"](batch), clip_loss(images, texts, SCALE))
+    assert torch.equal(LOSSES["multi_positive"](batch), multi_positive_loss(images, texts, labels, SCALE))
+    assert torch.equal(batch.class_logits(), SCALE * images @ texts.T)
+
+
+def test_compute_loss_dispatches_through_the_table_with_class_logits_and_context(tmp_path, monkeypatch):
+    """A loss on class logits (as a hierarchical one would be) is one more entry of LOSSES."""
+    from transformers import TrainingArguments
+
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.lora import add_lora
+    from mushroomclip.training import losses
+    from mushroomclip.training.trainer import ContrastiveTrainer
+
+    seen = []
+
+    def on_class_logits(batch: LossInputs) -> torch.Tensor:
+        seen.append((batch.class_logits().shape, batch.labels.tolist(), batch.context))
+        return torch.nn.functional.cross_entropy(batch.class_logits(), batch.labels) * 0 + 7
+
+    monkeypatch.setitem(losses.LOSSES, "on_class_logits", on_class_logits)
+    backbone = load_backbone("tiny-clip")
+    model = add_lora(backbone.model, 4, 8, 0.0, ["vision", "text"], ["q_proj", "v_proj"], False)
+    ids = backbone.tokenize(["Amanita muscaria", "Boletus edulis", "Cantharellus cibarius"])
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = ContrastiveTrainer(model=model, args=args, class_input_ids=ids, loss_name="on_class_logits",
+                                 evaluator=None, loss_context={"taxonomy": "the run's table"})  # fmt: skip
+    inputs = {"pixel_values": torch.randn(5, 3, 32, 32), "labels": torch.tensor([0, 2, 1, 1, 0])}
+    assert trainer.compute_loss(model, inputs).item() == 7
+    assert seen == [((5, 3), [0, 2, 1, 1, 0], {"taxonomy": "the run's table"})]  # (B, C): every class's prompt

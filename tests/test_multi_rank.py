@@ -192,12 +192,14 @@ def test_torchrun_trains_two_cpu_ranks_that_agree_and_only_rank_zero_writes(prep
     # The documented command for several CPU processes (gloo); --standalone picks a free port.
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(WORLD), "train.py",
            "--config", "configs/tiny.yaml",
-           *tiny_overrides(prepared[0], out, **{"training.max_steps": 10, "training.eval_steps": 10, "training.batch_size": 8})]  # fmt: skip
+           *tiny_overrides(prepared[0], out, **{"training.max_steps": 10, "training.eval_steps": 10, "training.per_device_train_batch_size": 8})]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "lora-checksum" not in output and "accelerate launch --cpu starts" not in output
-    ranks = [(tmp_path / f"rank{rank}.log").read_text().split() for rank in range(WORLD)]
+    # rank 0's file also holds its progress lines (INFO): the checksum line of each rank is compared
+    ranks = [next(line for line in (tmp_path / f"rank{rank}.log").read_text().splitlines() if "lora-checksum" in line).split()
+             for rank in range(WORLD)]  # fmt: skip
     assert [words[1] for words in ranks] == ["0", "1"]  # both ranks trained ...
     assert ranks[0][2:] == ranks[1][2:], ranks  # ... to the same step, LoRA weights and val mIoU
     assert output.count("best validation mIoU") == 1  # the summary comes from rank 0 only

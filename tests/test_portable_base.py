@@ -68,9 +68,7 @@ def train(world, name: str, base: Path, **extra) -> Path:
     out = converted.parents[1] / "runs" / name
     values = {"model.base": base, "data.path": data, "training.output_dir": out, "training.max_steps": 3,
               "training.eval_steps": 3, "training.logging_steps": 1, "data.num_workers": 0} | extra  # fmt: skip
-    run_training(
-        load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in values.items()]), log=lambda _: None
-    )
+    run_training(load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in values.items()]))
     return out
 
 

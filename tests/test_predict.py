@@ -39,10 +39,8 @@ def runs(prepared, tmp_path_factory) -> Path:
     """A folder of runs holding one 2-step tiny adapter, ``good``, trained on the prepared data. Read-only."""
     runs = tmp_path_factory.mktemp("runs")
     overrides = {"data.path": prepared[0], "training.output_dir": runs / "good", "training.max_steps": 2,
-                 "training.eval_steps": 2, "training.test_after": False, "data.num_workers": 0}  # fmt: skip
-    run_training(
-        load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()]), log=lambda *a: None
-    )
+                 "training.eval_steps": 2, "run.test_after": False, "data.num_workers": 0}  # fmt: skip
+    run_training(load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()]))
     record = json.loads((runs / "good" / CLASSES_FILE).read_text())
     trained = species_with_images(prepared[0])
     assert record.get("trained_species", trained) == trained  # what the trainer writes, where it does

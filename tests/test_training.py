@@ -1,6 +1,7 @@
 """LoRA training end to end on the tiny offline model and the synthetic data."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,14 +28,32 @@ def tiny_overrides(data: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+class Lines(logging.Handler):
+    """The package's INFO messages, as the console handler of train.py shows them."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
     os.environ["HF_TOKEN"] = SECRET  # must never reach a file or a log
     out = tmp_path_factory.mktemp("runs") / "tiny"
     cfg = load_train_config(ROOT / "configs/tiny.yaml", tiny_overrides(prepared[0], out))
-    lines = []
-    result = run_training(cfg, log=lines.append)
-    yield cfg, out, result, "\n".join(lines)
+    package, lines = logging.getLogger("mushroomclip"), Lines()
+    level = package.level
+    package.setLevel(logging.INFO)
+    package.addHandler(lines)
+    try:
+        result = run_training(cfg)
+    finally:
+        package.removeHandler(lines)
+        package.setLevel(level)
+    yield cfg, out, result, "\n".join(lines.lines)
     os.environ.pop("HF_TOKEN", None)
 
 
@@ -180,8 +199,8 @@ def test_token_never_appears_in_any_output(trained):
 
 
 def test_config_typo_is_a_clear_error_from_the_cli(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key 'training.learning_rate'.*did you mean 'training.lr'\?"):
-        load_train_config(ROOT / "configs/tiny.yaml", ["training.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"unknown key 'training.learning_rte'.*did you mean 'training.learning_rate'\?"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["training.learning_rte=1e-4"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora:\n  rank: 8\n")
     result = subprocess.run(
@@ -191,32 +210,33 @@ def test_config_typo_is_a_clear_error_from_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("requested", "cpu", "bf16_gpu", "accelerate_setting", "expected"),
+    ("cpu", "bf16_gpu", "accelerate_setting", "expected"),
     [
-        ("auto", False, True, None, "bf16"),  # python train.py on an A100/H100
-        ("auto", False, True, "no", "bf16"),  # accelerate launch without a config: its default is not a choice
-        ("auto", False, True, "fp16", "fp16"),  # the accelerate config decides
-        ("auto", False, False, None, "fp16"),  # a V100/T4 has no bf16
-        ("auto", True, False, "bf16", "fp32"),  # CPU: fp32 whatever the accelerate config says
-        ("fp32", False, True, "bf16", "fp32"),  # an explicit choice wins
-        ("bf16", True, False, None, "bf16"),  # CPU autocast in bf16, on request
+        (False, True, None, "bf16"),  # python train.py on an A100/H100
+        (False, True, "no", "bf16"),  # accelerate launch without a config: its default is not a choice
+        (False, True, "fp16", "fp16"),  # the accelerate config decides
+        (False, False, None, "fp16"),  # a V100/T4 has no bf16
+        (True, False, "bf16", "fp32"),  # CPU: fp32 whatever the accelerate config says
     ],
 )
-def test_precision_follows_the_accelerate_config_unless_set(requested, cpu, bf16_gpu, accelerate_setting, expected):
-    from mushroomclip.training.trainer import resolve_precision
+def test_precision_follows_the_accelerate_config_unless_set(cpu, bf16_gpu, accelerate_setting, expected):
+    from mushroomclip.config import auto_precision
 
-    assert resolve_precision(requested, cpu, bf16_gpu, accelerate_setting) == expected
+    assert auto_precision(cpu, bf16_gpu, accelerate_setting) == expected
 
 
-def test_impossible_precision_is_a_clear_error():
-    from mushroomclip.training.trainer import resolve_precision
-
-    with pytest.raises(ConfigError, match="this GPU has no bf16 support; use training.precision=fp16"):
-        resolve_precision("bf16", False, False, None)
-    with pytest.raises(ConfigError, match="training.precision must be one of auto, bf16, fp16, fp32, got 'float16'"):
-        load_train_config(ROOT / "configs/tiny.yaml", ["training.precision=float16"])
-    with pytest.raises(ConfigError, match="did you mean 'training.precision'"):
-        load_train_config(ROOT / "configs/tiny.yaml", ["training.mixed_precision=bf16"])
+def test_precision_set_in_the_config_wins_and_impossible_ones_are_clear_errors(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as under accelerate_config.yaml
+    training = load_train_config(ROOT / "configs/tiny.yaml", ["training.bf16=true"]).training
+    assert (training.bf16, training.fp16) == (True, False)  # CPU autocast in bf16, on request
+    training = load_train_config(ROOT / "configs/tiny.yaml", ["training.bf16=false"]).training
+    assert (training.bf16, training.fp16) == (False, False)  # fp32, also on a GPU under a bf16 accelerate config
+    with pytest.raises(ConfigError, match="training.fp16 must be false on the CPU"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["training.fp16=true"])
+    with pytest.raises(ConfigError, match="training.bf16 must be bool, got 'float16'"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["training.bf16=float16"])
+    with pytest.raises(ConfigError, match="did you mean 'training.bf16'"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["training.precision=bf16"])  # the key of older configs
 
 
 def test_default_config_without_network_fails_fast_with_one_clear_error():
@@ -235,22 +255,21 @@ def test_default_config_without_network_fails_fast_with_one_clear_error():
 
 
 def test_shipped_configs_are_valid():
-    for name in ("lora_b32", "lora_b16", "lora_bioclip", "tiny"):
+    for name in ("lora_b32", "lora_b16", "lora_bioclip", "lora_bioclip2", "tiny"):
         cfg = load_train_config(ROOT / "configs" / f"{name}.yaml")
         assert cfg.loss.name == "class_text"
     assert load_train_config(ROOT / "configs/lora_b32.yaml").model.base == "openai/clip-vit-base-patch32"
 
 
 RESUME_STEPS = {"training.max_steps": 30, "training.eval_steps": 10, "training.save_total_limit": 10,
-                "training.test_after": False}  # fmt: skip
+                "run.test_after": False}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(prepared, tmp_path_factory):
     """The 30-step run that the resume tests must reproduce bit for bit."""
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    run_training(load_train_config(ROOT / "configs/tiny.yaml", tiny_overrides(prepared[0], out, **RESUME_STEPS)),
-                 log=lambda *a: None)  # fmt: skip
+    run_training(load_train_config(ROOT / "configs/tiny.yaml", tiny_overrides(prepared[0], out, **RESUME_STEPS)))
     return out
 
 
@@ -273,8 +292,8 @@ def test_resume_from_a_copied_checkpoint_ends_exactly_like_the_uninterrupted_run
     out = tmp_path / "copy"
     shutil.copytree(uninterrupted / "checkpoints" / "checkpoint-10", out / "checkpoints" / "checkpoint-10")
     cfg = load_train_config(ROOT / "configs/tiny.yaml", tiny_overrides(prepared[0], out, **RESUME_STEPS))
-    cfg.training.resume = True
-    assert run_training(cfg, log=lambda *a: None)["global_step"] == 30
+    cfg.run.resume = True
+    assert run_training(cfg)["global_step"] == 30
     assert_same_run(out, uninterrupted)
 
 
@@ -341,11 +360,13 @@ def test_wandb_reporting_works_offline(prepared, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     overrides = tiny_overrides(prepared[0], tmp_path / "run", **{"training.max_steps": 4, "training.eval_steps": 4,
-                                                                 "training.report_to": "wandb", "training.test_after": False})  # fmt: skip
-    run_training(load_train_config(ROOT / "configs/tiny.yaml", overrides), log=lambda *a: None)
+                                                                 "training.report_to": "wandb", "run.test_after": False})  # fmt: skip
+    run_training(load_train_config(ROOT / "configs/tiny.yaml", overrides))
     [run] = list((tmp_path / "wandb").glob("offline-run-*"))
     assert any(run.glob("*.wandb"))  # the run's history was recorded locally
-    with pytest.raises(ConfigError, match="report_to must be none, wandb or tensorboard"):
+    with pytest.raises(ConfigError, match="training.report_to must be none, all or some of azure_ml, "):
+        load_train_config(ROOT / "configs/tiny.yaml", ["training.report_to=nope"])
+    with pytest.raises(ConfigError, match="training.report_to=mlflow needs the mlflow package: pip install mlflow"):
         load_train_config(ROOT / "configs/tiny.yaml", ["training.report_to=mlflow"])
 
 

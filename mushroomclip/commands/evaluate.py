@@ -11,15 +11,13 @@ a ``--config`` YAML file sets their defaults and the command line overrides it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import sys
-from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from mushroomclip.commands import console_logging
 from mushroomclip.config import ConfigError, read_yaml_mapping, unknown_key_message
 from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
 from mushroomclip.models.backbones import ModelLoadError, list_models
@@ -53,24 +51,6 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[EvaluationArguments,
         parser.set_defaults(**config_defaults(config))
     args, command = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     return args, command
-
-
-@contextlib.contextmanager
-def console_logging() -> Iterator[None]:
-    """The package's messages on stdout as plain lines while the command runs (the library only logs), and only
-    there: not also through a root handler that a dependency's ``logging.warning`` call installs."""
-    package = logging.getLogger("mushroomclip")
-    handler, level, propagate = logging.StreamHandler(sys.stdout), package.level, package.propagate
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    package.addHandler(handler)
-    package.setLevel(logging.INFO)
-    package.propagate = False
-    try:
-        yield
-    finally:
-        package.removeHandler(handler)
-        package.setLevel(level)
-        package.propagate = propagate
 
 
 def main(argv: list[str] | None = None) -> int:

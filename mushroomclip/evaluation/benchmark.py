@@ -151,12 +151,12 @@ def _encode_split(images, backbone, batch_size: int, num_workers: int, device: s
 
 def _lora_model(model: str, device: str, towers: tuple):
     """A random-weights backbone with the default config's LoRA on ``towers``, in train mode on ``device``."""
-    from mushroomclip.config import LoraSettings
+    from mushroomclip.config import LoraArguments
     from mushroomclip.models.backbones import load_backbone
     from mushroomclip.models.lora import add_lora
 
     backbone = load_backbone(model, device=device, random_weights=True)
-    s = LoraSettings()
+    s = LoraArguments()
     peft = add_lora(backbone.model, s.r, s.alpha, s.dropout, list(towers), s.target_modules, False).to(device).train()
     return backbone, peft
 
@@ -180,7 +180,7 @@ def measure_train_speed(
     """
     from transformers import TrainingArguments
 
-    from mushroomclip.config import DataConfig
+    from mushroomclip.config import DataArguments
     from mushroomclip.data.splits import load_splits, prepared_taxonomy
     from mushroomclip.data.transforms import background_worker, pixel_stats, train_images
     from mushroomclip.models.prompts import class_prompts
@@ -188,7 +188,7 @@ def measure_train_speed(
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     backbone, peft = _lora_model(model, device, towers)
-    d = DataConfig()
+    d = DataArguments()
     taxonomy = prepared_taxonomy(data)
     ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, d.text_type, [d.train_template])]).to(device)
     splits = load_splits(data)
@@ -246,11 +246,11 @@ def _baseline_speed(split, taxonomy, model: str, batch_size: int, steps: int, nu
                     device: str, towers: tuple, peak: dict) -> dict:  # fmt: skip
     """Images/s of the Hugging Face recipe (``run_clip.py``: Pillow + torchvision in ``set_transform``, one
     caption per image, ``CLIPModel(..., return_loss=True)``) with the same LoRA, batch and precision."""
-    from mushroomclip.config import DataConfig
+    from mushroomclip.config import DataArguments
     from mushroomclip.models.backbones import offline_clip_tokenizer  # the same BPE as openai/clip-vit-*
 
     backbone, peft = _lora_model(model, device, towers)
-    d = DataConfig()
+    d = DataArguments()
     captions = speed.caption_dataset(split, taxonomy, d.text_type, d.train_template, offline_clip_tokenizer(),
                                      backbone.preprocess)  # fmt: skip
     loader = torch.utils.data.DataLoader(captions, batch_size=batch_size, shuffle=True, num_workers=num_workers,

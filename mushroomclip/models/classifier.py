@@ -166,7 +166,7 @@ def _check_finite(dir_or_repo: str, weights: bytes, logit_scale: float | None) -
             f"{len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]})" if bad else f"logit_scale is {logit_scale}"
         )
         raise AdapterError(f"{dir_or_repo} is broken: {what}, so every prediction would be NaN; the training "
-                           "diverged: retrain it (e.g. a lower training.lr) or use an earlier checkpoint")  # fmt: skip
+                           "diverged: retrain it (e.g. a lower training.learning_rate) or use an earlier checkpoint")  # fmt: skip
 
 
 def load_classifier(

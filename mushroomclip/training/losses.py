@@ -7,11 +7,16 @@ and the same head zero-shot evaluation uses. ``clip`` is vanilla symmetric InfoN
 earlier work; ``multi_positive`` treats every same-label pair as a positive. Under DDP the trainer
 gives these two the whole global batch (:func:`mushroomclip.training.collectives.gather_batch`), so their value
 and gradients do not depend on the number of GPUs.
+
+``LOSSES`` maps each ``loss.name`` to a function of one :class:`LossInputs`; a new loss is one more entry
+(a loss on class logits, e.g. a hierarchical one, reads :meth:`LossInputs.class_logits` and ``context``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +24,20 @@ import torch.nn.functional as F
 
 from mushroomclip.taxonomy import Taxonomy
 
-LOSSES = ("class_text", "clip", "multi_positive")
+
+@dataclass
+class LossInputs:
+    """What a loss is given: L2-normalised embeddings, the labels, the logit scale and the run's context."""
+
+    image: torch.Tensor  # (B, D)
+    text: torch.Tensor  # (C, D) every class prompt; (B, D) each image's own prompt for PAIRED_LOSSES
+    labels: torch.Tensor  # (B,) class ids
+    logit_scale: torch.Tensor  # exp(logit_scale), a scalar
+    context: dict[str, Any] = field(default_factory=dict)  # what a loss needs beyond the batch, e.g. "taxonomy"
+
+    def class_logits(self) -> torch.Tensor:
+        """``(B, C)`` scaled cosine similarities of every image with every class prompt."""
+        return self.logit_scale * self.image @ self.text.T
 
 
 def class_text_loss(
@@ -120,3 +138,13 @@ def danger_penalty(
     and added to the main loss, it pushes a dangerous species' images away from every edible answer."""
     probs = _log_softmax(logits).exp()
     return (probs @ edible.to(probs.dtype) * dangerous[labels]).mean()
+
+
+LOSSES: dict[str, Callable[[LossInputs], torch.Tensor]] = {
+    "class_text": lambda x: class_text_loss(x.image, x.text, x.labels, x.logit_scale),
+    "clip": lambda x: clip_loss(x.image, x.text, x.logit_scale),
+    "multi_positive": lambda x: multi_positive_loss(x.image, x.text, x.labels, x.logit_scale),
+}
+# Losses of images against per-image texts (each image's own class prompt): the trainer encodes those and
+# gathers the whole global batch on every rank; every other loss gets the (C, D) embeddings of all classes.
+PAIRED_LOSSES = frozenset({"clip", "multi_positive"})
