@@ -28,7 +28,7 @@ from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_rep
 
 from mushroomclip.models.convert import RECIPE_FILE
 from mushroomclip.taxonomy import TEXT_TYPES
-from mushroomclip.training.losses import LOSSES
+from mushroomclip.training.losses import LOSSES, PAIRED_LOSSES
 
 
 class ConfigError(ValueError):
@@ -112,6 +112,12 @@ class DataArguments:
 @dataclass
 class LossArguments:
     name: str = field(default="class_text", metadata={"help": "a name of mushroomclip.training.losses.LOSSES"})
+    beta: float = field(default=10.0, metadata={
+        "help": "hierarchical_soft: soft-label sharpness (Bertinetto et al. 2020 use 4 to 30; large = cross-entropy)"})
+    alpha: float = field(default=0.1, metadata={
+        "help": "hierarchical_xent: level weights exp(-alpha * depth) (0 = cross-entropy; the paper uses 0.1, 0.5)"})
+    danger_weight: float = field(default=0.0, metadata={
+        "help": "weight of the term on edible probability for deadly/poisonous truths (0 = off)"})
 
 
 @dataclass
@@ -290,6 +296,10 @@ def _check_ranges(config: TrainConfig) -> None:
         ("lora.alpha", lora.alpha, lora.alpha > 0, "positive, e.g. 2 * lora.r"),
         ("lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "in [0, 1)"),
         ("data.num_workers", config.data.num_workers, config.data.num_workers >= 0, "0 (load in the main process) or more"),
+        ("loss.beta", config.loss.beta, math.isfinite(config.loss.beta) and config.loss.beta > 0, "positive, e.g. 10"),
+        ("loss.alpha", config.loss.alpha, math.isfinite(config.loss.alpha) and config.loss.alpha >= 0, "0 or more, e.g. 0.1"),
+        ("loss.danger_weight", config.loss.danger_weight, math.isfinite(config.loss.danger_weight) and config.loss.danger_weight >= 0,
+         "0 (off) or more, e.g. 1.0"),
     ]  # fmt: skip
     for key, value, ok, expected in checks:
         if not ok:
@@ -337,6 +347,9 @@ def _validate(config: TrainConfig) -> None:
     """The checks across keys and against the machine (files, installed packages)."""
     if config.loss.name not in LOSSES:
         raise ConfigError(f"loss.name must be one of {', '.join(LOSSES)}, got {config.loss.name!r}")
+    if config.loss.danger_weight > 0 and config.loss.name in PAIRED_LOSSES:
+        raise ConfigError(f"loss.danger_weight needs the scores of every class, which loss.name={config.loss.name} does "
+                          "not compute: use class_text, hierarchical_soft or hierarchical_xent")  # fmt: skip
     if config.data.text_type not in TEXT_TYPES:
         raise ConfigError(f"data.text_type must be one of {', '.join(TEXT_TYPES)}, got {config.data.text_type!r}")
     unknown_towers = set(config.lora.towers) - {"vision", "text"}

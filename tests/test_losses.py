@@ -1,6 +1,7 @@
 """Each loss against a value worked out by hand on 2-D embeddings."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_every_loss_of_the_table_is_its_function_on_the_inputs():
     texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     labels = torch.tensor([0, 0, 1, 3])
     batch = LossInputs(images, texts, labels, SCALE)
-    assert set(LOSSES) == {"class_text", "clip", "multi_positive"}
+    assert set(LOSSES) == {"class_text", "clip", "multi_positive", "hierarchical_soft", "hierarchical_xent"}
     assert torch.equal(LOSSES["class_text"](batch), class_text_loss(images, texts, labels, SCALE))
     assert torch.equal(LOSSES["clip"](batch), clip_loss(images, texts, SCALE))
     assert torch.equal(LOSSES["multi_positive"](batch), multi_positive_loss(images, texts, labels, SCALE))
@@ -149,3 +150,62 @@ def test_compute_loss_dispatches_through_the_table_with_class_logits_and_context
     inputs = {"pixel_values": torch.randn(5, 3, 32, 32), "labels": torch.tensor([0, 2, 1, 1, 0])}
     assert trainer.compute_loss(model, inputs).item() == 7
     assert seen == [((5, 3), [0, 2, 1, 1, 0], {"taxonomy": "the run's table"})]  # (B, C): every class's prompt
+
+
+def toy_taxonomy():
+    """Four bundled species: deadly, edible, edible, poisonous (class ids in that order)."""
+    from mushroomclip.taxonomy import Taxonomy, load_taxonomy
+
+    full = load_taxonomy()
+    names = ["Amanita phalloides", "Amanita rubescens", "Boletus edulis", "Amanita muscaria"]
+    return Taxonomy([full.species[full.id(name)] for name in names], "toy", b"toy")
+
+
+def test_hierarchical_losses_and_the_danger_term_are_table_entries_on_the_class_logits():
+    from mushroomclip.training.losses import (
+        danger_penalty,
+        hierarchical_soft_loss,
+        hierarchical_xent_loss,
+        hierarchy_tensors,
+        loss_context,
+        training_loss,
+    )
+
+    taxonomy = toy_taxonomy()
+    loss_args = type("LossArguments", (), {"beta": 7.0, "alpha": 0.3, "danger_weight": 0.0})
+    images = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    labels = torch.tensor([0, 1, 2, 3, 0, 3])
+    batch = LossInputs(images, texts, labels, SCALE, loss_context(taxonomy, loss_args))
+    logits, tensors = SCALE * images @ texts.T, hierarchy_tensors(taxonomy)
+    soft = hierarchical_soft_loss(logits, labels, tensors.lca_distance, 7.0)
+    hxe = hierarchical_xent_loss(logits, labels, tensors.lineage, 0.3)
+    assert torch.allclose(LOSSES["hierarchical_soft"](batch), soft) and torch.allclose(LOSSES["hierarchical_xent"](batch), hxe)
+    assert torch.equal(training_loss("hierarchical_soft", batch), LOSSES["hierarchical_soft"](batch))  # weight 0: off
+    batch.context["danger_weight"] = 2.0
+    # by hand: the edible mass (classes 1, 2) of the images whose truth is deadly or poisonous (0, 3, 0, 3)
+    probs = logits.softmax(dim=1)
+    by_hand = sum(probs[i, 1] + probs[i, 2] for i in (0, 3, 4, 5)) / 6
+    assert torch.allclose(danger_penalty(logits, labels, tensors.dangerous, tensors.edible), by_hand)
+    assert torch.allclose(training_loss("hierarchical_xent", batch), hxe + 2.0 * by_hand)
+    assert torch.allclose(training_loss("class_text", batch), class_text_loss(images, texts, labels, SCALE) + 2.0 * by_hand)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.danger_weight=-1", "loss.danger_weight must be 0 (off) or more"),
+        ("loss.beta=0", "loss.beta must be positive"),
+        ("loss.alpha=-0.5", "loss.alpha must be 0 or more"),
+        ("loss.name=hierarchical_sfot", "loss.name must be one of class_text, clip, multi_positive, hierarchical_soft"),
+    ],
+)
+def test_loss_settings_a_run_cannot_use_are_config_errors(override, message):
+    from pathlib import Path
+
+    from mushroomclip.config import ConfigError, load_train_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(Path(__file__).parents[1] / "configs/tiny.yaml", [override])
+    with pytest.raises(ConfigError, match="loss.danger_weight needs the scores of every class"):
+        load_train_config(Path(__file__).parents[1] / "configs/tiny.yaml", ["loss.name=clip", "loss.danger_weight=1"])

@@ -1,6 +1,7 @@
 """LoRA training end to end on the tiny offline model and the synthetic data."""
 
 import json
+import math
 import logging
 import os
 import signal
@@ -76,6 +77,22 @@ def test_run_folder_has_every_documented_file(trained):
     assert len(classes["species"]) == 169 and classes["text_type"] == "sci" and classes["base_model"] == "tiny-clip"
     assert load_train_config(out / "config.yaml").to_dict() == cfg.to_dict()  # the resolved config round-trips
     assert any((out / "checkpoints").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("loss", ["hierarchical_soft", "hierarchical_xent"])
+def test_a_taxonomy_and_safety_aware_run_writes_a_complete_run_folder(prepared, tmp_path, loss):
+    out = tmp_path / loss
+    overrides = tiny_overrides(prepared[0], out, **{"training.max_steps": 4, "training.eval_steps": 4, "training.logging_steps": 2})
+    result = run_training(load_train_config(ROOT / "configs/tiny.yaml", [*overrides, f"loss.name={loss}",
+                                                                         "loss.danger_weight=1.0"]))  # fmt: skip
+    assert result["global_step"] == 4
+    losses = [value for _, value in json.loads((out / "metrics.json").read_text())["loss_history"]]
+    assert losses and all(math.isfinite(value) for value in losses)
+    for name in ("adapter_model.safetensors", "classes.json", "config.yaml", "metrics.json", "README.md", "data.json"):
+        assert (out / name).is_file(), name
+    saved = load_train_config(out / "config.yaml").loss
+    assert (saved.name, saved.danger_weight) == (loss, 1.0)
+    assert f"loss `{loss}`" in (out / "README.md").read_text()
 
 
 def test_saved_adapter_reloads_with_peft_and_reproduces_logits_exactly(trained, prepared):

@@ -84,6 +84,10 @@ class HierarchyTensors:
     dangerous: torch.Tensor  # (C,) bool: deadly or poisonous
     edible: torch.Tensor  # (C,) bool
 
+    def to(self, device: torch.device | str) -> HierarchyTensors:
+        return HierarchyTensors(self.lca_distance.to(device), self.lineage.to(device), self.dangerous.to(device),
+                                self.edible.to(device))  # fmt: skip
+
 
 def hierarchy_tensors(taxonomy: Taxonomy, device: torch.device | str | None = None) -> HierarchyTensors:
     """:class:`HierarchyTensors` of ``taxonomy``'s classes (class id = row of the table), on ``device``."""
@@ -140,11 +144,39 @@ def danger_penalty(
     return (probs @ edible.to(probs.dtype) * dangerous[labels]).mean()
 
 
+def _hierarchy(x: LossInputs) -> HierarchyTensors:
+    """The run's :class:`HierarchyTensors` (``context["hierarchy"]``), moved once to the batch's device."""
+    tensors = x.context["hierarchy"]
+    if tensors.lca_distance.device != x.image.device:
+        tensors = x.context["hierarchy"] = tensors.to(x.image.device)
+    return tensors
+
+
 LOSSES: dict[str, Callable[[LossInputs], torch.Tensor]] = {
     "class_text": lambda x: class_text_loss(x.image, x.text, x.labels, x.logit_scale),
     "clip": lambda x: clip_loss(x.image, x.text, x.logit_scale),
     "multi_positive": lambda x: multi_positive_loss(x.image, x.text, x.labels, x.logit_scale),
-}
+    "hierarchical_soft": lambda x: hierarchical_soft_loss(x.class_logits(), x.labels, _hierarchy(x).lca_distance,
+                                                          x.context["beta"]),
+    "hierarchical_xent": lambda x: hierarchical_xent_loss(x.class_logits(), x.labels, _hierarchy(x).lineage,
+                                                          x.context["alpha"]),
+}  # fmt: skip
 # Losses of images against per-image texts (each image's own class prompt): the trainer encodes those and
 # gathers the whole global batch on every rank; every other loss gets the (C, D) embeddings of all classes.
 PAIRED_LOSSES = frozenset({"clip", "multi_positive"})
+
+
+def training_loss(name: str, x: LossInputs) -> torch.Tensor:
+    """``LOSSES[name]``, plus ``context["danger_weight"]`` times :func:`danger_penalty` when that weight is set."""
+    loss = LOSSES[name](x)
+    if weight := x.context.get("danger_weight", 0.0):
+        tensors = _hierarchy(x)
+        loss = loss + weight * danger_penalty(x.class_logits(), x.labels, tensors.dangerous, tensors.edible)
+    return loss
+
+
+def loss_context(taxonomy: Taxonomy, loss) -> dict:
+    """``LossInputs.context`` of a run: its taxonomy, as tensors too, and the loss's hyper-parameters
+    (``loss``: the config's :class:`~mushroomclip.config.LossArguments`)."""
+    return {"taxonomy": taxonomy, "hierarchy": hierarchy_tensors(taxonomy), "beta": loss.beta, "alpha": loss.alpha,
+            "danger_weight": loss.danger_weight}  # fmt: skip

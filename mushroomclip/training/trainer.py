@@ -31,7 +31,7 @@ from mushroomclip.models.lora import add_lora
 from mushroomclip.models.prompts import class_prompts, class_text_embeddings, templates_for
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 from mushroomclip.training.collectives import gather_batch
-from mushroomclip.training.losses import LOSSES, PAIRED_LOSSES, LossInputs
+from mushroomclip.training.losses import PAIRED_LOSSES, LossInputs, loss_context, training_loss
 from mushroomclip.training.runs import (
     CHECKPOINT_CONFIG,
     CHECKPOINTS,
@@ -112,7 +112,7 @@ class ContrastiveTrainer(Trainer):
         if paired:  # images against per-image texts: the whole global batch on every rank, as in one process
             image, text, labels = gather_batch(image), gather_batch(text), gather_batch(labels)
         batch = LossInputs(image, text, labels, base.logit_scale.exp(), self.loss_context)
-        loss = LOSSES[self.loss_name](batch)
+        loss = training_loss(self.loss_name, batch)
         return (loss, out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -401,7 +401,7 @@ def build_trainer(cfg: TrainConfig, backbone, taxonomy: Taxonomy, splits, base: 
         model=model, args=trainer_arguments(cfg.training, checkpoints),
         train_dataset=train_images(splits["train"], backbone.preprocess),  # uint8, normalised on the device
         eval_dataset=splits["validation"], data_collator=collate,
-        class_input_ids=class_ids, loss_name=cfg.loss.name, loss_context={"taxonomy": taxonomy}, evaluator=evaluator,
+        class_input_ids=class_ids, loss_name=cfg.loss.name, loss_context=loss_context(taxonomy, cfg.loss), evaluator=evaluator,
         pixel_stats=pixel_stats(backbone.preprocess), run_config=cfg.to_dict(),
     )  # fmt: skip
 
