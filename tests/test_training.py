@@ -1,8 +1,8 @@
 """LoRA training end to end on the tiny offline model and the synthetic data."""
 
 import json
-import math
 import logging
+import math
 import os
 import signal
 import subprocess
