@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import huggingface_hub
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from mushroomclip import cli
 from mushroomclip.models.backbones import REGISTRY, known_license
 from mushroomclip.models.convert import PREFIX
+from mushroomclip.taxonomy import BUNDLED
 
 UPLOAD = ("adapter_config.json", "adapter_model.safetensors", "classes.json", "taxonomy.csv", "config.yaml",
           "data.json", "metrics.json", "README.md", "loss_curve.png", "confusion.png")  # fmt: skip
@@ -141,8 +146,6 @@ def model_card(run_dir: str | Path) -> ModelCard:
 def upload_errors() -> tuple[type[BaseException], ...]:
     """What a failed upload raises: OSError (huggingface_hub's HTTP and offline errors, requests' errors) and
     the HTTP client's own errors (httpx, or the httpx2 that some huggingface_hub versions use)."""
-    import importlib
-
     errors: list[type[BaseException]] = [OSError]
     for module in ("httpx", "httpx2"):
         with contextlib.suppress(ImportError):
@@ -173,8 +176,6 @@ def _shareable_command(command: str) -> str:
 def stage_upload(run_dir: Path, repo_id: str, staging: Path) -> list[str]:
     """Copies of the files a push uploads in ``staging``, with no path of this machine in them (classes.json,
     config.yaml, data.json and metrics.json rewritten, the card's snippets naming ``repo_id``); their names."""
-    from mushroomclip.taxonomy import BUNDLED
-
     record = json.loads((run_dir / "classes.json").read_text())
     base = record["base_model"]
     if record.get("base_model_is_folder"):
@@ -219,10 +220,6 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, api=None)
 
     A failed upload is one :class:`PushError` naming the cause and the command that retries it.
     """
-    import tempfile
-
-    from huggingface_hub import HfApi
-
     run_dir = Path(run_dir)
     missing = [
         f
@@ -232,7 +229,7 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, api=None)
     ]  # fmt: skip
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a finished run (missing {', '.join(missing)}); train it first")
-    api = api or HfApi()  # token: HF_TOKEN or the hf auth login cache, never an argument we store
+    api = api or huggingface_hub.HfApi()  # token: HF_TOKEN or the hf auth login cache, never an argument we store
     with tempfile.TemporaryDirectory() as staging:
         names = stage_upload(run_dir, repo_id, Path(staging))
         try:
@@ -250,6 +247,4 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, api=None)
 
 
 if __name__ == "__main__":  # python -m mushroomclip.hub push RUN ...: the `mushroomclip push` command
-    from mushroomclip.cli import main  # not at the top: the commands import this module
-
-    sys.exit(main())
+    sys.exit(cli.main())

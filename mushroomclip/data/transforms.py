@@ -27,7 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchcodec.decoders import decode_image  # torchvision.io's image decoders moved here (torchvision 0.29)
 from torchvision.transforms import v2
 
@@ -58,8 +61,6 @@ _MOVED_HINT = ": was the prepared data folder moved or changed? Re-run data_scri
 def _open_checked(data: bytes, where: str):
     """``PIL.Image.open`` (header only), refusing an image over Pillow's decompression-bomb limit
     (``Image.MAX_IMAGE_PIXELS``) before any decoder, Pillow's or torchvision's, allocates its pixels."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -76,8 +77,6 @@ def decode_rgb(image) -> torch.Tensor:
     """A ``datasets`` image cell (``{"bytes", "path"}`` with ``decode=False``), a file path or a PIL image
     as a ``(3, H, W)`` uint8 tensor, upright (EXIF orientation applied). Anything unreadable, undecodable
     or over the decompression-bomb limit is an :class:`ImageError` naming it."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         return _pil_rgb(image)
     if isinstance(image, (str, Path)):
@@ -106,9 +105,6 @@ def decode_rgb(image) -> torch.Tensor:
 def _pil_rgb(pil) -> torch.Tensor:
     """A PIL image as upright ``(3, H, W)`` uint8 RGB; 16/32-bit greyscale is scaled to 8 bits (Pillow's own
     conversion would clip it to white)."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
     pil = ImageOps.exif_transpose(pil)
     if pil.mode.startswith("I"):
         high = np.clip(np.asarray(pil).astype(np.int64), 0, 65535) >> 8
@@ -216,10 +212,8 @@ def train_images(split, preprocess: PreprocessConfig):
 
     Images are read undecoded (``decode=False``) so that :func:`decode_rgb`, not Pillow, decodes them.
     """
-    from datasets import Image
-
     augment = TrainAugment(preprocess)
-    split = split.select_columns(["image", "label"]).cast_column("image", Image(decode=False))
+    split = split.select_columns(["image", "label"]).cast_column("image", datasets.Image(decode=False))
     return split.with_transform(augment.batch)
 
 

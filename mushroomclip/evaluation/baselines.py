@@ -11,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mushroomclip.data.splits import load_splits, prepared_taxonomy
+from mushroomclip.evaluation.reporting import write_results
+from mushroomclip.metrics import classification_metrics, format_report
+
 BINS = 8  # per channel: 8 x 8 x 8 joint colour histogram
 
 
@@ -50,10 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="results/baselines", help="where to write <baseline>/metrics.json and figures")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for 95%% intervals (0: none)")
     args = p.parse_args(argv)
-
-    from mushroomclip.data.splits import load_splits, prepared_taxonomy
-    from mushroomclip.evaluation.reporting import write_results
-    from mushroomclip.metrics import classification_metrics, format_report
 
     try:
         splits = load_splits(args.data)

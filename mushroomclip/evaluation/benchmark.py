@@ -22,8 +22,19 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainingArguments
 
+from mushroomclip.config import DataArguments, LoraArguments
+from mushroomclip.data.splits import load_splits, prepared_taxonomy
+from mushroomclip.data.transforms import background_worker, pixel_stats, train_images
 from mushroomclip.evaluation import speed
+from mushroomclip.evaluation.features import PreprocessedImages
+from mushroomclip.evaluation.plots import _pyplot
+from mushroomclip.evaluation.zeroshot import RANDOM_WEIGHTS_NOTE, summary_markdown
+from mushroomclip.models.backbones import hub_reachable, load_backbone, offline_clip_tokenizer
+from mushroomclip.models.lora import add_lora
+from mushroomclip.models.prompts import class_prompts
+from mushroomclip.training.trainer import ContrastiveTrainer, collate
 
 OFFLINE_NOTE = ("offline: no Hugging Face Hub, so these rows are the randomly initialised test models (tiny-clip, "
                 "tiny-openclip) on the synthetic demo data. They check the pipeline, not model quality.")  # fmt: skip
@@ -31,9 +42,6 @@ OFFLINE_NOTE = ("offline: no Hugging Face Hub, so these rows are the randomly in
 
 def write_report(results: Path) -> Path:
     """``results/benchmark.md`` (the table, with a banner when offline) and ``results/benchmark.png``."""
-    from mushroomclip.evaluation.plots import _pyplot
-    from mushroomclip.evaluation.zeroshot import RANDOM_WEIGHTS_NOTE, summary_markdown
-
     summary_path = results / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path} not found; run evaluate_zero_shot.py --output {results} first")
@@ -97,11 +105,6 @@ def measure_speed(
 ) -> dict:
     """Images/s of zero-shot image encoding with the real data pipeline vs tensors on the device (model only),
     in the steady state (:func:`_steady_state_plan`)."""
-    from mushroomclip.data.splits import load_splits
-    from mushroomclip.data.transforms import background_worker
-    from mushroomclip.evaluation.features import PreprocessedImages
-    from mushroomclip.models.backbones import load_backbone
-
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     backbone = load_backbone(model, device=device, dtype=dtype, random_weights=True)
@@ -136,8 +139,6 @@ def measure_speed(
 
 def _encode_split(images, backbone, batch_size: int, num_workers: int, device: str) -> dict:
     """Seconds to encode every image of a split end to end: a fresh loader (worker start-up included)."""
-    from mushroomclip.data.transforms import background_worker
-
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.startswith("cuda"), worker_init_fn=background_worker)  # fmt: skip
     speed.sync(device)
@@ -151,10 +152,6 @@ def _encode_split(images, backbone, batch_size: int, num_workers: int, device: s
 
 def _lora_model(model: str, device: str, towers: tuple):
     """A random-weights backbone with the default config's LoRA on ``towers``, in train mode on ``device``."""
-    from mushroomclip.config import LoraArguments
-    from mushroomclip.models.backbones import load_backbone
-    from mushroomclip.models.lora import add_lora
-
     backbone = load_backbone(model, device=device, random_weights=True)
     s = LoraArguments()
     peft = add_lora(backbone.model, s.r, s.alpha, s.dropout, list(towers), s.target_modules, False).to(device).train()
@@ -178,14 +175,6 @@ def measure_train_speed(
     A step is the trainer's own: ``ContrastiveTrainer.compute_loss`` (class_text loss over all classes,
     the default config's prompt), backward and AdamW, in bf16 autocast on a GPU.
     """
-    from transformers import TrainingArguments
-
-    from mushroomclip.config import DataArguments
-    from mushroomclip.data.splits import load_splits, prepared_taxonomy
-    from mushroomclip.data.transforms import background_worker, pixel_stats, train_images
-    from mushroomclip.models.prompts import class_prompts
-    from mushroomclip.training.trainer import ContrastiveTrainer, collate
-
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     backbone, peft = _lora_model(model, device, towers)
     d = DataArguments()
@@ -246,11 +235,9 @@ def _baseline_speed(split, taxonomy, model: str, batch_size: int, steps: int, nu
                     device: str, towers: tuple, peak: dict) -> dict:  # fmt: skip
     """Images/s of the Hugging Face recipe (``run_clip.py``: Pillow + torchvision in ``set_transform``, one
     caption per image, ``CLIPModel(..., return_loss=True)``) with the same LoRA, batch and precision."""
-    from mushroomclip.config import DataArguments
-    from mushroomclip.models.backbones import offline_clip_tokenizer  # the same BPE as openai/clip-vit-*
-
     backbone, peft = _lora_model(model, device, towers)
     d = DataArguments()
+    # offline_clip_tokenizer: the same BPE as openai/clip-vit-*
     captions = speed.caption_dataset(split, taxonomy, d.text_type, d.train_template, offline_clip_tokenizer(),
                                      backbone.preprocess)  # fmt: skip
     loader = torch.utils.data.DataLoader(captions, batch_size=batch_size, shuffle=True, num_workers=num_workers,
@@ -311,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         _print_and_write(r, f"train-{args.model}-{'+'.join(towers)}-{'gpu' if gpu else 'cpu'}", Path(args.output))
         return 0
     if args.command == "hub-reachable":
-        from mushroomclip.models.backbones import hub_reachable
-
         reachable = hub_reachable()
         print("hub reachable" if reachable else "hub not reachable: offline benchmark with the tiny test models")
         return 0 if reachable else 1

@@ -12,6 +12,8 @@ from mushroomclip.taxonomy import Taxonomy
 
 
 def _pyplot():
+    """pyplot on the Agg backend. Imported here, not at the top: matplotlib loads only when a figure is saved,
+    and the backend must be chosen before pyplot is imported."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display

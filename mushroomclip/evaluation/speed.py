@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torchvision import transforms as T
 
+from mushroomclip.models.prompts import class_prompts
 from mushroomclip.provenance import git_commit, package_versions
 
 RESULTS = Path("results/bench")
@@ -89,8 +92,6 @@ def count_flops(fn, *args) -> int:
     The CPU's fused attention kernels are counted as their GPU twins are (``FlopCounterMode`` knows only
     the GPU ones), so that a CPU figure does not leave attention out.
     """
-    from torch.utils.flop_counter import FlopCounterMode, flop_registry
-
     aten = torch.ops.aten
     twins = {
         aten._scaled_dot_product_flash_attention_for_cpu: aten._scaled_dot_product_flash_attention,
@@ -220,10 +221,6 @@ def caption_dataset(split, taxonomy, text_type: str, template: str, tokenizer, p
     """``run_clip.py``'s data: one caption per image (its class prompt), tokenised once with ``map`` and
     padded to the maximum length (77), images decoded by Pillow in ``set_transform`` and preprocessed there, on
     the CPU, as the backbone's ``preprocess`` config says."""
-    from torchvision import transforms as T
-
-    from mushroomclip.models.prompts import class_prompts
-
     image_transform = T.Compose([
         T.Resize(preprocess.resize_size, interpolation=T.InterpolationMode(preprocess.interpolation)),
         T.CenterCrop(preprocess.size), T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std),

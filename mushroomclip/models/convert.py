@@ -20,9 +20,28 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import huggingface_hub
+import open_clip
+import open_clip.transformer as oct
 import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelCardData, constants
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+from mushroomclip.models.backbones import (
+    REGISTRY,
+    ModelLoadError,
+    ModelSpec,
+    known_license,
+    load_open_clip,
+    offline_clip_tokenizer,
+    open_clip_weights,
+    preprocess_from_open_clip,
+)
+from mushroomclip.models.weights import weights_id
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +51,6 @@ class ConversionError(ValueError):
 
 
 def _activation(block) -> str:
-    import open_clip.transformer as oct
-
     act = block.mlp.gelu
     if isinstance(act, oct.QuickGELU):
         return "quick_gelu"
@@ -43,8 +60,6 @@ def _activation(block) -> str:
 
 
 def _check_convertible(model) -> None:
-    import open_clip
-
     if not isinstance(model, open_clip.CLIP):
         raise ConversionError(
             f"{type(model).__name__} is not an OpenAI-architecture open_clip.CLIP (custom text towers are not supported)"
@@ -74,8 +89,6 @@ def _tower_config(transformer, width: int) -> dict:
 
 
 def hf_config_from_open_clip(model):
-    from transformers import CLIPConfig
-
     _check_convertible(model)
     visual = model.visual
     vision = _tower_config(visual.transformer, visual.conv1.out_channels) | dict(
@@ -150,8 +163,6 @@ def convert_state_dict(sd: dict, config) -> dict:
 
 def convert_open_clip(model):
     """An HF ``CLIPModel`` with the open_clip model's weights; raises :class:`ConversionError` if inexact."""
-    from transformers import CLIPModel
-
     config = hf_config_from_open_clip(model)
     source = _ReadKeys(model.state_dict())
     converted = convert_state_dict(source, config)
@@ -169,10 +180,6 @@ def convert_open_clip(model):
 def image_processor_from_open_clip(model):
     """The ``CLIPImageProcessor`` that applies the open_clip model's own preprocessing, so that the converted folder
     loads with the source's :class:`~mushroomclip.data.transforms.PreprocessConfig`."""
-    from transformers import CLIPImageProcessor
-
-    from mushroomclip.models.backbones import preprocess_from_open_clip
-
     cfg = model.visual.preprocess_cfg
     if cfg.get("resize_mode", "shortest") != "shortest" or cfg.get("interpolation", "bicubic") != "bicubic":
         raise ConversionError(f"preprocessing {cfg} is not CLIP's shortest-side bicubic resize + centre crop")
@@ -194,8 +201,6 @@ def max_embedding_difference(
 
     ``hf_tokens``: the same texts through the HF model's own tokenizer (default: ``tokens``).
     """
-    import torch.nn.functional as F
-
     hf_tokens = tokens if hf_tokens is None else hf_tokens
     ours_img = F.normalize(hf_model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
     ours_txt = F.normalize(hf_model.get_text_features(input_ids=hf_tokens).pooler_output, dim=-1)
@@ -210,8 +215,6 @@ CHECK_TOLERANCE = 1e-3  # fp32 rounding stays orders of magnitude below; a wrong
 
 def source_spec(model: str, pretrained: str | None):
     """The open_clip model to convert: a registered name (``bioclip``) or an open_clip name with its tag."""
-    from mushroomclip.models.backbones import REGISTRY, ModelSpec
-
     spec = REGISTRY.get(model)
     if spec is not None and spec.kind == "open_clip" and not spec.tiny:
         return spec
@@ -220,10 +223,6 @@ def source_spec(model: str, pretrained: str | None):
 
 def check_folder(name: str, spec, folder: Path) -> float:
     """Embedding difference between the saved HF folder, reloaded, and the source loaded again on its own."""
-    from transformers import CLIPModel, CLIPTokenizer
-
-    from mushroomclip.models.backbones import load_open_clip
-
     reference, _, tokenize, _ = load_open_clip(name, spec)
     hf = CLIPModel.from_pretrained(folder).eval()
     hf_tokens = CLIPTokenizer.from_pretrained(folder)(
@@ -243,8 +242,6 @@ PREFIX = "convert:"
 
 def recipe(spec, weights: str) -> dict:
     """What a converted folder was made from: the open_clip source, its tag, the converter and the weights."""
-    from mushroomclip.models.weights import weights_id
-
     return {"source": spec.source, "pretrained": spec.pretrained, "converter": CONVERTER_VERSION,
             "weights": weights_id(weights)}  # fmt: skip
 
@@ -261,19 +258,12 @@ def recipe_base(rec: dict) -> str:
 
 
 def _spec_of_base(base: str):
-    from mushroomclip.models.backbones import ModelSpec
-
     source, _, tag = base.removeprefix(PREFIX).partition("@")
     return ModelSpec("open_clip", source, tag or None, description=base)
 
 
 def convert_source(name: str, spec):
     """``(CLIPModel, CLIPProcessor, weight file)`` of an open_clip model; ModelLoadError / ConversionError."""
-    import open_clip
-    from transformers import CLIPProcessor
-
-    from mushroomclip.models.backbones import load_open_clip, offline_clip_tokenizer
-
     model, _, tokenizer, weights = load_open_clip(name, spec)  # the real weights, or an error
     if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
         raise ConversionError("only models with OpenAI CLIP's BPE tokenizer can be converted")
@@ -292,17 +282,12 @@ def save_converted(hf, processor, rec: dict, out: Path) -> None:
 
 def converted_cache() -> Path:
     """Where bases converted on demand live: ``$HF_HOME/mushroomclip/converted``."""
-    from huggingface_hub import constants
-
     return Path(os.environ.get("HF_HOME") or constants.HF_HOME) / "mushroomclip" / "converted"
 
 
 def converted_folder(base: str, expected_weights: str | None = None) -> Path:
     """The folder of a ``convert:`` base, converted on first use and reused afterwards (keyed by the source's
     weights, so new weights on the Hub make a new folder); a one-line ModelLoadError where it cannot be made."""
-    from mushroomclip.models.backbones import ModelLoadError, open_clip_weights
-    from mushroomclip.models.weights import weights_id
-
     spec = _spec_of_base(base)
     found = weights_id(open_clip_weights(base, spec))
     if expected_weights is not None and found != expected_weights:
@@ -328,10 +313,6 @@ def converted_folder(base: str, expected_weights: str | None = None) -> Path:
 
 def converted_card(rec: dict):
     """The card of a converted base: what it is, what it was made from, and the source's license."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from mushroomclip.models.backbones import known_license
-
     source = rec["source"]
     repo = source.removeprefix("hf-hub:") if source.startswith("hf-hub:") else None
     title = repo or f"open_clip {source} ({rec.get('pretrained')})"
@@ -365,14 +346,10 @@ processor = CLIPProcessor.from_pretrained("REPO_ID")
 
 def push_converted(folder: str | Path, repo_id: str, private: bool = False, api=None) -> str:
     """Upload a converted folder (weights, processor, card with ``REPO_ID`` filled in, recipe); the repo URL."""
-    import tempfile
-
-    from huggingface_hub import HfApi
-
-    from mushroomclip.hub import PushError, upload_errors
+    from mushroomclip.hub import PushError, upload_errors  # here, not at the top: mushroomclip.hub imports this one
 
     folder = Path(folder)
-    api = api or HfApi()  # token: HF_TOKEN or the hf auth login cache
+    api = api or huggingface_hub.HfApi()  # token: HF_TOKEN or the hf auth login cache
     with tempfile.TemporaryDirectory() as staging:
         for path in folder.iterdir():
             if path.is_file():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+from peft import LoraConfig, get_peft_model
+
 TOWER_PREFIX = {"vision": "vision_model", "text": "text_model"}
 
 
@@ -28,8 +30,6 @@ def add_lora(model, r: int, alpha: int, dropout: float, towers: list[str], modul
 
     No peft ``task_type``: the task wrappers assume a language model's forward and break CLIP's.
     """
-    from peft import LoraConfig, get_peft_model
-
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(towers, modules))
     with quiet_peft():
         peft_model = get_peft_model(model, config)

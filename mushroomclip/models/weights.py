@@ -12,15 +12,16 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.utils import get_session
+
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hub answers one request within ``timeout`` s, sent through huggingface_hub's own session.
 
     So ``HF_ENDPOINT``, ``HTTPS_PROXY`` and ``HF_HUB_OFFLINE`` apply exactly as they do to downloads; no retries.
     """
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
     if offline_by_env():
         return False
     try:
@@ -31,16 +32,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def offline_by_env() -> bool:
-    from huggingface_hub import constants
-
     return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
 
 
 def hub_file(repo_id: str, filename: str, local_only: bool) -> str | None:
     """Local path of a Hub file (downloaded unless ``local_only``), or None where the repo or cache lacks it."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
     try:
         return hf_hub_download(repo_id, filename, local_files_only=local_only)
     except EntryNotFoundError:  # also LocalEntryNotFoundError: not cached, and no download allowed or possible
@@ -49,8 +45,6 @@ def hub_file(repo_id: str, filename: str, local_only: bool) -> str | None:
 
 def not_found(what: str, repo_id: str, local_only: bool, verb: str = "are") -> str:
     """Why ``what`` could not be had: the Hub repo lacks it, or it is not cached and the Hub is out of reach."""
-    from huggingface_hub import constants
-
     if not local_only:
         return f"{what} of {repo_id} {verb} neither on the Hub nor in the local Hugging Face cache"
     return f"{what} of {repo_id} {verb} not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {_unreachable()}"
@@ -58,14 +52,10 @@ def not_found(what: str, repo_id: str, local_only: bool, verb: str = "are") -> s
 
 def offline_note() -> str:
     """For errors of loads that only searched the cache: why, and which cache."""
-    from huggingface_hub import constants
-
     return f"{_unreachable()}, so only the local Hugging Face cache ({constants.HF_HUB_CACHE}) was searched"
 
 
 def _unreachable() -> str:
-    from huggingface_hub import constants
-
     return (
         "the Hub cannot be reached ("
         + ("HF_HUB_OFFLINE is set" if offline_by_env() else f"no answer from {constants.ENDPOINT}")

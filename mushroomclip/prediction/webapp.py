@@ -61,7 +61,7 @@ def model_answer_html(load: Callable, name: str, paths: list[str]) -> str:
 
 def forget_uploads(paths: list[str]) -> None:
     """Delete uploaded files (and their emptied folders) inside Gradio's upload folder; nothing outside it."""
-    from gradio.utils import get_upload_folder
+    from gradio.utils import get_upload_folder  # here, not at the top: gradio is the optional app extra
 
     root = Path(get_upload_folder()).resolve()
     for path in map(Path, paths):
@@ -74,7 +74,7 @@ def forget_uploads(paths: list[str]) -> None:
 
 def build_app(models: list[str], device: str = "cpu"):
     """The page: an Identify tab (several photos of one find, one answer) and a Compare tab (two models)."""
-    import gradio as gr
+    import gradio as gr  # here, not at the top: gradio is the optional app extra
 
     @lru_cache(maxsize=4)
     def model(name: str):
