@@ -72,15 +72,17 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_tiny_resnet_gives_one_logit_per_class():
-    built = build_classifier(TINY_RESNET, CLASSES)
+    built = build_classifier(TINY_RESNET, CLASSES, pretrained=False)
     logits = built.model(pixel_values=torch.randn(3, 3, 32, 32)).logits
     assert logits.shape == (3, len(CLASSES)) and torch.isfinite(logits).all()
     assert built.record == {"base_model": TINY_RESNET, "pretrained": False, "weights": "random (seed 0)",
                             "num_labels": len(CLASSES)}  # fmt: skip
     assert built.model.config.id2label[5] == CLASSES[5]
     # the same random backbone every time: a LoRA run on it can be loaded back
-    again = build_classifier(TINY_RESNET, CLASSES).model
+    again = build_classifier(TINY_RESNET, CLASSES, pretrained=False).model
     assert torch.equal(again.state_dict()[BACKBONE_TENSOR], built.model.state_dict()[BACKBONE_TENSOR])
+    with pytest.raises(ModelLoadError, match="pretrained: false"):
+        build_classifier(TINY_RESNET, CLASSES, pretrained=True)
 
 
 def test_pretrained_snapshot_loads_its_backbone_with_a_new_head(hub_cache):
@@ -146,7 +148,7 @@ def _train_step(model, steps: int = 2) -> None:
 
 def test_lora_trains_only_the_adapters_and_the_head():
     torch.manual_seed(0)
-    built = build_classifier(TINY_RESNET, CLASSES)
+    built = build_classifier(TINY_RESNET, CLASSES, pretrained=False)
     before = {k: v.clone() for k, v in built.model.state_dict().items()}
     model = add_classifier_lora(built.model, r=4, alpha=8, dropout=0.0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -164,7 +166,7 @@ def test_saved_run_loads_back_with_the_same_logits(tmp_path, finetune):
     from PIL import Image
 
     torch.manual_seed(0)
-    built = build_classifier(TINY_RESNET, CLASSES)
+    built = build_classifier(TINY_RESNET, CLASSES, pretrained=False)
     model = add_classifier_lora(built.model, 4, 8, 0.0) if finetune == "lora" else built.model
     _train_step(model)  # moves BatchNorm statistics of a full fine-tune: they must be saved too
     record = supervised_record(TAXONOMY, built, finetune, trained_species=CLASSES[:4])
@@ -179,3 +181,19 @@ def test_saved_run_loads_back_with_the_same_logits(tmp_path, finetune):
     [top] = classifier.predict([str(image)], top_k=3)
     assert len(top) == 3 and top[0].probability >= top[1].probability >= top[2].probability
     assert classifier.classes == CLASSES and classifier.record["pretrained"] is False
+
+
+def test_course_reference_rows_are_labelled_quoted_and_report_only_what_the_course_did():
+    from mushroomclip.evaluation.references import REFERENCE_NOTE, reference_rows
+    from mushroomclip.evaluation.zeroshot import summary_markdown
+
+    rows = reference_rows()
+    assert [r["model"] for r in rows] == [f"ResNet{n} (course)" for n in (18, 34, 50, 101, 152)]
+    assert all(r["quoted"] and "quoted, not reproduced" in r["method"] for r in rows)
+    assert (rows[2]["miou"], rows[2]["mf1"], rows[2]["oa"]) == pytest.approx((0.734, 0.840, 0.874))
+    assert rows[2]["top5"] is None  # the course reports no top-5: n/a, never a number of ours
+    table = summary_markdown(rows, "benchmark", [REFERENCE_NOTE])
+    assert (
+        "| ResNet50 (course) | supervised, from scratch: quoted, not reproduced | - | 87.4 | n/a | 84.0 | 73.4 |"
+        in table
+    )

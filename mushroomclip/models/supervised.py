@@ -83,6 +83,9 @@ def build_classifier(base: str, classes: list[str], pretrained: bool = True) -> 
     from transformers import AutoModelForImageClassification
 
     if base == TINY_RESNET:
+        if pretrained:
+            raise ModelLoadError(f"{TINY_RESNET} is a random test model without pretrained weights; set "
+                                 "model.pretrained: false")  # fmt: skip
         torch.manual_seed(0)  # the same random backbone in every process and on reload (LoRA runs rely on it)
         model = AutoModelForImageClassification.from_config(tiny_resnet_config(classes), dtype=torch.float32)
         record = {"base_model": TINY_RESNET, "pretrained": False, "weights": "random (seed 0)"}
@@ -374,7 +377,7 @@ def load_supervised_classifier(dir_or_repo: str, species: list[str] | None = Non
     if lora:
         from peft import PeftModel
 
-        base = build_classifier(record["base_model"], record["species"], pretrained=record["pretrained"]).model
+        base = build_classifier(record["base_model"], record["species"], record["pretrained"]).model
         freeze_batch_norm(base)
         with quiet_peft():
             model = PeftModel.from_pretrained(base, str(folder))
