@@ -197,3 +197,19 @@ def test_course_reference_rows_are_labelled_quoted_and_report_only_what_the_cour
         "| ResNet50 (course) | supervised, from scratch: quoted, not reproduced | - | 87.4 | n/a | 84.0 | 73.4 |"
         in table
     )
+
+
+def test_evaluation_features_of_a_supervised_run_are_its_logits(tmp_path, prepared):
+    from datasets import Image
+
+    from mushroomclip.data.splits import load_splits
+    from mushroomclip.evaluation.features import image_features
+
+    built = build_classifier(TINY_RESNET, CLASSES, pretrained=False)
+    save_classifier(tmp_path / "run", built.model, supervised_record(TAXONOMY, built, "full", CLASSES[:6]), TAXONOMY)
+    classifier = load_supervised_classifier(str(tmp_path / "run"))
+    split = load_splits(prepared[0])["test"]
+    scores, labels = image_features(classifier, split, batch_size=8, num_workers=0, progress=False)
+    cells = split.cast_column("image", Image(decode=False))["image"]
+    assert scores.shape == (len(split), len(CLASSES)) and list(labels) == split["label"]
+    assert torch.allclose(torch.from_numpy(scores), classifier.logits(cells), atol=1e-5)

@@ -330,22 +330,33 @@ class SupervisedClassifier(Classifier):
                  device: str = "cpu"):  # fmt: skip
         from mushroomclip.data.transforms import EvalPixels
 
-        self.model, self.record, self.taxonomy = model.to(device).eval(), record, taxonomy
+        self.model, self.record, self.taxonomy = model.eval(), record, taxonomy
         self.classes: list[str] = record["species"]
-        self.name, self.cache_id, self.device = name, cache_id, torch.device(device)
+        self.name, self.cache_id = name, cache_id  # cache_id: keys evaluation's on-disk caches
         self.preprocess = eval_preprocess(record["preprocessing"])
         self.pixels = EvalPixels(self.preprocess)  # one image -> model input; ImageError if unreadable
         self._mean, self._std = (torch.tensor(record["preprocessing"][k]) for k in ("mean", "std"))
+        self.to(device)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> SupervisedClassifier:
+        self.device, self.dtype = torch.device(device), dtype
+        self.model.to(self.device, dtype)
+        return self
 
     @torch.inference_mode()
     def logits(self, images) -> torch.Tensor:
-        """``(N, C)`` logits of images (file paths, PIL images, ``datasets`` cells) or of a stacked batch of
-        :attr:`pixels` outputs (uint8, normalised here)."""
+        """``(N, C)`` fp32 logits of images (file paths, PIL images, ``datasets`` cells) or of a stacked batch
+        of :attr:`pixels` outputs (uint8, normalised here, on the device)."""
         from mushroomclip.data.transforms import normalize
 
         pixels = images if isinstance(images, torch.Tensor) else torch.stack([self.pixels(im) for im in images])
-        pixels = normalize(pixels.to(self.device), self._mean, self._std).to(self.device, torch.float32)
+        pixels = normalize(pixels.to(self.device), self._mean, self._std).to(self.dtype)
         return self.model(pixel_values=pixels).logits.float().cpu()
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The logits, as evaluation's feature cache (:func:`~mushroomclip.evaluation.features.image_features`)
+        asks a backbone for its image features: a supervised model's scores need nothing more."""
+        return self.logits(pixels)
 
 
 def load_supervised_classifier(dir_or_repo: str, species: list[str] | None = None,
