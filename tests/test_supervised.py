@@ -114,10 +114,25 @@ def test_snapshot_missing_a_backbone_tensor_is_refused_in_one_line(hub_cache):
     assert f"lacks {BACKBONE_TENSOR}" in message
 
 
-def test_missing_snapshot_is_one_line_naming_the_repo(hub_cache):
+def _truncated_weights() -> dict[str, bytes]:
+    files = resnet_files()
+    return files | {"model.safetensors": files["model.safetensors"][:1000]}
+
+
+@pytest.mark.parametrize(
+    "files, pretrained, expected",
+    [
+        (None, True, "HF_HUB_OFFLINE"),  # not in the cache, and offline
+        (_truncated_weights, True, "cannot be read"),  # an interrupted download
+        (lambda: resnet_files() | {"config.json": b'{"model_type": "gpt2"}'}, False, "not an image classifier"),
+    ],
+)
+def test_unusable_repo_is_one_line_naming_it(hub_cache, files, pretrained, expected):
+    if files is not None:
+        write_snapshot(hub_cache, RESNET_REPO, files())
     with pytest.raises(ModelLoadError) as err:
-        build_classifier(RESNET_REPO, CLASSES[:4])
-    assert "\n" not in str(err.value) and RESNET_REPO in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+        build_classifier(RESNET_REPO, CLASSES[:4], pretrained=pretrained)
+    assert "\n" not in str(err.value) and RESNET_REPO in str(err.value) and expected in str(err.value)
 
 
 def test_timm_snapshot_loads_through_the_timm_wrapper(hub_cache):

@@ -25,7 +25,6 @@ from mushroomclip.models.backbones import (
     ModelLoadError,
     _first_line,
     _hf_weights_id,
-    _load_error,
     _size_value,
     to_rgb,
 )
@@ -42,6 +41,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # What the uint8 tensor pipeline (mushroomclip.data.transforms) can resize with.
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+NOT_A_CLASSIFIER_FIX = "Name an image classification model, e.g. microsoft/resnet-50 or a timm/... model"
 NO_NETWORK_FIX = (
     "Check the network and the Hugging Face login (hf auth login), or use the offline test model tiny-resnet"
 )
@@ -97,7 +97,7 @@ def build_classifier(base: str, classes: list[str], pretrained: bool = True) -> 
         model = _hub_call(base, local_only, "weights", _pretrained_model, base, config, local_only)
         weights = _hf_weights_id(base, folder)
     else:
-        model = AutoModelForImageClassification.from_config(config, dtype=torch.float32)
+        model = _hub_call(base, local_only, "config.json", _scratch_model, config)
         weights = f"random (config {_hf_weights_id(base, folder)})"
     for name in head_modules(model):
         reset_head(model.get_submodule(name))
@@ -114,20 +114,35 @@ def _hub_call(base: str, local_only: bool, what: str, fn, *args):
         raise
     except OSError as err:  # a file is missing here or on the Hub; the repo is private or misspelt
         problem = f"its {what} cannot be had ({_first_line(err)})" + (f"; {offline_note()}" if local_only else "")
-        raise ModelLoadError(_load_error(base, base, problem, NO_NETWORK_FIX)) from None
+        raise ModelLoadError(_error(base, problem, NO_NETWORK_FIX)) from None
+    except (ValueError, ImportError) as err:  # not an architecture AutoModelForImageClassification has
+        problem = f"it is not an image classifier that transformers can build ({_first_line(err)})"
+        raise ModelLoadError(_error(base, problem, NOT_A_CLASSIFIER_FIX)) from None
     except Exception as err:  # a truncated or corrupt file, an architecture this transformers lacks
         problem = f"its {what} cannot be read ({type(err).__name__}: {_first_line(err)})"
-        raise ModelLoadError(_load_error(base, base, problem, REDOWNLOAD)) from None
+        raise ModelLoadError(_error(base, problem, REDOWNLOAD)) from None
 
 
 def _classifier_config(base: str, classes: list[str], local_only: bool):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base, local_files_only=local_only, **_label_maps(classes))
+    config = AutoConfig.from_pretrained(base, local_files_only=local_only)
+    # set afterwards: as from_pretrained arguments they clash with the checkpoint's own labels (a warning)
+    config.id2label, config.label2id = dict(enumerate(classes)), {name: i for i, name in enumerate(classes)}
     # timm >= 1.0 writes num_classes into model_args too; transformers' wrapper then passes it twice
     if isinstance(getattr(config, "model_args", None), dict):
         config.model_args.pop("num_classes", None)
     return config
+
+
+def _error(base: str, problem: str, fix: str) -> str:
+    return f"could not load model {base!r}: {problem}. {fix}."
+
+
+def _scratch_model(config):
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_config(config, dtype=torch.float32)
 
 
 def _pretrained_model(base: str, config, local_only: bool):
@@ -155,7 +170,7 @@ def _pretrained_model(base: str, config, local_only: bool):
     if problems:
         listed = "; ".join(problems[:3]) + (f"; ... ({len(problems)} in all)" if len(problems) > 3 else "")
         problem = f"its weight file ({_weight_file_name(base)}) does not fit its config.json: {listed}"
-        raise ModelLoadError(_load_error(base, base, problem, "Download the model again, or check model.base"))
+        raise ModelLoadError(_error(base, problem, "Download the model again, or check model.base"))
     return model
 
 
