@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Extra pip spec installed before requirements.txt, e.g. TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+# Which torch `make setup` installs before requirements.txt. TORCH=cpu: the CPU-only wheels from PyTorch's
+# index (no 5 GB of CUDA libraries on a machine without a GPU; cu126, cu128, ... name a CUDA build the same way).
+# TORCH_SPEC pins versions, e.g. TORCH_SPEC="torch==2.14.1 torchvision==0.29.1" (CI). Neither: pip's default build.
+TORCH ?=
 TORCH_SPEC ?=
+TORCH_INDEX := $(if $(TORCH),--index-url https://download.pytorch.org/whl/$(TORCH))
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 DEMO ?= demo
 BENCH ?= /tmp/mushroomclip-bench
@@ -14,14 +18,15 @@ NPROC ?= $(shell nproc 2>/dev/null || echo 2)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed  ## create .venv with requirements.txt and the package (editable)
+setup: $(VENV)/.installed  ## create .venv (package + test extras); TORCH=cpu: CPU-only torch wheels, TORCH_SPEC="torch==X ...": pinned
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet $(TORCH_SPEC))
+	$(if $(TORCH)$(TORCH_SPEC),,@command -v nvidia-smi >/dev/null 2>&1 || echo "note: no NVIDIA GPU found, yet pip's \
+	default torch (several GB of CUDA libraries) comes next; for the CPU wheels: rm -rf $(VENV) && make setup TORCH=cpu" >&2)
+	$(if $(TORCH)$(TORCH_SPEC),$(PY) -m pip install --quiet $(TORCH_INDEX) $(or $(TORCH_SPEC),torch torchvision))
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps --editable .
 	touch $@
 
 test: setup  ## run the test suite (offline, CPU, tiny data)
@@ -51,12 +56,13 @@ CONFIG ?= configs/lora_b32.yaml
 train: setup  ## LoRA fine-tuning with accelerate_config.yaml (bf16, one GPU): CONFIG=configs/X.yaml ARGS="key=value ..."
 	$(VENV)/bin/accelerate launch -q --config_file accelerate_config.yaml train.py --config $(CONFIG) $(ARGS)
 
-benchmark: setup  ## zero-/few-shot for every configured model -> results/benchmark.md (tiny models on demo data when offline)
+benchmark: setup  ## zero-/few-shot for every configured model, + the LoRA runs of runs/ (offline: tiny models on demo data, runs/ or demo/runs) -> results/benchmark.md
 	@if $(PY) -m mushroomclip.evaluation.benchmark hub-reachable; then \
-	  $(PY) evaluate_zero_shot.py --config configs/benchmark.yaml; \
+	  $(PY) evaluate_zero_shot.py --config configs/benchmark.yaml $(if $(wildcard runs/.),--include-adapters runs); \
 	else \
 	  grep -qs "\"complete\": true" $(DEMO)/prepared/prepare_report.json || $(MAKE) --no-print-directory demo-data; \
-	  $(OFFLINE) $(PY) evaluate_zero_shot.py --config configs/benchmark_offline.yaml; \
+	  $(OFFLINE) $(PY) evaluate_zero_shot.py --config configs/benchmark_offline.yaml \
+	    $(if $(wildcard runs/.),--include-adapters runs,$(if $(wildcard $(DEMO)/runs/.),--include-adapters $(DEMO)/runs)); \
 	fi
 	$(PY) -m mushroomclip.evaluation.benchmark report --results results
 
@@ -99,8 +105,8 @@ bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s 
 	$(OFFLINE) $(PY) -m mushroomclip.evaluation.benchmark train-speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --num-workers $(WORKERS) \
 	  --towers $(TOWERS) --output $(BENCH_OUT) $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--steps $(STEPS))
 
-bench-table:  ## regenerate the README speed table from results/bench/*.json (BENCH_OUT=DIR)
-	$(PY) -m mushroomclip.evaluation.benchmark table --results $(BENCH_OUT) --readme README.md
+bench-table:  ## regenerate the speed table of docs/benchmarks.md from results/bench/*.json (BENCH_OUT=DIR)
+	$(PY) -m mushroomclip.evaluation.benchmark table --results $(BENCH_OUT) --readme docs/benchmarks.md
 
 lint: setup  ## ruff lint + format check
 	$(PY) -m ruff check .

@@ -1,73 +1,9 @@
 #!/usr/bin/env python
-"""Fine-tune CLIP with LoRA on the prepared mushroom data.
+"""Fine-tune CLIP with LoRA: ``python train.py --config configs/tiny.yaml`` (see mushroomclip/commands/train.py)."""
 
-accelerate launch train.py --config configs/lora_b32.yaml
-accelerate launch train.py --config configs/lora_b32.yaml training.lr=1e-4 lora.r=8
-python train.py --config configs/tiny.yaml                    (offline CPU smoke run)
-
-Exit status: 0 trained (and pushed, with hub.push), 2 an error before or during training (one line; nothing
-is written from a failed run), 3 trained and saved but the Hub push failed (the retry command is printed).
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 
-
-def log_line(message: str) -> None:
-    """One write per line: the ranks of a multi-process run share one pipe, and print() writes the text and
-    its newline separately, so two ranks' lines could run together."""
-    sys.stdout.write(f"{message}\n")
-    sys.stdout.flush()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Overrides: section.key=value for any key of the config (model, lora, data, loss, training, hub).")  # fmt: skip
-    p.add_argument("--config", required=True, help="YAML training config (see configs/)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the last checkpoint (same as training.resume=true)"
-    )
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an output_dir that holds a run: deletes its results and checkpoints "
-                   "(same as training.overwrite=true)")  # fmt: skip
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.lr=1e-4")
-    args = p.parse_args(argv)
-
-    from mushroomclip.config import ConfigError, load_train_config
-    from mushroomclip.models.backbones import ModelLoadError
-    from mushroomclip.models.classifier import AdapterError
-    from mushroomclip.taxonomy import TaxonomyError
-    from mushroomclip.training.runs import DataReadError, RunFolderError, TrainingDivergedError
-
-    flags = [
-        *(["training.resume=true"] if args.resume else []),
-        *(["training.overwrite=true"] if args.overwrite else []),
-    ]
-    try:
-        cfg = load_train_config(args.config, [*args.overrides, *flags])
-        from mushroomclip.training.distributed import spawn_cpu_ranks, unstarted_cpu_ranks
-
-        if ranks := unstarted_cpu_ranks():  # `accelerate launch --cpu --num_processes N` started only this one
-            return spawn_cpu_ranks(ranks, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-        from mushroomclip.training.trainer import run_training
-
-        result = run_training(cfg, log=log_line)
-    except (ConfigError, ModelLoadError, AdapterError, TaxonomyError, FileNotFoundError, RunFolderError,
-            TrainingDivergedError, DataReadError) as err:  # fmt: skip
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        from mushroomclip.training.distributed import launcher_repeats_failures
-
-        if launcher_repeats_failures():
-            print("(accelerate launch reports this exit status again as a CalledProcessError traceback below; "
-                  "`accelerate launch -q ...` leaves only the error above)", file=sys.stderr)  # fmt: skip
-        return 2
-    if result["push_error"]:
-        print(f"error: {result['push_error']}", file=sys.stderr, flush=True)
-        return 3
-    return 0
-
+from mushroomclip.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,7 @@
 """Write a small fake Kaggle download (same layout, real species names, a learnable signal per class).
 
 python data_scripts/make_synthetic.py --output demo/kaggle --classes 6 --per-class 40
+python data_scripts/make_synthetic.py --output bench/genus --classes 20 --per-class 60 --genus-signal
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "a cross-split and a within-split duplicate, and an empty class folder",
     )
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
+    p.add_argument(
+        "--genus-signal",
+        action="store_true",
+        help="draw the species in genus groups whose members share a colour family (shape and background still "
+        "differ), so mistake severity can be compared between losses",
+    )
     p.add_argument("--taxonomy", default=None, help="species table CSV to draw names from instead of the bundled one")
     return p.parse_args(argv)
 
@@ -41,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = make_synthetic_download(
             args.output, classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed,
             taxonomy=load_taxonomy(args.taxonomy), corrupt=args.corrupt, dirty=args.dirty, num_proc=args.num_proc,
+            genus_signal=args.genus_signal,
         )  # fmt: skip
     except (TaxonomyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

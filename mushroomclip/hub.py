@@ -1,6 +1,6 @@
 """Publishing a run: the model card (from metrics.json and the resolved config) and the Hub upload.
 
-    python -m mushroomclip.hub push runs/lora-b32 --repo-id USER/mushroomclip-lora-b32 [--private]
+    mushroomclip push runs/lora-b32 --repo-id USER/mushroomclip-lora-b32 [--private]
 
 The token comes from the environment (HF_TOKEN) or ``hf auth login`` only, and is never written
 to any file or log.
@@ -8,7 +8,6 @@ to any file or log.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -18,12 +17,18 @@ import sys
 from pathlib import Path
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from mushroomclip.models.backbones import REGISTRY, known_license
+from mushroomclip.models.convert import PREFIX
 
 UPLOAD = ("adapter_config.json", "adapter_model.safetensors", "classes.json", "taxonomy.csv", "config.yaml",
           "data.json", "metrics.json", "README.md", "loss_curve.png", "confusion.png")  # fmt: skip
 
 
 REPO = "REPO_OR_FOLDER"  # the card's loading snippets name the adapter so; a push puts the repo id there
+CARD_TEMPLATE = Path(__file__).parent / "resources" / "model_card_template.md"  # Jinja, for ModelCard.from_template
+CARD_SCORES = ("oa", "top5", "mf1", "miou", "dangerous_as_edible")  # the card's figures, as percentages
 
 
 class PushError(RuntimeError):
@@ -33,8 +38,6 @@ class PushError(RuntimeError):
 
 def base_label(base: str) -> str:
     """A recorded base as the card's results table names it."""
-    from mushroomclip.models.convert import PREFIX
-
     return f"{base.removeprefix(PREFIX).removeprefix('hf-hub:')} (converted)" if base.startswith(PREFIX) else base
 
 
@@ -52,9 +55,6 @@ def card_base(model: dict, record: dict) -> str:
 def describe_base(base: str, random_weights: bool) -> tuple[str, str | None, bool]:
     """How a card names a run's recorded base model, its Hub id where it has one (the only base worth a link
     and the card's ``base_model``), and whether ``CLIPModel.from_pretrained`` loads that id."""
-    from mushroomclip.models.backbones import REGISTRY
-    from mushroomclip.models.convert import PREFIX
-
     spec = REGISTRY.get(base)
     if spec is not None and spec.tiny:
         return (f"`{base}`, a randomly initialised test model (not a pretrained model); the figures below are a "
@@ -89,13 +89,9 @@ def describe_data_used(data: dict | None) -> str:
             f"from `{Path(data.get('source') or data['path']).name}`{prepared}. Details: `data.json`.")  # fmt: skip
 
 
-def model_card(run_dir: str | Path):
+def model_card(run_dir: str | Path) -> ModelCard:
     """A ``huggingface_hub.ModelCard`` describing the run actually made: its base model, its data (data.json),
     a model-index of the test metrics and the zero-shot baseline row. Links only to real Hub models."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from mushroomclip.models.backbones import known_license
-
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -131,63 +127,15 @@ def model_card(run_dir: str | Path):
         pipeline_tag="zero-shot-image-classification",
     )  # fmt: skip
     baseline = metrics.get("test_untrained") if split == "test" else metrics.get("validation_untrained")
-    lora, training = config["lora"], config["training"]
-    usage = (
-        f"""```python
-from transformers import CLIPModel
-from peft import PeftModel
-
-model = PeftModel.from_pretrained(CLIPModel.from_pretrained("{hub_id}"), "{REPO}")
-```
-
-"""
-        if loadable
-        else ""
-    )
-    text = f"""---
-{card_data.to_yaml()}
----
-
-# {name}
-
-LoRA adapter fine-tuned with MushroomCLIP for fine-grained mushroom species recognition ({species}).
-Classes are scored zero-shot style: image embeddings against the text embeddings of
-`{config["data"]["text_type"]}` class prompts.{head_note}
-
-Base model: {base_text}.
-
-{describe_data_used(data)}
-
-## Results ({split} split)
-
-| model | OA | top-5 | mF1 | mIoU |
-|---|---|---|---|---|
-| {base_label(base)} zero-shot (before LoRA) | {_pct(baseline, "oa")} | {_pct(baseline, "top5")} | {_pct(baseline, "mf1")} | {_pct(baseline, "miou")} |
-| **{name}** | {_pct(test, "oa")} | {_pct(test, "top5")} | {_pct(test, "mf1")} | **{_pct(test, "miou")}** |
-
-Dangerous species (deadly or poisonous) predicted as an edible one: {_pct(test, "dangerous_as_edible")}%.
-**Never eat a mushroom on the word of a model.**
-
-## Training
-
-LoRA r={lora["r"]}, alpha={lora["alpha"]}, dropout={lora["dropout"]} on {", ".join(lora["target_modules"])} of the
-{" and ".join(lora["towers"])} tower(s); loss `{config["loss"]["name"]}`; lr {training["lr"]}, batch {training["batch_size"]},
-{metrics.get("global_step")} steps, seed {training["seed"]}. Full configuration: `config.yaml`; provenance: `metrics.json`.
-
-## How to use
-
-{usage}With MushroomCLIP installed, with the class list and prompts restored:
-
-```python
-from mushroomclip.models.classifier import load_classifier
-classifier = load_classifier("{REPO}")
-```
-
-```bash
-python predict.py photo.jpg --adapter {REPO} --top-k 5
-```
-"""
-    return ModelCard(text)
+    training = config["training"]
+    return ModelCard.from_template(
+        card_data, template_path=str(CARD_TEMPLATE), model_name=name, species=species,
+        text_type=config["data"]["text_type"], head_note=head_note, base_text=base_text,
+        data_used=describe_data_used(data), split=split, base_label=base_label(base),
+        before={key: _pct(baseline, key) for key in CARD_SCORES}, after={key: _pct(test, key) for key in CARD_SCORES},
+        lora=config["lora"], loss=config["loss"]["name"], lr=training["learning_rate"], batch_size=training["per_device_train_batch_size"],
+        steps=metrics.get("global_step"), seed=training["seed"], loadable=loadable, hub_id=hub_id, repo=REPO,
+    )  # fmt: skip
 
 
 def upload_errors() -> tuple[type[BaseException], ...]:
@@ -301,21 +249,7 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, api=None)
     return str(url)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Publish a MushroomCLIP run to the Hugging Face Hub.")
-    sub = p.add_subparsers(dest="command", required=True)
-    push = sub.add_parser("push", help="upload adapter, model card and classes.json")
-    push.add_argument("run_dir", help="runs/<name> written by train.py")
-    push.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
-    push.add_argument("--private", action="store_true", help="create the repo as private")
-    args = p.parse_args(argv)
-    try:
-        print(f"pushed: {push_run(args.run_dir, args.repo_id, private=args.private)}")
-    except (FileNotFoundError, PushError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+if __name__ == "__main__":  # python -m mushroomclip.hub push RUN ...: the `mushroomclip push` command
+    from mushroomclip.cli import main  # not at the top: the commands import this module
 
-
-if __name__ == "__main__":
     sys.exit(main())

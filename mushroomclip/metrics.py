@@ -16,6 +16,8 @@ import numpy as np
 from mushroomclip.taxonomy import DANGEROUS, HIGHER_RANKS, RANKS, Taxonomy
 
 HEADLINE = ("oa", "top5", "mf1", "miou")
+#: k of Bertinetto et al.'s "average hierarchical distance of top-k" (capped at the number of classes).
+DISTANCE_TOP_K = (1, 5, 20)
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -63,6 +65,19 @@ def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int = 5) -> float:
     k = min(k, scores.shape[1])
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     return float((top == np.asarray(y_true)[:, None]).any(axis=1).mean())
+
+
+def hierarchical_distance_top_k(
+    y_true: np.ndarray, scores: np.ndarray, lca_distance: np.ndarray, ks: tuple[int, ...] = DISTANCE_TOP_K
+) -> dict[str, float]:
+    """Bertinetto et al. 2020's "average hierarchical distance of top-k": per image, the mean LCA height between
+    the truth and each of the k highest-scored classes, averaged over images; k capped at C. Equal scores rank the
+    lower id first, except that a tie across the largest k's boundary keeps an arbitrary one of the tied classes."""
+    ks = sorted({min(k, scores.shape[1]) for k in ks})
+    top = np.argpartition(-scores, ks[-1] - 1, axis=1)[:, : ks[-1]]  # the k_max best, unordered: no full sort
+    ranked = np.take_along_axis(top, np.lexsort((top, -np.take_along_axis(scores, top, axis=1)), axis=-1), axis=1)
+    distance = lca_distance[np.asarray(y_true)[:, None], ranked]  # (N, k_max)
+    return {f"top{k}": float(distance[:, :k].mean()) for k in ks}
 
 
 def _validate(y_true, scores_or_pred, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -140,7 +155,8 @@ def classification_metrics(
     """All metrics of one evaluation from labels and an (N, C) score matrix or N predicted ids.
 
     ``top5`` needs scores (it is ``None`` for bare predictions). With a ``taxonomy`` of
-    ``num_classes`` species, adds rank-level accuracy, mistake severity and the safety metrics.
+    ``num_classes`` species, adds rank-level accuracy, mistake severity and the safety metrics, and with
+    scores also the average hierarchical distance of the top-1/5/20 (``hierarchical_distance_top_k``).
     ``bootstrap=B`` adds 95% intervals (``ci``) for OA/mF1/mIoU from B resamples.
     """
     y_true, y_pred, scores = _validate(y_true, scores_or_pred, num_classes)
@@ -163,6 +179,10 @@ def classification_metrics(
     }
     if taxonomy is not None:
         result.update(_taxonomy_metrics(y_true, y_pred, taxonomy))
+        if scores is not None:
+            result["hierarchical_distance_top_k"] = hierarchical_distance_top_k(
+                y_true, scores, taxonomy.lca_distance_matrix
+            )
     if bootstrap:
         result["ci"] = bootstrap_ci(y_true, y_pred, num_classes, bootstrap, seed)
     return result
@@ -197,6 +217,12 @@ def format_report(metrics: dict, title: str = "") -> str:
         )
     if "rank_accuracy" in metrics:
         lines.append("rank accuracy  " + "  ".join(f"{r} {pct(v)}" for r, v in metrics["rank_accuracy"].items()))
+        if "hierarchical_distance_top_k" in metrics:
+            lines.append(
+                "average hierarchical distance  "
+                + "  ".join(f"{k} {v:.2f}" for k, v in metrics["hierarchical_distance_top_k"].items())
+                + " ranks"
+            )
         sev = metrics["mistake_severity"]
         lines.append(
             f"safety  dangerous->edible {pct(metrics['dangerous_as_edible'])} of {metrics['dangerous_images']} images"

@@ -123,6 +123,27 @@ class Taxonomy:
         same = self.rank_codes[:, :, None] == self.rank_codes[:, None, :]  # (R, C, C)
         return np.cumprod(same, axis=0).sum(axis=0)
 
+    @functools.cached_property
+    def lca_distance_matrix(self) -> np.ndarray:
+        """``(C, C)`` height of the lowest common ancestor (Bertinetto et al. 2020): 0 for the same species,
+        1 for the same genus ... ``len(RANKS)`` for different kingdoms (all leaves sit ``len(RANKS)`` below the root)."""
+        return len(RANKS) - self.lca_depth_matrix
+
+    @property
+    def lineage_codes(self) -> np.ndarray:
+        """``(C, len(RANKS))`` node ids of each class's lineage, kingdom first (the transpose of :attr:`rank_codes`)."""
+        return self.rank_codes.T
+
+    @functools.cached_property
+    def dangerous_mask(self) -> np.ndarray:
+        """``(C,)`` bools: the species is deadly or poisonous."""
+        return np.isin(self.edibility_of(np.arange(len(self))), DANGEROUS)
+
+    @functools.cached_property
+    def edible_mask(self) -> np.ndarray:
+        """``(C,)`` bools: the species is edible (inedible, psychoactive and unknown are not)."""
+        return self.edibility_of(np.arange(len(self))) == "edible"
+
     def edibility_of(self, ids: np.ndarray) -> np.ndarray:
         table = np.array([s.edibility for s in self.species])
         return table[np.asarray(ids)]

@@ -31,10 +31,10 @@ def dirty_download(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="session")
 def prepared(dirty_download, tmp_path_factory) -> tuple[Path, dict]:
     """The dirty download prepared with default options. Read-only."""
-    from mushroomclip.data.prepare import PrepareOptions, prepare
+    from mushroomclip.data.prepare import PrepareArguments, prepare
 
     out = tmp_path_factory.mktemp("prepared") / "out"
-    report = prepare(PrepareOptions(dirty_download[0], out, num_proc=2, progress=False))
+    report = prepare(PrepareArguments(dirty_download[0], out, num_proc=2, progress=False))
     return out, report
 
 

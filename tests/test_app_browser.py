@@ -36,9 +36,8 @@ def adapter(prepared, tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("app-runs") / "tiny"
     overrides = {"data.path": prepared[0], "training.output_dir": run, "training.max_steps": 2,
-                 "training.eval_steps": 2, "training.test_after": False, "data.num_workers": 0}  # fmt: skip
-    run_training(load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()]),
-                 log=lambda *a: None)  # fmt: skip
+                 "training.eval_steps": 2, "run.test_after": False, "data.num_workers": 0}  # fmt: skip
+    run_training(load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()]))
     return run
 
 

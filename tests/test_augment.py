@@ -9,8 +9,22 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from mushroomclip.data.transforms import TrainAugment, decode_rgb, normalize, pixel_stats, train_images
-from mushroomclip.models.backbones import clip_transform
+from mushroomclip.data.transforms import (
+    EvalPixels,
+    PreprocessConfig,
+    TrainAugment,
+    decode_rgb,
+    normalize,
+    pixel_stats,
+    train_images,
+)
+from mushroomclip.models.backbones import (
+    ModelLoadError,
+    load_backbone,
+    preprocess_from_image_processor,
+    preprocess_from_open_clip,
+    tiny_image_processor,
+)
 
 
 def encoded(image: Image.Image, fmt: str, **save) -> bytes:
@@ -23,6 +37,10 @@ def gradient(w: int = 40, h: int = 24) -> Image.Image:
     return Image.frombytes(
         "RGB", (w, h), bytes((x * 5 + c * 60) % 256 for _ in range(h) for x in range(w) for c in range(3))
     )
+
+
+def square(size: int, mean, std) -> PreprocessConfig:
+    return PreprocessConfig(size=(size, size), resize_size=size, interpolation="bicubic", mean=mean, std=std)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "BMP", "WEBP"])
@@ -58,7 +76,7 @@ def test_corrupt_file_is_a_clear_error_naming_it(tmp_path):
 
 
 def test_device_normalisation_equals_the_models_own_to_tensor_and_normalize():
-    preprocess = clip_transform(32, [0.48, 0.45, 0.40], [0.26, 0.26, 0.27])
+    preprocess = square(32, (0.48, 0.45, 0.40), (0.26, 0.26, 0.27))
     image = gradient(32, 32)
     mean, std = pixel_stats(preprocess)
     ours = normalize(T.PILToTensor()(image)[None], torch.tensor(mean), torch.tensor(std))
@@ -70,7 +88,7 @@ def test_device_normalisation_equals_the_models_own_to_tensor_and_normalize():
 def test_augmented_training_batches_are_uint8_crops_at_the_models_size(prepared):
     from mushroomclip.data.splits import load_splits
 
-    preprocess = clip_transform(32, [0.5] * 3, [0.5] * 3)
+    preprocess = square(32, (0.5,) * 3, (0.5,) * 3)
     split = load_splits(prepared[0])["train"]
     rows = train_images(split, preprocess)[:4]
     assert [tuple(p.shape) for p in rows["pixel_values"]] == [(3, 32, 32)] * 4
@@ -81,38 +99,69 @@ def test_augmented_training_batches_are_uint8_crops_at_the_models_size(prepared)
     assert torch.equal(a, TrainAugment(preprocess)(gradient(64, 48)))  # augmentation follows the seed
 
 
+def _grey_levels(pixels: torch.Tensor, reference: torch.Tensor, preprocess: PreprocessConfig) -> float:
+    """The largest difference between our uint8 crop, normalised, and a library's float input, in 0-255 grey levels."""
+    ours = normalize(pixels[None], torch.tensor(preprocess.mean), torch.tensor(preprocess.std))
+    return float(((ours - reference).abs() * torch.tensor(preprocess.std).view(1, 3, 1, 1)).max() * 255)
+
+
+@pytest.mark.parametrize("size", ["shortest_edge", "height_width"])
+@pytest.mark.parametrize("resample", [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR])
+def test_evaluation_pixels_equal_the_hf_image_processors_own(size, resample):
+    from transformers import CLIPImageProcessor
+
+    sizes = {"shortest_edge": {"shortest_edge": 40}, "height_width": {"height": 40, "width": 36}}[size]
+    processor = CLIPImageProcessor(size=sizes, crop_size={"height": 32, "width": 28}, resample=resample,
+                                   image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])  # fmt: skip
+    preprocess = preprocess_from_image_processor(processor)
+    assert preprocess.size == (32, 28) and preprocess.mean == (0.5, 0.4, 0.3) and preprocess.std == (0.2, 0.25, 0.3)
+    reference = processor(images=gradient(90, 60), return_tensors="pt")["pixel_values"]
+    pixels = EvalPixels(preprocess)(gradient(90, 60))
+    assert pixels.dtype == torch.uint8 and pixels.shape == reference.shape[1:]
+    assert _grey_levels(pixels, reference, preprocess) < 1e-3  # the processor resizes with torchvision too
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+def test_evaluation_pixels_match_open_clips_own_transform(resize_mode):
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = dict(load_backbone("tiny-openclip").model.visual.preprocess_cfg, resize_mode=resize_mode)
+    reference = image_transform_v2(PreprocessCfg(**cfg), is_train=False)(gradient(90, 60))[None]
+    preprocess = preprocess_from_open_clip(cfg)
+    pixels = EvalPixels(preprocess)(gradient(90, 60))
+    assert pixels.shape == reference.shape[1:] == (3, 32, 32)
+    assert _grey_levels(pixels, reference, preprocess) <= 1 + 1e-3  # Pillow's resampling rounds differently
+
+
 @pytest.mark.parametrize("model", ["tiny-clip", "tiny-openclip"])
-def test_evaluation_pixels_match_the_models_own_pillow_preprocessing(model, tmp_path):
-    from mushroomclip.data.transforms import eval_transform
-    from mushroomclip.models.backbones import load_backbone
-
-    backbone = load_backbone(model, random_weights=True)
-    fast = eval_transform(backbone.preprocess)
-    assert fast is not None  # every registered model's preprocessing has a uint8 twin
-    path = tmp_path / "photo.png"
-    gradient(90, 60).save(path)
-    ours = backbone.encode_images(fast(decode_rgb({"bytes": None, "path": str(path)}))[None])
-    reference = backbone.encode_images(backbone.preprocess(Image.open(path))[None])
-    assert torch.allclose(ours, reference, atol=2e-2)  # resampling differs by at most a grey level
-    pixels = normalize(
-        fast(decode_rgb(gradient(90, 60)))[None], *(torch.tensor(v) for v in pixel_stats(backbone.preprocess))
-    )
-    assert (pixels - backbone.preprocess(gradient(90, 60))[None]).abs().max() <= 2 / 255 / min(
-        pixel_stats(backbone.preprocess)[1]
-    )
-
-
-def test_unknown_preprocessing_keeps_pillow(prepared):
+def test_every_transform_is_built_from_the_backbones_one_preprocess_config(model, prepared):
     from mushroomclip.data.splits import load_splits
-    from mushroomclip.data.transforms import eval_transform
-    from mushroomclip.evaluation.features import PreprocessedImages
 
-    custom = T.Compose(
-        [T.Resize(32), T.CenterCrop(32), T.ColorJitter(0.1), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
-    )
-    assert eval_transform(custom) is None
-    pixels, _ = PreprocessedImages(load_splits(prepared[0])["test"], custom)[0]
-    assert pixels.dtype == torch.float32 and pixels.shape == (3, 32, 32)
+    backbone = load_backbone(model)
+    preprocess = backbone.preprocess
+    if model == "tiny-clip":  # the randomly initialised HF model carries OpenAI CLIP's processor, at its size
+        assert preprocess == preprocess_from_image_processor(tiny_image_processor(32))
+    else:
+        assert preprocess == preprocess_from_open_clip(backbone.model.visual.preprocess_cfg)
+    smaller = PreprocessConfig(**{**vars(preprocess), "size": (16, 16), "resize_size": 20})  # the transforms follow it
+    split = load_splits(prepared[0])["train"]
+    assert train_images(split, smaller)[0]["pixel_values"].shape == (3, 16, 16)
+    assert EvalPixels(smaller)(gradient(90, 60)).shape == (3, 16, 16)
+    assert pixel_stats(smaller) == (list(preprocess.mean), list(preprocess.std))
+
+
+def test_preprocessing_the_uint8_pipeline_cannot_apply_is_a_clear_error():
+    with pytest.raises(ValueError, match="image interpolation 'lanczos' is not one of nearest, .*bicubic"):
+        PreprocessConfig(size=(32, 32), resize_size=32, interpolation="lanczos", mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(ValueError, match=r"resize_mode 'longest', size 32x32\) is not supported"):
+        preprocess_from_open_clip({"size": 32, "resize_mode": "longest", "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    from types import SimpleNamespace
+
+    from mushroomclip.models.backbones import _open_clip_preprocess, resolve_spec
+
+    longest = SimpleNamespace(visual=SimpleNamespace(preprocess_cfg={"size": 32, "resize_mode": "longest"}))
+    with pytest.raises(ModelLoadError, match=r"could not load model 'open_clip:X' \(X\): its preprocessing .*longest"):
+        _open_clip_preprocess(longest, "open_clip:X", resolve_spec("open_clip:X"))
 
 
 class _Niceness(torch.utils.data.Dataset):
@@ -218,3 +267,24 @@ def test_a_16_bit_greyscale_photo_decodes_to_its_8_high_bits(fmt):
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 48, 40)
     expected = torch.from_numpy((grey16 >> 8).astype(np.uint8))
     assert all(torch.equal(channel, expected) for channel in pixels)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_jpeg_and_png_decode_through_torchcodec_to_torchvisions_former_pixels(fmt):
+    """torchvision 0.29 deprecates its image decoders for TorchCodec's: the same pixels, no warning to silence."""
+    import warnings
+
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as torchvision_decode
+
+    from mushroomclip.data import transforms
+
+    assert transforms.decode_image.__module__.startswith("torchcodec")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encoded(gradient(), fmt, **({"quality": 90, "exif": exif} if fmt == "JPEG" else {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        before = torchvision_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                    apply_exif_orientation=True)  # fmt: skip
+    assert torch.equal(decode_rgb({"bytes": data, "path": None}), before)

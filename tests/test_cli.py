@@ -18,12 +18,12 @@ def run(*args, check=True):
 
 
 @pytest.mark.parametrize("script", ["data_scripts/prepare_kaggle.py", "data_scripts/make_synthetic.py"])
-def test_every_flag_is_in_help_and_readme(script):
+def test_every_flag_is_in_help_and_docs(script):
     help_text = run(script, "--help").stdout
     flags = set(re.findall(r"--[a-z][a-z-]+", help_text)) - {"--help"}
     assert "--output" in flags and "--num-proc" in flags and "--taxonomy" in flags
-    readme = (ROOT / "README.md").read_text()
-    assert not [f for f in flags if f not in readme], "flags missing from README.md"
+    docs = (ROOT / "docs" / "data.md").read_text()
+    assert not [f for f in flags if f not in docs], "flags missing from docs/data.md"
 
 
 def test_synthetic_then_prepare_prints_the_summary(tmp_path):
@@ -70,7 +70,23 @@ def test_synthetic_then_prepare_prints_the_summary(tmp_path):
         ),
     ],
 )
-def test_errors_are_one_clear_line(args, message):
-    result = run("data_scripts/prepare_kaggle.py", *args, check=False)
+@pytest.mark.parametrize("program", [["data_scripts/prepare_kaggle.py"], ["-m", "mushroomclip", "prepare"]])
+def test_errors_are_one_clear_line(args, message, program):
+    result = run(*program, *args, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(message) and "Traceback" not in result.stderr
+
+
+# python -m mushroomclip.hub push: the retry command a failed push prints
+@pytest.mark.parametrize("program", [["-m", "mushroomclip", "push"], ["-m", "mushroomclip.hub", "push"]])
+def test_push_of_an_unfinished_run_is_one_line(tmp_path, program):
+    result = run(*program, str(tmp_path), "--repo-id", "someone/x", check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {tmp_path} is not a finished run (missing adapter_config.json")
+    assert result.stderr.count("\n") == 1
+
+
+def test_python_m_convert_still_runs_the_convert_command():
+    """README, configs and converted cards name ``python -m mushroomclip.models.convert``."""
+    result = run("-m", "mushroomclip.models.convert", "--output", "out", check=False)
+    assert result.returncode == 2 and "the following arguments are required: --model" in result.stderr

@@ -5,14 +5,15 @@ import torch.nn.functional as F
 from fake_hub import LOGIT_SCALE, TINY_BIOCLIP2_MODEL_CFG, open_clip_files, use_offline_cache, write_snapshot
 from PIL import Image
 
-from mushroomclip.models.backbones import load_backbone, offline_clip_tokenizer
+from mushroomclip.commands.convert import main as convert_main
+from mushroomclip.data.transforms import EvalPixels
+from mushroomclip.models.backbones import load_backbone, offline_clip_tokenizer, preprocess_from_open_clip
 from mushroomclip.models.convert import (
     ConversionError,
     convert_open_clip,
     image_processor_from_open_clip,
     max_embedding_difference,
 )
-from mushroomclip.models.convert import main as convert_main
 
 SHRUNK_L14 = dict(  # ViT-L-14's shape rules (patch 14, GELU), small enough for CPU tests
     embed_dim=48,
@@ -63,7 +64,8 @@ def test_converted_folder_loads_as_an_hf_backbone_with_the_source_preprocessing(
     with torch.no_grad():
         reference = F.normalize(model.encode_image(preprocess(image)[None]), dim=-1)
         text_ref = F.normalize(model.encode_text(open_clip.get_tokenizer("ViT-L-14")(["fly agaric"])), dim=-1)
-    assert (backbone.encode_images(backbone.preprocess(image)[None]) - reference).abs().max() <= 1e-4
+    assert backbone.preprocess == preprocess_from_open_clip(model.visual.preprocess_cfg)
+    assert (backbone.encode_images(EvalPixels(backbone.preprocess)(image)[None]) - reference).abs().max() <= 1e-4
     assert (backbone.encode_texts(["fly agaric"]) - text_ref).abs().max() <= 1e-4
 
 
@@ -152,4 +154,4 @@ def test_lora_bioclip2_config_trains_the_folder_its_conversion_command_writes():
     path = Path(__file__).parents[1] / "configs/lora_bioclip2.yaml"
     cfg = load_train_config(path)
     assert f"--output {cfg.model.base} " in path.read_text()  # the header's convert command
-    assert (cfg.training.precision, cfg.lora.towers, cfg.loss.name) == ("bf16", ["vision", "text"], "class_text")
+    assert (cfg.training.bf16, cfg.lora.towers, cfg.loss.name) == (True, ["vision", "text"], "class_text")

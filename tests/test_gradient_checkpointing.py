@@ -1,4 +1,4 @@
-"""training.gradient_checkpointing: the same loss and LoRA gradients, with each layer's forward run twice."""
+"""training.activation_checkpointing: the same loss and LoRA gradients, with each layer's forward run twice."""
 
 import torch
 import torch.nn.functional as F
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from mushroomclip.config import load_train_config
 from mushroomclip.models.backbones import load_backbone
 from mushroomclip.models.lora import add_lora
-from mushroomclip.training.trainer import training_arguments
+from mushroomclip.training.trainer import trainer_arguments
 
 
 def _loss_and_lora_grads(checkpointing_kwargs: dict | None) -> tuple[torch.Tensor, dict, int]:
@@ -35,10 +35,10 @@ def _loss_and_lora_grads(checkpointing_kwargs: dict | None) -> tuple[torch.Tenso
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # training_arguments sets it
-    cfg = load_train_config(None, ["model.base=tiny-clip", "training.gradient_checkpointing=true"])
-    args = training_arguments(cfg, tmp_path, steps_per_epoch=1)
-    assert args.activation_checkpointing is True
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # trainer_arguments sets it
+    cfg = load_train_config(None, ["model.base=tiny-clip", "training.activation_checkpointing=true"])
+    args = trainer_arguments(cfg.training, tmp_path)
+    assert args.activation_checkpointing is True and args.activation_checkpointing_kwargs == {"use_reentrant": False}
 
     loss, grads, calls = _loss_and_lora_grads(None)
     loss_ckpt, grads_ckpt, calls_ckpt = _loss_and_lora_grads(args.activation_checkpointing_kwargs)
@@ -58,9 +58,11 @@ def test_gradient_checkpointing_is_off_by_default_and_on_in_the_bioclip2_config(
     from pathlib import Path
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    assert not training_arguments(load_train_config(None), tmp_path, steps_per_epoch=1).activation_checkpointing
+    assert not trainer_arguments(load_train_config(None).training, tmp_path).activation_checkpointing
     config = Path(__file__).parents[1] / "configs/lora_bioclip2.yaml"
-    assert load_train_config(config).training.gradient_checkpointing is True
+    assert load_train_config(config).training.activation_checkpointing is True
+    # transformers' deprecated name still works (its alias) and is also a key that may change on --resume
+    assert load_train_config(None, ["training.gradient_checkpointing=true"]).training.activation_checkpointing
 
 
 def test_a_run_may_be_resumed_with_gradient_checkpointing_switched(tmp_path):
@@ -73,5 +75,6 @@ def test_a_run_may_be_resumed_with_gradient_checkpointing_switched(tmp_path):
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
     (checkpoint / CHECKPOINT_CONFIG).write_text(yaml.safe_dump(load_train_config(None).to_dict()))
-    config = load_train_config(None, ["training.gradient_checkpointing=true"]).to_dict()
-    check_run_folder(tmp_path, config, resume=True, overwrite=False)  # no RunFolderError
+    for key in ("activation_checkpointing", "gradient_checkpointing"):
+        config = load_train_config(None, [f"training.{key}=true"]).to_dict()
+        check_run_folder(tmp_path, config, resume=True, overwrite=False)  # no RunFolderError

@@ -25,6 +25,7 @@ from fake_hub import (
 )
 from PIL import Image
 
+from mushroomclip.data.transforms import EvalPixels
 from mushroomclip.models.backbones import ModelLoadError, hub_reachable, load_backbone
 
 # name -> (repo, weight file, image size from its config, files builder)
@@ -49,10 +50,9 @@ def test_registered_model_loads_from_a_complete_offline_snapshot(hub_cache, name
     write_snapshot(hub_cache, repo, files())
     backbone = load_backbone(name)
     assert backbone.logit_scale == pytest.approx(LOGIT_SCALE, rel=1e-5)  # the snapshot's weights; random init is 14.3
-    pixels = backbone.preprocess(Image.new("RGB", (90, 60), (180, 120, 40)))
+    pixels = EvalPixels(backbone.preprocess)(Image.new("RGB", (90, 60), (180, 120, 40)))
     assert pixels.shape == (3, image_size, image_size)  # preprocessing as the repo configures it
-    normalize = backbone.preprocess.transforms[-1]
-    assert list(normalize.mean) == pytest.approx(OPENAI_MEAN)
+    assert list(backbone.preprocess.mean) == pytest.approx(OPENAI_MEAN)
     images, texts = backbone.encode_images(pixels[None]), backbone.encode_texts(["a photo of Amanita muscaria."])
     assert torch.isfinite(images).all() and torch.isfinite(texts).all()
     assert torch.allclose(images.norm(dim=-1), torch.ones(1), atol=1e-5)

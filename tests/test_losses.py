@@ -1,11 +1,12 @@
 """Each loss against a value worked out by hand on 2-D embeddings."""
 
 import math
+import re
 
 import pytest
 import torch
 
-from mushroomclip.training.losses import class_text_loss, clip_loss, multi_positive_loss
+from mushroomclip.training.losses import LOSSES, LossInputs, class_text_loss, clip_loss, multi_positive_loss
 
 E1, E2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
 SCALE = torch.tensor(2.0)
@@ -110,3 +111,101 @@ def test_zero_shot_logits_keep_the_logit_scale_and_scores_in_fp32_under_bf16_aut
         naive = logit_scale.exp() * images @ classes.T  # the product in bf16: 2-3 significant digits
     assert logits.dtype == torch.float32 and torch.allclose(logits.double(), expected, rtol=1e-5)
     assert not torch.allclose(naive.double(), expected, rtol=1e-3)  # what the fp32 guard is for
+
+
+def test_every_loss_of_the_table_is_its_function_on_the_inputs():
+    images = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    labels = torch.tensor([0, 0, 1, 3])
+    batch = LossInputs(images, texts, labels, SCALE)
+    assert set(LOSSES) == {"class_text", "clip", "multi_positive", "hierarchical_soft", "hierarchical_xent"}
+    assert torch.equal(LOSSES["class_text"](batch), class_text_loss(images, texts, labels, SCALE))
+    assert torch.equal(LOSSES["clip"](batch), clip_loss(images, texts, SCALE))
+    assert torch.equal(LOSSES["multi_positive"](batch), multi_positive_loss(images, texts, labels, SCALE))
+    assert torch.equal(batch.class_logits(), SCALE * images @ texts.T)
+
+
+def test_compute_loss_dispatches_through_the_table_with_class_logits_and_context(tmp_path, monkeypatch):
+    """A loss on class logits (as a hierarchical one would be) is one more entry of LOSSES."""
+    from transformers import TrainingArguments
+
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.lora import add_lora
+    from mushroomclip.training import losses
+    from mushroomclip.training.trainer import ContrastiveTrainer
+
+    seen = []
+
+    def on_class_logits(batch: LossInputs) -> torch.Tensor:
+        seen.append((batch.class_logits().shape, batch.labels.tolist(), batch.context))
+        return torch.nn.functional.cross_entropy(batch.class_logits(), batch.labels) * 0 + 7
+
+    monkeypatch.setitem(losses.LOSSES, "on_class_logits", on_class_logits)
+    backbone = load_backbone("tiny-clip")
+    model = add_lora(backbone.model, 4, 8, 0.0, ["vision", "text"], ["q_proj", "v_proj"], False)
+    ids = backbone.tokenize(["Amanita muscaria", "Boletus edulis", "Cantharellus cibarius"])
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = ContrastiveTrainer(model=model, args=args, class_input_ids=ids, loss_name="on_class_logits",
+                                 evaluator=None, loss_context={"taxonomy": "the run's table"})  # fmt: skip
+    inputs = {"pixel_values": torch.randn(5, 3, 32, 32), "labels": torch.tensor([0, 2, 1, 1, 0])}
+    assert trainer.compute_loss(model, inputs).item() == 7
+    assert seen == [((5, 3), [0, 2, 1, 1, 0], {"taxonomy": "the run's table"})]  # (B, C): every class's prompt
+
+
+def toy_taxonomy():
+    """Four bundled species: deadly, edible, edible, poisonous (class ids in that order)."""
+    from mushroomclip.taxonomy import Taxonomy, load_taxonomy
+
+    full = load_taxonomy()
+    names = ["Amanita phalloides", "Amanita rubescens", "Boletus edulis", "Amanita muscaria"]
+    return Taxonomy([full.species[full.id(name)] for name in names], "toy", b"toy")
+
+
+def test_hierarchical_losses_and_the_danger_term_are_table_entries_on_the_class_logits():
+    from mushroomclip.training.losses import (
+        danger_penalty,
+        hierarchical_soft_loss,
+        hierarchical_xent_loss,
+        hierarchy_tensors,
+        loss_context,
+        training_loss,
+    )
+
+    taxonomy = toy_taxonomy()
+    loss_args = type("LossArguments", (), {"beta": 7.0, "alpha": 0.3, "danger_weight": 0.0})
+    images = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    labels = torch.tensor([0, 1, 2, 3, 0, 3])
+    batch = LossInputs(images, texts, labels, SCALE, loss_context(taxonomy, loss_args))
+    logits, tensors = SCALE * images @ texts.T, hierarchy_tensors(taxonomy)
+    soft = hierarchical_soft_loss(logits, labels, tensors.lca_distance, 7.0)
+    hxe = hierarchical_xent_loss(logits, labels, tensors.lineage, 0.3)
+    assert torch.allclose(LOSSES["hierarchical_soft"](batch), soft) and torch.allclose(LOSSES["hierarchical_xent"](batch), hxe)
+    assert torch.equal(training_loss("hierarchical_soft", batch), LOSSES["hierarchical_soft"](batch))  # weight 0: off
+    batch.context["danger_weight"] = 2.0
+    # by hand: the edible mass (classes 1, 2) of the images whose truth is deadly or poisonous (0, 3, 0, 3)
+    probs = logits.softmax(dim=1)
+    by_hand = sum(probs[i, 1] + probs[i, 2] for i in (0, 3, 4, 5)) / 6
+    assert torch.allclose(danger_penalty(logits, labels, tensors.dangerous, tensors.edible), by_hand)
+    assert torch.allclose(training_loss("hierarchical_xent", batch), hxe + 2.0 * by_hand)
+    assert torch.allclose(training_loss("class_text", batch), class_text_loss(images, texts, labels, SCALE) + 2.0 * by_hand)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.danger_weight=-1", "loss.danger_weight must be 0 (off) or more"),
+        ("loss.beta=0", "loss.beta must be positive"),
+        ("loss.alpha=-0.5", "loss.alpha must be 0 or more"),
+        ("loss.name=hierarchical_sfot", "loss.name must be one of class_text, clip, multi_positive, hierarchical_soft"),
+    ],
+)
+def test_loss_settings_a_run_cannot_use_are_config_errors(override, message):
+    from pathlib import Path
+
+    from mushroomclip.config import ConfigError, load_train_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(Path(__file__).parents[1] / "configs/tiny.yaml", [override])
+    with pytest.raises(ConfigError, match="loss.danger_weight needs the scores of every class"):
+        load_train_config(Path(__file__).parents[1] / "configs/tiny.yaml", ["loss.name=clip", "loss.danger_weight=1"])

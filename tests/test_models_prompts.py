@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mushroomclip.data.transforms import EvalPixels
 from mushroomclip.models.backbones import ModelLoadError, load_backbone, offline_clip_tokenizer, resolve_spec
 from mushroomclip.models.prompts import (
     OPENAI_TEMPLATES,
@@ -71,7 +72,7 @@ def test_padding_to_the_longest_prompt_gives_the_same_text_embeddings_as_padding
 @pytest.mark.parametrize("name", ["tiny-clip", "tiny-openclip"])
 def test_tiny_backbones_give_normalised_deterministic_embeddings(name):
     a, b = load_backbone(name), load_backbone(name)
-    pixels = torch.stack([a.preprocess(Image.new("RGB", (90, 60), c)) for c in ((200, 0, 0), (0, 0, 200))])
+    pixels = torch.stack([EvalPixels(a.preprocess)(Image.new("RGB", (90, 60), c)) for c in ((200, 0, 0), (0, 0, 200))])
     assert pixels.shape == (2, 3, 32, 32)  # the model's own image size, from its config
     images, texts = a.encode_images(pixels), a.encode_texts(["a photo of x.", "fly agaric"])
     assert images.shape == (2, 32) and texts.shape == (2, 32)
@@ -80,10 +81,15 @@ def test_tiny_backbones_give_normalised_deterministic_embeddings(name):
     assert a.cache_id == b.cache_id
 
 
-def test_openai_templates_are_open_clips():
+def test_openai_templates_render_class_names_as_open_clips_own():
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-    assert OPENAI_TEMPLATES == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert len(OPENAI_TEMPLATES) == 80 and OPENAI_TEMPLATES[0] == "a bad photo of a {}."
+    tax = load_taxonomy()
+    for species in ("Amanita muscaria", "Boletus edulis"):
+        name = tax.text(species, "sci_com")
+        ours = class_prompts(tax, "sci_com", OPENAI_TEMPLATES)[tax.id(species)]
+        assert ours == [template(name) for template in OPENAI_IMAGENET_TEMPLATES]
 
 
 def test_class_prompts_render_each_text_type_in_each_template():

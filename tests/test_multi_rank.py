@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import torch.multiprocessing as mp
 
 from mushroomclip.training.losses import clip_loss, multi_positive_loss
 
+ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 SCALE = torch.tensor(5.0)
 
@@ -170,3 +174,71 @@ def test_two_ranks_give_exactly_the_single_process_metrics_and_contrastive_loss(
         assert got["miou"] == expected["miou"]  # what Trainer logs and picks the best checkpoint on
         assert got["loss"] == pytest.approx(loss, abs=1e-6)  # the clip loss over the 6 images of both ranks
         assert got["steps"] == 2 * 3  # each rank scored its share (3 one-image batches of 5), not all 5, twice
+
+
+def test_torchrun_trains_two_cpu_ranks_that_agree_and_only_rank_zero_writes(prepared, tmp_path):
+    from test_training import tiny_overrides
+
+    out = tmp_path / "ddp"
+    # Each rank's debug line (LoRA checksum) goes to a file of its own: a sitecustomize module sets up the logger.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import logging, os\n"
+        "if 'RANK' in os.environ:\n"
+        "    logger = logging.getLogger('mushroomclip')\n"
+        "    logger.setLevel(logging.DEBUG)\n"
+        f"    logger.addHandler(logging.FileHandler(f'{tmp_path}/rank{{os.environ[\"RANK\"]}}.log'))\n"
+    )
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    # The documented command for several CPU processes (gloo); --standalone picks a free port.
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(WORLD), "train.py",
+           "--config", "configs/tiny.yaml",
+           *tiny_overrides(prepared[0], out, **{"training.max_steps": 10, "training.eval_steps": 10, "training.per_device_train_batch_size": 8})]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "lora-checksum" not in output and "accelerate launch --cpu starts" not in output
+    # rank 0's file also holds its progress lines (INFO): the checksum line of each rank is compared
+    ranks = [next(line for line in (tmp_path / f"rank{rank}.log").read_text().splitlines() if "lora-checksum" in line).split()
+             for rank in range(WORLD)]  # fmt: skip
+    assert [words[1] for words in ranks] == ["0", "1"]  # both ranks trained ...
+    assert ranks[0][2:] == ranks[1][2:], ranks  # ... to the same step, LoRA weights and val mIoU
+    assert output.count("best validation mIoU") == 1  # the summary comes from rank 0 only
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 10 and metrics["processes"] == WORLD and metrics["precision"] == "fp32"
+
+
+def _launch_env(accelerate_args: list[str], monkeypatch) -> dict[str, str]:
+    """The environment ``accelerate launch ACCELERATE_ARGS train.py`` gives the process it starts."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "PMI_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args([*accelerate_args, "train.py"]))
+    assert args.cpu  # with --cpu, accelerate's launch_command always takes its single-process launcher
+    command, env = prepare_simple_launcher_cmd_env(args)
+    assert command[-1] == "train.py" and "mpirun" not in command[0]  # one process, this one
+    return env
+
+
+@pytest.mark.parametrize(
+    ("accelerate_args", "extra_env", "alone"),
+    [
+        (["--cpu", "--num_processes", "2"], {}, True),
+        (["--cpu", "--num_processes", "3", "--num_machines", "1", "--main_process_port", "29999"], {}, True),
+        (["--cpu"], {}, False),
+        (["--cpu", "--num_processes", "1"], {}, False),
+        (["--cpu", "--num_processes", "2"], {"PMI_SIZE": "2"}, False),  # one rank of an MPI launch
+    ],
+)
+def test_warning_when_accelerate_starts_one_of_several_cpu_processes(
+    accelerate_args, extra_env, alone, monkeypatch, caplog
+):
+    from mushroomclip.training import collectives
+
+    monkeypatch.setattr(os, "environ", _launch_env(accelerate_args, monkeypatch) | extra_env)
+    assert collectives.accelerate_started_one_cpu_process() is alone
+    collectives.warn_if_accelerate_started_one_cpu_process()
+    warnings = [r.getMessage() for r in caplog.records if r.name == collectives.__name__]
+    assert len(warnings) == alone
+    assert all("\n" not in line and "torchrun --standalone --nproc_per_node N" in line for line in warnings)

@@ -17,11 +17,11 @@ import torch
 from fake_hub import TINY_BIOCLIP_MODEL_CFG, open_clip_files, use_offline_cache, write_snapshot
 from PIL import Image
 
+from mushroomclip.commands.convert import main as convert_main
 from mushroomclip.config import ConfigError, load_train_config
 from mushroomclip.hub import PushError, push_run
 from mushroomclip.models.classifier import AdapterError, load_classifier
 from mushroomclip.models.convert import RECIPE_FILE, converted_cache
-from mushroomclip.models.convert import main as convert_main
 from mushroomclip.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,9 +68,7 @@ def train(world, name: str, base: Path, **extra) -> Path:
     out = converted.parents[1] / "runs" / name
     values = {"model.base": base, "data.path": data, "training.output_dir": out, "training.max_steps": 3,
               "training.eval_steps": 3, "training.logging_steps": 1, "data.num_workers": 0} | extra  # fmt: skip
-    run_training(
-        load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in values.items()]), log=lambda _: None
-    )
+    run_training(load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in values.items()]))
     return out
 
 
@@ -238,6 +236,7 @@ def test_convert_push_to_hub_publishes_the_folder_with_a_card_crediting_the_sour
 
 
 def test_a_convert_base_trains_and_loads_like_the_converted_folder(world):
+    from mushroomclip.data.transforms import EvalPixels
     from mushroomclip.models.backbones import load_backbone
     from mushroomclip.models.classifier import backbone_name, base_record
 
@@ -246,7 +245,7 @@ def test_a_convert_base_trains_and_loads_like_the_converted_folder(world):
     assert base_record(spec) == {"base_model": spec, "base_conversion": json.loads((base / RECIPE_FILE).read_text())}
     assert base_record(str(base), "someone/bioclip-hf")["base_model"] == "someone/bioclip-hf"
     on_demand, folder = load_backbone(backbone_name(spec)), load_backbone(f"hf:{base}")
-    pixels = torch.stack([folder.preprocess(im) for im in IMAGES])
+    pixels = torch.stack([EvalPixels(folder.preprocess)(im) for im in IMAGES])
     assert torch.equal(on_demand.encode_images(pixels), folder.encode_images(pixels))
     assert torch.equal(on_demand.encode_texts(["Amanita muscaria"]), folder.encode_texts(["Amanita muscaria"]))
 

@@ -3,6 +3,7 @@ wrong table, and a batch of photos that survives its bad files."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from mushroomclip.config import load_train_config
-from mushroomclip.evaluation.zeroshot import EvalConfig, evaluate
+from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
 from mushroomclip.models.classifier import CLASSES_FILE, AdapterError, load_classifier
 from mushroomclip.training.trainer import run_training
 
@@ -38,10 +39,8 @@ def runs(prepared, tmp_path_factory) -> Path:
     """A folder of runs holding one 2-step tiny adapter, ``good``, trained on the prepared data. Read-only."""
     runs = tmp_path_factory.mktemp("runs")
     overrides = {"data.path": prepared[0], "training.output_dir": runs / "good", "training.max_steps": 2,
-                 "training.eval_steps": 2, "training.test_after": False, "data.num_workers": 0}  # fmt: skip
-    run_training(
-        load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()]), log=lambda *a: None
-    )
+                 "training.eval_steps": 2, "run.test_after": False, "data.num_workers": 0}  # fmt: skip
+    run_training(load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()]))
     record = json.loads((runs / "good" / CLASSES_FILE).read_text())
     trained = species_with_images(prepared[0])
     assert record.get("trained_species", trained) == trained  # what the trainer writes, where it does
@@ -149,10 +148,45 @@ def test_predict_scores_each_file_exactly_as_the_evaluation_pipeline(classifier,
     assert [p["probability"] for p in record["predictions"]] == pytest.approx(probs.values.tolist(), abs=1e-4)
 
 
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-openclip"])
+def test_a_photo_reaches_the_model_as_the_same_pixels_in_the_metrics_and_in_prediction(model, tmp_path, monkeypatch):
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    from mushroomclip.evaluation.features import image_features
+    from mushroomclip.models.backbones import load_backbone
+    from mushroomclip.models.classifier import Classifier
+    from mushroomclip.taxonomy import load_taxonomy
+
+    sensor = Image.new("RGB", (90, 60), (40, 90, 40))
+    sensor.paste((230, 60, 20), (4, 4, 30, 50))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # taken sideways: the upright photo is 60 x 90
+    (tmp_path / "photo.jpg").write_bytes(_jpeg(sensor, exif=exif))
+    sensor.convert("RGBA").save(tmp_path / "photo.png")
+    paths = [str(tmp_path / "photo.jpg"), str(tmp_path / "photo.png")]
+    backbone, taxonomy = load_backbone(model), load_taxonomy()
+    record = {"species": taxonomy.classes, "text_type": "sci", "templates": ["a photo of {}."]}
+    classifier = Classifier(backbone, record, taxonomy)  # what predict.py and the app score with
+    seen = []
+
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:  # what reaches the model
+        seen.append(pixels.clone())
+        return torch.zeros(len(pixels), classifier.class_embeddings.shape[1])
+
+    monkeypatch.setattr(backbone, "encode_images", encode_images)
+    split = Dataset.from_dict({"image": paths, "label": [0, 1]}).cast_column("image", ImageFeature())
+    image_features(backbone, split, batch_size=2, num_workers=0, progress=False)  # the metrics' path
+    classifier.logits(paths)  # predict.py's path
+    metrics, prediction = seen
+    assert metrics.dtype == torch.uint8 and metrics.shape == (2, 3, 32, 32)
+    assert torch.equal(metrics, prediction)
+
+
 # 6. --include-adapters takes a run only where it was trained on exactly this data's species.
 
 
-def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, prepared, tmp_path):
+def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, prepared, tmp_path, caplog):
     from mushroomclip.taxonomy import load_taxonomy
 
     folder = tmp_path / "runs"
@@ -161,11 +195,10 @@ def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, pre
     patch_record(copy_run(runs, folder / "wider"), trained_species=wider)
     patch_record(copy_run(runs, folder / "older"), trained_species=None)  # before trained_species was recorded
     (copy_run(runs, folder / "unfinished") / "adapter_config.json").unlink()
-    lines = []
-    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[], include_adapters=str(folder), shots=[],
-                               output=str(tmp_path / "res"), num_workers=0), log=lines.append)  # fmt: skip
+    rows = evaluate(EvaluationArguments(data=str(prepared[0]), models="", include_adapters=str(folder), shots="",
+                                        output=str(tmp_path / "res"), num_workers=0))  # fmt: skip
     assert [(r["model"], r["method"]) for r in rows] == [("lora-same", "LoRA")]
-    skipped = [line for line in lines if line.startswith("skipped ")]
+    skipped = [line for line in caplog.messages if line.startswith("skipped ")]
     assert skipped == [
         f"skipped {folder / 'older'}: its classes.json does not say which species it was trained on "
         "(trained_species: an older run)",
@@ -176,8 +209,8 @@ def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, pre
     summary = (tmp_path / "res" / "summary.md").read_text()
     assert all(f"> {line}" in summary for line in skipped)
     # named in --models, a run is evaluated as asked, with the mismatch said above the table
-    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[f"lora:{folder / 'wider'}"], shots=[],
-                               output=str(tmp_path / "named"), num_workers=0), log=lines.append)  # fmt: skip
+    rows = evaluate(EvaluationArguments(data=str(prepared[0]), models=f"lora:{folder / 'wider'}", shots="",
+                                        output=str(tmp_path / "named"), num_workers=0))  # fmt: skip
     assert [r["model"] for r in rows] == ["lora-wider"]
     assert (
         f"> lora:{folder / 'wider'}: {skipped[-1].split(': ', 1)[1]}; evaluated because --models names it"
@@ -185,7 +218,7 @@ def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, pre
     )
 
 
-def test_adapter_for_other_classes_is_a_clear_error_not_a_shape_error(runs, prepared, tmp_path):
+def test_adapter_for_other_classes_is_a_clear_error_not_a_shape_error(runs, prepared, tmp_path, caplog):
     from mushroomclip.taxonomy import load_taxonomy
 
     # an adapter whose own table lists only the 6 species it was trained on
@@ -197,16 +230,15 @@ def test_adapter_for_other_classes_is_a_clear_error_not_a_shape_error(runs, prep
     )
     patch_record(narrow, species=trained, taxonomy_sha256=load_taxonomy(narrow / "taxonomy.csv").fingerprint)
     assert load_classifier(str(narrow)).classes == trained  # a sound adapter, for other classes
-    cfg = EvalConfig(
-        data=str(prepared[0]), models=[f"lora:{narrow}"], shots=[], output=str(tmp_path / "res"), num_workers=0
+    cfg = EvaluationArguments(
+        data=str(prepared[0]), models=f"lora:{narrow}", shots="", output=str(tmp_path / "res"), num_workers=0
     )
     with pytest.raises(
         AdapterError, match=rf"{narrow} was trained on other classes \(6 species, this data's taxonomy has 169"
     ):
-        evaluate(cfg, log=lambda *a: None)
-    lines = []
-    evaluate(EvalConfig(**{**cfg.__dict__, "models": [], "include_adapters": str(narrow.parent)}), log=lines.append)
-    assert f"skipped {narrow}: its 6 classes are not this data's 169-species taxonomy" in lines
+        evaluate(cfg)
+    evaluate(dataclasses.replace(cfg, models="", include_adapters=str(narrow.parent)))
+    assert f"skipped {narrow}: its 6 classes are not this data's 169-species taxonomy" in caplog.messages
 
 
 # 14 and 16. predict.py: arguments checked first, folders expanded, bad files reported, the rest predicted.
@@ -277,7 +309,7 @@ def test_a_folder_becomes_one_csv_row_per_input_with_the_safety_answer(runs, pre
         assert row["top_species"].split(";") == [r.species for r in expected.rows]
 
 
-def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs, prepared, tmp_path):
+def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs, prepared, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "runs"
@@ -286,11 +318,10 @@ def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs,
     weights = load_file(broken / "adapter_model.safetensors")
     next(iter(weights.values())).view(-1)[0] = float("nan")
     save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
-    lines = []
-    rows = evaluate(EvalConfig(data=str(prepared[0]), models=[], include_adapters=str(folder), shots=[],
-                               output=str(tmp_path / "res"), num_workers=0), log=lines.append)  # fmt: skip
+    rows = evaluate(EvaluationArguments(data=str(prepared[0]), models="", include_adapters=str(folder), shots="",
+                                        output=str(tmp_path / "res"), num_workers=0))  # fmt: skip
     assert [r["model"] for r in rows] == ["lora-good"]
-    assert any(line.startswith(f"skipped {broken}: ") and "NaN or inf" in line for line in lines)
+    assert any(line.startswith(f"skipped {broken}: ") and "NaN or inf" in line for line in caplog.messages)
     assert f"> skipped {broken}: " in (tmp_path / "res" / "summary.md").read_text()
 
 

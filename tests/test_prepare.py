@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mushroomclip.data.kaggle import PrepareError, reroot
-from mushroomclip.data.prepare import PrepareOptions, prepare
+from mushroomclip.data.prepare import PrepareArguments, prepare
 from mushroomclip.data.synthetic import UNKNOWN_SPECIES, make_synthetic_download
 
 
@@ -76,7 +76,7 @@ def _repeats_of_skipped(rows, report) -> int:
 
 def test_keep_oversampling_repeats_rows_not_files(dirty_download, tmp_path):
     root, _ = dirty_download
-    report = prepare(PrepareOptions(root, tmp_path / "out", keep_oversampling=True, num_proc=1, progress=False))
+    report = prepare(PrepareArguments(root, tmp_path / "out", keep_oversampling=True, num_proc=1, progress=False))
     train = read_metadata(tmp_path / "out", "train")
     kept = {r["source"] for r in train}
     rows = [r["image_path"].split("/kaggle/working/", 1)[1] for r in csv_rows(root, "train.csv")]
@@ -138,7 +138,7 @@ def test_same_file_listed_in_two_csvs_is_kept_once_in_test(download_copy, tmp_pa
     val = csv_rows(download_copy, "val.csv")
     with (download_copy / "test.csv").open("a", newline="") as f:
         csv.writer(f).writerow([val[0]["image_path"], val[0]["label"]])
-    report = prepare(PrepareOptions(download_copy, tmp_path / "out", num_proc=1, progress=False))
+    report = prepare(PrepareArguments(download_copy, tmp_path / "out", num_proc=1, progress=False))
     source = val[0]["image_path"].split("/kaggle/working/", 1)[1]
     assert source in {r["source"] for r in read_metadata(tmp_path / "out", "test")}
     assert source not in {r["source"] for r in read_metadata(tmp_path / "out", "validation")}
@@ -166,7 +166,7 @@ def test_every_bad_input_is_skipped_and_reported(dirty_download, prepared):
 def test_bad_csv_rows_are_skipped_not_fatal(download_copy, tmp_path):
     with (download_copy / "val.csv").open("a", newline="") as f:
         csv.writer(f).writerows([["", "Amanita muscaria"], ["/kaggle/working/merged_dataset/x/1.jpg", ""]])
-    report = prepare(PrepareOptions(download_copy, tmp_path / "out", num_proc=1, progress=False))
+    report = prepare(PrepareArguments(download_copy, tmp_path / "out", num_proc=1, progress=False))
     assert report["skipped"]["bad_csv_row"] == 2
 
 
@@ -175,7 +175,7 @@ def test_random_split_is_stratified_seeded_and_stable(tmp_path):
     make_synthetic_download(root, classes=5, per_class=40, size=16, seed=2)
 
     def files(seed, name):
-        prepare(PrepareOptions(root, tmp_path / name, split="random", seed=seed, num_proc=1, progress=False))
+        prepare(PrepareArguments(root, tmp_path / name, split="random", seed=seed, num_proc=1, progress=False))
         return {s: {r["source"] for r in read_metadata(tmp_path / name, s)} for s in ("train", "validation", "test")}
 
     a, b, c = files(42, "a"), files(42, "b"), files(7, "c")
@@ -192,8 +192,8 @@ def test_random_split_needs_no_csvs(download_copy, tmp_path):
     for name in ("train.csv", "val.csv", "test.csv"):
         (download_copy / name).unlink()
     with pytest.raises(PrepareError, match="expected merged_dataset, train.csv, val.csv, test.csv.*--split random"):
-        prepare(PrepareOptions(download_copy, tmp_path / "out", progress=False))
-    report = prepare(PrepareOptions(download_copy, tmp_path / "out", split="random", num_proc=1, progress=False))
+        prepare(PrepareArguments(download_copy, tmp_path / "out", progress=False))
+    report = prepare(PrepareArguments(download_copy, tmp_path / "out", split="random", num_proc=1, progress=False))
     assert report["images"]["test"] > 0
 
 
@@ -201,7 +201,7 @@ def test_download_one_level_down_is_found(dirty_download, tmp_path):
     wrapper = tmp_path / "unzipped"
     wrapper.mkdir()
     os.symlink(dirty_download[0], wrapper / "mushroom-species")
-    report = prepare(PrepareOptions(wrapper, tmp_path / "out", num_proc=1, progress=False))
+    report = prepare(PrepareArguments(wrapper, tmp_path / "out", num_proc=1, progress=False))
     assert report["source"] == str(wrapper / "mushroom-species")
 
 
@@ -210,9 +210,9 @@ def test_unrecognised_layout_and_missing_folder_are_clear_errors(tmp_path):
     with pytest.raises(
         PrepareError, match="not a Kaggle 'Mushroom species recognition' download: expected merged_dataset"
     ):
-        prepare(PrepareOptions(tmp_path, tmp_path / "out", progress=False))
+        prepare(PrepareArguments(tmp_path, tmp_path / "out", progress=False))
     with pytest.raises(PrepareError, match="source folder .*nope does not exist"):
-        prepare(PrepareOptions(tmp_path / "nope", tmp_path / "out", progress=False))
+        prepare(PrepareArguments(tmp_path / "nope", tmp_path / "out", progress=False))
 
 
 def test_nothing_usable_fails_with_the_reasons(tmp_path):
@@ -221,7 +221,7 @@ def test_nothing_usable_fails_with_the_reasons(tmp_path):
     for image in (root / "merged_dataset").rglob("*.jpg"):
         image.write_bytes(b"not a jpeg")
     with pytest.raises(PrepareError, match=r"no usable images .*\(not_an_image 6\)"):
-        prepare(PrepareOptions(root, tmp_path / "out", num_proc=1, progress=False))
+        prepare(PrepareArguments(root, tmp_path / "out", num_proc=1, progress=False))
 
 
 def test_custom_taxonomy_admits_an_unknown_species(download_copy, tmp_path):
@@ -232,7 +232,7 @@ def test_custom_taxonomy_admits_an_unknown_species(download_copy, tmp_path):
         load_taxonomy().raw
         + b"Fakeus fungus,Fungi,Basidiomycota,Agaricomycetes,Agaricales,Fakeaceae,Fakeus,fake cap,edible,no,\n"
     )
-    report = prepare(PrepareOptions(download_copy, tmp_path / "out", taxonomy=table, num_proc=1, progress=False))
+    report = prepare(PrepareArguments(download_copy, tmp_path / "out", taxonomy=table, num_proc=1, progress=False))
     assert "unknown_label" not in report["skipped"]
     row = next(r for r in read_metadata(tmp_path / "out", "train") if r["species"] == UNKNOWN_SPECIES)
     assert int(row["label"]) == 169
@@ -254,7 +254,7 @@ def test_large_and_rotated_images_are_reencoded_small_ones_copied(tmp_path):
         text = (root / name).read_text().replace(f"{folder.name}/00002.jpg", f"{folder.name}/00002.png")
         (root / name).write_text(text)
     out = tmp_path / "out"
-    report = prepare(PrepareOptions(root, out, max_side=512, num_proc=1, progress=False))
+    report = prepare(PrepareArguments(root, out, max_side=512, num_proc=1, progress=False))
     assert report["reencoded"] == 3
     found = {
         Path(r["source"]).name: out / split / r["file_name"]
@@ -273,7 +273,7 @@ def test_copy_and_link_modes_keep_bytes(dirty_download, tmp_path):
     root, _ = dirty_download
     for mode in ("copy", "link"):
         out = tmp_path / mode
-        prepare(PrepareOptions(root, out, copy_mode=mode, num_proc=1, progress=False))
+        prepare(PrepareArguments(root, out, copy_mode=mode, num_proc=1, progress=False))
         row = read_metadata(out, "train")[0]
         dest, src = out / "train" / row["file_name"], root / row["source"]
         assert dest.read_bytes() == src.read_bytes()
@@ -283,10 +283,10 @@ def test_copy_and_link_modes_keep_bytes(dirty_download, tmp_path):
 def test_rerun_is_idempotent_and_skips_finished_files(dirty_download, tmp_path):
     root, _ = dirty_download
     out = tmp_path / "out"
-    first = prepare(PrepareOptions(root, out, num_proc=2, progress=False))
+    first = prepare(PrepareArguments(root, out, num_proc=2, progress=False))
     before = {s: (out / s / "metadata.csv").read_text() for s in ("train", "validation", "test")}
     files_before = output_files(out)
-    second = prepare(PrepareOptions(root, out, num_proc=2, progress=False))
+    second = prepare(PrepareArguments(root, out, num_proc=2, progress=False))
     assert first["processed"] > 0 and first["reused_from_earlier_run"] == 0
     assert second["processed"] == 0 and second["reused_from_earlier_run"] == first["processed"]
     assert {s: (out / s / "metadata.csv").read_text() for s in before} == before
@@ -296,21 +296,21 @@ def test_rerun_is_idempotent_and_skips_finished_files(dirty_download, tmp_path):
 
 def test_changed_source_file_is_processed_again(download_copy, tmp_path):
     out = tmp_path / "out"
-    prepare(PrepareOptions(download_copy, out, num_proc=1, progress=False))
+    prepare(PrepareArguments(download_copy, out, num_proc=1, progress=False))
     row = read_metadata(out, "train")[-1]  # a class without injected duplicates
     src = download_copy / row["source"]
     Image.new("RGB", (30, 30), (1, 2, 3)).save(src)
-    report = prepare(PrepareOptions(download_copy, out, num_proc=1, progress=False))
+    report = prepare(PrepareArguments(download_copy, out, num_proc=1, progress=False))
     assert (out / "train" / row["file_name"]).read_bytes() == src.read_bytes()
     assert report["processed"] == 1 and report["reused_from_earlier_run"] > 0
 
 
 def test_duplicate_that_stops_being_one_is_restored(download_copy, tmp_path):
     out = tmp_path / "out"
-    first = prepare(PrepareOptions(download_copy, out, num_proc=1, progress=False))
+    first = prepare(PrepareArguments(download_copy, out, num_proc=1, progress=False))
     twin = next(d for d in first["duplicates"] if d["kind"] == "within_split")
     Image.new("RGB", (30, 30), (9, 9, 9)).save(download_copy / twin["kept"])  # the twins now differ
-    second = prepare(PrepareOptions(download_copy, out, num_proc=1, progress=False))
+    second = prepare(PrepareArguments(download_copy, out, num_proc=1, progress=False))
     assert second["processed"] == 2  # the changed file, and its former twin written back
     assert "within_split" not in second["duplicates_removed"]
     assert twin["removed"] in {r["source"] for r in read_metadata(out, "train")}
@@ -321,8 +321,8 @@ def test_duplicate_that_stops_being_one_is_restored(download_copy, tmp_path):
 def test_switching_split_protocol_leaves_no_stale_files(dirty_download, tmp_path):
     root, _ = dirty_download
     out = tmp_path / "out"
-    prepare(PrepareOptions(root, out, num_proc=1, progress=False))
-    report = prepare(PrepareOptions(root, out, split="random", seed=3, num_proc=1, progress=False))
+    prepare(PrepareArguments(root, out, num_proc=1, progress=False))
+    report = prepare(PrepareArguments(root, out, split="random", seed=3, num_proc=1, progress=False))
     assert report["stale_files_removed"] > 0
     for split, files in output_files(out).items():
         assert files == {r["file_name"] for r in read_metadata(out, split)}

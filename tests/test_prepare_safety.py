@@ -15,7 +15,7 @@ from PIL import Image
 import mushroomclip.data.image_jobs as imaging
 import mushroomclip.data.prepare as prepare_module
 from mushroomclip.data.kaggle import PrepareError
-from mushroomclip.data.prepare import LOCK_NAME, PrepareOptions, prepare
+from mushroomclip.data.prepare import LOCK_NAME, PrepareArguments, prepare
 from mushroomclip.data.splits import load_splits
 from mushroomclip.data.synthetic import make_synthetic_download
 
@@ -29,8 +29,8 @@ def small_download(tmp_path) -> tuple[Path, dict]:
     return root, make_synthetic_download(root, classes=2, per_class=6, size=32, seed=3)
 
 
-def options(root: Path, out: Path, **kwargs) -> PrepareOptions:
-    return PrepareOptions(root, out, **{"num_proc": 1, "progress": False, **kwargs})
+def options(root: Path, out: Path, **kwargs) -> PrepareArguments:
+    return PrepareArguments(root, out, **{"num_proc": 1, "progress": False, **kwargs})
 
 
 def metadata(out: Path) -> list[dict]:

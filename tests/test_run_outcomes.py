@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def short_run(data: Path, out: Path, *extra: str) -> list[str]:
     """``train.py`` arguments for a few steps of the tiny model."""
     overrides = {"data.path": data, "training.output_dir": out, "training.max_steps": 4, "training.eval_steps": 4,
-                 "training.logging_steps": 1, "data.num_workers": 0, "training.test_after": False}  # fmt: skip
+                 "training.logging_steps": 1, "data.num_workers": 0, "run.test_after": False}  # fmt: skip
     return ["--config", str(ROOT / "configs/tiny.yaml"), *(f"{k}={v}" for k, v in overrides.items()), *extra]
 
 
@@ -34,9 +34,9 @@ def assert_one_error_line(err: str, starts: str) -> str:
 
 def test_diverging_run_stops_naming_the_step_and_writes_nothing(prepared, tmp_path, capsys):
     out = tmp_path / "run"
-    status, err = run_cli(capsys, short_run(prepared[0], out, "training.lr=1e10", "training.max_steps=8"))
+    status, err = run_cli(capsys, short_run(prepared[0], out, "training.learning_rate=1e10", "training.max_steps=8"))
     line = assert_one_error_line(err, "training diverged at step ")
-    assert status == 2 and "loss is nan" in line and "training.lr (now 1e+10)" in line
+    assert status == 2 and "loss is nan" in line and "training.learning_rate (now 1e+10)" in line
     assert not out.exists()  # no adapter, card, metrics or empty folder from NaN weights
 
 
@@ -55,17 +55,18 @@ def test_trained_weights_that_are_not_finite_are_never_written():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("training.batch_size=0", "training.batch_size must be at least 1, got 0"),
+        ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size must be at least 1, got 0"),
         ("lora.r=-1", "lora.r must be at least 1, e.g. 16, got -1"),
-        ("training.grad_accum=0", "training.grad_accum must be at least 1, got 0"),
+        ("training.gradient_accumulation_steps=0", "training.gradient_accumulation_steps must be at least 1, got 0"),
         ("data.num_workers=-1", "data.num_workers must be 0 (load in the main process) or more, got -1"),
         (
             "lora.target_modules=[nope]",
             "lora.target_modules must be a non-empty list of q_proj, k_proj, v_proj, out_proj, fc1, fc2, got ['nope']",
         ),  # fmt: skip
-        ("training.lr=-1e-4", "training.lr must be a positive number"),
+        ("training.learning_rate=-1e-4", "training.learning_rate must be a positive number"),
+        ("training.eval_steps=0", "training.eval_steps must be positive (or unset: every epoch), got 0"),
         ("lora.dropout=1.5", "lora.dropout must be in [0, 1), got 1.5"),
-        ("training.max_steps=0", "training.max_steps must be -1 (train for training.epochs) or at least 1, got 0"),
+        ("training.max_steps=0", "training.max_steps must be -1 (train for training.num_train_epochs) or at least 1, got 0"),
     ],
 )
 def test_values_a_run_cannot_use_are_one_config_error_each(override, message):
@@ -75,8 +76,8 @@ def test_values_a_run_cannot_use_are_one_config_error_each(override, message):
 
 
 def test_bad_value_from_the_cli_is_one_line_and_exit_2(tmp_path, capsys):
-    status, err = run_cli(capsys, short_run(tmp_path, tmp_path / "run", "training.batch_size=0"))
-    assert status == 2 and assert_one_error_line(err, "training.batch_size must be at least 1")
+    status, err = run_cli(capsys, short_run(tmp_path, tmp_path / "run", "training.per_device_train_batch_size=0"))
+    assert status == 2 and assert_one_error_line(err, "training.per_device_train_batch_size must be at least 1")
 
 
 def test_taxonomy_option_is_used_when_it_lists_the_prepared_species(prepared, tmp_path):
@@ -124,9 +125,12 @@ def test_finished_or_different_run_is_refused_and_overwrite_clears_only_what_tra
             err, f"{out} holds a finished run"
         )
     (out / "metrics.json").rename(out / "metrics.json.bak")  # as if stopped after its last checkpoint
-    status, err = run_cli(capsys, short_run(prepared[0], out, "training.lr=1e-3", "--resume"))
+    status, err = run_cli(capsys, short_run(prepared[0], out, "training.learning_rate=1e-3", "--resume"))
     line = assert_one_error_line(err, f"{out} holds a run stopped at checkpoint-4 with another config")
-    assert status == 2 and "(training.lr: 0.005 -> 0.001)" in line
+    assert status == 2 and "(training.learning_rate: 0.005 -> 0.001)" in line
+    status, err = run_cli(capsys, short_run(prepared[0], out, "training.adam_beta2=0.98", "--resume"))
+    line = assert_one_error_line(err, f"{out} holds a run stopped at checkpoint-4 with another config")
+    assert status == 2 and "(training.adam_beta2: 'unset' -> 0.98)" in line  # a key the first start left unset
     status, err = run_cli(
         capsys, short_run(prepared[0], out, "training.max_steps=3", "training.eval_steps=3", "--overwrite")
     )
@@ -164,8 +168,8 @@ def test_push_without_network_is_one_line_with_the_retry_command(prepared, tmp_p
     assert status == 3 and line.endswith(f"retry with: python -m mushroomclip.hub push {out} --repo-id someone/tiny")
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()  # the run is kept
 
-    from mushroomclip import hub
+    from mushroomclip.commands.push import main as push_main
 
-    assert hub.main(["push", str(out), "--repo-id", "someone/tiny", "--private"]) == 2
+    assert push_main([str(out), "--repo-id", "someone/tiny", "--private"]) == 2
     line = assert_one_error_line(capsys.readouterr().err, "could not push")
     assert line.endswith("--repo-id someone/tiny --private")

@@ -1,12 +1,16 @@
 import csv
+import importlib.util
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from mushroomclip.data.prepare import PrepareOptions, prepare
+from mushroomclip.data.prepare import PrepareArguments, prepare
 from mushroomclip.data.splits import load_splits
-from mushroomclip.data.synthetic import choose_species, make_synthetic_download
+from mushroomclip.data.synthetic import choose_genus_groups, choose_species, make_synthetic_download
 from mushroomclip.evaluation.baselines import colour_histograms, nearest_centroid_scores
 from mushroomclip.metrics import classification_metrics
 from mushroomclip.taxonomy import load_taxonomy
@@ -41,7 +45,7 @@ def test_species_choice_spreads_over_the_table_and_includes_a_deadly_one():
 
 def test_classes_are_learnable_from_pixels(tmp_path):
     make_synthetic_download(tmp_path / "dl", classes=8, per_class=30, size=32, seed=5)
-    prepare(PrepareOptions(tmp_path / "dl", tmp_path / "out", num_proc=1, progress=False))
+    prepare(PrepareArguments(tmp_path / "dl", tmp_path / "out", num_proc=1, progress=False))
     splits = load_splits(tmp_path / "out")
     train, test = splits["train"], splits["test"]
     scores = nearest_centroid_scores(
@@ -49,3 +53,39 @@ def test_classes_are_learnable_from_pixels(tmp_path):
     )
     m = classification_metrics(np.array(test["label"]), scores, 169)
     assert m["oa"] > 0.6  # chance is 1/8
+
+
+def test_genus_signal_draws_genus_groups_with_a_deadly_species():
+    tax = load_taxonomy()
+    picked = choose_genus_groups(tax, 8)
+    genera = Counter(tax[s].genus for s in picked)
+    assert len(picked) == 8 and len(genera) == 4 and set(genera.values()) == {2}
+    assert any(tax[s].edibility == "deadly" for s in picked)
+    assert choose_species(tax, 8) != picked  # the default choice is untouched
+    with pytest.raises(ValueError, match="--classes must be between 2 and 101 with --genus-signal"):
+        choose_genus_groups(tax, 102)
+
+
+def test_genus_signal_gives_each_genus_one_colour_family_in_the_pixels(tmp_path):
+    tax = load_taxonomy()
+    script = Path(__file__).resolve().parents[1] / "data_scripts" / "make_synthetic.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic", script)
+    make_synthetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_synthetic)
+    argv = ["--output", str(tmp_path / "dl"), "--classes", "6", "--per-class", "6", "--size", "32", "--num-proc", "1"]
+    assert make_synthetic.main([*argv, "--genus-signal"]) == 0
+    manifest = json.loads((tmp_path / "dl" / "synthetic_manifest.json").read_text())
+    assert manifest["genus_signal"] == {s: tax[s].genus for s in manifest["species"]}
+
+    def shape_colour(species: str) -> np.ndarray:
+        """Mean RGB of the saturated (shape) pixels over a species' images."""
+        pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB"), dtype=float).reshape(-1, 3)
+                                 for p in (tmp_path / "dl" / "merged_dataset" / species).glob("*.jpg")])  # fmt: skip
+        return pixels[pixels.max(1) - pixels.min(1) > 80].mean(0)
+
+    colours = {s: shape_colour(s) for s in manifest["species"]}
+    pairs = [(a, b) for a in colours for b in colours if a < b]
+    same = [np.linalg.norm(colours[a] - colours[b]) for a, b in pairs if tax[a].genus == tax[b].genus]
+    other = [np.linalg.norm(colours[a] - colours[b]) for a, b in pairs if tax[a].genus != tax[b].genus]
+    assert len(same) == 3 and max(same) < min(other)
+    assert make_synthetic.main([*argv, "--genus-signal", "--classes", "1"]) == 2

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from mushroomclip.data.splits import load_splits
+from mushroomclip.data.transforms import EvalPixels, normalize, pixel_stats
 from mushroomclip.evaluation.fewshot import sample_support, simpleshot_scores
-from mushroomclip.evaluation.zeroshot import EvalConfig, evaluate
+from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
 from mushroomclip.models.backbones import load_backbone
 from mushroomclip.models.prompts import templates_for
 from mushroomclip.taxonomy import load_taxonomy
@@ -22,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def evaluated(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    cfg = EvalConfig(data=str(prepared[0]), models=["tiny-clip", "tiny-openclip"], text_types=["sci", "taxon_com"],
-                     templates="single", output=str(out), shots=[1, 3], seeds=2, probe=True, num_workers=0)  # fmt: skip
-    rows = evaluate(cfg, log=lambda *a: None)
+    cfg = EvaluationArguments(data=str(prepared[0]), models="tiny-clip,tiny-openclip", text_type="sci,taxon_com",
+                              templates="single", output=str(out), shots="1,3", seeds=2, probe=True, num_workers=0)  # fmt: skip
+    rows = evaluate(cfg)
     return cfg, out, rows
 
 
@@ -36,7 +38,7 @@ def _raw_text(backbone, text: str) -> torch.Tensor:
 
 
 def _raw_image(backbone, image) -> torch.Tensor:
-    pixels = backbone.preprocess(image)[None]
+    pixels = normalize(EvalPixels(backbone.preprocess)(image)[None], *pixel_stats(backbone.preprocess))
     if backbone.kind == "hf":
         return backbone.model.get_image_features(pixel_values=pixels).pooler_output[0]
     return backbone.model.encode_image(pixels)[0]
@@ -98,7 +100,7 @@ def test_simpleshot_equals_a_direct_numpy_implementation():
 
 def test_output_files_have_the_documented_fields(evaluated):
     cfg, out, rows = evaluated
-    for model in cfg.models:
+    for model in cfg.model_names:
         for text_type in cfg.text_types:
             folder = out / "zero_shot" / model / text_type
             record = json.loads((folder / "metrics.json").read_text())
@@ -131,7 +133,7 @@ def test_image_features_are_cached_between_runs(evaluated, monkeypatch):
     cfg, out, _ = evaluated
     calls = []
     monkeypatch.setattr(features, "image_features", lambda *a, **k: calls.append(1))
-    evaluate(EvalConfig(**{**cfg.__dict__, "output": str(out)}), log=lambda *a: None)
+    evaluate(dataclasses.replace(cfg, output=str(out)))
     assert calls == []  # every split of every model came from the cache
 
 
@@ -139,14 +141,84 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "evaluate_zero_shot.py", *args], cwd=ROOT, capture_output=True, text=True)
 
 
-def test_cli_help_documents_every_flag_in_the_readme():
+# The flags evaluate_zero_shot.py has always had: each keeps its name (and --config its keys).
+FLAGS = ("--config", "--data", "--split", "--models", "--text-type", "--templates", "--output", "--shots", "--seeds",
+         "--probe", "--batch-size", "--num-workers", "--device", "--random-weights", "--bootstrap", "--cache-dir",
+         "--taxonomy", "--seed", "--include-adapters", "--list-models")  # fmt: skip
+
+
+def test_every_argument_is_a_flag_and_every_flag_used_in_the_docs_exists():
+    import re
+
+    from mushroomclip.commands.evaluate import build_parser
+
+    options = build_parser()._option_string_actions
+    assert all(f"--{f.name.replace('_', '-')}" in options for f in dataclasses.fields(EvaluationArguments))
+    assert set(FLAGS) <= set(options)
+    pages = [ROOT / "README.md", ROOT / "Makefile", *sorted((ROOT / "docs").glob("*.md"))]
+    docs = "".join(page.read_text().replace("\\\n", " ") for page in pages)
+    commands = re.findall(r"evaluate_zero_shot\.py([^;#>`|\n]*)", docs)  # up to the end of each command
+    used = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", " ".join(commands)))
+    assert {"--config", "--include-adapters", "--text-type"} <= used and used <= set(options)
+
+
+@pytest.mark.parametrize("name", ["zero_shot", "benchmark", "benchmark_offline"])
+def test_shipped_configs_parse(name):
+    from mushroomclip.commands.evaluate import parse_arguments
+
+    args, command = parse_arguments(["--config", str(ROOT / "configs" / f"{name}.yaml")])
+    assert args.model_names and args.shot_counts == [1, 5] and args.text_types and not command.list_models
+
+
+def test_config_file_sets_defaults_and_the_command_line_overrides_them(tmp_path):
+    from mushroomclip.commands.evaluate import parse_arguments
+
+    config = tmp_path / "eval.yaml"
+    config.write_text("models: [tiny-clip, tiny-openclip]\ntext_type: sci\nshots: [1, 3]\nseeds: 2\nprobe: true\n")
+    args, _ = parse_arguments(["--config", str(config), "--seeds", "4", "--models", "tiny-clip", "--shots", ""])
+    assert (args.model_names, args.seeds, args.shot_counts) == (["tiny-clip"], 4, [])  # the command line wins
+    assert (args.text_types, args.probe) == (["sci"], True)  # the file's, where no flag is given
+    assert args.batch_size == EvaluationArguments.batch_size and args.output == "results"  # neither: the defaults
+    args, _ = parse_arguments(["--models", "tiny-clip,tiny-openclip", "--text-type", "all", "--probe"])
+    assert args.model_names == ["tiny-clip", "tiny-openclip"] and len(args.text_types) == 5 and args.probe
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("modles: [tiny-clip]\n", "unknown key 'modles' in {config}; did you mean 'models'?"),
+        ("text_types: all\n", "unknown key 'text_types' in {config}; did you mean 'text_type'?"),
+        ("split: train\n", "--split must be one of validation, test, got 'train'"),
+        ("seeds: 2.5\n", "--seeds must be int, got 2.5"),
+        ("cache_dir: 5\n", "--cache-dir must be str or unset, got 5"),
+        ("shots: [1, five]\n", "--shots must be comma-separated whole numbers such as 1,5, got '1,five'"),
+    ],
+)
+def test_bad_config_values_are_one_error_line(tmp_path, capsys, text, message):
+    from mushroomclip.commands.evaluate import main
+
+    config = tmp_path / "eval.yaml"
+    config.write_text(text)
+    assert main(["--config", str(config), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message.format(config=config)) and err.count("\n") == 1
+
+
+def test_list_models_prints_the_registry(capsys):
+    from mushroomclip.commands.evaluate import main
+
+    assert main(["--list-models"]) == 0
+    assert "tiny-clip" in capsys.readouterr().out
+
+
+def test_cli_help_documents_every_flag_in_the_docs():
     import re
 
     help_text = run_cli("--help").stdout
     flags = set(re.findall(r"--[a-z][a-z-]+", help_text)) - {"--help"}
     assert {"--models", "--text-type", "--templates", "--shots", "--probe", "--config"} <= flags
-    readme = (ROOT / "README.md").read_text()
-    assert not [f for f in flags if f not in readme], "flags missing from README.md"
+    docs = (ROOT / "docs" / "evaluation.md").read_text()
+    assert not [f for f in flags if f not in docs], "flags missing from docs/evaluation.md"
 
 
 def test_cli_unknown_model_lists_valid_names(prepared):
@@ -162,6 +234,9 @@ def test_cli_config_file_runs_and_rejects_typos(prepared, tmp_path):
     result = run_cli("--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "| tiny-openclip | zero-shot | com |" in (tmp_path / "res" / "summary.md").read_text()
+    # the library's messages, shown once: open_clip's logging.warning gives the root logger a handler of its own
+    assert result.stdout.count("tiny-openclip zero-shot (com, single templates) on test") == 1
+    assert "INFO:mushroomclip" not in result.stderr
     config.write_text("modles: [tiny-clip]\n")
     result = run_cli("--config", str(config))
     assert (
@@ -180,20 +255,20 @@ def test_benchmark_report_has_every_row_and_says_when_it_is_offline(evaluated):
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_k_shot_rows_say_how_many_images_classes_really_had(evaluated, prepared, tmp_path):
+def test_k_shot_rows_say_how_many_images_classes_really_had(evaluated, prepared, tmp_path, caplog):
     cfg, out, _ = evaluated
     per_class = pd.read_csv(prepared[0] / "train" / "metadata.csv")["species"].value_counts()
     k, over = int(per_class.median()), int(per_class.max()) + 1  # some classes have fewer than k; none has `over`
     short = per_class[per_class < k]
     assert 0 < len(short) < len(per_class)
-    lines = []
-    rows = evaluate(EvalConfig(data=cfg.data, models=["tiny-clip"], text_types=["sci"], templates="single", shots=[k, over],
-                               seeds=2, output=str(tmp_path), cache_dir=str(out / ".cache"), num_workers=0), log=lines.append)  # fmt: skip
+    rows = evaluate(EvaluationArguments(data=cfg.data, models="tiny-clip", text_type="sci", templates="single",
+                                        shots=f"{k},{over}", seeds=2, output=str(tmp_path), cache_dir=str(out / ".cache"),
+                                        num_workers=0))  # fmt: skip
     label = f"{k}-shot (k<{k} for {len(short)}/{len(per_class)} classes, min {short.min()})"
     assert [r["method"] for r in rows if "shot" in r["method"]] == ["zero-shot", label]
     record = json.loads((tmp_path / "few_shot" / "tiny-clip" / f"k{k}" / "metrics.json").read_text())
     assert record["k_used"] == {"min": short.min(), "mean": pytest.approx(per_class.clip(upper=k).mean()), "max": k,
                                 "classes_below_k": len(short), "classes": len(per_class)}  # fmt: skip
     skipped = f"tiny-clip: {over}-shot skipped: no class has {over} training images (at most {over - 1})"
-    assert skipped in lines and f"> {skipped}" in (tmp_path / "summary.md").read_text()
+    assert skipped in caplog.messages and f"> {skipped}" in (tmp_path / "summary.md").read_text()
     assert not (tmp_path / "few_shot" / "tiny-clip" / f"k{over}").exists()

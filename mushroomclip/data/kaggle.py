@@ -65,7 +65,7 @@ def find_root(source: Path, split: str) -> Path:
     if not source.is_dir():
         raise PrepareError(
             f"source folder {source} does not exist; download the data with "
-            "`kaggle datasets download` and unzip it (see README)"
+            f"`kaggle datasets download zlatan599/mushroom1/2 -p {source} --unzip` (see docs/data.md)"
         )
     needed = [IMAGES_DIR] + (list(CSV_FOR_SPLIT.values()) if split == "official" else [])
     candidates = [source] + sorted(p for p in source.iterdir() if p.is_dir())

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mushroomclip.data.splits import REPORT_NAME
 from mushroomclip.data.image_jobs import COPY_MODES, process_job, utf8_safe, write_atomically
 from mushroomclip.data.kaggle import (
     IMAGES_DIR,
@@ -43,6 +42,7 @@ from mushroomclip.data.kaggle import (
     plan_official,
     plan_random,
 )
+from mushroomclip.data.splits import REPORT_NAME
 from mushroomclip.provenance import run_provenance
 from mushroomclip.taxonomy import RANKS, load_taxonomy
 
@@ -53,7 +53,9 @@ METADATA_COLUMNS = ("file_name", "label", "species", *RANKS[:-1], "common_name",
 
 
 @dataclass
-class PrepareOptions:
+class PrepareArguments:
+    """The options of a prepare run (the flags of `mushroomclip prepare`), checked once, here."""
+
     source: Path
     output: Path
     split: str = "official"
@@ -111,7 +113,7 @@ def _cached_result(entry: Entry, record: dict | None, dest_dir: Path) -> dict | 
     return record["result"] if (record["size"], record["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns) else None
 
 
-def _run_jobs(entries: list[Entry], opts: PrepareOptions, options_key: str, desc: str) -> None:
+def _run_jobs(entries: list[Entry], opts: PrepareArguments, options_key: str, desc: str) -> None:
     """Process ``entries`` in parallel, logging each result to the cache as it arrives (so an
     interrupted run resumes where it stopped)."""
     jobs = [
@@ -149,7 +151,7 @@ def _run_jobs(entries: list[Entry], opts: PrepareOptions, options_key: str, desc
                 pool.terminate()
 
 
-def _options_key(opts: PrepareOptions) -> str:
+def _options_key(opts: PrepareArguments) -> str:
     # "2:": results cached before write errors were told apart from bad images are not trusted.
     return f"2:{opts.copy_mode}:{opts.max_side}:{opts.jpeg_quality}"
 
@@ -168,7 +170,7 @@ def _skip_name_collisions(plan: Plan) -> None:
         del plan.entries[entry.src]
 
 
-def _process(plan: Plan, opts: PrepareOptions, cache: dict[str, dict]) -> None:
+def _process(plan: Plan, opts: PrepareArguments, cache: dict[str, dict]) -> None:
     """Validate, hash and place every entry, reusing results of an earlier run on the same output."""
     todo = []
     for entry in plan.entries.values():
@@ -186,7 +188,7 @@ def _process(plan: Plan, opts: PrepareOptions, cache: dict[str, dict]) -> None:
         _run_jobs(todo, opts, _options_key(opts), "prepare")
 
 
-def _remake_missing(kept: list[Entry], plan: Plan, opts: PrepareOptions) -> None:
+def _remake_missing(kept: list[Entry], plan: Plan, opts: PrepareArguments) -> None:
     """Re-create kept images whose output file is gone or changed (deleted or damaged by hand or by a
     crash, or removed as the duplicate of a file that has since changed)."""
     missing = [e for e in kept if not _output_intact(e.result)]
@@ -222,7 +224,7 @@ def _remove_content_duplicates(plan: Plan) -> list[Entry]:
     return kept
 
 
-def _write_outputs(kept: list[Entry], plan: Plan, opts: PrepareOptions) -> dict[str, Counter]:
+def _write_outputs(kept: list[Entry], plan: Plan, opts: PrepareArguments) -> dict[str, Counter]:
     taxonomy = plan.taxonomy
     per_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for entry in sorted(kept, key=lambda e: e.result["dest"]):
@@ -252,7 +254,7 @@ def _write_outputs(kept: list[Entry], plan: Plan, opts: PrepareOptions) -> dict[
     return counts
 
 
-def _remove_stale_files(kept: list[Entry], written: set[str], opts: PrepareOptions) -> tuple[int, list[str]]:
+def _remove_stale_files(kept: list[Entry], written: set[str], opts: PrepareArguments) -> tuple[int, list[str]]:
     """Delete files in OUT/<split>/ that a run of prepare wrote (``written``) and this run does not keep.
 
     Returns the number removed and every other file found there (not prepare's: left in place).
@@ -277,7 +279,7 @@ def _remove_stale_files(kept: list[Entry], written: set[str], opts: PrepareOptio
     return removed, sorted(unowned)
 
 
-def _refuse_overlap(opts: PrepareOptions, root: Path) -> None:
+def _refuse_overlap(opts: PrepareArguments, root: Path) -> None:
     """Refuse an output that holds the download, or lies among its images: prepare would read what it writes."""
     output = opts.output.resolve()
     for source in {opts.source, root}:
@@ -310,7 +312,7 @@ def _save_report(report: dict, output: Path) -> None:
     write_atomically(output / REPORT_NAME, json.dumps(report, indent=2).encode("utf-8"))
 
 
-def prepare(opts: PrepareOptions) -> dict:
+def prepare(opts: PrepareArguments) -> dict:
     """Prepare the ImageFolder at ``opts.output``; returns the report also written to prepare_report.json.
 
     The report is written last, with ``"complete": true`` only when every step has finished, and is also
@@ -355,7 +357,7 @@ def prepare(opts: PrepareOptions) -> dict:
 
 def _report(
     plan: Plan,
-    opts: PrepareOptions,
+    opts: PrepareArguments,
     root: Path,
     kept: list[Entry],
     counts: dict[str, Counter],

@@ -6,6 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from datasets import ClassLabel, load_dataset
+
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 
 SPLITS = ("train", "validation", "test")
@@ -24,8 +26,6 @@ def load_splits(data_dir: str | Path, **load_kwargs):
     Columns: image, label, species, kingdom ... genus, common_name, edibility, taxonomy, source.
     Label ids are row indices of the taxonomy table, identical across data sets.
     """
-    from datasets import ClassLabel, load_dataset  # lazy: keeps CLI --help fast
-
     data_dir = Path(data_dir)
     missing = [s for s in SPLITS if not (data_dir / s / "metadata.csv").is_file()]
     if not data_dir.is_dir() or missing:

@@ -2,6 +2,9 @@
 
 Each species gets its own hue, shape and background pattern, jittered per image, so a model can learn
 the classes but not by copying pixels. Used by the tests, the demo and the benchmarks at any scale.
+With ``genus_signal`` the species come in genus groups whose members share a colour family (shape and
+background still tell them apart), so a benchmark can ask whether taxonomy-aware losses keep mistakes
+inside the genus.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ class ClassStyle:
     background: float  # 0..1: brightness of the background gradient
 
 
-def class_style(class_index: int) -> ClassStyle:
-    """A distinct look for class ``class_index``: golden-ratio hues x 4 shapes x 3 backgrounds."""
+def class_style(class_index: int, genus_index: int | None = None, member: int = 0) -> ClassStyle:
+    """A distinct look for class ``class_index``: golden-ratio hues x 4 shapes x 3 backgrounds. With a
+    ``genus_index`` the hue is the genus's (golden-ratio spaced), shifted slightly for its ``member``-th species."""
+    hue = class_index * 0.618034 if genus_index is None else genus_index * 0.618034 + 0.02 * member
     return ClassStyle(
-        hue=(class_index * 0.618034) % 1.0,
+        hue=hue % 1.0,
         shape=SHAPES[class_index % len(SHAPES)],
         background=(0.2, 0.5, 0.8)[(class_index // len(SHAPES)) % 3],
     )
@@ -81,9 +86,47 @@ def choose_species(taxonomy: Taxonomy, classes: int) -> list[str]:
     return sorted(picked)
 
 
+def choose_genus_groups(taxonomy: Taxonomy, classes: int) -> list[str]:
+    """``classes`` species from genera of at least two, the same number from each genus (first members in table
+    order, its deadly one included), genera spread over the table, one of them holding a deadly species."""
+    groups: dict[str, list[str]] = {}
+    for s in taxonomy.species:
+        groups.setdefault(s.genus, []).append(s.label)
+    genera = [g for g, members in groups.items() if len(members) >= 2]
+    largest = sum(len(groups[g]) for g in genera)
+    if not 2 <= classes <= largest:
+        raise ValueError(f"--classes must be between 2 and {largest} with --genus-signal (genera of two or more), "
+                         f"got {classes}")  # fmt: skip
+    per_genus = max(2, -(-classes // len(genera)))
+    count = -(-classes // per_genus)
+    picked = [genera[i] for i in dict.fromkeys(np.linspace(0, len(genera) - 1, count).round().astype(int))]
+    deadly = [g for g in genera if any(taxonomy[m].edibility == "deadly" for m in groups[g])]
+    if deadly and not set(deadly) & set(picked):
+        picked[-1] = deadly[0]  # the safety metrics need a deadly species to be exercised
+    species = []
+    for genus in sorted(picked, key=lambda g: g not in deadly):  # a deadly genus first: the cut below spares it
+        members = sorted(groups[genus], key=lambda m: taxonomy[m].edibility != "deadly")  # stable: table order
+        species += sorted(members[:per_genus], key=taxonomy.id)
+    # genera smaller than per_genus leave room: fill it with further members, of the picked genera first
+    spare = [m for g in picked + [g for g in genera if g not in picked] for m in groups[g] if m not in species]
+    return sorted((species + spare)[:classes])
+
+
+def genus_styles(taxonomy: Taxonomy, species: list[str]) -> dict[str, ClassStyle]:
+    """Each species' look with the genus signal: one colour family per genus among ``species``."""
+    genera = list(dict.fromkeys(taxonomy[s].genus for s in species))
+    members: dict[str, int] = {}
+    styles = {}
+    for s in species:
+        genus = taxonomy[s].genus
+        styles[s] = class_style(taxonomy.id(s), genera.index(genus), members.setdefault(genus, 0))
+        members[genus] += 1
+    return styles
+
+
 def _render_job(job: tuple) -> None:
-    path, class_index, size, seed = job
-    render(class_style(class_index), size, np.random.default_rng(seed)).save(path, quality=90)
+    path, style, size, seed = job
+    render(style, size, np.random.default_rng(seed)).save(path, quality=90)
 
 
 def _split_counts(n: int) -> dict[str, int]:
@@ -101,19 +144,22 @@ def make_synthetic_download(
     corrupt: int = 0,
     dirty: bool = False,
     num_proc: int = 1,
+    genus_signal: bool = False,
 ) -> dict:
     """Write a fake download at ``root``; returns (and saves) a manifest of what was written.
 
     Class sizes vary between 0.5x and 1.5x ``per_class`` (the real data is imbalanced); train.csv is
     oversampled so every class has as many rows as the largest, like the Kaggle CSV. ``corrupt`` adds
-    truncated JPEGs to train.csv; ``dirty`` adds one of every other kind of bad input.
+    truncated JPEGs to train.csv; ``dirty`` adds one of every other kind of bad input. ``genus_signal``
+    draws the species in genus groups that share a colour family (:func:`choose_genus_groups`).
     """
     taxonomy = taxonomy or load_taxonomy()
     root = Path(root)
     if root.exists():
         shutil.rmtree(root)
     rng = np.random.default_rng(seed)
-    species = choose_species(taxonomy, classes)
+    species = choose_genus_groups(taxonomy, classes) if genus_signal else choose_species(taxonomy, classes)
+    styles = genus_styles(taxonomy, species) if genus_signal else {s: class_style(taxonomy.id(s)) for s in species}
     rows: dict[str, list[tuple[str, str]]] = {s: [] for s in CSV_FOR_SPLIT}
     jobs, files_by_class = [], {}
     for label in species:
@@ -121,7 +167,7 @@ def make_synthetic_download(
         folder.mkdir(parents=True)
         n = max(3, int(round(per_class * rng.uniform(0.5, 1.5))))
         names = [folder / f"{i:05d}.jpg" for i in range(n)]
-        jobs += [(path, taxonomy.id(label), size, int(rng.integers(2**31))) for path in names]
+        jobs += [(path, styles[label], size, int(rng.integers(2**31))) for path in names]
         files_by_class[label] = names
         start = 0
         for split, count in _split_counts(n).items():
@@ -157,7 +203,7 @@ def make_synthetic_download(
         rows["test"].append((str(root / IMAGES_DIR / first / "gone.jpg"), first))
         unknown = root / IMAGES_DIR / UNKNOWN_SPECIES
         unknown.mkdir()
-        _render_job((unknown / "0.jpg", 0, size, seed))
+        _render_job((unknown / "0.jpg", class_style(0), size, seed))
         rows["train"].append((str(unknown / "0.jpg"), UNKNOWN_SPECIES))
         # the same bytes under a new name: once in test (leak) and once more in train
         leak = root / IMAGES_DIR / first / "copy_in_test.jpg"
@@ -203,5 +249,7 @@ def make_synthetic_download(
         "seed": seed,
         "injected": injected,
     }
+    if genus_signal:
+        manifest["genus_signal"] = {s: taxonomy[s].genus for s in species}
     (root / "synthetic_manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

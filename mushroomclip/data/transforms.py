@@ -1,9 +1,11 @@
 """The image pipeline of training and evaluation: decode with libjpeg-turbo, resize and crop in uint8,
 normalise on the device.
 
-Per image, in a DataLoader worker: ``torchvision.io`` decodes the file (EXIF rotation applied, as the
-``datasets`` Image feature does), then, for training, RandomResizedCrop (bicubic, antialiased) and a
-horizontal flip, or, for evaluation, the model's own Resize + CenterCrop, run on the uint8 tensor. Batches
+Every transform is built from the backbone's one :class:`PreprocessConfig` (its input size, resize, interpolation,
+mean and std, read from the model's own config when it is loaded). Per image, in a DataLoader worker:
+TorchCodec decodes the file (EXIF rotation applied, as the ``datasets`` Image feature does), then, for
+training, RandomResizedCrop (bicubic, antialiased) and a horizontal flip at the model's input size, or, for
+evaluation and prediction alike (:class:`EvalPixels`), the model's resize and centre crop, run on the uint8 tensor. Batches
 travel as uint8, a quarter of float32's bytes, and become the model's normalised float input on the device
 (:func:`normalize`; ``Backbone.encode_images`` and ``ContrastiveTrainer`` call it).
 
@@ -21,17 +23,15 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torchcodec.decoders import decode_image  # torchvision.io's image decoders moved here (torchvision 0.29)
 from torchvision.transforms import v2
 
-try:  # deprecated since torchvision 0.29 in favour of TorchCodec; without it, Pillow decodes (slower)
-    from torchvision.io import ImageReadMode, decode_image
-except ImportError:  # pragma: no cover - a future torchvision
-    decode_image = None
-
-# JPEG and PNG, nearly all of the data, go through torchvision; anything else (WebP, BMP, TIFF, a JPEG
+# JPEG and PNG, nearly all of the data, go through TorchCodec (libjpeg-turbo, libpng); anything else (WebP, BMP, TIFF, a JPEG
 # flavour libjpeg-turbo refuses) through Pillow, which validated every image when the data was prepared.
 _FAST_SIGNATURES = (b"\xff\xd8", b"\x89PNG")
 
@@ -90,11 +90,10 @@ def decode_rgb(image) -> torch.Tensor:
         raise _image_error(where, reason, _MOVED_HINT, action="read") from None
     try:
         with _open_checked(data, where) as pil:
-            if decode_image is not None and data.startswith(_FAST_SIGNATURES):
+            if data.startswith(_FAST_SIGNATURES):
                 encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                with contextlib.suppress(RuntimeError), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    pixels = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+                with contextlib.suppress(RuntimeError):  # a flavour libjpeg-turbo refuses: Pillow below
+                    pixels = decode_image(encoded, mode="RGB", output_dtype="auto")  # EXIF orientation applied
                     # a 16-bit PNG decodes to uint16: keep its 8 high bits, as for any other photo
                     return pixels if pixels.dtype == torch.uint8 else (pixels.to(torch.int32) >> 8).to(torch.uint8)
             return _pil_rgb(pil)
@@ -117,53 +116,53 @@ def _pil_rgb(pil) -> torch.Tensor:
     return v2.functional.pil_to_tensor(pil.convert("RGB"))
 
 
-def _crop_size(preprocess) -> int | tuple[int, int]:
-    return next(t for t in preprocess.transforms if type(t).__name__ == "CenterCrop").size
+TENSOR_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
 
 
-def pixel_stats(preprocess) -> tuple[list[float], list[float]]:
-    """The model's own ``(mean, std)``, read from its eval preprocessing's Normalize."""
-    norm = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
-    return list(norm.mean), list(norm.std)
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """A backbone's image preprocessing, read from its own config when it is loaded (the HF image processor,
+    open_clip's ``preprocess_cfg``): the one definition that training, evaluation and prediction build from."""
+
+    size: tuple[int, int]  # (height, width) of the model's input: the centre crop, and the training crops
+    resize_size: int | tuple[int, int]  # torchvision Resize: an int resizes the short side, (h, w) the whole image
+    interpolation: str  # a torchvision InterpolationMode value: "bicubic", "bilinear", ...
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self):
+        if self.interpolation not in TENSOR_INTERPOLATIONS:
+            raise ValueError(f"image interpolation {self.interpolation!r} is not one of {', '.join(TENSOR_INTERPOLATIONS)}, "
+                             "the modes torchvision resizes uint8 tensors with")  # fmt: skip
 
 
-def _is_rgb_conversion(t) -> bool:
-    # our clip_transform's Lambda, open_clip's _convert_to_rgb (2.x) and MaybeConvertMode("RGB") (3.x):
-    # decode_rgb already gives RGB
-    if type(t).__name__ == "MaybeConvertMode":
-        return getattr(t, "mode", None) == "RGB"
-    fn = getattr(t, "lambd", t)
-    return getattr(fn, "__name__", "") in ("to_rgb", "_convert_to_rgb")
+def pixel_stats(preprocess: PreprocessConfig) -> tuple[list[float], list[float]]:
+    """The model's own ``(mean, std)``, for :func:`normalize`."""
+    return list(preprocess.mean), list(preprocess.std)
 
 
-def eval_transform(preprocess) -> v2.Compose | None:
-    """The model's eval preprocessing (Resize, CenterCrop) as uint8 tensor ops, without ToTensor/Normalize,
-    which run on the device; ``None`` when it has a step this does not know (the caller keeps Pillow)."""
-    from torchvision import transforms as T
-
-    ops = []
-    for t in getattr(preprocess, "transforms", [None]):
-        if isinstance(t, T.Resize):
-            ops.append(v2.Resize(t.size, interpolation=t.interpolation, max_size=t.max_size, antialias=True))
-        elif isinstance(t, T.CenterCrop):
-            ops.append(v2.CenterCrop(t.size))
-        elif not (isinstance(t, (T.ToTensor, T.Normalize)) or _is_rgb_conversion(t)):
-            return None
-    return v2.Compose(ops)
+def eval_transform(preprocess: PreprocessConfig) -> v2.Compose:
+    """The model's evaluation preprocessing (resize, centre crop) as uint8 tensor ops; normalising runs later,
+    on the device."""
+    interpolation = v2.InterpolationMode(preprocess.interpolation)
+    return v2.Compose(
+        [
+            v2.Resize(preprocess.resize_size, interpolation=interpolation, antialias=True),
+            v2.CenterCrop(preprocess.size),
+        ]
+    )
 
 
 class EvalPixels:
     """An image (file path, ``datasets`` cell or PIL image) as the model's evaluation input, for evaluation
-    and prediction alike: upright (EXIF applied), then the model's Resize + CenterCrop on uint8 (normalised
-    later on the device), or its own preprocessing where :func:`eval_transform` does not know a step."""
+    and prediction alike: upright (EXIF applied), then the model's resize and centre crop on uint8 (normalised
+    later on the device)."""
 
-    def __init__(self, preprocess):
-        self.preprocess, self.fast = preprocess, eval_transform(preprocess)
+    def __init__(self, preprocess: PreprocessConfig):
+        self.transform = eval_transform(preprocess)
 
     def __call__(self, image) -> torch.Tensor:
-        if self.fast is not None:
-            return self.fast(decode_rgb(image))
-        return self.preprocess(v2.functional.to_pil_image(decode_rgb(image)))
+        return self.transform(decode_rgb(image))
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -194,11 +193,11 @@ class TrainAugment:
     """Image cell -> augmented ``(3, crop, crop)`` uint8 tensor: RandomResizedCrop (scale 0.5-1,
     bicubic) and a horizontal flip, at the model's crop size. Picklable, for DataLoader workers."""
 
-    def __init__(self, preprocess):
+    def __init__(self, preprocess: PreprocessConfig):
         self.ops = v2.Compose(
             [
                 v2.RandomResizedCrop(
-                    _crop_size(preprocess), scale=(0.5, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+                    preprocess.size, scale=(0.5, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
                 ),
                 v2.RandomHorizontalFlip(),
             ]
@@ -212,7 +211,7 @@ class TrainAugment:
         return {"pixel_values": [self(im) for im in rows["image"]], "labels": rows["label"]}
 
 
-def train_images(split, preprocess):
+def train_images(split, preprocess: PreprocessConfig):
     """A ``datasets`` split of ``image``/``label`` as augmented uint8 ``pixel_values`` + ``labels``.
 
     Images are read undecoded (``decode=False``) so that :func:`decode_rgb`, not Pillow, decodes them.
@@ -224,12 +223,14 @@ def train_images(split, preprocess):
     return split.with_transform(augment.batch)
 
 
-def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def normalize(
+    pixels: torch.Tensor, mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float]
+) -> torch.Tensor:
     """uint8 ``(N, 3, H, W)`` -> the model's float input, ``(x / 255 - mean) / std``; float input passes through."""
     if pixels.dtype != torch.uint8:
         return pixels
-    mean = mean.to(pixels.device).view(1, -1, 1, 1)
-    std = std.to(pixels.device).view(1, -1, 1, 1)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
     return (pixels.float() / 255.0 - mean) / std
 
 

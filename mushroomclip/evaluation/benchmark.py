@@ -4,7 +4,7 @@ python -m mushroomclip.evaluation.benchmark hub-reachable          exit 0 if the
 python -m mushroomclip.evaluation.benchmark report --results results
 python -m mushroomclip.evaluation.benchmark speed --data DIR --model clip-b32 --batch-size 256
 python -m mushroomclip.evaluation.benchmark train-speed --data DIR --model clip-b32
-python -m mushroomclip.evaluation.benchmark table            README speed table from results/bench/*.json
+python -m mushroomclip.evaluation.benchmark table            docs/benchmarks.md speed table from results/bench/*.json
 
 Speed results: images/s, FLOPs per step (FlopCounterMode), MFU and peak memory, written to
 results/bench/NAME.json with the machine (:mod:`mushroomclip.evaluation.speed`).
@@ -112,12 +112,9 @@ def measure_speed(
                                          num_workers=num_workers, pin_memory=device.startswith("cuda"), worker_init_fn=background_worker)  # fmt: skip
 
     with torch.inference_mode():
-        sample = images[0][0]  # uint8 from the fast pipeline, float where Pillow preprocesses
+        sample = images[0][0]  # uint8, as every evaluation image reaches the model
         on_device = [
-            torch.randint(0, 256, (batch_size, *sample.shape), dtype=torch.uint8, device=device)
-            if sample.dtype == torch.uint8
-            else torch.randn(batch_size, *sample.shape, device=device)
-            for _ in range(2)
+            torch.randint(0, 256, (batch_size, *sample.shape), dtype=torch.uint8, device=device) for _ in range(2)
         ]
         synthetic = [on_device[i % 2] for i in range(1 + batches)]
         speed.reset_peak_memory(device)
@@ -154,12 +151,12 @@ def _encode_split(images, backbone, batch_size: int, num_workers: int, device: s
 
 def _lora_model(model: str, device: str, towers: tuple):
     """A random-weights backbone with the default config's LoRA on ``towers``, in train mode on ``device``."""
-    from mushroomclip.config import LoraSettings
+    from mushroomclip.config import LoraArguments
     from mushroomclip.models.backbones import load_backbone
     from mushroomclip.models.lora import add_lora
 
     backbone = load_backbone(model, device=device, random_weights=True)
-    s = LoraSettings()
+    s = LoraArguments()
     peft = add_lora(backbone.model, s.r, s.alpha, s.dropout, list(towers), s.target_modules, False).to(device).train()
     return backbone, peft
 
@@ -183,7 +180,7 @@ def measure_train_speed(
     """
     from transformers import TrainingArguments
 
-    from mushroomclip.config import DataConfig
+    from mushroomclip.config import DataArguments
     from mushroomclip.data.splits import load_splits, prepared_taxonomy
     from mushroomclip.data.transforms import background_worker, pixel_stats, train_images
     from mushroomclip.models.prompts import class_prompts
@@ -191,7 +188,7 @@ def measure_train_speed(
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     backbone, peft = _lora_model(model, device, towers)
-    d = DataConfig()
+    d = DataArguments()
     taxonomy = prepared_taxonomy(data)
     ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, d.text_type, [d.train_template])]).to(device)
     splits = load_splits(data)
@@ -249,11 +246,11 @@ def _baseline_speed(split, taxonomy, model: str, batch_size: int, steps: int, nu
                     device: str, towers: tuple, peak: dict) -> dict:  # fmt: skip
     """Images/s of the Hugging Face recipe (``run_clip.py``: Pillow + torchvision in ``set_transform``, one
     caption per image, ``CLIPModel(..., return_loss=True)``) with the same LoRA, batch and precision."""
-    from mushroomclip.config import DataConfig
+    from mushroomclip.config import DataArguments
     from mushroomclip.models.backbones import offline_clip_tokenizer  # the same BPE as openai/clip-vit-*
 
     backbone, peft = _lora_model(model, device, towers)
-    d = DataConfig()
+    d = DataArguments()
     captions = speed.caption_dataset(split, taxonomy, d.text_type, d.train_template, offline_clip_tokenizer(),
                                      backbone.preprocess)  # fmt: skip
     loader = torch.utils.data.DataLoader(captions, batch_size=batch_size, shuffle=True, num_workers=num_workers,
@@ -283,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("hub-reachable", help="exit 0 if models can be downloaded, 1 if not")
     report = sub.add_parser("report", help="write benchmark.md and benchmark.png from an evaluation's summary.json")
     report.add_argument("--results", default="results")
-    table = sub.add_parser("table", help="regenerate the README speed table from results/bench/*.json")
+    table = sub.add_parser("table", help="regenerate the speed table of docs/benchmarks.md from results/bench/*.json")
     table.add_argument("--results", default=str(speed.RESULTS), help="folder of bench JSON files")
-    table.add_argument("--readme", default="README.md")
+    table.add_argument("--readme", default="docs/benchmarks.md", help="the page holding the bench-table markers")
     speed_cmd = sub.add_parser("speed", help="zero-shot image-encoding throughput (random weights)")
     speed_cmd.add_argument("--split", default="train", help="split to read images from")
     speed_cmd.add_argument("--batch-size", type=int, default=256)

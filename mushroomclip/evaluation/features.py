@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import Image
 from tqdm.auto import tqdm
 
 from mushroomclip.data.transforms import EvalPixels, background_worker
@@ -18,12 +19,10 @@ from mushroomclip.data.transforms import EvalPixels, background_worker
 
 class PreprocessedImages(torch.utils.data.Dataset):
     """A ``datasets`` split as (pixels, label) pairs through :class:`mushroomclip.data.transforms.EvalPixels`, the one
-    evaluation image path that ``predict.py`` and the app use too (uint8 where the model's preprocessing is a
-    plain Resize + CenterCrop, normalised later on the device)."""
+    evaluation image path that ``predict.py`` and the app use too (uint8, built from the backbone's ``preprocess``
+    config, normalised later on the device)."""
 
     def __init__(self, split, preprocess):
-        from datasets import Image
-
         # undecoded, so that decode_rgb (EXIF applied) and not the datasets feature decodes each image
         self.split = split.select_columns(["image", "label"]).cast_column("image", Image(decode=False))
         self.pixels = EvalPixels(preprocess)

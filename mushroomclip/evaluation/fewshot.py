@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 
 def sample_support(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -40,8 +41,6 @@ def linear_probe_scores(
     train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, num_classes: int, seed: int = 0, c: float = 1.0
 ) -> np.ndarray:
     """Multinomial logistic regression on L2-normalised frozen features; ``(Q, C)`` log-probabilities."""
-    from sklearn.linear_model import LogisticRegression
-
     probe = LogisticRegression(C=c, max_iter=1000, random_state=seed)
     probe.fit(_l2(train), train_labels)
     scores = np.full((len(query), num_classes), -np.inf)

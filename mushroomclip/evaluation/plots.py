@@ -1,4 +1,5 @@
-"""Figures saved beside metrics: the confusion matrix (taxonomic order), rank-level accuracy, a run's loss curve."""
+"""Figures saved beside metrics: the confusion matrix (taxonomic order), rank-level accuracy, a run's loss curve,
+the risk-coverage curve of selective prediction."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mushroomclip.evaluation.selective import RiskCoverage, SelectiveThreshold
 from mushroomclip.taxonomy import Taxonomy
 
 
@@ -74,6 +76,41 @@ def save_loss_curve(train: list, evals: list, path: str | Path) -> Path:
         twin.set_ylabel("validation mIoU")
         twin.set_ylim(0, 1)
     fig.legend(loc="upper center", bbox_to_anchor=(0.45, 0.93), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_risk_coverage_png(
+    curve: RiskCoverage, path: str | Path, chosen: SelectiveThreshold | None = None, title: str = ""
+) -> Path:
+    """Error rate and dangerous->edible rate against coverage, with the validation-chosen threshold and its
+    target marked when ``chosen`` is given."""
+    plt = _pyplot()
+    fig, (risk, danger) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    coverage = 100 * curve.coverage
+    risk.plot(coverage, 100 * curve.error, color="#386641")
+    risk.set_ylabel("error among answered (%)")
+    risk.set_title("wrong species", fontsize=10)
+    danger.plot(coverage, 100 * curve.danger, color="#bc4749")
+    danger.set_ylabel("dangerous->edible (%)")
+    danger.set_title(f"deadly or poisonous answered as edible (of {curve.dangerous_images} images)", fontsize=10)
+    for ax in (risk, danger):
+        ax.set_xlabel(f"coverage (% of {curve.images} images answered)")
+        ax.set_xlim(0, 100)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    if chosen is not None:
+        danger.axhline(100 * chosen.max_danger, color="grey", linestyle="--", label=f"target {100 * chosen.max_danger:g}%")
+        label = f"threshold {chosen.threshold:.3f}: coverage {100 * chosen.coverage:.1f}%"
+        for ax, value in ((risk, chosen.error), (danger, chosen.danger)):
+            ax.axvline(100 * chosen.coverage, color="black", linewidth=0.8, label=label)
+            if value is not None:
+                ax.plot(100 * chosen.coverage, 100 * value, "ko")
+        risk.legend(fontsize=8, loc="upper left")
+        danger.legend(fontsize=8, loc="upper left")
+    fig.suptitle(title or "risk-coverage: answering only above a top-1 probability threshold")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mushroomclip.evaluation.plots import save_confusion_png, save_rank_accuracy_png
-from mushroomclip.metrics import to_jsonable
 from mushroomclip.provenance import run_provenance
 from mushroomclip.taxonomy import Taxonomy
+from mushroomclip.training.runs import save_json
 
 
 def write_results(
@@ -19,11 +18,11 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "name": name,
-        "metrics": to_jsonable(metrics),
+        "metrics": metrics,
         "taxonomy_sha256": taxonomy.fingerprint,
         **run_provenance(config, seed),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    save_json(out_dir / "metrics.json", record)
     save_confusion_png(metrics["confusion"], taxonomy, out_dir / "confusion.png", title=f"{name} confusion".strip())
     if "rank_accuracy" in metrics:
         save_rank_accuracy_png(metrics, out_dir / "rank_accuracy.png", title=f"{name} accuracy by rank".strip())

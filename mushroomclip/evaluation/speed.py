@@ -218,15 +218,23 @@ def train_step(params, loss_of, device: str):
 
 def caption_dataset(split, taxonomy, text_type: str, template: str, tokenizer, preprocess):
     """``run_clip.py``'s data: one caption per image (its class prompt), tokenised once with ``map`` and
-    padded to the maximum length (77), images decoded by Pillow in ``set_transform``."""
+    padded to the maximum length (77), images decoded by Pillow in ``set_transform`` and preprocessed there, on
+    the CPU, as the backbone's ``preprocess`` config says."""
+    from torchvision import transforms as T
+
     from mushroomclip.models.prompts import class_prompts
+
+    image_transform = T.Compose([
+        T.Resize(preprocess.resize_size, interpolation=T.InterpolationMode(preprocess.interpolation)),
+        T.CenterCrop(preprocess.size), T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std),
+    ])  # fmt: skip
 
     captions = [p for [p] in class_prompts(taxonomy, text_type, [template])]
     split = split.map(lambda b: tokenizer([captions[i] for i in b["label"]], padding="max_length", max_length=77,
                                           truncation=True), batched=True)  # fmt: skip
 
     def transform(batch: dict) -> dict:
-        batch["pixel_values"] = [preprocess(image.convert("RGB")) for image in batch["image"]]
+        batch["pixel_values"] = [image_transform(image.convert("RGB")) for image in batch["image"]]
         return batch
 
     split.set_transform(transform, columns=["image", "input_ids", "attention_mask"], output_all_columns=False)

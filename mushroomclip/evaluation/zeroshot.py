@@ -6,19 +6,109 @@ embeddings, cached) and, from the same features, SimpleShot for every k x seed a
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+import logging
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
+import pandas as pd
 import torch
 
+from mushroomclip.data.splits import load_splits, prepared_taxonomy, split_fingerprint
+from mushroomclip.evaluation.features import cached_image_features
+from mushroomclip.evaluation.fewshot import linear_probe_scores, sample_support, simpleshot_scores, summarise_runs
 from mushroomclip.evaluation.reporting import write_results
-from mushroomclip.metrics import classification_metrics, format_report, to_jsonable
+from mushroomclip.metrics import classification_metrics, format_report
+from mushroomclip.models.backbones import Backbone, load_backbone, resolve_spec
+from mushroomclip.models.classifier import AdapterError, Classifier, data_mismatch, find_adapters, load_classifier
+from mushroomclip.models.prompts import cached_class_text_embeddings, text_types
+from mushroomclip.taxonomy import Taxonomy, load_taxonomy
+from mushroomclip.training.runs import save_json
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("oa", "top5", "mf1", "miou", "balanced_acc", "genus_acc", "family_acc", "dangerous_as_edible")
 RANDOM_WEIGHTS_NOTE = "random weights: architectures only, figures are not model quality"
 COLUMN_NAMES = ("OA", "top-5", "mF1", "mIoU", "balanced acc", "genus acc", "family acc", "dangerous→edible")
+ADAPTER = "lora:"  # a model name that is a training run's folder
+Split = Literal["validation", "test"]
+TemplateSet = Literal["single", "openai"]
+Features = tuple[np.ndarray, np.ndarray]  # (N, D) L2-normalised image features and their (N,) labels
+
+
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@dataclass
+class EvaluationArguments:
+    """What to evaluate, on which data, and where the results go: the flags of ``evaluate_zero_shot.py`` and the
+    keys of its ``--config`` YAML file (flag names with ``_``). Lists are comma-separated, as on the command line."""
+
+    data: str | None = field(default=None, metadata={"help": "prepared data folder (data_scripts/prepare_kaggle.py --output)"})  # fmt: skip
+    split: Split = field(default="test", metadata={"help": "split to evaluate on"})
+    models: str = field(default="clip-b32,bioclip", metadata={"help": "comma-separated model names (see --list-models), hf:<hub id or folder>, or open_clip:<architecture>@<pretrained tag>"})  # fmt: skip
+    text_type: str = field(default="taxon_com", metadata={"help": "comma-separated text types (sci, com, taxon, sci_com, taxon_com) or all, for BioCLIP's text-type ablation"})  # fmt: skip
+    templates: TemplateSet = field(default="openai", metadata={"help": "single: 'a photo of {}.'; openai: the 80 OpenAI ImageNet templates, averaged"})  # fmt: skip
+    output: str = field(default="results", metadata={"help": "folder for zero_shot/, few_shot/, probe/ and summary.md"})  # fmt: skip
+    shots: str = field(default="1,5", metadata={"help": "SimpleShot k values, comma-separated; empty for none"})
+    seeds: int = field(default=5, metadata={"help": "few-shot repetitions (seeds 0..N-1); mean and std reported"})
+    probe: bool = field(default=False, metadata={"help": "also fit a logistic-regression linear probe on frozen train features"})  # fmt: skip
+    batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes decoding images"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available, bf16 there), cpu, cuda, cuda:1, ..."})  # fmt: skip
+    random_weights: bool = field(default=False, metadata={"help": "real architectures with random weights, no download (benchmarks and offline checks; figures mean nothing)"})  # fmt: skip
+    bootstrap: int = field(default=0, metadata={"help": "bootstrap resamples for 95%% intervals of OA/mF1/mIoU (0: none)"})  # fmt: skip
+    cache_dir: str | None = field(default=None, metadata={"help": "where text and image embeddings are cached; unset: OUTPUT/.cache"})  # fmt: skip
+    taxonomy: str | None = field(default=None, metadata={"help": "species table to use for prompts and safety metrics; must list the same species as the prepared folder's taxonomy.csv"})  # fmt: skip
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the probe"})
+    include_adapters: str | None = field(default=None, metadata={"metavar": "DIR", "help": "also evaluate every LoRA run in DIR (e.g. runs) trained on exactly this data's species; the others are listed with the reason. A run can also be named in --models as lora:<run folder>"})  # fmt: skip
+
+    def __post_init__(self):
+        """Checks that need no data or model, so that a typo fails before any download."""
+        for name, hint in get_type_hints(type(self)).items():  # a YAML value does not pass argparse's types
+            value = getattr(self, name)
+            if get_origin(hint) is Literal:
+                ok, expected = value in get_args(hint), "one of " + ", ".join(get_args(hint))
+            else:
+                types = get_args(hint) or (hint,)
+                ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+                expected = " or ".join("unset" if t is type(None) else t.__name__ for t in types)
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+        text_types(self.text_type)  # a ValueError naming an unknown text type
+        if not all(k.isdigit() for k in _comma_list(self.shots)):
+            raise ValueError(f"--shots must be comma-separated whole numbers such as 1,5, got {self.shots!r}")
+        for name in self.model_names:
+            if not name.startswith(ADAPTER):
+                resolve_spec(name)  # ModelLoadError listing the valid names
+
+    @property
+    def model_names(self) -> list[str]:
+        return _comma_list(self.models)
+
+    @property
+    def text_types(self) -> list[str]:
+        return text_types(self.text_type)
+
+    @property
+    def shot_counts(self) -> list[int]:
+        return [int(k) for k in _comma_list(self.shots)]
+
+    def resolved_device(self) -> str:
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+
+    def resolved(self) -> dict:
+        """The options as evaluated, lists spelled out: what summary.json and each metrics.json record."""
+        lists = {"models": self.model_names, "text_type": self.text_types, "shots": self.shot_counts}
+        return {f.name: lists.get(f.name, getattr(self, f.name)) for f in fields(self)}
+
+
+def zero_shot_scores(image_features: np.ndarray, class_embeddings: torch.Tensor, logit_scale: float) -> np.ndarray:
+    """``(N, C)`` logits: scaled cosine similarity of normalised image and class embeddings."""
+    return logit_scale * image_features @ class_embeddings.numpy().T
 
 
 def scalar_metrics(metrics: dict) -> dict:
@@ -27,39 +117,7 @@ def scalar_metrics(metrics: dict) -> dict:
     return flat | {f"{rank}_acc": v for rank, v in metrics.get("rank_accuracy", {}).items()}
 
 
-@dataclass
-class EvalConfig:
-    data: str
-    models: list[str]
-    split: str = "test"
-    text_types: list[str] = field(default_factory=lambda: ["taxon_com"])
-    templates: str = "openai"
-    output: str = "results"
-    shots: list[int] = field(default_factory=lambda: [1, 5])
-    seeds: int = 5
-    probe: bool = False
-    batch_size: int = 256
-    num_workers: int = 2
-    device: str = "auto"
-    random_weights: bool = False
-    bootstrap: int = 0
-    cache_dir: str | None = None
-    taxonomy: str | None = None
-    seed: int = 0
-    include_adapters: str | None = None  # folder of training runs: every adapter in it is added as a model
-
-    def resolved_device(self) -> str:
-        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-
-
-def zero_shot_scores(image_features: np.ndarray, class_embeddings: torch.Tensor, logit_scale: float) -> np.ndarray:
-    """``(N, C)`` logits: scaled cosine similarity of normalised image and class embeddings."""
-    return logit_scale * image_features @ class_embeddings.numpy().T
-
-
-def _predictions_table(scores: np.ndarray, labels: np.ndarray, split, classes: list[str], k: int = 5):
-    import pandas as pd
-
+def _predictions_table(scores: np.ndarray, labels: np.ndarray, split, classes: list[str], k: int = 5) -> pd.DataFrame:
     k = min(k, scores.shape[1])
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     probs = torch.softmax(torch.from_numpy(scores).float(), dim=1).numpy()
@@ -96,144 +154,199 @@ def _row(model: str, method: str, text_type: str, metrics: dict) -> dict:
     return {"model": model, "method": method, "text_type": text_type} | {k: flat.get(k) for k in SUMMARY_KEYS}
 
 
-def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
-    """Run every configured evaluation; writes results under ``cfg.output`` and returns the summary rows."""
-    from mushroomclip.data.splits import load_splits, prepared_taxonomy, split_fingerprint
-    from mushroomclip.evaluation.features import cached_image_features
-    from mushroomclip.evaluation.fewshot import linear_probe_scores, sample_support, simpleshot_scores, summarise_runs
-    from mushroomclip.models.backbones import load_backbone
-    from mushroomclip.models.classifier import AdapterError, data_mismatch, find_adapters, load_classifier
-    from mushroomclip.models.prompts import cached_class_text_embeddings
-    from mushroomclip.taxonomy import load_taxonomy
+@dataclass
+class EvaluationRun:
+    """What every model's evaluation shares: the options, the prepared data, the device, and the notes
+    (what was left out, and why) that go above the summary table."""
 
-    taxonomy = prepared_taxonomy(cfg.data)
-    if cfg.taxonomy:
-        override = load_taxonomy(cfg.taxonomy)
+    args: EvaluationArguments
+    taxonomy: Taxonomy
+    splits: dict  # split name -> datasets.Dataset
+    device: str
+    dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> Path:
+        return Path(self.args.output)
+
+    @property
+    def cache_dir(self) -> str:
+        """Where text and image embeddings are cached: ``--cache-dir``, else ``OUTPUT/.cache``."""
+        return self.args.cache_dir or str(self.output / ".cache")
+
+    @cached_property
+    def data_species(self) -> set[str]:
+        """The species of the train split: what an adapter must have been trained on to join the table."""
+        return {self.taxonomy.classes[i] for i in self.splits["train"].unique("label")}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.taxonomy)
+
+    def note(self, line: str, prefix: str = "") -> None:
+        """Record ``line`` for summary.md and say it on the console."""
+        self.notes.append(line)
+        logger.warning(prefix + line)
+
+    def provenance(self, **what) -> dict:
+        """The resolved options, the device, and what this result is (model, text type): each metrics.json's config."""
+        return self.args.resolved() | {"device": self.device, "dtype": str(self.dtype)} | what
+
+    def features(self, backbone: Backbone, name: str, split: str) -> Features:
+        """Image features and labels of ``split``, cached under ``--cache-dir``."""
+        feats, labels, _ = cached_image_features(
+            backbone, self.splits[split], split_fingerprint(self.args.data, split), self.cache_dir, desc=f"{name} {split}",
+            batch_size=self.args.batch_size, num_workers=self.args.num_workers,
+        )  # fmt: skip
+        return feats, labels
+
+    def metrics(self, labels: np.ndarray, scores: np.ndarray, bootstrap: bool = True) -> dict:
+        """Classification metrics over the taxonomy (with the bootstrap intervals of --bootstrap where asked)."""
+        extra = {"bootstrap": self.args.bootstrap, "seed": self.args.seed} if bootstrap else {}
+        return classification_metrics(labels, scores, self.num_classes, taxonomy=self.taxonomy, **extra)
+
+
+@dataclass
+class EvaluatedModel:
+    """A backbone to evaluate, under its table name; ``classifier`` is set for a LoRA run (its own prompts)."""
+
+    name: str
+    backbone: Backbone
+    text_types: list[str]
+    classifier: Classifier | None = None
+
+
+def load_evaluation_data(args: EvaluationArguments) -> EvaluationRun:
+    """The prepared splits with the taxonomy their label ids index (or ``--taxonomy``, listing the same species)."""
+    taxonomy = prepared_taxonomy(args.data)
+    if args.taxonomy:
+        override = load_taxonomy(args.taxonomy)
         if override.classes != taxonomy.classes:
-            raise ValueError(f"--taxonomy {cfg.taxonomy} lists other species than {cfg.data}/taxonomy.csv, which the "
+            raise ValueError(f"--taxonomy {args.taxonomy} lists other species than {args.data}/taxonomy.csv, which the "
                              "prepared label ids index; prepare the data again with --taxonomy instead")  # fmt: skip
         taxonomy = override
-    splits = load_splits(cfg.data)
-    output = Path(cfg.output)
-    cache_dir = cfg.cache_dir or str(output / ".cache")
-    device = cfg.resolved_device()
+    device = args.resolved_device()
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    num_classes = len(taxonomy)
-    provenance_config = asdict(cfg) | {"device": device, "dtype": str(dtype)}
-    rows = []
-    # an adapter belongs in the table only if trained on exactly the species of this data's train split
-    # (what the trainer records as trained_species), so a run trained on this very data always fits
-    data_species = {taxonomy.classes[i] for i in splits["train"].unique("label")}
-    found, notes = (
-        find_adapters(cfg.include_adapters, taxonomy.classes, data_species) if cfg.include_adapters else ([], [])
-    )
+    return EvaluationRun(args, taxonomy, load_splits(args.data), device, dtype)
+
+
+def adapters_to_include(run: EvaluationRun) -> list[str]:
+    """The runs of ``--include-adapters`` trained on exactly the species of this data's train split (what the
+    trainer records as trained_species, so a run trained on this very data always fits); the others are notes."""
+    if not run.args.include_adapters:
+        return []
+    found, notes = find_adapters(run.args.include_adapters, run.taxonomy.classes, run.data_species)
     for line in notes:
-        log(line)
-    for name in list(cfg.models) + found:
-        adapter = name.startswith("lora:")
-        if adapter:  # a fine-tuned run: zero-shot head of its own text type, no few-shot
-            try:
-                classifier = load_classifier(name[len("lora:") :], species=taxonomy.classes, device=device)
-            except AdapterError as err:
-                if name not in found:
-                    raise  # named in --models: the user asked for this one
-                notes.append(f"skipped {name[len('lora:') :]}: {err}")  # one broken run never sinks the table
-                log(notes[-1])
-                continue
-            if reason := data_mismatch(classifier.record, taxonomy.classes, data_species):  # named in --models
-                notes.append(f"{name}: {reason}; evaluated because --models names it")
-                log(f"note: {notes[-1]}")
-            backbone, text_types = classifier.backbone.to(device, dtype), [classifier.record["text_type"]]
-            name = backbone.name
+        run.note(line)
+    return found
+
+
+def load_model(run: EvaluationRun, name: str, found: bool) -> EvaluatedModel | None:
+    """A backbone, or a LoRA run as a classifier; a broken run that ``--include-adapters`` ``found`` is a note
+    and ``None`` (one broken run never sinks the table), one named in ``--models`` an error."""
+    if not name.startswith(ADAPTER):
+        backbone = load_backbone(name, device=run.device, dtype=run.dtype, random_weights=run.args.random_weights)
+        return EvaluatedModel(name, backbone, run.args.text_types)
+    folder = name[len(ADAPTER) :]
+    try:
+        classifier = load_classifier(folder, species=run.taxonomy.classes, device=run.device)
+    except AdapterError as err:
+        if not found:
+            raise  # named in --models: the user asked for this one
+        run.note(f"skipped {folder}: {err}")
+        return None
+    if reason := data_mismatch(classifier.record, run.taxonomy.classes, run.data_species):  # named in --models
+        run.note(f"{name}: {reason}; evaluated because --models names it", prefix="note: ")
+    backbone = classifier.backbone.to(run.device, run.dtype)
+    return EvaluatedModel(backbone.name, backbone, [classifier.record["text_type"]], classifier)
+
+
+def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Features) -> list[dict]:
+    """The zero-shot head for every text type (a LoRA run: its own prompts from classes.json, not the config's);
+    metrics, figures and predictions.parquet under ``zero_shot/MODEL/TEXT_TYPE``."""
+    (feats, labels), args, adapter, rows = evaluated, run.args, model.classifier is not None, []
+    for text_type in model.text_types:
+        if adapter:
+            class_emb = model.classifier.class_embeddings
         else:
-            backbone, text_types = (
-                load_backbone(name, device=device, dtype=dtype, random_weights=cfg.random_weights),
-                cfg.text_types,
-            )
-        feature_args = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-        eval_split = splits[cfg.split]
-        feats, labels, _ = cached_image_features(
-            backbone,
-            eval_split,
-            split_fingerprint(cfg.data, cfg.split),
-            cache_dir,
-            desc=f"{name} {cfg.split}",
-            **feature_args,
-        )
-        for text_type in text_types:
-            if adapter:  # the prompts it was trained and validated with (classes.json), not the config's
-                class_emb = classifier.class_embeddings
-            else:
-                class_emb, _ = cached_class_text_embeddings(backbone, taxonomy, text_type, cfg.templates, cache_dir)
-            scores = zero_shot_scores(feats, class_emb, backbone.logit_scale)
-            metrics = classification_metrics(
-                labels, scores, num_classes, taxonomy=taxonomy, bootstrap=cfg.bootstrap, seed=cfg.seed
-            )
-            out = output / "zero_shot" / name / text_type
-            write_results(
-                out,
-                metrics,
-                taxonomy,
-                provenance_config | {"model": name, "text_type": text_type},
-                cfg.seed,
-                f"{name} {text_type}",
-            )
-            _predictions_table(scores, labels, eval_split, taxonomy.classes).to_parquet(out / "predictions.parquet")
-            rows.append(_row(name, "LoRA" if adapter else "zero-shot", text_type, metrics))
-            templates = f"its own {len(classifier.record['templates'])}" if adapter else cfg.templates
-            method = "LoRA adapter" if adapter else "zero-shot"
-            log(format_report(metrics, title=f"\n{name} {method} ({text_type}, {templates} templates) on {cfg.split}"))
-        if adapter or (not cfg.shots and not cfg.probe):
+            class_emb, _ = cached_class_text_embeddings(model.backbone, run.taxonomy, text_type, args.templates, run.cache_dir)
+        scores = zero_shot_scores(feats, class_emb, model.backbone.logit_scale)
+        metrics = run.metrics(labels, scores)
+        out = run.output / "zero_shot" / model.name / text_type
+        write_results(out, metrics, run.taxonomy, run.provenance(model=model.name, text_type=text_type), args.seed,
+                      f"{model.name} {text_type}")  # fmt: skip
+        _predictions_table(scores, labels, run.splits[args.split], run.taxonomy.classes).to_parquet(out / "predictions.parquet")
+        rows.append(_row(model.name, "LoRA" if adapter else "zero-shot", text_type, metrics))
+        templates = f"its own {len(model.classifier.record['templates'])}" if adapter else args.templates
+        method = "LoRA adapter" if adapter else "zero-shot"
+        logger.info(format_report(metrics, title=f"\n{model.name} {method} ({text_type}, {templates} templates) on {args.split}"))
+    return rows
+
+
+def few_shot_rows(run: EvaluationRun, name: str, train: Features, evaluated: Features) -> list[dict]:
+    """SimpleShot for every ``--shots`` k over ``--seeds`` support draws: mean and std under ``few_shot/MODEL/kK``.
+    A k no class has enough training images for is a note, not a row."""
+    (train_feats, train_labels), (feats, labels) = train, evaluated
+    args, rows = run.args, []
+    for k in args.shot_counts:
+        k_used = support_sizes(train_labels, labels, k)
+        if k_used["max"] < k:  # every seed would take every image: not k-shot, and the same as a smaller k
+            run.note(f"{name}: {k}-shot skipped: no class has {k} training images (at most {k_used['max']})")
             continue
-        train_feats, train_labels, _ = cached_image_features(
-            backbone,
-            splits["train"],
-            split_fingerprint(cfg.data, "train"),
-            cache_dir,
-            desc=f"{name} train",
-            **feature_args,
-        )
-        for k in cfg.shots:
-            k_used = support_sizes(train_labels, labels, k)
-            if k_used["max"] < k:  # every seed would take every image: not k-shot, and the same as a smaller k
-                notes.append(f"{name}: {k}-shot skipped: no class has {k} training images (at most {k_used['max']})")
-                log(notes[-1])
-                continue
-            runs = []
-            for seed in range(cfg.seeds):
-                support = sample_support(train_labels, k, seed)
-                scores = simpleshot_scores(train_feats[support], train_labels[support], feats, num_classes)
-                runs.append(scalar_metrics(classification_metrics(labels, scores, num_classes, taxonomy=taxonomy)))
-            summary = summarise_runs(runs, SUMMARY_KEYS)
-            out = output / "few_shot" / name / f"k{k}"
-            out.mkdir(parents=True, exist_ok=True)
-            record = {"model": name, "method": "simpleshot", "k": k, "k_used": k_used, "seeds": list(range(cfg.seeds)),
-                      "summary": summary, "runs": [{key: r.get(key) for key in SUMMARY_KEYS} for r in runs]}  # fmt: skip
-            (out / "metrics.json").write_text(json.dumps(to_jsonable(record), indent=2))
-            method = shots_label(k, k_used)
-            rows.append(
-                _row(name, method, "", {key: v["mean"] for key, v in summary.items()})
-                | {"std": summary, "k_used": k_used}
-            )
-            log(f"{name} SimpleShot {method} over {cfg.seeds} seeds: "
-                + "  ".join(f"{key.upper()} {100 * v['mean']:.1f}±{100 * v['std']:.1f}" for key, v in summary.items() if key in ("oa", "mf1", "miou")))  # fmt: skip
-        if cfg.probe:
-            scores = linear_probe_scores(train_feats, train_labels, feats, num_classes, seed=cfg.seed)
-            metrics = classification_metrics(
-                labels, scores, num_classes, taxonomy=taxonomy, bootstrap=cfg.bootstrap, seed=cfg.seed
-            )
-            write_results(
-                output / "probe" / name,
-                metrics,
-                taxonomy,
-                provenance_config | {"model": name},
-                cfg.seed,
-                f"{name} linear probe",
-            )
-            rows.append(_row(name, "linear probe", "", metrics))
-            log(format_report(metrics, title=f"\n{name} linear probe on {cfg.split}"))
-        del backbone
-    write_summary(rows, output, cfg, notes)
+        runs = []
+        for seed in range(args.seeds):
+            support = sample_support(train_labels, k, seed)
+            scores = simpleshot_scores(train_feats[support], train_labels[support], feats, run.num_classes)
+            runs.append(scalar_metrics(run.metrics(labels, scores, bootstrap=False)))
+        summary = summarise_runs(runs, SUMMARY_KEYS)
+        out = run.output / "few_shot" / name / f"k{k}"
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(out / "metrics.json", {"model": name, "method": "simpleshot", "k": k, "k_used": k_used,
+                                         "seeds": list(range(args.seeds)), "summary": summary,
+                                         "runs": [{key: r.get(key) for key in SUMMARY_KEYS} for r in runs]})  # fmt: skip
+        method = shots_label(k, k_used)
+        rows.append(_row(name, method, "", {key: v["mean"] for key, v in summary.items()}) | {"std": summary, "k_used": k_used})
+        logger.info(f"{name} SimpleShot {method} over {args.seeds} seeds: "
+                    + "  ".join(f"{key.upper()} {100 * v['mean']:.1f}±{100 * v['std']:.1f}" for key, v in summary.items() if key in ("oa", "mf1", "miou")))  # fmt: skip
+    return rows
+
+
+def probe_row(run: EvaluationRun, name: str, train: Features, evaluated: Features) -> dict:
+    """A logistic-regression probe on the frozen train features; metrics and figures under ``probe/MODEL``."""
+    (train_feats, train_labels), (feats, labels) = train, evaluated
+    scores = linear_probe_scores(train_feats, train_labels, feats, run.num_classes, seed=run.args.seed)
+    metrics = run.metrics(labels, scores)
+    write_results(run.output / "probe" / name, metrics, run.taxonomy, run.provenance(model=name), run.args.seed,
+                  f"{name} linear probe")  # fmt: skip
+    logger.info(format_report(metrics, title=f"\n{name} linear probe on {run.args.split}"))
+    return _row(name, "linear probe", "", metrics)
+
+
+def evaluate(args: EvaluationArguments) -> list[dict]:
+    """Run every configured evaluation; writes results under ``args.output`` and returns the summary rows."""
+    # 1. the prepared data, its taxonomy, and the device everything runs on
+    run = load_evaluation_data(args)
+    # 2. the models: --models, then the fitting runs of --include-adapters
+    found = adapters_to_include(run)
+    rows = []
+    for name in args.model_names + found:
+        # 3. the backbone (a LoRA run: its backbone and own class embeddings)
+        model = load_model(run, name, found=name in found)
+        if model is None:
+            continue
+        # 4. features of the evaluated split, then the zero-shot head for every text type
+        evaluated = run.features(model.backbone, model.name, args.split)
+        rows += zero_shot_rows(run, model, evaluated)
+        # 5. few-shot and the linear probe from train features (base models only: an adapter saw the train split)
+        if model.classifier is None and (args.shot_counts or args.probe):
+            train = run.features(model.backbone, model.name, "train")
+            rows += few_shot_rows(run, model.name, train, evaluated)
+            if args.probe:
+                rows.append(probe_row(run, model.name, train, evaluated))
+        del model  # free its memory before the next one loads
+    # 6. summary.md and summary.json
+    write_summary(rows, args, run.notes)
     return rows
 
 
@@ -257,9 +370,10 @@ def summary_markdown(rows: list[dict], title: str, notes: list[str] = ()) -> str
     return "\n".join(lines) + "\n"
 
 
-def write_summary(rows: list[dict], output: Path, cfg: EvalConfig, notes: list[str] = ()) -> None:
+def write_summary(rows: list[dict], args: EvaluationArguments, notes: list[str] = ()) -> None:
+    """``summary.md`` (the table, notes above it) and ``summary.json`` (rows, notes and the resolved options)."""
+    output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    notes = ([RANDOM_WEIGHTS_NOTE] if cfg.random_weights else []) + list(notes)
-    (output / "summary.md").write_text(summary_markdown(rows, f"Evaluation on {cfg.data} ({cfg.split})", notes))
-    record = {"config": asdict(cfg), "rows": rows, "notes": notes}
-    (output / "summary.json").write_text(json.dumps(to_jsonable(record), indent=2))
+    notes = ([RANDOM_WEIGHTS_NOTE] if args.random_weights else []) + list(notes)
+    (output / "summary.md").write_text(summary_markdown(rows, f"Evaluation on {args.data} ({args.split})", notes))
+    save_json(output / "summary.json", {"config": args.resolved(), "rows": rows, "notes": notes})

@@ -1,9 +1,11 @@
 """Vision-language backbones behind one small interface: HF ``CLIPModel`` and open_clip (BioCLIP).
 
 ``load_backbone("clip-b32")`` or ``load_backbone("bioclip")`` gives a :class:`Backbone` with
-``encode_images`` / ``encode_texts`` (L2-normalised), ``logit_scale``, the model's own image
-``preprocess`` and its ``tokenizer``. ``tiny-clip`` and ``tiny-openclip`` are randomly initialised,
-built from configs, and need no network: tests and the offline demo use them.
+``encode_images`` / ``encode_texts`` (L2-normalised), ``logit_scale``, its ``tokenizer`` and its one image
+``preprocess`` config (:class:`~mushroomclip.data.transforms.PreprocessConfig`), read from the model's own config
+(HF image processor, open_clip ``preprocess_cfg``) and the source of every image transform. ``tiny-clip`` and
+``tiny-openclip`` are randomly initialised, built from configs, and need no network: tests and the offline demo
+use them.
 """
 
 from __future__ import annotations
@@ -17,16 +19,20 @@ from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.nn.functional as F
-from torchvision import transforms as T
+from huggingface_hub import try_to_load_from_cache
+from open_clip.constants import HF_WEIGHTS_NAME
+from open_clip.pretrained import _get_safe_alternatives
+from open_clip.tokenizer import bytes_to_unicode
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers.image_utils import pil_torch_interpolation_mapping
 
+from mushroomclip.data.transforms import PreprocessConfig, normalize
 from mushroomclip.models.weights import hub_file, hub_reachable, not_found, offline_note, weights_id
 
 CONTEXT_LENGTH = 77
-# OpenAI CLIP's normalisation; only the tiny offline models use it directly.
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ModelLoadError(RuntimeError):
@@ -87,7 +93,7 @@ class Backbone:
     name: str
     kind: str
     model: torch.nn.Module
-    preprocess: T.Compose  # PIL image -> normalised tensor, from the model's own config
+    preprocess: PreprocessConfig  # from the model's own config; every image transform is built from it
     tokenize: object  # list[str] -> LongTensor (N, L), L <= 77
     cache_id: str  # identifies weights + preprocessing for on-disk caches
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -100,11 +106,8 @@ class Backbone:
 
     @cached_property
     def _pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, std)`` of ``preprocess``, for uint8 input: read once, not at every batch."""
-        from mushroomclip.data.transforms import pixel_stats
-
-        mean, std = pixel_stats(self.preprocess)
-        return torch.tensor(mean), torch.tensor(std)
+        """``(mean, std)`` of ``preprocess`` as tensors, for uint8 input: made once, not at every batch."""
+        return torch.tensor(self.preprocess.mean), torch.tensor(self.preprocess.std)
 
     @property
     def logit_scale(self) -> float:
@@ -113,8 +116,6 @@ class Backbone:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` preprocessed pixels, float (normalised) or uint8 (normalised here, on the device)."""
         if pixels.dtype == torch.uint8:
-            from mushroomclip.data.transforms import normalize
-
             pixels = normalize(pixels.to(self.device, non_blocking=True), *self._pixel_stats)
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
         if self.kind == "hf":
@@ -138,8 +139,6 @@ class Backbone:
 @lru_cache(maxsize=1)
 def _openai_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """OpenAI CLIP's BPE vocabulary and merges, rebuilt from the copy bundled with open_clip (no network)."""
-    from open_clip.tokenizer import bytes_to_unicode
-
     path = resources.files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(line.split()) for line in lines]
@@ -150,8 +149,6 @@ def _openai_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def offline_clip_tokenizer():
     """A ``transformers.CLIPTokenizer`` identical to openai/clip-vit-*'s, built without a download."""
-    from transformers import CLIPTokenizer
-
     vocab, merges = _openai_bpe()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=CONTEXT_LENGTH)
 
@@ -175,27 +172,50 @@ def _hf_tokenize(tokenizer):
 # --- builders ------------------------------------------------------------------------------------
 
 
-def to_rgb(image):
-    return image.convert("RGB")
+def preprocess_from_image_processor(processor: CLIPImageProcessor) -> PreprocessConfig:
+    """A Hugging Face CLIP image processor's resize, centre crop, resampling and mean/std, as it applies them."""
+    crop = _size_value(processor.crop_size, "height"), _size_value(processor.crop_size, "width")
+    short = _size_value(processor.size, "shortest_edge")
+    squash = _size_value(processor.size, "height"), _size_value(processor.size, "width")
+    return PreprocessConfig(
+        size=crop, resize_size=short or (squash if all(squash) else crop[0]),
+        interpolation=pil_torch_interpolation_mapping[processor.resample].value,
+        mean=tuple(processor.image_mean), std=tuple(processor.image_std),
+    )  # fmt: skip
 
 
-def clip_transform(image_size: int, mean, std, resize: int | None = None) -> T.Compose:
-    """CLIP evaluation preprocessing: bicubic resize of the short side, centre crop, normalise."""
-    return T.Compose(
-        [
-            T.Resize(resize or image_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(image_size),
-            T.Lambda(to_rgb),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
+def preprocess_from_open_clip(cfg: dict) -> PreprocessConfig:
+    """An open_clip model's ``preprocess_cfg`` (``model.visual.preprocess_cfg``, what open_clip's own eval transform
+    is built from); a ValueError for the resize modes the uint8 pipeline does not have."""
+    height, width = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"],) * 2
+    mode = cfg.get("resize_mode", "shortest")
+    if mode == "longest" or (mode == "shortest" and height != width):
+        raise ValueError(f"its preprocessing (resize_mode {mode!r}, size {height}x{width}) is not supported")
+    # open_clip's eval transform is bicubic unless the config says bilinear ("random" is for training)
+    interpolation = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"
+    return PreprocessConfig(
+        size=(height, width), resize_size=height if mode == "shortest" else (height, width),
+        interpolation=interpolation, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+    )  # fmt: skip
+
+
+def _open_clip_preprocess(model, name: str, spec: ModelSpec) -> PreprocessConfig:
+    try:
+        return preprocess_from_open_clip(model.visual.preprocess_cfg)
+    except ValueError as err:
+        fix = "Use a model with square 'shortest' or 'squash' resizing"
+        raise ModelLoadError(_load_error(name, spec.source, str(err), fix)) from None
+
+
+def tiny_image_processor(image_size: int) -> CLIPImageProcessor:
+    """OpenAI CLIP's image processor (bicubic, OpenAI mean/std) at another size: for the randomly initialised models."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
 
 
 def tiny_clip_config():
     """2 layers, width 32, 32 px images: the offline HF test model (also the shape of ``tiny.yaml``)."""
-    from transformers import CLIPConfig
-
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     return CLIPConfig(
         text_config=dict(common, vocab_size=49408, max_position_embeddings=CONTEXT_LENGTH, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
@@ -217,19 +237,14 @@ def _size_value(size, key: str) -> int | None:
 
 
 def _load_hf(name: str, spec: ModelSpec, random_weights: bool) -> Backbone:
-    from transformers import CLIPConfig, CLIPModel
-
     if spec.tiny or random_weights:
         torch.manual_seed(0)  # the same random weights in every process: caches and tests rely on it
         config = tiny_clip_config() if spec.tiny else CLIPConfig()  # CLIPConfig() is the ViT-B/32 shape
         model = CLIPModel(config).eval()
-        vision = config.vision_config
-        preprocess = clip_transform(vision.image_size, OPENAI_MEAN, OPENAI_STD)
+        preprocess = preprocess_from_image_processor(tiny_image_processor(config.vision_config.image_size))
         tokenizer = offline_clip_tokenizer()
         cache_id = f"{name}:random:{hashlib.sha256(config.to_json_string().encode()).hexdigest()[:12]}"
     else:
-        from transformers import CLIPImageProcessor, CLIPTokenizer
-
         # Offline, use the local cache only: otherwise every file is retried with back-off for a minute.
         folder = Path(spec.source).is_dir()
         local_only = not folder and not hub_reachable()
@@ -248,17 +263,13 @@ def _load_hf(name: str, spec: ModelSpec, random_weights: bool) -> Backbone:
             listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
             problem = f"its weight file lacks {len(missing)} of the tensors config.json asks for ({listed})"
             raise ModelLoadError(_load_error(name, spec.source, problem, "Download or convert the model again"))
-        crop = _size_value(processor.crop_size, "height")
-        short = _size_value(processor.size, "shortest_edge") or crop
-        preprocess = clip_transform(crop, processor.image_mean, processor.image_std, resize=short)
+        preprocess = preprocess_from_image_processor(processor)
         cache_id = _cache_id(name, spec.source, _hf_weights_id(spec.source, folder), preprocess)
     return Backbone(name, "hf", model.eval(), preprocess, _hf_tokenize(tokenizer), cache_id)
 
 
 def _hf_weights_id(source: str, folder: bool) -> str:
     """A folder's weight files by content; a Hub model by the commit of its cached snapshot."""
-    from huggingface_hub import try_to_load_from_cache
-
     if folder:
         files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in Path(source).glob(pattern))
         return " ".join(weights_id(f) for f in files)
@@ -273,8 +284,6 @@ TINY_OPENCLIP = dict(
 
 
 def _load_open_clip(name: str, spec: ModelSpec, random_weights: bool) -> Backbone:
-    import open_clip
-
     if not (spec.tiny or random_weights):
         model, preprocess, tokenizer, weights = load_open_clip(name, spec)
         cache_id = _cache_id(name, spec.source, weights_id(weights), preprocess)
@@ -284,10 +293,11 @@ def _load_open_clip(name: str, spec: ModelSpec, random_weights: bool) -> Backbon
         source = f"local-dir:{_open_clip_config_dir(name, spec, not hub_reachable())}"
     torch.manual_seed(0)  # the same random weights in every process: caches and tests rely on it
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(source, load_weights=False, **kwargs)
+        model = open_clip.create_model(source, load_weights=False, **kwargs)
         tokenizer = open_clip.get_tokenizer(source)
     except (OSError, RuntimeError) as err:
         raise ModelLoadError(_load_error(name, spec.source, _first_line(err))) from None
+    preprocess = _open_clip_preprocess(model, name, spec)
     cache_id = f"{name}:{spec.source}:random:{json.dumps(TINY_OPENCLIP) if spec.tiny else ''}"
     return Backbone(
         name, "open_clip", model.eval(), preprocess, tokenizer, hashlib.sha256(cache_id.encode()).hexdigest()[:16]
@@ -296,10 +306,6 @@ def _load_open_clip(name: str, spec: ModelSpec, random_weights: bool) -> Backbon
 
 def _open_clip_weight_files(name: str, spec: ModelSpec) -> tuple[str, list[str], dict]:
     """(Hub repo, weight file names in open_clip's order of preference, the tag's preprocessing) of a model."""
-    import open_clip
-    from open_clip.constants import HF_WEIGHTS_NAME
-    from open_clip.pretrained import _get_safe_alternatives
-
     if spec.source.startswith("hf-hub:"):
         return spec.source[len("hf-hub:") :], [*_get_safe_alternatives(HF_WEIGHTS_NAME), HF_WEIGHTS_NAME], {}
     tag = open_clip.get_pretrained_cfg(spec.source, spec.pretrained or "")
@@ -311,31 +317,29 @@ def _open_clip_weight_files(name: str, spec: ModelSpec) -> tuple[str, list[str],
         )
     repo_id, filename = os.path.split(tag["hf_hub"])
     filename = filename or HF_WEIGHTS_NAME
-    preprocess = {f"image_{k}": tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag}
+    preprocess = {k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag}
     return repo_id, [*_get_safe_alternatives(filename), filename], preprocess
 
 
 def load_open_clip(name: str, spec: ModelSpec):
-    """``(model, preprocess, tokenizer, weight file)`` of a pretrained open_clip model; never random weights.
+    """``(model, preprocess config, tokenizer, weight file)`` of a pretrained open_clip model; never random weights.
 
     Files come from the local Hugging Face cache when the Hub is out of reach. A missing config or weight
     file, or one that cannot be read, is a one-line :class:`ModelLoadError` naming the repo and the file.
     """
-    import open_clip
-
     weights = open_clip_weights(name, spec)
     _, _, tag_preprocess = _open_clip_weight_files(name, spec)
     hub = spec.source.startswith("hf-hub:")
     # The resolved files, by path: open_clip itself would ask the Hub again, and fall back to random weights.
     source = f"local-dir:{Path(weights).parent}" if hub else spec.source
-    kwargs = {} if hub else dict(pretrained=weights, **tag_preprocess)
+    kwargs = {} if hub else dict(pretrained=weights, force_preprocess_cfg=tag_preprocess)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(source, require_pretrained=True, **kwargs)
+        model = open_clip.create_model(source, require_pretrained=True, **kwargs)
         tokenizer = open_clip.get_tokenizer(source)
     except Exception as err:  # safetensors' header errors, torch.load's unpickling errors, shape mismatches
         problem = f"the weight file {weights} cannot be loaded ({_first_line(err)})"
         raise ModelLoadError(_load_error(name, spec.source, problem, REDOWNLOAD)) from None
-    return model.eval(), preprocess, tokenizer, weights
+    return model.eval(), _open_clip_preprocess(model, name, spec), tokenizer, weights
 
 
 def open_clip_weights(name: str, spec: ModelSpec) -> str:

@@ -16,10 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import snapshot_download
+from peft import PeftModel
+from safetensors.torch import load
 
+from mushroomclip.data.transforms import EvalPixels
 from mushroomclip.models.backbones import REGISTRY, Backbone, load_backbone
+from mushroomclip.models.convert import PREFIX, converted_folder, read_recipe, recipe_base
 from mushroomclip.models.lora import quiet_peft
-from mushroomclip.taxonomy import Taxonomy
+from mushroomclip.models.prompts import class_prompts, class_text_embeddings
+from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 
 CLASSES_FILE = "classes.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -32,8 +38,6 @@ class AdapterError(ValueError):
 def backbone_name(base: str, expected_weights: str | None = None) -> str:
     """``model.base`` of a config -> a :func:`load_backbone` name (registry name or ``hf:``). A ``convert:``
     base is converted on first use (:func:`~mushroomclip.models.convert.converted_folder`)."""
-    from mushroomclip.models.convert import PREFIX, converted_folder
-
     if base.startswith(PREFIX):
         return f"hf:{converted_folder(base, expected_weights)}"
     if base in REGISTRY:
@@ -50,8 +54,6 @@ def base_record(base: str, base_hub_id: str | None = None) -> dict:
     """How a run records its base so that another machine can load it: ``base_model`` is a Hub id (``base_hub_id``)
     or registry name, or ``convert:<source>`` for a folder written by ``mushroomclip.models.convert`` (its recipe in
     ``base_conversion``); a folder without a recipe stays a path (``base_model_is_folder``: never published)."""
-    from mushroomclip.models.convert import PREFIX, converted_folder, read_recipe, recipe_base
-
     folder = converted_folder(base) if base.startswith(PREFIX) else Path(base) if Path(base).is_dir() else None
     rec = read_recipe(folder) if folder is not None else None
     conversion = {"base_conversion": rec} if rec else {}
@@ -83,13 +85,11 @@ class Classifier:
     """A LoRA-tuned CLIP with its class list and prompts: images in, ranked species out.
 
     Images go through evaluation's own preprocessing (:class:`~mushroomclip.data.transforms.EvalPixels`: EXIF
-    rotation, the model's resize and crop), so a photo scores here exactly as in the reported metrics.
+    rotation, the resize and crop of the backbone's ``preprocess`` config), so a photo scores here exactly as in
+    the reported metrics.
     """
 
     def __init__(self, backbone: Backbone, record: dict, taxonomy: Taxonomy):
-        from mushroomclip.data.transforms import EvalPixels
-        from mushroomclip.models.prompts import class_prompts, class_text_embeddings
-
         self.backbone, self.record, self.taxonomy = backbone, record, taxonomy
         self.classes: list[str] = record["species"]
         # load_classifier has checked that record["species"] is taxonomy.classes, in order
@@ -150,8 +150,6 @@ def _local_dir(dir_or_repo: str) -> Path:
     path = Path(dir_or_repo)
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(dir_or_repo))
     except Exception as err:  # hub errors come in many types; all mean "not found here"
@@ -162,15 +160,13 @@ def _local_dir(dir_or_repo: str) -> Path:
 
 def _check_finite(dir_or_repo: str, weights: bytes, logit_scale: float | None) -> None:
     """A diverged run saves NaN/inf weights, whose every prediction is NaN: refuse it, naming the folder."""
-    from safetensors.torch import load
-
     bad = [name for name, tensor in load(weights).items() if not torch.isfinite(tensor).all()]
     if bad or (logit_scale is not None and not (math.isfinite(logit_scale) and logit_scale > 0)):
         what = (
             f"{len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]})" if bad else f"logit_scale is {logit_scale}"
         )
         raise AdapterError(f"{dir_or_repo} is broken: {what}, so every prediction would be NaN; the training "
-                           "diverged: retrain it (e.g. a lower training.lr) or use an earlier checkpoint")  # fmt: skip
+                           "diverged: retrain it (e.g. a lower training.learning_rate) or use an earlier checkpoint")  # fmt: skip
 
 
 def load_classifier(
@@ -181,10 +177,6 @@ def load_classifier(
     ``base`` / ``species``, when given, must match what the adapter was trained with: a mismatch is
     an :class:`AdapterError` naming both, never silently wrong predictions.
     """
-    from peft import PeftModel
-
-    from mushroomclip.taxonomy import load_taxonomy
-
     folder = _local_dir(dir_or_repo)
     needed = ("adapter_config.json", WEIGHTS_FILE, CLASSES_FILE)
     if not all((folder / name).is_file() for name in needed):

@@ -14,7 +14,6 @@ machine (once, cached). ``--push-to-hub USER/NAME`` publishes the folder, for ``
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -168,15 +167,22 @@ def convert_open_clip(model):
 
 
 def image_processor_from_open_clip(model):
+    """The ``CLIPImageProcessor`` that applies the open_clip model's own preprocessing, so that the converted folder
+    loads with the source's :class:`~mushroomclip.data.transforms.PreprocessConfig`."""
     from transformers import CLIPImageProcessor
 
+    from mushroomclip.models.backbones import preprocess_from_open_clip
+
     cfg = model.visual.preprocess_cfg
-    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
     if cfg.get("resize_mode", "shortest") != "shortest" or cfg.get("interpolation", "bicubic") != "bicubic":
         raise ConversionError(f"preprocessing {cfg} is not CLIP's shortest-side bicubic resize + centre crop")
+    try:
+        preprocess = preprocess_from_open_clip(cfg)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
     return CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=list(cfg["mean"]), image_std=list(cfg["std"]), resample=3, do_convert_rgb=True,
+        size={"shortest_edge": preprocess.resize_size}, crop_size=dict(zip(("height", "width"), preprocess.size)),
+        image_mean=list(preprocess.mean), image_std=list(preprocess.std), resample=3, do_convert_rgb=True,
     )  # fmt: skip
 
 
@@ -384,54 +390,7 @@ def push_converted(folder: str | Path, repo_id: str, private: bool = False, api=
     return str(url)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description="Convert an open_clip model (e.g. BioCLIP) into a transformers CLIPModel folder."
-    )
-    p.add_argument("--model", required=True, help="bioclip, bioclip-2, or an open_clip name (hf-hub:imageomics/bioclip, ViT-B-16, ...)")  # fmt: skip
-    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag for plain architecture names")
-    p.add_argument("--output", required=True, help="folder to write the CLIPModel, image processor and tokenizer to")
-    p.add_argument(
-        "--check",
-        action="store_true",
-        help="reload the written folder and the source model (independently) and compare their embeddings; "
-        f"exit 1 above {CHECK_TOLERANCE:g}",
-    )
-    p.add_argument("--push-to-hub", metavar="USER/NAME", help="also publish the folder as this Hub repo (with a card "
-                   "crediting the source and its license); runs trained on it name it as model.base_hub_id")  # fmt: skip
-    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
-    args = p.parse_args(argv)
+if __name__ == "__main__":  # python -m mushroomclip.models.convert: the `mushroomclip convert` command
+    from mushroomclip.commands.convert import main  # not at the top: commands.convert imports this module
 
-    from mushroomclip.hub import PushError
-    from mushroomclip.models.backbones import ModelLoadError
-
-    spec = source_spec(args.model, args.pretrained)
-    try:
-        hf, processor, weights = convert_source(args.model, spec)
-    except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ConversionError as err:
-        print(f"error: could not convert {args.model}: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.output)
-    save_converted(hf, processor, recipe(spec, weights), out)
-    print(f"wrote {out} from {weights} (vision {hf.config.vision_config.hidden_act}, mean {processor.image_processor.image_mean})")  # fmt: skip
-    if args.check:
-        diff = check_folder(args.model, spec, out)
-        print(f"max |difference| of normalised embeddings, {out} (reloaded) vs {args.model} (loaded again): {diff:.2e}")
-        if not diff <= CHECK_TOLERANCE:
-            print(f"error: {out} does not reproduce {args.model} (difference {diff:.2e} > {CHECK_TOLERANCE:g}); do not use it", file=sys.stderr)  # fmt: skip
-            return 1
-    if args.push_to_hub:
-        try:
-            print(f"pushed: {push_converted(out, args.push_to_hub, args.private)} (train on it with "
-                  f"model.base_hub_id={args.push_to_hub})")  # fmt: skip
-        except PushError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

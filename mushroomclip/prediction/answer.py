@@ -16,7 +16,9 @@ import numpy as np
 
 from mushroomclip.taxonomy import DANGEROUS, Taxonomy
 
-#: Where a run records its own thresholds: ``metrics.json["thresholds"] = {"species": p, "genus": p}``.
+#: Where a run records its own thresholds: ``metrics.json["thresholds"] = {"species": p, "genus": p}``; a species
+#: threshold chosen on validation for a dangerous->edible target (:mod:`mushroomclip.evaluation.selective`) adds
+#: ``max_danger``, ``coverage`` and the rates it reached.
 THRESHOLDS_KEY = "thresholds"
 WARNING_TEXT = "Lookalike of a {kind} species ({names}) — never eat on the basis of this app."
 NOT_SURE_TEXT = "Not sure — do not eat"
@@ -45,7 +47,12 @@ def run_thresholds(run_dir: str | Path | None) -> Thresholds:
     recorded = json.loads(path.read_text()).get(THRESHOLDS_KEY)
     if not recorded:
         return Thresholds()
-    return Thresholds(float(recorded["species"]), float(recorded["genus"]), f"recorded by the run ({path})")
+    source = f"recorded by the run ({path})"
+    if "max_danger" in recorded:  # written by mushroomclip.evaluation.selective.SelectiveThreshold.record
+        source += (f"; species threshold chosen on {recorded.get('chosen_on', 'validation')} for a dangerous->edible "
+                   f"rate of at most {100 * recorded['max_danger']:g}% (coverage there "
+                   f"{100 * recorded['coverage']:.1f}%)")  # fmt: skip
+    return Thresholds(float(recorded["species"]), float(recorded["genus"]), source)
 
 
 @dataclass

@@ -12,9 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 
+from mushroomclip.data.transforms import ImageError
+from mushroomclip.models.backbones import load_backbone
 from mushroomclip.models.classifier import Classifier, load_classifier
+from mushroomclip.models.prompts import templates_for
 from mushroomclip.prediction.answer import Answer, Thresholds, answer, fuse_log_probs, run_thresholds
+from mushroomclip.taxonomy import load_taxonomy
 
 ZERO_SHOT = "zero-shot:"
 #: Zero-shot models the page lists; any registry name works after ``zero-shot:``.
@@ -26,10 +31,6 @@ RUN_LOADERS: list[tuple[str, Callable[..., Classifier]]] = [("adapter_config.jso
 
 def zero_shot_classifier(backbone_name: str, device: str = "cpu", text_type: str = "taxon_com") -> Classifier:
     """A plain backbone scored against BioCLIP-style prompts of every species in the bundled taxonomy."""
-    from mushroomclip.models.backbones import load_backbone
-    from mushroomclip.models.prompts import templates_for
-    from mushroomclip.taxonomy import load_taxonomy
-
     taxonomy = load_taxonomy()
     record = {"species": taxonomy.classes, "text_type": text_type, "templates": templates_for("openai")}
     return Classifier(load_backbone(backbone_name, device=device), record, taxonomy)
@@ -55,8 +56,6 @@ def thresholds_for(name: str) -> Thresholds:
 
 def _cached_snapshot(repo_id: str) -> Path | None:
     """The local snapshot of a Hub run the loader has just fetched (its metrics.json may hold thresholds)."""
-    from huggingface_hub import try_to_load_from_cache
-
     cached = try_to_load_from_cache(repo_id, "classes.json")
     return Path(cached).parent if isinstance(cached, str) else None
 
@@ -73,8 +72,6 @@ def identify(
 ) -> tuple[Answer | None, list[str]]:
     """One answer for several photos of one find (mean of their log-probabilities), and one message per
     photo that could not be read (an unreadable or oversized file is never fatal). ``None`` if none could."""
-    from mushroomclip.data.transforms import ImageError
-
     pixels, problems = [], []
     for image in images:
         try:

@@ -7,14 +7,37 @@ and the same head zero-shot evaluation uses. ``clip`` is vanilla symmetric InfoN
 earlier work; ``multi_positive`` treats every same-label pair as a positive. Under DDP the trainer
 gives these two the whole global batch (:func:`mushroomclip.training.collectives.gather_batch`), so their value
 and gradients do not depend on the number of GPUs.
+
+``LOSSES`` maps each ``loss.name`` to a function of one :class:`LossInputs`; a new loss is one more entry
+(a loss on class logits, e.g. a hierarchical one, reads :meth:`LossInputs.class_logits` and ``context``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("class_text", "clip", "multi_positive")
+from mushroomclip.taxonomy import Taxonomy
+
+
+@dataclass
+class LossInputs:
+    """What a loss is given: L2-normalised embeddings, the labels, the logit scale and the run's context."""
+
+    image: torch.Tensor  # (B, D)
+    text: torch.Tensor  # (C, D) every class prompt; (B, D) each image's own prompt for PAIRED_LOSSES
+    labels: torch.Tensor  # (B,) class ids
+    logit_scale: torch.Tensor  # exp(logit_scale), a scalar
+    context: dict[str, Any] = field(default_factory=dict)  # what a loss needs beyond the batch, e.g. "taxonomy"
+
+    def class_logits(self) -> torch.Tensor:
+        """``(B, C)`` scaled cosine similarities of every image with every class prompt."""
+        return self.logit_scale * self.image @ self.text.T
 
 
 def class_text_loss(
@@ -41,3 +64,119 @@ def multi_positive_loss(
     image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
     text_to_image = -(targets * F.log_softmax(logits.T, dim=1)).sum(1).mean()  # positives is symmetric
     return (image_to_text + text_to_image) / 2
+
+
+# Taxonomy- and safety-aware terms on class logits ``(B, C)`` (supervised heads, or CLIP's image-vs-all-class-prompt
+# logits): Bertinetto et al. 2020, "Making Better Mistakes" (arXiv 1912.09393), and a cost-sensitive danger term.
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the classes in at least float32 (bf16 logits would round the subtree sums)."""
+    return logits.log_softmax(dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
+@dataclass(frozen=True)
+class HierarchyTensors:
+    """The taxonomy as the tensors these losses take; build once per run with :func:`hierarchy_tensors`."""
+
+    lca_distance: torch.Tensor  # (C, C) float: height of the lowest common ancestor, 0 for the same species
+    lineage: torch.Tensor  # (C, R) long: each class's node id at every rank, kingdom first
+    dangerous: torch.Tensor  # (C,) bool: deadly or poisonous
+    edible: torch.Tensor  # (C,) bool
+
+    def to(self, device: torch.device | str) -> HierarchyTensors:
+        return HierarchyTensors(self.lca_distance.to(device), self.lineage.to(device), self.dangerous.to(device),
+                                self.edible.to(device))  # fmt: skip
+
+
+def hierarchy_tensors(taxonomy: Taxonomy, device: torch.device | str | None = None) -> HierarchyTensors:
+    """:class:`HierarchyTensors` of ``taxonomy``'s classes (class id = row of the table), on ``device``."""
+
+    def tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
+
+    return HierarchyTensors(
+        lca_distance=tensor(taxonomy.lca_distance_matrix, torch.float32),
+        lineage=tensor(taxonomy.lineage_codes, torch.long),
+        dangerous=tensor(taxonomy.dangerous_mask, torch.bool),
+        edible=tensor(taxonomy.edible_mask, torch.bool),
+    )
+
+
+def hierarchical_soft_loss(
+    logits: torch.Tensor, labels: torch.Tensor, lca_distance: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Cross-entropy against soft labels whose mass on class j is proportional to exp(-beta * d(y, j)).
+
+    d is the LCA height divided by its largest value (as the authors' code does, so ``beta`` reads as in the
+    paper's tables, 4 to 30); a large ``beta`` gives back plain cross-entropy.
+    """
+    distance = lca_distance[labels] / lca_distance.max().clamp(min=1)
+    targets = torch.softmax(-beta * distance, dim=1)
+    return -(targets * _log_softmax(logits)).sum(dim=1).mean()
+
+
+def hierarchical_xent_loss(logits: torch.Tensor, labels: torch.Tensor, lineage: torch.Tensor, alpha: float) -> torch.Tensor:
+    """HXE: -sum over the label's lineage of w(C) * log p(C | parent of C), with a flat softmax over the leaves.
+
+    p(C | parent) is the summed probability of the leaves under C over that under its parent (the root's is 1).
+    w(C) = exp(-alpha * depth(C)), depth counting edges from the root (kingdom 1 ... species ``R``): the
+    authors' released code, which weights the coarse levels most as the paper describes ("discounting
+    information down the hierarchy"); the paper's formula writes it exp(-alpha * h(C)) with the leaf as C^(0).
+    Unlike that code the weights are not divided by their sum over the whole tree (a constant factor), so
+    ``alpha = 0`` is exactly cross-entropy.
+    """
+    log_p = _log_softmax(logits)  # (B, C)
+    under = lineage[labels].unsqueeze(2) == lineage.T.unsqueeze(0)  # (B, R, C): leaves under the label's node
+    log_node = torch.logsumexp(log_p.unsqueeze(1).masked_fill(~under, float("-inf")), dim=2)  # (B, R)
+    log_parent = F.pad(log_node[:, :-1], (1, 0))  # the root holds all the mass: log 1 = 0
+    depth = torch.arange(1, lineage.shape[1] + 1, device=logits.device, dtype=log_p.dtype)
+    return -((log_node - log_parent) * torch.exp(-alpha * depth)).sum(dim=1).mean()
+
+
+def danger_penalty(
+    logits: torch.Tensor, labels: torch.Tensor, dangerous: torch.Tensor, edible: torch.Tensor
+) -> torch.Tensor:
+    """Mean over the batch of the softmax mass on edible species for images whose truth is deadly or poisonous
+    (0 for every other image): (1/B) * sum_i [y_i dangerous] * sum_{j edible} p_ij. Scaled by ``loss.danger_weight``
+    and added to the main loss, it pushes a dangerous species' images away from every edible answer."""
+    probs = _log_softmax(logits).exp()
+    return (probs @ edible.to(probs.dtype) * dangerous[labels]).mean()
+
+
+def _hierarchy(x: LossInputs) -> HierarchyTensors:
+    """The run's :class:`HierarchyTensors` (``context["hierarchy"]``), moved once to the batch's device."""
+    tensors = x.context["hierarchy"]
+    if tensors.lca_distance.device != x.image.device:
+        tensors = x.context["hierarchy"] = tensors.to(x.image.device)
+    return tensors
+
+
+LOSSES: dict[str, Callable[[LossInputs], torch.Tensor]] = {
+    "class_text": lambda x: class_text_loss(x.image, x.text, x.labels, x.logit_scale),
+    "clip": lambda x: clip_loss(x.image, x.text, x.logit_scale),
+    "multi_positive": lambda x: multi_positive_loss(x.image, x.text, x.labels, x.logit_scale),
+    "hierarchical_soft": lambda x: hierarchical_soft_loss(x.class_logits(), x.labels, _hierarchy(x).lca_distance,
+                                                          x.context["beta"]),
+    "hierarchical_xent": lambda x: hierarchical_xent_loss(x.class_logits(), x.labels, _hierarchy(x).lineage,
+                                                          x.context["alpha"]),
+}  # fmt: skip
+# Losses of images against per-image texts (each image's own class prompt): the trainer encodes those and
+# gathers the whole global batch on every rank; every other loss gets the (C, D) embeddings of all classes.
+PAIRED_LOSSES = frozenset({"clip", "multi_positive"})
+
+
+def training_loss(name: str, x: LossInputs) -> torch.Tensor:
+    """``LOSSES[name]``, plus ``context["danger_weight"]`` times :func:`danger_penalty` when that weight is set."""
+    loss = LOSSES[name](x)
+    if weight := x.context.get("danger_weight", 0.0):
+        tensors = _hierarchy(x)
+        loss = loss + weight * danger_penalty(x.class_logits(), x.labels, tensors.dangerous, tensors.edible)
+    return loss
+
+
+def loss_context(taxonomy: Taxonomy, loss) -> dict:
+    """``LossInputs.context`` of a run: its taxonomy, as tensors too, and the loss's hyper-parameters
+    (``loss``: the config's :class:`~mushroomclip.config.LossArguments`)."""
+    return {"taxonomy": taxonomy, "hierarchy": hierarchy_tensors(taxonomy), "beta": loss.beta, "alpha": loss.alpha,
+            "danger_weight": loss.danger_weight}  # fmt: skip

@@ -8,13 +8,14 @@ checkpoints of an unfinished run unless it is continued (``--resume``, same conf
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
+from accelerate import PartialState
 
 from mushroomclip.data.splits import REPORT_NAME
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from transformers import Trainer
 
     from mushroomclip.config import TrainConfig
+
+logger = logging.getLogger(__name__)  # messages from the main process only (the callers check)
 
 # Everything training writes at the top of a run folder (checkpoints/ aside); hub.UPLOAD is a subset.
 OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "classes.json", "taxonomy.csv", "config.yaml",
@@ -33,9 +36,11 @@ SUMMARY_KEYS = ("oa", "top5", "balanced_acc", "mf1", "miou", "rank_accuracy", "m
                 "dangerous_as_edible", "deadly_recall")  # fmt: skip
 # Keys that change where and how a run is executed or published, not what it computes: they may differ on
 # --resume (a checkpoint copied to another folder continues there).
-EXECUTION_KEYS = {"training": ("output_dir", "resume", "overwrite", "report_to", "eval_batch_size",
-                              "gradient_checkpointing"), "data": ("num_workers",),
-                  "hub": ("push", "repo_id", "private")}  # fmt: skip
+EXECUTION_KEYS = {"training": ("output_dir", "report_to", "per_device_eval_batch_size", "activation_checkpointing",
+                              "gradient_checkpointing", "use_cpu", "dataloader_num_workers",
+                              "dataloader_persistent_workers"), "data": ("num_workers",),
+                  "run": ("resume", "overwrite"), "hub": ("push", "repo_id", "private")}  # fmt: skip
+UNSET = "unset"  # how a key that one config sets and the other does not is shown
 
 
 class RunFolderError(ValueError):
@@ -69,13 +74,15 @@ def _recorded_config(checkpoint: Path) -> dict | None:
 
 
 def _differences(old: dict, new: dict) -> list[str]:
+    """``section.key: old -> new`` for every key that differs, also one that only one of them sets."""
     old, new = _comparable(old), _comparable(new)
-    return [
-        f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
-        for section, body in new.items()
-        for key, value in body.items()
-        if old.get(section, {}).get(key) != value
-    ]
+    changed = []
+    for section in dict.fromkeys([*new, *old]):
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in dict.fromkeys([*after, *before]):
+            if before.get(key, UNSET) != after.get(key, UNSET):
+                changed.append(f"{section}.{key}: {before.get(key, UNSET)!r} -> {after.get(key, UNSET)!r}")
+    return changed
 
 
 def check_run_folder(run_dir: str | Path, config: dict, resume: bool, overwrite: bool) -> None:
@@ -102,7 +109,7 @@ def check_run_folder(run_dir: str | Path, config: dict, resume: bool, overwrite:
                              "same run: use --overwrite to start over, or another training.output_dir")  # fmt: skip
 
 
-def clear_run_outputs(run_dir: str | Path, log=print) -> None:
+def clear_run_outputs(run_dir: str | Path) -> None:
     """Delete what training wrote into ``run_dir`` (results and checkpoints); any other file stays."""
     run_dir = Path(run_dir)
     removed = [run_dir / name for name in OUTPUTS if (run_dir / name).is_file()] + _checkpoints(run_dir)
@@ -110,7 +117,7 @@ def clear_run_outputs(run_dir: str | Path, log=print) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     remove_empty_dirs(run_dir / CHECKPOINTS)
     if removed:
-        log(f"--overwrite: removed the earlier run's results and checkpoints from {run_dir}")
+        logger.info(f"--overwrite: removed the earlier run's results and checkpoints from {run_dir}")
 
 
 def remove_empty_dirs(folder: str | Path) -> None:
@@ -160,7 +167,7 @@ def history_from_log(log_history: list[dict]) -> tuple[list, list]:
     return train, evals
 
 
-def last_complete_checkpoint(folder: Path, log=print) -> str | None:
+def last_complete_checkpoint(folder: Path) -> str | None:
     """The newest checkpoint that was fully written; interrupted ones are removed (by rank 0).
 
     Trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save, and
@@ -172,8 +179,8 @@ def last_complete_checkpoint(folder: Path, log=print) -> str | None:
     for path in folder.glob("checkpoint-*"):
         if (path / "trainer_state.json").is_file():
             complete.append(path)
-        elif int(os.environ.get("RANK", "0")) == 0:
-            log(f"removing {path}: interrupted while it was being saved")
+        elif PartialState().is_main_process:
+            logger.info(f"removing {path}: interrupted while it was being saved")
             shutil.rmtree(path, ignore_errors=True)
     return str(max(complete, key=lambda p: int(p.name.split("-")[1]))) if complete else None
 
@@ -190,17 +197,17 @@ def save_json(path: Path, value) -> None:
 
 
 def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Trainer, taxonomy, templates: list[str],
-                     precision: str, trained_species: list[str], images: dict[str, int], base: dict) -> None:  # fmt: skip
+                     precision: str, splits, base: dict) -> None:  # fmt: skip
     """Adapter, classes.json, taxonomy, resolved config, data.json, metrics.json, figures and model card;
-    ``base`` is the run's :func:`mushroomclip.models.classifier.base_record`."""
-    import yaml
-
+    ``splits`` are the data's splits and ``base`` the run's :func:`mushroomclip.models.classifier.base_record`."""
     from mushroomclip.evaluation.plots import save_confusion_png, save_loss_curve
     from mushroomclip.hub import model_card
     from mushroomclip.models.classifier import CLASSES_FILE, classes_record
     from mushroomclip.provenance import run_provenance
 
     model = trainer.model
+    trained_species = sorted({taxonomy.classes[i] for i in splits["train"]["label"]})
+    images = {name: len(split) for name, split in splits.items()}
     run_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(run_dir), save_embedding_layers=False)  # LoRA never touches the embeddings
     scale = model.get_base_model().logit_scale.exp().item() if cfg.lora.train_logit_scale else None
@@ -222,12 +229,12 @@ def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Tra
     model_card(run_dir).save(run_dir / "README.md")
 
 
-def publish(run_dir: Path, repo_id: str, private: bool, log) -> str | None:
+def publish(run_dir: Path, repo_id: str, private: bool) -> str | None:
     """Push a written run; a failed push is reported in one line (returned) and the run stays as it is."""
     from mushroomclip.hub import PushError, push_run
 
     try:
-        log(f"pushed to {push_run(run_dir, repo_id, private=private)}")
+        logger.info(f"pushed to {push_run(run_dir, repo_id, private=private)}")
     except PushError as err:
         return str(err)
     return None

@@ -6,6 +6,7 @@ numbers are directly comparable to the zero-shot table, and the best checkpoint 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -15,34 +16,48 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import ProgressCallback, Trainer, TrainingArguments
+import yaml
+from accelerate import PartialState
+from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
 
-from mushroomclip.config import TrainConfig
+from mushroomclip.config import ConfigError, TrainConfig
+from mushroomclip.data.splits import load_splits, prepared_taxonomy
 from mushroomclip.data.transforms import background_workers, normalize, pixel_stats, train_images
+from mushroomclip.evaluation.features import PreprocessedImages
 from mushroomclip.metrics import classification_metrics
-from mushroomclip.models.prompts import class_prompts
+from mushroomclip.models.backbones import load_backbone
+from mushroomclip.models.classifier import backbone_name, base_record
+from mushroomclip.models.lora import add_lora
+from mushroomclip.models.prompts import class_prompts, class_text_embeddings, templates_for
+from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 from mushroomclip.training.collectives import gather_batch
-from mushroomclip.training.losses import class_text_loss, clip_loss, multi_positive_loss
+from mushroomclip.training.losses import PAIRED_LOSSES, LossInputs, loss_context, training_loss
 from mushroomclip.training.runs import (
     CHECKPOINT_CONFIG,
+    CHECKPOINTS,
     UNTRAINED_METRICS,
+    DataReadError,
     TrainingDivergedError,
+    check_run_folder,
+    clear_run_outputs,
     history_from_log,
     last_complete_checkpoint,
     metrics_summary,
     publish,
+    remove_empty_dirs,
     save_json,
+    unreadable_image,
     write_run_folder,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)  # progress lines come from the main process only (the callers check)
 
 
 class ContrastiveTrainer(Trainer):
     """Trainer whose loss is one of :mod:`mushroomclip.training.losses` and whose evaluation is zero-shot."""
 
     def __init__(self, *args, class_input_ids: torch.Tensor, loss_name: str, evaluator, pixel_stats=None,
-                 run_config: dict | None = None, **kwargs):  # fmt: skip
+                 run_config: dict | None = None, loss_context: dict | None = None, **kwargs):  # fmt: skip
         if kwargs.get("train_dataset") is not None:  # drawn through SeededDrawSampler: see _get_train_sampler
             kwargs["train_dataset"] = SeededDraws(kwargs["train_dataset"])
         super().__init__(*args, **kwargs)
@@ -52,6 +67,7 @@ class ContrastiveTrainer(Trainer):
         # uint8 batches (mushroomclip.data.transforms) are normalised here, on the device, with the model's mean/std.
         self.pixel_mean, self.pixel_std = (torch.tensor(v) for v in pixel_stats) if pixel_stats else (None, None)
         self.loss_name = loss_name
+        self.loss_context = loss_context or {}  # LossInputs.context: what a loss needs beyond the batch
         self.evaluator = evaluator
         if evaluator is not None:
             self.compute_metrics = self.scalar_metrics
@@ -76,6 +92,7 @@ class ContrastiveTrainer(Trainer):
             pixels = normalize(pixels, self.pixel_mean, self.pixel_std)
         ids = self.class_input_ids.to(pixels.device)
         base = self.accelerator.unwrap_model(model).get_base_model()
+        paired = self.loss_name in PAIRED_LOSSES
         if self.text_frozen:
             if self._class_text_embeds is None:
                 with torch.no_grad():
@@ -84,24 +101,18 @@ class ContrastiveTrainer(Trainer):
             # The forward still goes through the (DDP-wrapped) model so that gradient synchronisation is
             # exact; its text input is one prompt, whose embedding is not used.
             out = model(pixel_values=pixels, input_ids=ids[:1], return_dict=True)
-            text = self._class_text_embeds if self.loss_name == "class_text" else self._class_text_embeds[labels]
+            text = self._class_text_embeds[labels] if paired else self._class_text_embeds
         else:
-            if self.loss_name != "class_text":
+            if paired:
                 ids = ids[labels]  # one prompt per image: the image's own class
             # One forward through the (DDP-wrapped) model, so gradient synchronisation is exact.
             out = model(pixel_values=pixels, input_ids=ids, return_dict=True)
             text = out.text_embeds.float()  # CLIPModel returns them normalised
-        scale = base.logit_scale.exp()
         image = out.image_embeds.float()
-        if self.loss_name == "class_text":
-            loss = class_text_loss(image, text, labels, scale)
-            return (loss, out) if return_outputs else loss
-        # Images against per-image texts: the whole global batch on every rank, as in one process.
-        image, text, labels = gather_batch(image), gather_batch(text), gather_batch(labels)
-        if self.loss_name == "clip":
-            loss = clip_loss(image, text, scale)
-        else:
-            loss = multi_positive_loss(image, text, labels, scale)
+        if paired:  # images against per-image texts: the whole global batch on every rank, as in one process
+            image, text, labels = gather_batch(image), gather_batch(text), gather_batch(labels)
+        batch = LossInputs(image, text, labels, base.logit_scale.exp(), self.loss_context)
+        loss = training_loss(self.loss_name, batch)
         return (loss, out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -141,9 +152,8 @@ class ContrastiveTrainer(Trainer):
         return optimizer
 
     def _get_train_sampler(self, train_dataset=None):
-        self.train_sampler = SeededDrawSampler(
-            len(self.train_dataset if train_dataset is None else train_dataset), self.args.data_seed
-        )
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed  # as TrainingArguments documents
+        self.train_sampler = SeededDrawSampler(len(self.train_dataset if train_dataset is None else train_dataset), seed)
         return self.train_sampler
 
     def _run_epoch(self, *args, epoch: int, **kwargs):
@@ -169,8 +179,6 @@ class ContrastiveTrainer(Trainer):
         model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         if self.run_config is not None:
-            import yaml
-
             Path(output_dir, CHECKPOINT_CONFIG).write_text(yaml.safe_dump(self.run_config, sort_keys=False))
         if self.untrained is not None:
             save_json(Path(output_dir, UNTRAINED_METRICS), self.untrained)
@@ -282,20 +290,16 @@ class ZeroShotEvaluator:
     """The zero-shot head from the model's current text tower, the images it scores and their metrics."""
 
     def __init__(self, backbone, taxonomy, text_type: str, templates: list[str]):
-        self.backbone, self.taxonomy = backbone, taxonomy
+        self.backbone, self.taxonomy, self.templates = backbone, taxonomy, templates
         self.prompts = class_prompts(taxonomy, text_type, templates)
 
     def images(self, split) -> LabelledPixels:
         """A ``datasets`` split through the backbone's evaluation preprocessing (uint8, normalised on the device)."""
-        from mushroomclip.evaluation.features import PreprocessedImages
-
         return LabelledPixels(PreprocessedImages(split, self.backbone.preprocess))
 
     @torch.inference_mode()
     def class_embeddings(self, model) -> torch.Tensor:
         """``(C, D)`` class text embeddings of ``model`` (the peft model; the caller sets eval mode and autocast)."""
-        from mushroomclip.models.prompts import class_text_embeddings
-
         self.backbone.model = model
         self.backbone.device = next(model.parameters()).device
         return class_text_embeddings(self.backbone, self.prompts).float()
@@ -322,77 +326,20 @@ def divergence_message(what: str, step: int, lr: float, checkpoints: Path) -> st
     kept = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     where = f"the checkpoints before it (up to {kept[-1]}) are kept" if kept else "there is no checkpoint"
     return (f"training diverged at step {step}: {what}. No adapter, card or metrics were written; {where}. "
-            f"Lower training.lr (now {lr:g}) or raise training.warmup_ratio")  # fmt: skip
+            f"Lower training.learning_rate (now {lr:g}) or raise training.warmup_steps")  # fmt: skip
 
 
-def on_cpu() -> bool:
-    """CPU training: no CUDA, or ``accelerate launch --cpu``."""
-    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+def trainer_arguments(training: TrainingArguments, checkpoints: Path) -> TrainingArguments:
+    """The run's TrainingArguments with Trainer's ``output_dir`` in the run folder's ``checkpoints/``."""
+    # TrainingArguments takes its mixed precision from this variable unless bf16/fp16 is true, so an fp32 run
+    # under a bf16 accelerate config would otherwise run in bf16.
+    os.environ["ACCELERATE_MIXED_PRECISION"] = precision_name(training) if training.bf16 or training.fp16 else "no"
+    return dataclasses.replace(training, output_dir=str(checkpoints))
 
 
-def resolve_precision(requested: str, cpu: bool, bf16_supported: bool, accelerate_setting: str | None) -> str:
-    """``fp32``, ``bf16`` or ``fp16`` for this run.
-
-    ``auto``: fp32 on the CPU; on a GPU the accelerate config's ``mixed_precision`` when it names one
-    (``accelerate launch --config_file accelerate_config.yaml`` -> bf16), else bf16 where the GPU has it
-    and fp16 on older GPUs. (accelerate's ``no`` is also its default without a config, so it is not
-    taken as a choice.) An explicit ``training.precision`` wins over all of this.
-    """
-    from mushroomclip.config import ConfigError
-
-    if requested == "auto":
-        if cpu:
-            return "fp32"
-        requested = (
-            accelerate_setting if accelerate_setting in ("bf16", "fp16") else "bf16" if bf16_supported else "fp16"
-        )
-    if requested == "bf16" and not cpu and not bf16_supported:
-        raise ConfigError(
-            "training.precision=bf16 but this GPU has no bf16 support; use training.precision=fp16 or fp32"
-        )
-    if requested == "fp16" and cpu:
-        raise ConfigError("training.precision=fp16 needs a GPU; on the CPU use training.precision=fp32 (or bf16)")
-    return requested
-
-
-def training_arguments(cfg: TrainConfig, checkpoints: Path, steps_per_epoch: int) -> TrainingArguments:
-    t = cfg.training
-    cpu = on_cpu()
-    precision = resolve_precision(t.precision, cpu, not cpu and torch.cuda.is_bf16_supported(),
-                                  os.environ.get("ACCELERATE_MIXED_PRECISION"))  # fmt: skip
-    # TrainingArguments starts from this variable and only bf16/fp16=True override it, so an explicit
-    # fp32 under a bf16 accelerate config would otherwise stay bf16.
-    os.environ["ACCELERATE_MIXED_PRECISION"] = "no" if precision == "fp32" else precision
-    optim = t.optim
-    if optim == "auto":
-        import importlib.util
-
-        optim = (
-            "adamw_bnb_8bit"
-            if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")
-            else "adamw_torch"
-        )
-    eval_steps = t.eval_steps or max(1, steps_per_epoch)
-    return TrainingArguments(
-        output_dir=str(checkpoints), seed=t.seed, data_seed=t.seed,
-        num_train_epochs=t.epochs, max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, weight_decay=t.weight_decay,
-        lr_scheduler_type="cosine", warmup_steps=math.ceil(t.warmup_ratio * _total_steps(cfg, steps_per_epoch)), optim=optim,
-        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=cpu,
-        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
-        eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=t.save_steps or eval_steps,
-        save_total_limit=t.save_total_limit, load_best_model_at_end=True, metric_for_best_model="miou",
-        greater_is_better=True, logging_steps=t.logging_steps, report_to=[] if t.report_to == "none" else [t.report_to],
-        remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=cfg.data.num_workers,
-        dataloader_persistent_workers=cfg.data.num_workers > 0, ddp_find_unused_parameters=False,
-        disable_tqdm=False,
-    )  # fmt: skip
-
-
-def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    t = cfg.training
-    return t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+def precision_name(args: TrainingArguments) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: what the run summary and metrics.json call the run's precision."""
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
@@ -421,12 +368,8 @@ def run_summary(cfg: TrainConfig, train_losses: list, best: dict, test: dict | N
     return "\n".join(lines)
 
 
-def run_taxonomy(data_path: str, taxonomy_file: str | None):
+def run_taxonomy(data_path: str, taxonomy_file: str | None) -> Taxonomy:
     """The prepared folder's table, or ``data.taxonomy`` when it lists the same species (the label ids index it)."""
-    from mushroomclip.config import ConfigError
-    from mushroomclip.data.splits import prepared_taxonomy
-    from mushroomclip.taxonomy import load_taxonomy
-
     taxonomy = prepared_taxonomy(data_path)
     if taxonomy_file is None:
         return taxonomy
@@ -442,107 +385,103 @@ def non_finite_weights(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
 
 
-def run_training(cfg: TrainConfig, log=print) -> dict:
+def build_trainer(cfg: TrainConfig, backbone, taxonomy: Taxonomy, splits, base: dict, checkpoints: Path) -> ContrastiveTrainer:
+    """LoRA on the base model, and the trainer with its zero-shot evaluator (the run's seed set first: LoRA
+    initialisation follows it)."""
+    set_seed(cfg.training.seed)
+    lora = cfg.lora
+    model = add_lora(
+        backbone.model, lora.r, lora.alpha, lora.dropout, lora.towers, lora.target_modules, lora.train_logit_scale
+    )
+    model.peft_config["default"].base_model_name_or_path = base["base_model"]  # Hub id or convert: recipe
+    backbone.model = model
+    class_ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, cfg.data.text_type, [cfg.data.train_template])])
+    evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates_for(cfg.data.eval_templates))
+    return ContrastiveTrainer(
+        model=model, args=trainer_arguments(cfg.training, checkpoints),
+        train_dataset=train_images(splits["train"], backbone.preprocess),  # uint8, normalised on the device
+        eval_dataset=splits["validation"], data_collator=collate,
+        class_input_ids=class_ids, loss_name=cfg.loss.name, loss_context=loss_context(taxonomy, cfg.loss), evaluator=evaluator,
+        pixel_stats=pixel_stats(backbone.preprocess), run_config=cfg.to_dict(),
+    )  # fmt: skip
+
+
+def train(trainer: ContrastiveTrainer, splits, run_dir: Path, resume: bool, overwrite: bool, test_after: bool) -> dict:
+    """Evaluate the untrained model, then train (continuing the last complete checkpoint on ``resume``);
+    ``overwrite`` clears the earlier run only now, once model and data have loaded. The untrained metrics."""
+    checkpoints = Path(trainer.args.output_dir)
+    last = last_complete_checkpoint(checkpoints) if resume else None
+    if resume and last is None and trainer.is_world_process_zero():
+        logger.info(f"--resume: no checkpoint in {checkpoints}, starting from scratch")
+    if last:  # the evaluation before training is that of the run's first start
+        saved = Path(last, UNTRAINED_METRICS)
+        untrained = json.loads(saved.read_text()) if saved.is_file() else {}
+        untrained = {"validation": untrained.get("validation"), "test": untrained.get("test")}
+    else:
+        untrained = {"validation": trainer.score(splits["validation"]),
+                     "test": trainer.score(splits["test"]) if test_after else None}  # fmt: skip
+    trainer.untrained = {split: metrics_summary(metrics) for split, metrics in untrained.items()}
+    if overwrite and trainer.is_world_process_zero():
+        clear_run_outputs(run_dir)
+    trainer.train(resume_from_checkpoint=last)
+    if bad := non_finite_weights(trainer.model):
+        raise TrainingDivergedError(f"{len(bad)} trained weights are NaN or infinite (e.g. {bad[0]}); nothing was "
+                                    f"written. Lower training.learning_rate (now {trainer.args.learning_rate:g})")  # fmt: skip
+    return untrained
+
+
+def evaluate_best(trainer: ContrastiveTrainer, splits, test_after: bool) -> tuple[dict, dict | None]:
+    """Validation and test metrics of the best checkpoint (Trainer loaded it back at the end of training)."""
+    best = trainer.score(splits["validation"])
+    test = trainer.score(splits["test"]) if test_after else None
+    if logger.isEnabledFor(logging.DEBUG):  # to compare the ranks of a multi-process run
+        lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
+        logger.debug("rank %d step %d lora-checksum %.8f val-miou %.6f", trainer.args.process_index,
+                     trainer.state.global_step, lora_sum, best["miou"])  # fmt: skip
+    return best, test
+
+
+def run_training(cfg: TrainConfig) -> dict:
     """Train, pick the best checkpoint on validation mIoU, test it, and write the run folder (rank 0).
 
-    The folder is checked first (:func:`mushroomclip.training.runs.check_run_folder`); a run that fails leaves no
-    empty folder behind, and an image that cannot be read any more is one :class:`DataReadError`.
+    A run that fails leaves no empty folder behind, and an image that cannot be read any more is one
+    :class:`DataReadError`.
     """
-    from mushroomclip.training.runs import (
-        CHECKPOINTS,
-        DataReadError,
-        check_run_folder,
-        remove_empty_dirs,
-        unreadable_image,
-    )
-
+    # 1. The run folder: one that holds another run is refused before anything loads.
     run_dir = Path(cfg.training.output_dir)
     created = not run_dir.exists()
-    check_run_folder(run_dir, cfg.to_dict(), cfg.training.resume, cfg.training.overwrite)
+    check_run_folder(run_dir, cfg.to_dict(), cfg.run.resume, cfg.run.overwrite)
     try:
-        return _train(cfg, run_dir, log)
+        return _load_train_and_write(cfg, run_dir)
     except BaseException as err:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if PartialState().is_main_process:
             remove_empty_dirs(run_dir if created else run_dir / CHECKPOINTS)
         if (message := unreadable_image(err)) is not None:
             raise DataReadError(message) from None
         raise
 
 
-def _train(cfg: TrainConfig, run_dir: Path, log) -> dict:
-    from transformers import set_seed
-
-    from mushroomclip.data.splits import load_splits
-    from mushroomclip.models.backbones import load_backbone
-    from mushroomclip.models.classifier import backbone_name, base_record
-    from mushroomclip.models.lora import add_lora
-    from mushroomclip.models.prompts import templates_for
-    from mushroomclip.training.runs import clear_run_outputs
-
-    # 1. The base model first: without network this is the error a user should see, before any data work.
+def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
+    # 2. The base model first: without network this is the error a user should see, before any data work.
     backbone = load_backbone(backbone_name(cfg.model.base), random_weights=cfg.model.random_weights)
-    set_seed(cfg.training.seed)  # LoRA initialisation follows the run's seed
-    # 2. Data: the prepared splits and the table their label ids index.
+    base = base_record(cfg.model.base, cfg.model.base_hub_id)  # resolved once: a convert: base asks the Hub
+    # 3. Data: the prepared splits and the table their label ids index.
     taxonomy = run_taxonomy(cfg.data.path, cfg.data.taxonomy)
     splits = load_splits(cfg.data.path)
-    # 3. LoRA on the base model, the trainer and the zero-shot evaluator.
-    lora = cfg.lora
-    model = add_lora(
-        backbone.model, lora.r, lora.alpha, lora.dropout, lora.towers, lora.target_modules, lora.train_logit_scale
-    )
-    base = base_record(cfg.model.base, cfg.model.base_hub_id)  # resolved once: a convert: base asks the Hub
-    model.peft_config["default"].base_model_name_or_path = base["base_model"]  # Hub id or convert: recipe
-    backbone.model = model
-    class_ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, cfg.data.text_type, [cfg.data.train_template])])
-    train = train_images(splits["train"], backbone.preprocess)  # uint8, normalised on the device
-    checkpoints = run_dir / "checkpoints"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = math.ceil(len(train) / (cfg.training.batch_size * world * cfg.training.grad_accum))
-    args = training_arguments(cfg, checkpoints, steps_per_epoch)
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    templates = templates_for(cfg.data.eval_templates)
-    evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates)
-    trainer = ContrastiveTrainer(
-        model=model, args=args, train_dataset=train,
-        eval_dataset=splits["validation"], data_collator=collate,
-        class_input_ids=class_ids, loss_name=cfg.loss.name, evaluator=evaluator,
-        pixel_stats=pixel_stats(backbone.preprocess), run_config=cfg.to_dict(),
-    )  # fmt: skip
-    # 4. Train (continuing the last checkpoint on --resume; --overwrite clears the earlier run only now,
-    # once model and data have loaded).
-    resume = last_complete_checkpoint(checkpoints, log) if cfg.training.resume else None
-    if cfg.training.resume and resume is None:
-        log(f"training.resume: no checkpoint in {checkpoints}, starting from scratch")
-    if resume:  # the evaluation before training is that of the run's first start
-        saved = Path(resume, UNTRAINED_METRICS)
-        untrained = json.loads(saved.read_text()) if saved.is_file() else {}
-        baseline_val, baseline_test = untrained.get("validation"), untrained.get("test")
-    else:
-        baseline_val = trainer.score(splits["validation"])
-        baseline_test = trainer.score(splits["test"]) if cfg.training.test_after else None
-    trainer.untrained = {"validation": metrics_summary(baseline_val), "test": metrics_summary(baseline_test)}
-    if cfg.training.overwrite and trainer.is_world_process_zero():
-        clear_run_outputs(run_dir, log)
-    trainer.train(resume_from_checkpoint=resume)
-    if bad := non_finite_weights(trainer.model):
-        raise TrainingDivergedError(f"{len(bad)} trained weights are NaN or infinite (e.g. {bad[0]}); nothing was "
-                                    f"written. Lower training.lr (now {cfg.training.lr:g})")  # fmt: skip
-    # 5. Evaluate the best checkpoint (loaded back by Trainer) on validation and test.
-    best = trainer.score(splits["validation"])
-    test = trainer.score(splits["test"]) if cfg.training.test_after else None
-    if logger.isEnabledFor(logging.DEBUG):  # to compare the ranks of a multi-process run
-        lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
-        logger.debug("rank %d step %d lora-checksum %.8f val-miou %.6f", trainer.args.process_index,
-                     trainer.state.global_step, lora_sum, best["miou"])  # fmt: skip
-    result = {"validation_best": best, "test": test, "validation_untrained": baseline_val, "test_untrained": baseline_test,
-              "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
-              "model": trainer.model, "push_error": None}  # fmt: skip
-    # 6. Write the run folder (rank 0), then publish it if asked.
+    # 4. LoRA on the base model, the trainer and its zero-shot evaluator.
+    trainer = build_trainer(cfg, backbone, taxonomy, splits, base, run_dir / CHECKPOINTS)
+    # 5. Train.
+    untrained = train(trainer, splits, run_dir, cfg.run.resume, cfg.run.overwrite, cfg.run.test_after)
+    # 6. Evaluate the best checkpoint on validation and test.
+    best, test = evaluate_best(trainer, splits, cfg.run.test_after)
+    result = {"validation_best": best, "test": test, "validation_untrained": untrained["validation"],
+              "test_untrained": untrained["test"], "global_step": trainer.state.global_step,
+              "best_checkpoint": trainer.state.best_model_checkpoint, "model": trainer.model, "push_error": None}  # fmt: skip
+    # 7. Write the run folder, its figures and card (rank 0), then push it if asked.
     if trainer.is_world_process_zero():
-        trained_species = sorted({taxonomy.classes[i] for i in splits["train"]["label"]})
-        images = {name: len(split) for name, split in splits.items()}
-        write_run_folder(run_dir, cfg, result, trainer, taxonomy, templates, precision, trained_species, images, base)
-        log(run_summary(cfg, history_from_log(trainer.state.log_history)[0], best, test, precision))
+        precision = precision_name(trainer.args)
+        write_run_folder(run_dir, cfg, result, trainer, taxonomy, trainer.evaluator.templates, precision, splits, base)
+        logger.info(run_summary(cfg, history_from_log(trainer.state.log_history)[0], best, test, precision))
         if cfg.hub.push:
-            result["push_error"] = publish(run_dir, cfg.hub.repo_id, cfg.hub.private, log)
+            result["push_error"] = publish(run_dir, cfg.hub.repo_id, cfg.hub.private)
     return result

@@ -1,0 +1,115 @@
+"""Selective prediction: the confidence threshold, chosen on validation, below which no species is named.
+
+The dangerous->edible rate is the one :mod:`mushroomclip.metrics` reports as ``dangerous_as_edible``: among the
+images whose truth is deadly or poisonous, the share that receives a species answer naming an edible species.
+A species answer is given when the top-1 probability reaches the threshold (``>=``, as
+:func:`mushroomclip.prediction.answer.answer` compares); below it the image is abstained on ("not sure — do not
+eat", or a genus back-off that lists the genus's dangerous members), which never names an edible species. The
+denominator is every dangerous image, answered or not, so with no abstention the rate equals
+``dangerous_as_edible``. The error rate is the selective risk: wrong species among the answered images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mushroomclip.taxonomy import Taxonomy
+
+
+@dataclass(frozen=True)
+class RiskCoverage:
+    """One point per distinct top-1 probability ``t`` (descending): what answering every image with
+    confidence >= ``t`` gives. ``coverage`` grows along the arrays; ``danger`` never falls as it grows."""
+
+    threshold: np.ndarray
+    coverage: np.ndarray  # share of all images answered
+    error: np.ndarray  # wrong species among the answered
+    danger: np.ndarray  # dangerous->edible rate (see the module docstring)
+    images: int
+    dangerous_images: int
+
+
+@dataclass(frozen=True)
+class SelectiveThreshold:
+    """The lowest threshold (largest coverage) whose validation dangerous->edible rate is at most ``max_danger``."""
+
+    threshold: float
+    max_danger: float
+    coverage: float
+    danger: float
+    error: float | None  # None when nothing is answered
+    images: int
+    dangerous_images: int
+
+    @property
+    def met(self) -> bool:
+        """Whether the target holds on validation (it cannot when even full abstention needs a threshold > 1)."""
+        return self.danger <= self.max_danger
+
+    def summary(self) -> str:
+        """One report line: "coverage at the target" and what it costs."""
+        error = "n/a" if self.error is None else f"{100 * self.error:.1f}%"
+        verdict = "" if self.met else " — target NOT met: even answering nothing below 1.0 exceeds it"
+        return (f"selective prediction: threshold {self.threshold:.4f} answers {100 * self.coverage:.1f}% of "
+                f"{self.images} images (coverage at the target) with dangerous->edible {100 * self.danger:.2f}% of "
+                f"{self.dangerous_images} dangerous images (target {100 * self.max_danger:g}%) and {error} wrong "
+                f"species among the answered{verdict}")  # fmt: skip
+
+    def record(self, genus: float) -> dict:
+        """The run's ``metrics.json["thresholds"]``: read back by :func:`mushroomclip.prediction.answer.run_thresholds`."""
+        return {"species": self.threshold, "genus": genus, "chosen_on": "validation", "max_danger": self.max_danger,
+                "coverage": self.coverage, "dangerous_as_edible": self.danger, "error": self.error,
+                "images": self.images, "dangerous_images": self.dangerous_images}  # fmt: skip
+
+
+def risk_coverage(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy) -> RiskCoverage:
+    """The risk-coverage curve of thresholding the top-1 probability of ``probs`` ``(N, C)`` against ``labels``."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    if probs.ndim != 2 or probs.shape != (len(labels), len(taxonomy)) or len(labels) == 0:
+        raise ValueError(
+            f"probabilities must have shape (N, {len(taxonomy)}) with one row per label, got {probs.shape} "
+            f"for {len(labels)} labels"
+        )
+    predicted = probs.argmax(axis=1)
+    confidence = probs[np.arange(len(labels)), predicted]
+    dangerous = taxonomy.dangerous_mask[labels]
+    if not dangerous.any():
+        raise ValueError(
+            "the validation split has no deadly or poisonous images, so a dangerous->edible rate cannot be "
+            "measured; choose the threshold on a split that has some"
+        )
+    order = np.argsort(-confidence, kind="stable")
+    sorted_conf = confidence[order]
+    # the last image of each run of equal confidences: a threshold answers all of them or none
+    ends = np.flatnonzero(np.r_[sorted_conf[1:] != sorted_conf[:-1], True])
+    answered = ends + 1
+    wrong = np.cumsum(predicted[order] != labels[order])[ends]
+    to_edible = np.cumsum(dangerous[order] & taxonomy.edible_mask[predicted[order]])[ends]
+    return RiskCoverage(
+        threshold=sorted_conf[ends],
+        coverage=answered / len(labels),
+        error=wrong / answered,
+        danger=to_edible / dangerous.sum(),
+        images=len(labels),
+        dangerous_images=int(dangerous.sum()),
+    )
+
+
+def choose_threshold(curve: RiskCoverage, max_danger: float) -> SelectiveThreshold:
+    """The threshold of largest coverage whose dangerous->edible rate is at most ``max_danger`` (e.g. 0.001)."""
+    if not 0.0 <= max_danger < 1.0:
+        raise ValueError(f"--max-danger must be in [0, 1), got {max_danger}")
+    feasible = np.flatnonzero(curve.danger <= max_danger)  # a prefix: danger never falls as coverage grows
+    common = {"max_danger": max_danger, "images": curve.images, "dangerous_images": curve.dangerous_images}
+    if len(feasible):
+        i = feasible[-1]
+        return SelectiveThreshold(float(curve.threshold[i]), coverage=float(curve.coverage[i]),
+                                  danger=float(curve.danger[i]), error=float(curve.error[i]), **common)  # fmt: skip
+    # Even the most confident images reach the target only by answering none of them: a threshold just above.
+    above = float(np.nextafter(curve.threshold[0], np.inf))
+    if above <= 1.0:
+        return SelectiveThreshold(above, coverage=0.0, danger=0.0, error=None, **common)
+    return SelectiveThreshold(1.0, coverage=float(curve.coverage[0]), danger=float(curve.danger[0]),
+                              error=float(curve.error[0]), **common)  # fmt: skip

@@ -1,0 +1,125 @@
+"""Selective prediction: the risk-coverage curve, the threshold chosen for a dangerous->edible target, its plot,
+and the answer that abstains below it, on hand-made probabilities."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_metrics import TOY  # A1 deadly and A2 edible share a genus, B1 poisonous, C1 edible
+
+from mushroomclip.evaluation.plots import save_risk_coverage_png
+from mushroomclip.evaluation.selective import choose_threshold, risk_coverage
+from mushroomclip.metrics import classification_metrics
+from mushroomclip.prediction.answer import NOT_SURE_TEXT, answer, run_thresholds
+from mushroomclip.taxonomy import load_taxonomy
+
+A1, A2, B1, C1 = 0, 1, 2, 3
+# truth, probabilities over (A1, A2, B1, C1); the comment gives the top-1 and its probability
+CASES = [
+    (A1, [0.90, 0.05, 0.03, 0.02]),  # right, 0.9
+    (C1, [0.10, 0.10, 0.00, 0.80]),  # right, 0.8
+    (B1, [0.10, 0.10, 0.75, 0.05]),  # right, 0.75
+    (A1, [0.20, 0.70, 0.05, 0.05]),  # A2: wrong and deadly -> edible, 0.7
+    (B1, [0.05, 0.05, 0.30, 0.60]),  # C1: wrong and poisonous -> edible, 0.6
+    (A2, [0.00, 0.50, 0.00, 0.50]),  # A2 (tie: the lower id, as answer() ranks), right, 0.5
+]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy") / "toy.csv"
+    path.write_text(TOY)
+    return load_taxonomy(path)
+
+
+def case_arrays(cases=CASES):
+    return np.array([p for _, p in cases]), np.array([y for y, _ in cases])
+
+
+def test_risk_coverage_curve_by_hand(toy):
+    probs, labels = case_arrays()
+    curve = risk_coverage(probs, labels, toy)
+    np.testing.assert_allclose(curve.threshold, [0.9, 0.8, 0.75, 0.7, 0.6, 0.5])
+    np.testing.assert_allclose(curve.coverage, np.arange(1, 7) / 6)
+    np.testing.assert_allclose(curve.error, [0, 0, 0, 1 / 4, 2 / 5, 2 / 6])
+    # 4 dangerous images (A1 x2, B1 x2); answered as edible: the A1 at 0.7, the B1 at 0.6
+    np.testing.assert_allclose(curve.danger, [0, 0, 0, 1 / 4, 2 / 4, 2 / 4])
+    assert (curve.images, curve.dangerous_images) == (6, 4)
+    # answering everything gives metrics.py's dangerous->edible rate
+    assert curve.danger[-1] == classification_metrics(labels, probs, 4, taxonomy=toy)["dangerous_as_edible"]
+
+
+@pytest.mark.parametrize(
+    ("max_danger", "threshold", "coverage", "danger", "error"),
+    [(0.001, 0.75, 3 / 6, 0.0, 0.0), (0.25, 0.7, 4 / 6, 1 / 4, 1 / 4), (0.5, 0.5, 1.0, 2 / 4, 2 / 6)],
+)
+def test_the_threshold_of_largest_coverage_meeting_the_target_is_chosen(toy, max_danger, threshold, coverage, danger, error):
+    chosen = choose_threshold(risk_coverage(*case_arrays(), toy), max_danger)
+    assert (chosen.threshold, chosen.coverage, chosen.danger, chosen.error) == pytest.approx(
+        (threshold, coverage, danger, error)
+    )
+    assert chosen.met and chosen.max_danger == max_danger
+
+
+def test_equal_confidences_are_answered_together(toy):
+    cases = [(A1, [0.9, 0.05, 0.03, 0.02]), (A2, [0.1, 0.8, 0.05, 0.05]), (A1, [0.1, 0.8, 0.05, 0.05])]
+    curve = risk_coverage(*case_arrays(cases), toy)
+    np.testing.assert_allclose(curve.threshold, [0.9, 0.8])  # 0.8 answers the edible right and the deadly wrong
+    chosen = choose_threshold(curve, 0.1)
+    assert chosen.threshold == 0.9 and chosen.coverage == pytest.approx(1 / 3)
+
+
+def test_when_even_the_most_confident_answer_is_dangerous_nothing_is_answered(toy):
+    cases = [(A1, [0.05, 0.9, 0.03, 0.02]), (C1, [0.1, 0.1, 0.0, 0.8])]
+    chosen = choose_threshold(risk_coverage(*case_arrays(cases), toy), 0.001)
+    assert chosen.threshold > 0.9 and chosen.coverage == 0 and chosen.error is None and chosen.met
+    cases[0] = (A1, [0.0, 1.0, 0.0, 0.0])  # a threshold above 1 does not exist: the target is reported as not met
+    chosen = choose_threshold(risk_coverage(*case_arrays(cases), toy), 0.001)
+    assert chosen.threshold == 1.0 and chosen.danger == 1.0 and not chosen.met
+
+
+def test_bad_inputs_are_clear_errors(toy):
+    probs, labels = case_arrays()
+    with pytest.raises(ValueError, match="no deadly or poisonous images"):
+        risk_coverage(probs[[1, 5]], labels[[1, 5]], toy)
+    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
+        risk_coverage(probs[:, :3], labels, toy)
+    with pytest.raises(ValueError, match="--max-danger must be in"):
+        choose_threshold(risk_coverage(probs, labels, toy), 1.0)
+
+
+def test_risk_coverage_png_is_written(toy, tmp_path):
+    curve = risk_coverage(*case_arrays(), toy)
+    path = save_risk_coverage_png(curve, tmp_path / "risk_coverage.png", choose_threshold(curve, 0.001))
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 500
+
+
+def test_the_answer_abstains_below_the_validation_chosen_threshold(toy, tmp_path):
+    chosen = choose_threshold(risk_coverage(*case_arrays(), toy), 0.001)
+    (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": chosen.record(genus=0.85)}))
+    thresholds = run_thresholds(tmp_path)
+    assert (thresholds.species, thresholds.genus) == (0.75, 0.85)
+    assert "chosen on validation for a dangerous->edible rate of at most 0.1% (coverage there 50.0%)" in thresholds.source
+    classes = toy.classes
+    confident = answer(classes, np.array([0.05, 0.05, 0.1, 0.8]), toy, thresholds)
+    assert confident.kind == "species" and confident.headline.startswith("Cc one")
+    # the A1 image that the validation threshold exists for: 0.7 on edible A2, genus Ab 0.9 -> back-off
+    backed_off = answer(classes, np.array([0.2, 0.7, 0.05, 0.05]), toy, thresholds)
+    assert backed_off.kind == "genus" and backed_off.headline == "Ab sp., 90% — this genus includes Ab one"
+    assert "deadly" in backed_off.warning
+    unsure = answer(classes, np.array([0.05, 0.7, 0.2, 0.05]), toy, thresholds)
+    assert unsure.kind == "not_sure" and unsure.headline == f"{NOT_SURE_TEXT}; closest: Ab two (a-two), 70%"
+
+
+def test_summary_states_coverage_at_the_target_and_whether_it_was_met(toy):
+    chosen = choose_threshold(risk_coverage(*case_arrays(), toy), 0.001)
+    assert chosen.summary() == (
+        "selective prediction: threshold 0.7500 answers 50.0% of 6 images (coverage at the target) with "
+        "dangerous->edible 0.00% of 4 dangerous images (target 0.1%) and 0.0% wrong species among the answered"
+    )
+    cases = [(A1, [0.0, 1.0, 0.0, 0.0]), (C1, [0.1, 0.1, 0.0, 0.8])]
+    assert "target NOT met" in choose_threshold(risk_coverage(*case_arrays(cases), toy), 0.001).summary()
