@@ -11,8 +11,11 @@ import pytest
 import torch
 from fake_hub import use_offline_cache, write_snapshot
 
+from mushroomclip.data.transforms import PreprocessConfig, normalize
 from mushroomclip.models.backbones import ModelLoadError
 from mushroomclip.models.supervised import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     TINY_RESNET,
     add_classifier_lora,
     build_classifier,
@@ -97,9 +100,8 @@ def test_pretrained_snapshot_loads_its_backbone_with_a_new_head(hub_cache):
     assert built.record == {"base_model": RESNET_REPO, "pretrained": True, "weights": f"commit {snapshot.name}",
                             "num_labels": 4}  # fmt: skip
     # microsoft/resnet-50's processor: short side int(224 / 0.875) = 256, centre crop 224, bicubic
-    assert built.preprocessing == {"size": 224, "resize": 256, "crop": True, "interpolation": "bicubic",
-                                   "mean": pytest.approx([0.485, 0.456, 0.406]),
-                                   "std": pytest.approx([0.229, 0.224, 0.225])}  # fmt: skip
+    assert built.preprocess == PreprocessConfig(size=(224, 224), resize_size=256, interpolation="bicubic",
+                                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # fmt: skip
     scratch = build_classifier(RESNET_REPO, CLASSES[:4], pretrained=False)
     assert not torch.equal(scratch.model.state_dict()[BACKBONE_TENSOR], stored[BACKBONE_TENSOR])
     assert scratch.record["pretrained"] is False and snapshot.name in scratch.record["weights"]
@@ -145,8 +147,8 @@ def test_timm_snapshot_loads_through_the_timm_wrapper(hub_cache):
     assert torch.equal(state["timm_model.conv1.0.weight"], stored["conv1.0.weight"])
     assert state["timm_model.fc.weight"].shape[0] == 3
     # timm's eval transform: short side floor(160 / 0.95) = 168, centre crop 160, bilinear, mean/std 0.5
-    assert built.preprocessing["size"] == 160 and built.preprocessing["resize"] == 168
-    assert built.preprocessing["interpolation"] == "bilinear" and built.preprocessing["mean"] == [0.5, 0.5, 0.5]
+    assert built.preprocess == PreprocessConfig(size=(160, 160), resize_size=168, interpolation="bilinear",
+                                                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # fmt: skip
     assert built.model(pixel_values=torch.randn(2, 3, 160, 160)).logits.shape == (2, 3)
 
 
@@ -184,14 +186,14 @@ def test_saved_run_loads_back_with_the_same_logits(tmp_path, finetune):
     built = build_classifier(TINY_RESNET, CLASSES, pretrained=False)
     model = add_classifier_lora(built.model, 4, 8, 0.0) if finetune == "lora" else built.model
     _train_step(model)  # moves BatchNorm statistics of a full fine-tune: they must be saved too
-    record = supervised_record(TAXONOMY, built, finetune, trained_species=CLASSES[:4])
+    record = supervised_record(TAXONOMY, built, finetune)
     save_classifier(tmp_path / "run", model, record, TAXONOMY)
     classifier = load_supervised_classifier(str(tmp_path / "run"), species=CLASSES)
     image = tmp_path / "photo.png"
     Image.new("RGB", (50, 40), (200, 120, 30)).save(image)
     pixels = classifier.pixels(str(image))
     assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.uint8
-    expected = model.eval()(pixel_values=classifier.preprocess(Image.open(image))[None]).logits
+    expected = model.eval()(pixel_values=normalize(pixels[None], IMAGENET_MEAN, IMAGENET_STD)).logits
     assert torch.allclose(classifier.logits([str(image)]), expected, atol=1e-4)
     [top] = classifier.predict([str(image)], top_k=3)
     assert len(top) == 3 and top[0].probability >= top[1].probability >= top[2].probability
@@ -221,7 +223,7 @@ def test_evaluation_features_of_a_supervised_run_are_its_logits(tmp_path, prepar
     from mushroomclip.evaluation.features import image_features
 
     built = build_classifier(TINY_RESNET, CLASSES, pretrained=False)
-    save_classifier(tmp_path / "run", built.model, supervised_record(TAXONOMY, built, "full", CLASSES[:6]), TAXONOMY)
+    save_classifier(tmp_path / "run", built.model, supervised_record(TAXONOMY, built, "full"), TAXONOMY)
     classifier = load_supervised_classifier(str(tmp_path / "run"))
     split = load_splits(prepared[0])["test"]
     scores, labels = image_features(classifier, split, batch_size=8, num_workers=0, progress=False)

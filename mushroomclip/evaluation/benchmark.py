@@ -26,12 +26,15 @@ import torch
 from mushroomclip.evaluation import speed
 
 OFFLINE_NOTE = ("offline: no Hugging Face Hub, so these rows are the randomly initialised test models (tiny-clip, "
-                "tiny-openclip) on the synthetic demo data. They check the pipeline, not model quality.")  # fmt: skip
+                "tiny-openclip, and runs trained from them or from tiny-resnet) on the synthetic demo data. They "
+                "check the pipeline, not model quality.")  # fmt: skip
 
 
 def write_report(results: Path) -> Path:
-    """``results/benchmark.md`` (the table, with a banner when offline) and ``results/benchmark.png``."""
+    """``results/benchmark.md`` (the table, with a banner when offline, and the course's published ResNet figures
+    as quoted reference rows) and ``results/benchmark.png`` (the measured rows)."""
     from mushroomclip.evaluation.plots import _pyplot
+    from mushroomclip.evaluation.references import REFERENCE_NOTE, reference_rows
     from mushroomclip.evaluation.zeroshot import RANDOM_WEIGHTS_NOTE, summary_markdown
 
     summary_path = results / "summary.json"
@@ -43,7 +46,8 @@ def write_report(results: Path) -> Path:
     # evaluate's own notes (random weights, the adapters and k-shot rows left out and why); older files lack them
     older = [RANDOM_WEIGHTS_NOTE] if cfg.get("random_weights") else []
     notes = ([OFFLINE_NOTE] if offline else []) + summary.get("notes", older)
-    markdown = summary_markdown(rows, f"MushroomCLIP benchmark: {cfg['data']} ({cfg['split']} split)", notes)
+    title = f"MushroomCLIP benchmark: {cfg['data']} ({cfg['split']} split)"
+    markdown = summary_markdown(rows + reference_rows(), title, [*notes, REFERENCE_NOTE])
     out = results / "benchmark.md"
     out.write_text(markdown)
 

@@ -3,13 +3,15 @@
 
 ``build_classifier("microsoft/resnet-50", classes)`` gives the ImageNet-pretrained network with a new head of
 ``len(classes)`` outputs (``pretrained=False``: the same architecture, randomly initialised, as the course's
-baselines were), its preprocessing as a plain dict, and a record saying which it was. ``tiny-resnet`` is a
-two-stage random ResNet built from a config: tests and the offline demo use it. A loaded checkpoint that
-lacks any tensor but the head's is refused, never completed with random weights.
+baselines were), its :class:`~mushroomclip.data.transforms.PreprocessConfig` (read from its image processor)
+and a record saying which it was. ``tiny-resnet`` is a two-stage random ResNet built from a config: tests and
+the offline demo use it. A loaded checkpoint that lacks any tensor but the head's is refused, never
+completed with random weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -17,17 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from torchvision import transforms as T
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ResNetConfig
+from transformers.image_utils import PILImageResampling, pil_torch_interpolation_mapping
+from transformers.utils import logging as hf_logging
 
-from mushroomclip.models.backbones import (
-    REDOWNLOAD,
-    ModelLoadError,
-    _first_line,
-    _hf_weights_id,
-    _size_value,
-    to_rgb,
-)
+from mushroomclip.data.transforms import EvalPixels, PreprocessConfig, normalize
+from mushroomclip.models.backbones import REDOWNLOAD, ModelLoadError, _first_line, _hf_weights_id, _size_value
 from mushroomclip.models.classifier import CLASSES_FILE, AdapterError, Classifier, _check_finite, _local_dir
 from mushroomclip.models.lora import quiet_peft
 from mushroomclip.models.weights import hub_reachable, offline_note
@@ -39,8 +39,6 @@ FULL_WEIGHTS = "model.safetensors"  # a full fine-tune's weights (save_pretraine
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# What the uint8 tensor pipeline (mushroomclip.data.transforms) can resize with.
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 NOT_A_CLASSIFIER_FIX = "Name an image classification model, e.g. microsoft/resnet-50 or a timm/... model"
 NO_NETWORK_FIX = (
     "Check the network and the Hugging Face login (hf auth login), or use the offline test model tiny-resnet"
@@ -52,36 +50,34 @@ class SupervisedModel:
     """A classifier network, its evaluation preprocessing and what it was built from (for every result)."""
 
     model: nn.Module  # a PreTrainedModel, or the peft model around one
-    preprocessing: dict  # size, resize, crop, interpolation, mean, std: see preprocessing_from_processor
+    preprocess: PreprocessConfig  # from its image processor: every image transform is built from it
     record: dict  # base_model, pretrained, weights, num_labels: see build_classifier
 
 
 def tiny_resnet_config(classes: list[str]):
     """Two basic-block stages of width 16/32 on 32 px images: the offline test model (``tiny-resnet``)."""
-    from transformers import ResNetConfig
-
+    id2label, label2id = _label_maps(classes)
     return ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
-                        **_label_maps(classes))  # fmt: skip
+                        id2label=id2label, label2id=label2id)  # fmt: skip
 
 
-TINY_PREPROCESSING = {"size": 32, "resize": 36, "crop": True, "interpolation": "bicubic",
-                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}  # fmt: skip
+TINY_PREPROCESS = PreprocessConfig(size=(32, 32), resize_size=36, interpolation="bicubic", mean=IMAGENET_MEAN,
+                                   std=IMAGENET_STD)  # fmt: skip
 
 
-def _label_maps(classes: list[str]) -> dict:
-    return {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
-            "label2id": {name: i for i, name in enumerate(classes)}}  # fmt: skip
+def _label_maps(classes: list[str]) -> tuple[dict, dict]:
+    """A config's ``id2label`` and ``label2id``: the head's outputs are the taxonomy's classes, in order."""
+    return dict(enumerate(classes)), {name: i for i, name in enumerate(classes)}
 
 
 def build_classifier(base: str, classes: list[str], pretrained: bool = True) -> SupervisedModel:
     """``AutoModelForImageClassification`` for ``base`` (Hub id, local folder or ``tiny-resnet``) with a new
-    head for ``classes``: ImageNet weights for everything else when ``pretrained``, else random weights.
+    head for ``classes``: the checkpoint's pretrained weights for everything else when ``pretrained``, else
+    random weights.
 
     The head always starts from PyTorch's default initialisation, also when the checkpoint's head has the
     same shape (its classes are not ours). Seed before calling for a reproducible head (and scratch model).
     """
-    from transformers import AutoModelForImageClassification
-
     if base == TINY_RESNET:
         if pretrained:
             raise ModelLoadError(f"{TINY_RESNET} is a random test model without pretrained weights; set "
@@ -89,7 +85,7 @@ def build_classifier(base: str, classes: list[str], pretrained: bool = True) -> 
         torch.manual_seed(0)  # the same random backbone in every process and on reload (LoRA runs rely on it)
         model = AutoModelForImageClassification.from_config(tiny_resnet_config(classes), dtype=torch.float32)
         record = {"base_model": TINY_RESNET, "pretrained": False, "weights": "random (seed 0)"}
-        return SupervisedModel(model, dict(TINY_PREPROCESSING), record | {"num_labels": len(classes)})
+        return SupervisedModel(model, TINY_PREPROCESS, record | {"num_labels": len(classes)})
     folder = Path(base).is_dir()
     local_only = not folder and not hub_reachable()  # offline: the cache only, no minute of retries
     config = _hub_call(base, local_only, "config.json", _classifier_config, base, classes, local_only)
@@ -103,7 +99,7 @@ def build_classifier(base: str, classes: list[str], pretrained: bool = True) -> 
         reset_head(model.get_submodule(name))
     processor = _hub_call(base, local_only, "preprocessor config", _image_processor, base, local_only)
     record = {"base_model": base, "pretrained": pretrained, "weights": weights, "num_labels": len(classes)}
-    return SupervisedModel(model, preprocessing_from_processor(processor, base), record)
+    return SupervisedModel(model, preprocess_from_processor(processor, base), record)
 
 
 def _hub_call(base: str, local_only: bool, what: str, fn, *args):
@@ -124,11 +120,9 @@ def _hub_call(base: str, local_only: bool, what: str, fn, *args):
 
 
 def _classifier_config(base: str, classes: list[str], local_only: bool):
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(base, local_files_only=local_only)
     # set afterwards: as from_pretrained arguments they clash with the checkpoint's own labels (a warning)
-    config.id2label, config.label2id = dict(enumerate(classes)), {name: i for i, name in enumerate(classes)}
+    config.id2label, config.label2id = _label_maps(classes)
     # timm >= 1.0 writes num_classes into model_args too; transformers' wrapper then passes it twice
     if isinstance(getattr(config, "model_args", None), dict):
         config.model_args.pop("num_classes", None)
@@ -140,16 +134,11 @@ def _error(base: str, problem: str, fix: str) -> str:
 
 
 def _scratch_model(config):
-    from transformers import AutoModelForImageClassification
-
     return AutoModelForImageClassification.from_config(config, dtype=torch.float32)
 
 
 def _pretrained_model(base: str, config, local_only: bool):
     """The checkpoint's weights in ``config``'s architecture; only the head may be missing or of another shape."""
-    from transformers import AutoModelForImageClassification
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report would call the new head a problem; we check it below
     try:
@@ -176,8 +165,6 @@ def _pretrained_model(base: str, config, local_only: bool):
 
 def _weight_file_name(base: str) -> str:
     """The weight file of a folder or cached Hub repo, for messages."""
-    from huggingface_hub import try_to_load_from_cache
-
     names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     for name in names:
         path = Path(base, name) if Path(base).is_dir() else try_to_load_from_cache(base, name)
@@ -187,8 +174,6 @@ def _weight_file_name(base: str) -> str:
 
 
 def _image_processor(base: str, local_only: bool):
-    from transformers import AutoImageProcessor
-
     return AutoImageProcessor.from_pretrained(base, local_files_only=local_only)
 
 
@@ -212,16 +197,13 @@ def reset_head(module: nn.Module) -> None:
             layer.reset_parameters()
 
 
-def preprocessing_from_processor(processor, base: str = "") -> dict:
-    """The evaluation preprocessing an image processor describes, as ``{size, resize, crop, interpolation,
-    mean, std}``: resize to ``resize`` (an int: the short side; ``[h, w]``: both), then centre-crop ``size``.
+def preprocess_from_processor(processor, base: str = "") -> PreprocessConfig:
+    """The evaluation preprocessing an image classifier's processor describes, as it applies it.
 
-    timm's ``crop_pct`` (short side ``floor(size / crop_pct)``), ConvNeXt/ResNet's (``int(shortest_edge /
-    crop_pct)``, or a plain resize from 384 px up), ``shortest_edge`` + ``crop_size``, and ViT's fixed
-    ``height``/``width`` are read as the processors themselves apply them.
+    timm's ``crop_pct`` (short side ``floor(size / crop_pct)``, then the centre crop), ConvNeXt/ResNet's
+    (``int(shortest_edge / crop_pct)``, or a plain resize from 384 px up), ``shortest_edge`` + ``crop_size``, and
+    ViT's fixed ``height``/``width``.
     """
-    from transformers.image_utils import PILImageResampling
-
     if hasattr(processor, "data_config"):  # transformers' TimmWrapperImageProcessor: timm's resolve_data_config
         data = processor.data_config
         size, crop_pct = data["input_size"][-1], data.get("crop_pct") or 0.875
@@ -229,44 +211,42 @@ def preprocessing_from_processor(processor, base: str = "") -> dict:
         if data.get("crop_mode", "center") not in ("center", "squash"):
             raise ModelLoadError(f"could not load model {base!r}: its crop_mode {data['crop_mode']!r} is not supported "
                                  "(center and squash are)")  # fmt: skip
-        resize = [resize, resize] if data.get("crop_mode") == "squash" else resize
+        resize = (resize, resize) if data.get("crop_mode") == "squash" else resize
         interpolation, mean, std = data["interpolation"], data["mean"], data["std"]
     else:
         short = _size_value(processor.size, "shortest_edge")
         height, width = _size_value(processor.size, "height"), _size_value(processor.size, "width")
         crop = _size_value(getattr(processor, "crop_size", None), "height")
+        crop = crop if getattr(processor, "do_center_crop", False) else None
         crop_pct = getattr(processor, "crop_pct", None)
         if short and crop_pct:  # ConvNextImageProcessor (also microsoft/resnet-*)
-            size, resize = short, int(short / crop_pct) if short < 384 else [short, short]
+            size, resize = short, int(short / crop_pct) if short < 384 else (short, short)
         elif short:
-            size, resize = (crop if getattr(processor, "do_center_crop", False) and crop else short), short
+            size, resize = crop or short, short
         elif height and width:
-            size, resize = (crop if getattr(processor, "do_center_crop", False) and crop else min(height, width)), [height, width]  # fmt: skip
+            size, resize = crop or min(height, width), (height, width)
         else:
-            raise ModelLoadError(
-                f"could not load model {base!r}: its image processor gives no image size ({processor.size})"
-            )
-        resample = processor.resample if processor.resample is not None else PILImageResampling.BICUBIC
-        interpolation = PILImageResampling(int(resample)).name.lower()
+            raise ModelLoadError(f"could not load model {base!r}: its image processor gives no image size "
+                                 f"({processor.size})")  # fmt: skip
+        resample = PILImageResampling(processor.resample if processor.resample is not None else 3)  # bicubic
+        interpolation = pil_torch_interpolation_mapping[resample].value
         mean, std = processor.image_mean, processor.image_std
-    if interpolation not in INTERPOLATIONS:
-        raise ModelLoadError(f"could not load model {base!r}: its preprocessing resizes with {interpolation}; the "
-                             f"image pipeline has {', '.join(INTERPOLATIONS)}")  # fmt: skip
-    return {"size": int(size), "resize": resize, "crop": True, "interpolation": interpolation,
-            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}  # fmt: skip
+    try:
+        return PreprocessConfig(size=(int(size), int(size)), resize_size=resize, interpolation=interpolation,
+                                mean=tuple(map(float, mean)), std=tuple(map(float, std)))  # fmt: skip
+    except ValueError as err:  # an interpolation the uint8 pipeline has not
+        raise ModelLoadError(f"could not load model {base!r}: {err}") from None
 
 
-def eval_preprocess(preprocessing: dict) -> T.Compose:
-    """The PIL preprocessing of a preprocessing dict (resize, centre crop, RGB, tensor, normalise), in the form
-    :class:`~mushroomclip.data.transforms.EvalPixels` and the training augmentation read."""
-    interpolation = T.InterpolationMode(preprocessing["interpolation"])
-    return T.Compose([
-        T.Resize(preprocessing["resize"], interpolation=interpolation),
-        T.CenterCrop(preprocessing["size"]),
-        T.Lambda(to_rgb),
-        T.ToTensor(),
-        T.Normalize(preprocessing["mean"], preprocessing["std"]),
-    ])  # fmt: skip
+def preprocess_record(preprocess: PreprocessConfig) -> dict:
+    """A :class:`PreprocessConfig` as classes.json stores it; :func:`preprocess_from_record` reads it back."""
+    return dataclasses.asdict(preprocess)
+
+
+def preprocess_from_record(record: dict) -> PreprocessConfig:
+    resize = record["resize_size"]
+    return PreprocessConfig(size=tuple(record["size"]), resize_size=resize if isinstance(resize, int) else tuple(resize),
+                            interpolation=record["interpolation"], mean=tuple(record["mean"]), std=tuple(record["std"]))  # fmt: skip
 
 
 # --- LoRA ----------------------------------------------------------------------------------------
@@ -290,8 +270,6 @@ def add_classifier_lora(model: nn.Module, r: int, alpha: int, dropout: float, ta
     BatchNorm layers of the frozen backbone keep normalising with their pretrained statistics in training too
     (:func:`freeze_batch_norm`), so the saved adapter reproduces exactly the model that was validated.
     """
-    from peft import LoraConfig, get_peft_model
-
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=target_modules or lora_targets(model), modules_to_save=head_modules(model))  # fmt: skip
     freeze_batch_norm(model)
@@ -315,12 +293,13 @@ def freeze_batch_norm(model: nn.Module) -> None:
 # --- a finished run as a classifier --------------------------------------------------------------
 
 
-def supervised_record(taxonomy: Taxonomy, built: SupervisedModel, finetune: str, trained_species: list[str]) -> dict:
-    """``classes.json`` of a supervised run: classes, taxonomy hash, base (pretrained or scratch, weights),
-    how it was fine-tuned (``full`` or ``lora``) and its preprocessing, which loading it back needs."""
+def supervised_record(taxonomy: Taxonomy, built: SupervisedModel, finetune: str) -> dict:
+    """``classes.json`` of a supervised run (the trainer adds ``trained_species``): classes, taxonomy hash, base
+    (pretrained or from scratch, which weights), how it was fine-tuned (``full`` or ``lora``) and its
+    preprocessing, which loading it back needs."""
     return {"model_type": MODEL_TYPE, "species": taxonomy.classes, "taxonomy_sha256": taxonomy.fingerprint,
             "taxonomy_source": taxonomy.source, **built.record, "finetune": finetune,
-            "preprocessing": built.preprocessing, "trained_species": trained_species}  # fmt: skip
+            "preprocess": preprocess_record(built.preprocess)}  # fmt: skip
 
 
 def save_classifier(run_dir: str | Path, model: nn.Module, record: dict, taxonomy: Taxonomy) -> None:
@@ -328,10 +307,7 @@ def save_classifier(run_dir: str | Path, model: nn.Module, record: dict, taxonom
     its head), ``classes.json`` (:func:`supervised_record`) and the taxonomy its label ids index."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if record["finetune"] == "lora":
-        model.save_pretrained(str(run_dir), save_embedding_layers=False)  # peft would ask the Hub otherwise
-    else:
-        model.save_pretrained(str(run_dir))
+    model.save_pretrained(str(run_dir), save_embedding_layers=False)  # peft would ask the Hub; transformers ignores it
     (run_dir / CLASSES_FILE).write_text(json.dumps(record, indent=2))
     (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
 
@@ -343,14 +319,11 @@ class SupervisedClassifier(Classifier):
 
     def __init__(self, model: nn.Module, record: dict, taxonomy: Taxonomy, name: str, cache_id: str,
                  device: str = "cpu"):  # fmt: skip
-        from mushroomclip.data.transforms import EvalPixels
-
         self.model, self.record, self.taxonomy = model.eval(), record, taxonomy
         self.classes: list[str] = record["species"]
         self.name, self.cache_id = name, cache_id  # cache_id: keys evaluation's on-disk caches
-        self.preprocess = eval_preprocess(record["preprocessing"])
+        self.preprocess = preprocess_from_record(record["preprocess"])
         self.pixels = EvalPixels(self.preprocess)  # one image -> model input; ImageError if unreadable
-        self._mean, self._std = (torch.tensor(record["preprocessing"][k]) for k in ("mean", "std"))
         self.to(device)
 
     def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> SupervisedClassifier:
@@ -362,11 +335,13 @@ class SupervisedClassifier(Classifier):
     def logits(self, images) -> torch.Tensor:
         """``(N, C)`` fp32 logits of images (file paths, PIL images, ``datasets`` cells) or of a stacked batch
         of :attr:`pixels` outputs (uint8, normalised here, on the device)."""
-        from mushroomclip.data.transforms import normalize
-
         pixels = images if isinstance(images, torch.Tensor) else torch.stack([self.pixels(im) for im in images])
-        pixels = normalize(pixels.to(self.device), self._mean, self._std).to(self.dtype)
+        pixels = normalize(pixels.to(self.device), self.preprocess.mean, self.preprocess.std).to(self.dtype)
         return self.model(pixel_values=pixels).logits.float().cpu()
+
+    def merged(self) -> nn.Module:
+        """The classifier as one ``transformers`` model (a LoRA run's adapter merged into its weights)."""
+        return self.model.merge_and_unload() if isinstance(self.model, PeftModel) else self.model
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """The logits, as evaluation's feature cache (:func:`~mushroomclip.evaluation.features.image_features`)
@@ -374,18 +349,19 @@ class SupervisedClassifier(Classifier):
         return self.logits(pixels)
 
 
-def load_supervised_classifier(dir_or_repo: str, species: list[str] | None = None,
+def load_supervised_classifier(dir_or_repo: str, base: str | None = None, species: list[str] | None = None,
                                device: str = "cpu") -> SupervisedClassifier:  # fmt: skip
     """A supervised run folder (or Hub repo) as a classifier: a full fine-tune's ``config.json`` +
-    ``model.safetensors``, or a LoRA adapter on its base, rebuilt as the run recorded it."""
-    from transformers import AutoModelForImageClassification
-
+    ``model.safetensors``, or a LoRA adapter on its base, rebuilt as the run recorded it. ``base`` / ``species``,
+    when given, must be what it was trained with."""
     folder = _local_dir(dir_or_repo)
     record_path = folder / CLASSES_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if record.get("model_type") != MODEL_TYPE:
         raise AdapterError(f"{dir_or_repo} is not a supervised MushroomCLIP run: its {CLASSES_FILE} is missing or "
                            f"not of model_type {MODEL_TYPE}")  # fmt: skip
+    if base is not None and base != record["base_model"]:
+        raise AdapterError(f"{dir_or_repo} was trained on base model {record['base_model']!r}, not {base!r}")
     if species is not None and list(species) != record["species"]:
         raise AdapterError(f"{dir_or_repo} was trained on other classes ({len(record['species'])} species, this "
                            f"data's taxonomy has {len(species)})")  # fmt: skip
@@ -401,8 +377,6 @@ def load_supervised_classifier(dir_or_repo: str, species: list[str] | None = Non
     if taxonomy.fingerprint != record["taxonomy_sha256"] or taxonomy.classes != record["species"]:
         raise AdapterError(f"{dir_or_repo}: the taxonomy does not match the one the model was trained with")
     if lora:
-        from peft import PeftModel
-
         base = build_classifier(record["base_model"], record["species"], record["pretrained"]).model
         freeze_batch_norm(base)
         with quiet_peft():
