@@ -1,6 +1,5 @@
 """Config files, validated once, here at the edge: a typo names the key and the nearest valid one.
 
-``parse_with_config``: a YAML file sets an argparse tool's defaults, its flags override them.
 ``load_train_config``: a training config's YAML sections become dataclasses through ``HfArgumentParser`` (as
 ``run_clip.py`` does); ``training`` is ``transformers.TrainingArguments`` itself, with the values this project
 uses where the config sets none chosen in one place, :func:`project_training_defaults`.
@@ -8,7 +7,6 @@ uses where the config sets none chosen in one place, :func:`project_training_def
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
 import enum
@@ -59,21 +57,6 @@ def read_yaml_mapping(path: Path) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values")
     return values
-
-
-def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``; values from ``--config FILE`` (YAML, keys = flag names with ``_``) become defaults."""
-    args = parser.parse_args(argv)
-    if not getattr(args, "config", None):
-        return args
-    path = Path(args.config)
-    values = read_yaml_mapping(path)
-    valid = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
-    for key in values:
-        if key not in valid:
-            raise ConfigError(unknown_key_message(key, valid, str(path)))
-    parser.set_defaults(**{k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in values.items()})
-    return parser.parse_args(argv)
 
 
 # --- training configuration: YAML sections -> dataclasses, ``training`` being TrainingArguments itself ---

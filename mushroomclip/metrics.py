@@ -11,6 +11,9 @@ Conventions (they match scikit-learn's defaults, ``labels=None``):
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from mushroomclip.taxonomy import DANGEROUS, HIGHER_RANKS, RANKS, Taxonomy
@@ -201,6 +204,11 @@ def to_jsonable(metrics: dict) -> dict:
         return value
 
     return convert(metrics)
+
+
+def save_json(path: str | Path, value) -> None:
+    """``value`` (metrics, records; numpy values included) as indented JSON: every result file is written so."""
+    Path(path).write_text(json.dumps(to_jsonable(value), indent=2))
 
 
 def format_report(metrics: dict, title: str = "") -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from mushroomclip.evaluation.plots import save_confusion_png, save_rank_accuracy_png
+from mushroomclip.metrics import save_json
 from mushroomclip.provenance import run_provenance
 from mushroomclip.taxonomy import Taxonomy
-from mushroomclip.training.runs import save_json
 
 
 def write_results(

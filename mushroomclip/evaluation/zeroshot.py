@@ -20,13 +20,12 @@ from mushroomclip.data.splits import load_splits, prepared_taxonomy, split_finge
 from mushroomclip.evaluation.features import cached_image_features
 from mushroomclip.evaluation.fewshot import linear_probe_scores, sample_support, simpleshot_scores, summarise_runs
 from mushroomclip.evaluation.reporting import write_results
-from mushroomclip.metrics import classification_metrics, format_report
+from mushroomclip.metrics import classification_metrics, format_report, save_json
 from mushroomclip.models.backbones import Backbone, load_backbone, resolve_spec
 from mushroomclip.models.classifier import AdapterError, Classifier, data_mismatch, find_adapters, load_classifier
 from mushroomclip.models.prompts import cached_class_text_embeddings, text_types
 from mushroomclip.models.supervised import SupervisedClassifier
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
-from mushroomclip.training.runs import save_json
 
 logger = logging.getLogger(__name__)
 

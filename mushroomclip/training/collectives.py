@@ -14,26 +14,42 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import parse_flag_from_env
 from accelerate.utils.environment import get_cpu_distributed_information
-from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
 logger = logging.getLogger(__name__)
+
+
+class _GatherBatch(torch.autograd.Function):
+    """All ranks' rows in rank order; the backward pass returns this rank's rows' gradient summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor([len(local)], device=local.device))
+        sizes = [int(size) for size in sizes]
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))  # all_gather needs equal shapes
+        padded[: len(local)] = local
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.start, ctx.size = sum(sizes[: dist.get_rank()]), len(local)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on this rank's rows
+        return grad[ctx.start : ctx.start + ctx.size]
 
 
 def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` (B, ...) of every rank, concatenated in rank order; this rank's rows keep their gradient.
 
-    torch's autograd ``all_gather`` (open_clip's ``gather_with_grad``) sums the gradients of a rank's rows over
-    the ranks' losses, so once DDP averages over the W ranks, the gradients are those of one process on the
-    concatenated batch. Batches may differ in size (the last one of an epoch). One process: ``tensor`` itself.
+    Every rank computes the same loss on the whole batch and the backward pass sums the gradients of a
+    rank's rows over all of them, so once DDP averages over the W ranks, the gradients are those of one
+    process on the concatenated batch. Without a process group (one process) it returns ``tensor``.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(tensor)], device=tensor.device))
-    sizes = [int(size) for size in sizes]
-    padding = tensor.new_zeros((max(sizes) - len(tensor), *tensor.shape[1:]))  # all_gather needs equal shapes
-    parts = all_gather_with_grad(torch.cat([tensor, padding]))
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    return _GatherBatch.apply(tensor)
 
 
 def accelerate_started_one_cpu_process() -> bool:

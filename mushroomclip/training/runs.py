@@ -18,6 +18,7 @@ import yaml
 from accelerate import PartialState
 
 from mushroomclip.data.splits import REPORT_NAME
+from mushroomclip.metrics import save_json
 from mushroomclip.models.classifier import run_model_files
 
 if TYPE_CHECKING:
@@ -191,12 +192,6 @@ def last_complete_checkpoint(folder: Path) -> str | None:
 def metrics_summary(metrics: dict | None) -> dict | None:
     """The figures of a metrics dict that metrics.json and the card keep."""
     return {k: metrics.get(k) for k in SUMMARY_KEYS} if metrics else None
-
-
-def save_json(path: Path, value) -> None:
-    from mushroomclip.metrics import to_jsonable
-
-    path.write_text(json.dumps(to_jsonable(value), indent=2))
 
 
 def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Trainer, taxonomy, templates: list[str],

@@ -24,7 +24,7 @@ from mushroomclip.config import ConfigError, TrainConfig
 from mushroomclip.data.splits import load_splits, prepared_taxonomy
 from mushroomclip.data.transforms import background_workers, normalize, pixel_stats, train_images
 from mushroomclip.evaluation.features import PreprocessedImages
-from mushroomclip.metrics import classification_metrics
+from mushroomclip.metrics import classification_metrics, save_json
 from mushroomclip.models.backbones import load_backbone
 from mushroomclip.models.classifier import backbone_name, base_record
 from mushroomclip.models.lora import add_lora
@@ -45,7 +45,6 @@ from mushroomclip.training.runs import (
     metrics_summary,
     publish,
     remove_empty_dirs,
-    save_json,
     unreadable_image,
     write_run_folder,
 )
