@@ -56,7 +56,7 @@ CONFIG ?= configs/lora_b32.yaml
 train: setup  ## LoRA fine-tuning with accelerate_config.yaml (bf16, one GPU): CONFIG=configs/X.yaml ARGS="key=value ..."
 	$(VENV)/bin/accelerate launch -q --config_file accelerate_config.yaml train.py --config $(CONFIG) $(ARGS)
 
-benchmark: setup  ## zero-/few-shot for every configured model, + the LoRA runs of runs/ (offline: tiny models on demo data, runs/ or demo/runs) -> results/benchmark.md
+benchmark: setup  ## zero-/few-shot for every configured model, + the runs (LoRA, supervised) of runs/ (offline: tiny models on demo data, runs/ or demo/runs) -> results/benchmark.md
 	@if $(PY) -m mushroomclip.evaluation.benchmark hub-reachable; then \
 	  $(PY) evaluate_zero_shot.py --config configs/benchmark.yaml $(if $(wildcard runs/.),--include-adapters runs); \
 	else \

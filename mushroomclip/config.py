@@ -25,8 +25,9 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
 from mushroomclip.models.convert import RECIPE_FILE
+from mushroomclip.models.supervised import TINY_RESNET
 from mushroomclip.taxonomy import TEXT_TYPES
-from mushroomclip.training.losses import LOSSES, PAIRED_LOSSES
+from mushroomclip.training.losses import CLIP_ONLY, LOSSES, PAIRED_LOSSES, SUPERVISED_ONLY
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,13 @@ class ModelArguments:
     base_hub_id: str | None = field(default=None, metadata={
         "help": "the Hub repo of a local base (convert --push-to-hub): what the run records"})
     random_weights: bool = field(default=False, metadata={"help": "keep the architecture, skip the download"})
+    type: str = field(default="clip", metadata={
+        "help": "clip: LoRA on a CLIP model scored against class prompts; supervised: an image classifier "
+                "(transformers AutoModelForImageClassification, e.g. microsoft/resnet-50, timm/..., tiny-resnet)"})
+    pretrained: bool = field(default=True, metadata={
+        "help": "supervised: start from the model's pretrained weights; false: the same architecture, random weights"})
+    finetune: str | None = field(default=None, metadata={
+        "help": "lora, or (supervised only) full: every weight trains; unset: lora for clip, full for supervised"})
 
 
 @dataclass
@@ -287,7 +295,8 @@ def _check_ranges(config: TrainConfig) -> None:
     for key, value, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
-    unknown = [m for m in lora.target_modules if m not in LORA_MODULES]
+    # a supervised model's LoRA goes on its own layer names, or on every linear/conv layer ([auto])
+    unknown = [m for m in lora.target_modules if m not in LORA_MODULES] if config.model.type == "clip" else []
     if unknown or not lora.target_modules:
         raise ConfigError(f"lora.target_modules must be a non-empty list of {', '.join(LORA_MODULES)}, "
                           f"got {lora.target_modules}")  # fmt: skip
@@ -326,10 +335,39 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     return config
 
 
+def _check_model(model: ModelArguments, lora: LoraArguments) -> None:
+    """The model section's choices that go together (a CLIP model trains LoRA; a classifier has no logit scale)."""
+    if model.type not in ("clip", "supervised"):
+        raise ConfigError(f"model.type must be clip or supervised, got {model.type!r}")
+    if model.finetune is None:  # resolved here, so the saved config says what ran
+        model.finetune = "lora" if model.type == "clip" else "full"
+    if model.finetune not in ("lora", "full"):
+        raise ConfigError(f"model.finetune must be lora or full, got {model.finetune!r}")
+    if model.type == "clip":
+        if model.finetune != "lora" or not model.pretrained:
+            raise ConfigError("model.finetune: full and model.pretrained: false are for model.type: supervised; a CLIP "
+                              "model trains LoRA on its pretrained weights (model.random_weights: an untrained one)")  # fmt: skip
+        return
+    wrong = [k for k, v in (("model.random_weights", model.random_weights), ("model.base_hub_id", model.base_hub_id),
+                            ("lora.train_logit_scale", lora.train_logit_scale)) if v]  # fmt: skip
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)}: not for a model.type: supervised model (model.pretrained: false "
+                          "trains one from random weights)")  # fmt: skip
+    if model.finetune == "lora" and lora.target_modules == LoraArguments().target_modules:
+        raise ConfigError("lora.target_modules: its default names CLIP's attention layers; for a supervised model set "
+                          "[auto] (every linear and convolution layer of the backbone) or the model's own layer names")  # fmt: skip
+    if model.base == TINY_RESNET and model.pretrained:
+        raise ConfigError(f"model.base {TINY_RESNET} is a random test model without pretrained weights; set "
+                          "model.pretrained: false")  # fmt: skip
+
+
 def _validate(config: TrainConfig) -> None:
     """The checks across keys and against the machine (files, installed packages)."""
-    if config.loss.name not in LOSSES:
-        raise ConfigError(f"loss.name must be one of {', '.join(LOSSES)}, got {config.loss.name!r}")
+    _check_model(config.model, config.lora)
+    losses = [n for n in LOSSES if n not in (SUPERVISED_ONLY if config.model.type == "clip" else CLIP_ONLY)]
+    if config.loss.name not in losses:
+        raise ConfigError(f"loss.name must be one of {', '.join(losses)} for a model.type {config.model.type} "
+                          f"model, got {config.loss.name!r}")  # fmt: skip
     if config.loss.danger_weight > 0 and config.loss.name in PAIRED_LOSSES:
         raise ConfigError(f"loss.danger_weight needs the scores of every class, which loss.name={config.loss.name} does "
                           "not compute: use class_text, hierarchical_soft or hierarchical_xent")  # fmt: skip

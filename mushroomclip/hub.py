@@ -24,16 +24,20 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from mushroomclip import cli
 from mushroomclip.models.backbones import REGISTRY, known_license
+from mushroomclip.models.classifier import run_model_files
 from mushroomclip.models.convert import PREFIX
 from mushroomclip.taxonomy import BUNDLED
 
-UPLOAD = ("adapter_config.json", "adapter_model.safetensors", "classes.json", "taxonomy.csv", "config.yaml",
-          "data.json", "metrics.json", "README.md", "loss_curve.png", "confusion.png")  # fmt: skip
+# with the run's two model files (classifier.run_model_files: the adapter, or a classifier's config and weights)
+UPLOAD = ("classes.json", "taxonomy.csv", "config.yaml", "data.json", "metrics.json", "README.md", "loss_curve.png",
+          "confusion.png")  # fmt: skip
 
 
 REPO = "REPO_OR_FOLDER"  # the card's loading snippets name the adapter so; a push puts the repo id there
 CARD_TEMPLATE = Path(__file__).parent / "resources" / "model_card_template.md"  # Jinja, for ModelCard.from_template
+SUPERVISED_CARD_TEMPLATE = CARD_TEMPLATE.with_name("supervised_card_template.md")
 CARD_SCORES = ("oa", "top5", "mf1", "miou", "dangerous_as_edible")  # the card's figures, as percentages
+CARD_TAGS = ["mushrooms", "fungi", "biology", "mushroomclip"]
 
 
 class PushError(RuntimeError):
@@ -104,10 +108,15 @@ def model_card(run_dir: str | Path) -> ModelCard:
     data = json.loads(data_file.read_text()) if data_file.is_file() else None
     classes_file = run_dir / "classes.json"
     record = json.loads(classes_file.read_text()) if classes_file.is_file() else {}
-    base = card_base(config["model"], record)
-    base_text, hub_id, loadable = describe_base(base, config["model"].get("random_weights", False))
-    # a converted base is under its source's license; None (omitted) for a base we cannot vouch for
-    license_ = known_license((record.get("base_conversion") or {}).get("source") or base)
+    supervised = record.get("model_type") == "supervised"
+    if supervised:  # a classifier's base license is not one we vouch for: omitted
+        base, license_, loadable = record["base_model"], None, False
+        base_text, hub_id = describe_supervised_base(record)
+    else:
+        base = card_base(config["model"], record)
+        base_text, hub_id, loadable = describe_base(base, config["model"].get("random_weights", False))
+        # a converted base is under its source's license; None (omitted) for a base we cannot vouch for
+        license_ = known_license((record.get("base_conversion") or {}).get("source") or base)
     name = run_dir.name
     test = metrics.get("test") or metrics["validation_best"]
     split = "test" if metrics.get("test") else "validation"
@@ -120,27 +129,68 @@ def model_card(run_dir: str | Path) -> ModelCard:
         if data
         else "MushroomCLIP prepared data"
     )
+    task = "image-classification" if supervised else "zero-shot-image-classification"
     results = [
-        EvalResult(task_type="zero-shot-image-classification", dataset_type="imagefolder", dataset_name=dataset,
+        EvalResult(task_type=task, dataset_type="imagefolder", dataset_name=dataset,
                    dataset_split=split, metric_type=key, metric_name=label, metric_value=round(test[key], 4))
         for key, label in (("oa", "OA"), ("top5", "top-5 accuracy"), ("mf1", "macro F1"), ("miou", "mIoU"))
         if test.get(key) is not None
     ]  # fmt: skip
+    lora = config["model"].get("finetune", "lora") == "lora"
+    tags = ["lora", "peft"] * lora + (["image-classification"] if supervised else ["clip"]) + CARD_TAGS + [task]
     card_data = ModelCardData(
-        base_model=hub_id, library_name="peft", model_name=name, license=license_, eval_results=results,
-        tags=["clip", "lora", "peft", "mushrooms", "fungi", "biology", "zero-shot-image-classification", "mushroomclip"],
-        pipeline_tag="zero-shot-image-classification",
+        base_model=hub_id, library_name="peft" if lora else "transformers", model_name=name, license=license_,
+        eval_results=results, tags=list(dict.fromkeys(tags)), pipeline_tag=task,
     )  # fmt: skip
     baseline = metrics.get("test_untrained") if split == "test" else metrics.get("validation_untrained")
     training = config["training"]
-    return ModelCard.from_template(
-        card_data, template_path=str(CARD_TEMPLATE), model_name=name, species=species,
-        text_type=config["data"]["text_type"], head_note=head_note, base_text=base_text,
-        data_used=describe_data_used(data), split=split, base_label=base_label(base),
-        before={key: _pct(baseline, key) for key in CARD_SCORES}, after={key: _pct(test, key) for key in CARD_SCORES},
-        lora=config["lora"], loss=config["loss"]["name"], lr=training["learning_rate"], batch_size=training["per_device_train_batch_size"],
-        steps=metrics.get("global_step"), seed=training["seed"], loadable=loadable, hub_id=hub_id, repo=REPO,
+    common = dict(
+        model_name=name, species=species, head_note=head_note, base_text=base_text, data_used=describe_data_used(data),
+        split=split, before={key: _pct(baseline, key) for key in CARD_SCORES},
+        after={key: _pct(test, key) for key in CARD_SCORES}, loss=config["loss"]["name"], lr=training["learning_rate"],
+        batch_size=training["per_device_train_batch_size"], steps=metrics.get("global_step"), seed=training["seed"],
+        repo=REPO,
     )  # fmt: skip
+    if supervised:
+        return ModelCard.from_template(card_data, template_path=str(SUPERVISED_CARD_TEMPLATE), **common,
+                                       **supervised_card_fields(config["lora"], record))  # fmt: skip
+    return ModelCard.from_template(
+        card_data, template_path=str(CARD_TEMPLATE), text_type=config["data"]["text_type"], base_label=base_label(base),
+        lora=config["lora"], loadable=loadable, hub_id=hub_id, **common,
+    )  # fmt: skip
+
+
+def describe_supervised_base(record: dict) -> tuple[str, str | None]:
+    """How a card names a supervised run's base, saying whether it started from pretrained weights or from
+    scratch; and the Hub id of the pretrained weights it started from (the card's ``base_model``), if any."""
+    from mushroomclip.models.supervised import TINY_RESNET
+
+    base = record["base_model"]
+    if base == TINY_RESNET:
+        return (f"`{base}`, a randomly initialised test model (not a pretrained model); the figures below are a "
+                "pipeline check, not a measure of species recognition"), None  # fmt: skip
+    hub = "/" in base and not Path(base).exists()
+    named = f"[{base}](https://huggingface.co/{base})" if hub else f"the local model `{base}`"
+    if record["pretrained"]:
+        return f"{named}, starting from its pretrained weights ({record['weights']})", base if hub else None
+    return f"the architecture of {named}, trained from scratch (random initial weights, not its pretrained ones)", None
+
+
+def supervised_card_fields(lora: dict, record: dict) -> dict:
+    """The supervised card's own fields: how it was fine-tuned, its head and its preprocessing."""
+    if record["finetune"] == "lora":
+        modules = lora["target_modules"]
+        where = "every linear and convolution layer of the backbone" if modules == ["auto"] else ", ".join(modules)
+        finetune = (f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on {where}; the new head trains "
+                    "in full; every other weight, and BatchNorm's statistics, stays as it started")  # fmt: skip
+    else:
+        finetune = "Full fine-tune: every weight trains"
+    pre = record["preprocess"]
+    resize = pre["resize_size"]
+    return {"finetune_text": finetune, "full": record["finetune"] == "full", "num_labels": record["num_labels"],
+            "interpolation": pre["interpolation"],
+            "resize": f"{resize} px (short side)" if isinstance(resize, int) else f"{resize[0]}x{resize[1]} px",
+            "size": f"{pre['size'][0]}x{pre['size'][1]} px"}  # fmt: skip
 
 
 def upload_errors() -> tuple[type[BaseException], ...]:
@@ -182,7 +232,7 @@ def stage_upload(run_dir: Path, repo_id: str, staging: Path) -> list[str]:
         raise PushError(f"{run_dir} was trained on the local model folder {base}, which no other machine has; "
                         "retrain on a Hub model, or convert the base with python -m mushroomclip.models.convert (add "
                         "--push-to-hub USER/NAME and set model.base_hub_id to name it by that repo)")  # fmt: skip
-    names = [f for f in UPLOAD if (run_dir / f).is_file()]
+    names = [f for f in (*run_model_files(run_dir), *UPLOAD) if (run_dir / f).is_file()]
     for name in names:
         shutil.copy2(run_dir / name, staging / name)
     source = record.get("taxonomy_source")
@@ -221,12 +271,8 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, api=None)
     A failed upload is one :class:`PushError` naming the cause and the command that retries it.
     """
     run_dir = Path(run_dir)
-    missing = [
-        f
-        for f in ("adapter_config.json", "adapter_model.safetensors", "classes.json", "README.md", "config.yaml",
-                  "metrics.json")
-        if not (run_dir / f).is_file()
-    ]  # fmt: skip
+    missing = [f for f in (*run_model_files(run_dir), "classes.json", "README.md", "config.yaml", "metrics.json")
+               if not (run_dir / f).is_file()]  # fmt: skip
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a finished run (missing {', '.join(missing)}); train it first")
     api = api or huggingface_hub.HfApi()  # token: HF_TOKEN or the hf auth login cache, never an argument we store

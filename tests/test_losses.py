@@ -118,11 +118,17 @@ def test_every_loss_of_the_table_is_its_function_on_the_inputs():
     texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     labels = torch.tensor([0, 0, 1, 3])
     batch = LossInputs(images, texts, labels, SCALE)
-    assert set(LOSSES) == {"class_text", "clip", "multi_positive", "hierarchical_soft", "hierarchical_xent"}
+    assert set(LOSSES) == {"class_text", "clip", "multi_positive", "hierarchical_soft", "hierarchical_xent",
+                           "cross_entropy"}  # fmt: skip
     assert torch.equal(LOSSES["class_text"](batch), class_text_loss(images, texts, labels, SCALE))
     assert torch.equal(LOSSES["clip"](batch), clip_loss(images, texts, SCALE))
     assert torch.equal(LOSSES["multi_positive"](batch), multi_positive_loss(images, texts, labels, SCALE))
     assert torch.equal(batch.class_logits(), SCALE * images @ texts.T)
+    # a supervised classifier's own logits: cross_entropy reads them, as every loss on class logits does
+    logits = torch.randn(4, 5)
+    on_logits = LossInputs(None, None, labels, None, logits=logits)
+    assert torch.equal(on_logits.class_logits(), logits)
+    assert torch.equal(LOSSES["cross_entropy"](on_logits), torch.nn.functional.cross_entropy(logits, labels))
 
 
 def test_compute_loss_dispatches_through_the_table_with_class_logits_and_context(tmp_path, monkeypatch):

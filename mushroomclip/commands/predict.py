@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=None, help="base model to check the adapter against (default: the one it names)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument(
-        "--merge", metavar="DIR", default=None, help="also export a merged CLIPModel (merge_and_unload) to DIR"
+        "--merge", metavar="DIR", default=None, help="also export the model, LoRA merged in (merge_and_unload), to DIR"
     )
     args = p.parse_args(argv)
     if args.top_k < 1:
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         predictions_csv(rows, args.csv)
         print(f"{len(rows)} rows written to {args.csv}", file=sys.stderr)
     if args.merge:
-        merged = classifier.backbone.model.merge_and_unload()
+        merged = classifier.merged()
         merged.save_pretrained(args.merge)
-        print(f"merged CLIPModel written to {args.merge}")
+        print(f"merged {type(merged).__name__} written to {args.merge}")
     if failed:
         print(f"error: {failed} of {len(files) + len(problems)} inputs could not be read (see above)", file=sys.stderr)
         return 1 if records else 2

@@ -30,6 +30,7 @@ from mushroomclip.data.transforms import background_worker, pixel_stats, train_i
 from mushroomclip.evaluation import speed
 from mushroomclip.evaluation.features import PreprocessedImages
 from mushroomclip.evaluation.plots import _pyplot
+from mushroomclip.evaluation.references import REFERENCE_NOTE, reference_rows
 from mushroomclip.evaluation.zeroshot import RANDOM_WEIGHTS_NOTE, summary_markdown
 from mushroomclip.models.backbones import hub_reachable, load_backbone, offline_clip_tokenizer
 from mushroomclip.models.lora import add_lora
@@ -37,11 +38,13 @@ from mushroomclip.models.prompts import class_prompts
 from mushroomclip.training.trainer import ContrastiveTrainer, collate
 
 OFFLINE_NOTE = ("offline: no Hugging Face Hub, so these rows are the randomly initialised test models (tiny-clip, "
-                "tiny-openclip) on the synthetic demo data. They check the pipeline, not model quality.")  # fmt: skip
+                "tiny-openclip, and runs trained from them or from tiny-resnet) on the synthetic demo data. They "
+                "check the pipeline, not model quality.")  # fmt: skip
 
 
 def write_report(results: Path) -> Path:
-    """``results/benchmark.md`` (the table, with a banner when offline) and ``results/benchmark.png``."""
+    """``results/benchmark.md`` (the table, with a banner when offline, and the course's published ResNet figures
+    as quoted reference rows) and ``results/benchmark.png`` (the measured rows)."""
     summary_path = results / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path} not found; run evaluate_zero_shot.py --output {results} first")
@@ -51,7 +54,8 @@ def write_report(results: Path) -> Path:
     # evaluate's own notes (random weights, the adapters and k-shot rows left out and why); older files lack them
     older = [RANDOM_WEIGHTS_NOTE] if cfg.get("random_weights") else []
     notes = ([OFFLINE_NOTE] if offline else []) + summary.get("notes", older)
-    markdown = summary_markdown(rows, f"MushroomCLIP benchmark: {cfg['data']} ({cfg['split']} split)", notes)
+    title = f"MushroomCLIP benchmark: {cfg['data']} ({cfg['split']} split)"
+    markdown = summary_markdown(rows + reference_rows(), title, [*notes, REFERENCE_NOTE])
     out = results / "benchmark.md"
     out.write_text(markdown)
 

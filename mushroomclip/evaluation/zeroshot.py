@@ -24,6 +24,7 @@ from mushroomclip.metrics import classification_metrics, format_report, save_jso
 from mushroomclip.models.backbones import Backbone, load_backbone, resolve_spec
 from mushroomclip.models.classifier import AdapterError, Classifier, data_mismatch, find_adapters, load_classifier
 from mushroomclip.models.prompts import cached_class_text_embeddings, text_types
+from mushroomclip.models.supervised import SupervisedClassifier
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 
 logger = logging.getLogger(__name__)
@@ -257,6 +258,8 @@ def load_model(run: EvaluationRun, name: str, found: bool) -> EvaluatedModel | N
         return None
     if reason := data_mismatch(classifier.record, run.taxonomy.classes, run.data_species):  # named in --models
         run.note(f"{name}: {reason}; evaluated because --models names it", prefix="note: ")
+    if isinstance(classifier, SupervisedClassifier):  # its "features" are its logits (its encode_images)
+        return EvaluatedModel(classifier.name, classifier.to(run.device, run.dtype), [], classifier)
     backbone = classifier.backbone.to(run.device, run.dtype)
     return EvaluatedModel(backbone.name, backbone, [classifier.record["text_type"]], classifier)
 
@@ -281,6 +284,21 @@ def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
         method = "LoRA adapter" if adapter else "zero-shot"
         logger.info(format_report(metrics, title=f"\n{model.name} {method} ({text_type}, {templates} templates) on {args.split}"))
     return rows
+
+
+def supervised_row(run: EvaluationRun, model: EvaluatedModel, evaluated: Features) -> dict:
+    """A supervised run scored by its own head (its "features" are its logits); metrics, figures and
+    predictions.parquet under ``supervised/MODEL``."""
+    (logits, labels), record = evaluated, model.classifier.record
+    method = (f"supervised ({'pretrained' if record['pretrained'] else 'from scratch'}, "
+              f"{'LoRA' if record['finetune'] == 'lora' else 'full fine-tune'})")  # fmt: skip
+    metrics = run.metrics(labels, logits)
+    out = run.output / "supervised" / model.name
+    write_results(out, metrics, run.taxonomy, run.provenance(model=model.name), run.args.seed, f"{model.name} {method}")
+    predictions = _predictions_table(logits, labels, run.splits[run.args.split], run.taxonomy.classes)
+    predictions.to_parquet(out / "predictions.parquet")
+    logger.info(format_report(metrics, title=f"\n{model.name} {method} ({record['base_model']}) on {run.args.split}"))
+    return _row(model.name, method, "", metrics)
 
 
 def few_shot_rows(run: EvaluationRun, name: str, train: Features, evaluated: Features) -> list[dict]:
@@ -336,7 +354,10 @@ def evaluate(args: EvaluationArguments) -> list[dict]:
             continue
         # 4. features of the evaluated split, then the zero-shot head for every text type
         evaluated = run.features(model.backbone, model.name, args.split)
-        rows += zero_shot_rows(run, model, evaluated)
+        if isinstance(model.classifier, SupervisedClassifier):  # its own head: the features are its logits
+            rows.append(supervised_row(run, model, evaluated))
+        else:
+            rows += zero_shot_rows(run, model, evaluated)
         # 5. few-shot and the linear probe from train features (base models only: an adapter saw the train split)
         if model.classifier is None and (args.shot_counts or args.probe):
             train = run.features(model.backbone, model.name, "train")

@@ -104,6 +104,10 @@ class Classifier:
         pixels = images if isinstance(images, torch.Tensor) else torch.stack([self.pixels(im) for im in images])
         return self.backbone.logit_scale * self.backbone.encode_images(pixels).cpu() @ self.class_embeddings.T
 
+    def merged(self):
+        """The fine-tuned model as one ``transformers`` model (LoRA merged into its weights), to save or share."""
+        return self.backbone.model.merge_and_unload()
+
     def predict(self, images, top_k: int = 5) -> list[list[Prediction]]:
         return self.ranked(self.logits(images).softmax(dim=-1), top_k)
 
@@ -130,20 +134,36 @@ def data_mismatch(record: dict, classes: list[str], data_species: set[str]) -> s
 
 
 def find_adapters(folder: str | Path, classes: list[str], data_species: set[str]) -> tuple[list[str], list[str]]:
-    """``lora:<run>`` names of the finished runs under ``folder`` trained on exactly ``data_species`` (see
-    :func:`data_mismatch`), and one ``skipped <run>: <why>`` line for every other run there."""
+    """``lora:<run>`` names of the finished runs under ``folder`` (LoRA adapters, and supervised classifiers)
+    trained on exactly ``data_species`` (see :func:`data_mismatch`), and one ``skipped <run>: <why>`` line for every
+    other run there."""
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"--include-adapters {folder}: no such folder (it should hold training runs)")
     found, skipped = [], []
     for record_path in sorted(Path(folder).glob(f"*/{CLASSES_FILE}")):
         run = record_path.parent
-        if not (run / "adapter_config.json").is_file():
-            skipped.append(f"skipped {run}: no adapter_config.json (an unfinished run?)")
+        model_file = run_model_files(run)[0]
+        if not (run / model_file).is_file():
+            skipped.append(f"skipped {run}: no {model_file} (an unfinished run?)")
         elif reason := data_mismatch(json.loads(record_path.read_text()), classes, data_species):
             skipped.append(f"skipped {run}: {reason}")
         else:
             found.append(f"lora:{run}")
     return found, skipped
+
+
+def run_model_files(folder: Path) -> tuple[str, str]:
+    """The two files holding a run's model: a fully fine-tuned classifier's ``config.json`` and weights (its
+    classes.json says ``finetune: full``), else the LoRA adapter's."""
+    record = folder / CLASSES_FILE
+    full = record.is_file() and json.loads(record.read_text()).get("finetune") == "full"
+    return ("config.json", "model.safetensors") if full else ("adapter_config.json", WEIGHTS_FILE)
+
+
+def is_supervised_run(folder: Path) -> bool:
+    """Whether a run folder's classes.json is a supervised classifier's (``model_type: supervised``)."""
+    record = folder / CLASSES_FILE
+    return record.is_file() and json.loads(record.read_text()).get("model_type") == "supervised"
 
 
 def _local_dir(dir_or_repo: str) -> Path:
@@ -172,12 +192,17 @@ def _check_finite(dir_or_repo: str, weights: bytes, logit_scale: float | None) -
 def load_classifier(
     dir_or_repo: str, base: str | None = None, species: list[str] | None = None, device: str = "cpu"
 ) -> Classifier:
-    """Base model + adapter + class list from a run folder or Hub repo.
+    """Base model + adapter + class list from a run folder or Hub repo (a supervised run: its classifier,
+    :func:`mushroomclip.models.supervised.load_supervised_classifier`).
 
     ``base`` / ``species``, when given, must match what the adapter was trained with: a mismatch is
     an :class:`AdapterError` naming both, never silently wrong predictions.
     """
     folder = _local_dir(dir_or_repo)
+    if is_supervised_run(folder):
+        from mushroomclip.models.supervised import load_supervised_classifier  # it builds on this module
+
+        return load_supervised_classifier(dir_or_repo, base=base, species=species, device=device)
     needed = ("adapter_config.json", WEIGHTS_FILE, CLASSES_FILE)
     if not all((folder / name).is_file() for name in needed):
         raise AdapterError(f"{dir_or_repo} is not a MushroomCLIP adapter: it needs {', '.join(needed)}")

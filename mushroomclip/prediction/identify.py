@@ -26,7 +26,9 @@ ZERO_SHOT = "zero-shot:"
 ZERO_SHOT_CHOICES = ("zero-shot:bioclip", "zero-shot:clip-b32", "zero-shot:tiny-clip")
 #: (file a run folder holds, loader(dir_or_repo, device) -> Classifier); the first match loads the run.
 #: A Hub repo id (no local folder to inspect) goes to the first loader.
-RUN_LOADERS: list[tuple[str, Callable[..., Classifier]]] = [("adapter_config.json", load_classifier)]
+# (load_classifier also loads a supervised run: a LoRA one holds adapter_config.json, a full fine-tune config.json)
+RUN_LOADERS: list[tuple[str, Callable[..., Classifier]]] = [("adapter_config.json", load_classifier),
+                                                            ("config.json", load_classifier)]  # fmt: skip
 
 
 def zero_shot_classifier(backbone_name: str, device: str = "cpu", text_type: str = "taxon_com") -> Classifier:

@@ -27,17 +27,20 @@ from mushroomclip.taxonomy import Taxonomy
 
 @dataclass
 class LossInputs:
-    """What a loss is given: L2-normalised embeddings, the labels, the logit scale and the run's context."""
+    """What a loss is given: L2-normalised embeddings, the labels, the logit scale and the run's context; for a
+    supervised classifier, its class logits instead of embeddings."""
 
-    image: torch.Tensor  # (B, D)
-    text: torch.Tensor  # (C, D) every class prompt; (B, D) each image's own prompt for PAIRED_LOSSES
+    image: torch.Tensor | None  # (B, D)
+    text: torch.Tensor | None  # (C, D) every class prompt; (B, D) each image's own prompt for PAIRED_LOSSES
     labels: torch.Tensor  # (B,) class ids
-    logit_scale: torch.Tensor  # exp(logit_scale), a scalar
+    logit_scale: torch.Tensor | None  # exp(logit_scale), a scalar
     context: dict[str, Any] = field(default_factory=dict)  # what a loss needs beyond the batch, e.g. "taxonomy"
+    logits: torch.Tensor | None = None  # (B, C) a supervised classifier's own class logits
 
     def class_logits(self) -> torch.Tensor:
-        """``(B, C)`` scaled cosine similarities of every image with every class prompt."""
-        return self.logit_scale * self.image @ self.text.T
+        """``(B, C)`` class logits: a classifier's own, or the scaled cosine similarities of every image with every
+        class prompt."""
+        return self.logits if self.logits is not None else self.logit_scale * self.image @ self.text.T
 
 
 def class_text_loss(
@@ -147,8 +150,8 @@ def danger_penalty(
 def _hierarchy(x: LossInputs) -> HierarchyTensors:
     """The run's :class:`HierarchyTensors` (``context["hierarchy"]``), moved once to the batch's device."""
     tensors = x.context["hierarchy"]
-    if tensors.lca_distance.device != x.image.device:
-        tensors = x.context["hierarchy"] = tensors.to(x.image.device)
+    if tensors.lca_distance.device != x.labels.device:  # labels: a classifier's batch has no image embeddings
+        tensors = x.context["hierarchy"] = tensors.to(x.labels.device)
     return tensors
 
 
@@ -160,10 +163,14 @@ LOSSES: dict[str, Callable[[LossInputs], torch.Tensor]] = {
                                                           x.context["beta"]),
     "hierarchical_xent": lambda x: hierarchical_xent_loss(x.class_logits(), x.labels, _hierarchy(x).lineage,
                                                           x.context["alpha"]),
+    # a supervised classifier's own logits (on CLIP's class-prompt logits the same loss is class_text)
+    "cross_entropy": lambda x: F.cross_entropy(x.class_logits(), x.labels),
 }  # fmt: skip
 # Losses of images against per-image texts (each image's own class prompt): the trainer encodes those and
 # gathers the whole global batch on every rank; every other loss gets the (C, D) embeddings of all classes.
 PAIRED_LOSSES = frozenset({"clip", "multi_positive"})
+# Which losses each kind of model can train with (model.type): CLIP's read its embeddings, a classifier has logits.
+CLIP_ONLY, SUPERVISED_ONLY = PAIRED_LOSSES | {"class_text"}, frozenset({"cross_entropy"})
 
 
 def training_loss(name: str, x: LossInputs) -> torch.Tensor:

@@ -19,6 +19,7 @@ from accelerate import PartialState
 
 from mushroomclip.data.splits import REPORT_NAME
 from mushroomclip.metrics import save_json
+from mushroomclip.models.classifier import run_model_files
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -27,9 +28,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)  # messages from the main process only (the callers check)
 
-# Everything training writes at the top of a run folder (checkpoints/ aside); hub.UPLOAD is a subset.
-OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "classes.json", "taxonomy.csv", "config.yaml",
-           "data.json", "metrics.json", "README.md", "loss_curve.png", "confusion.png")  # fmt: skip
+# Everything training writes at the top of a run folder (checkpoints/ aside), with its model's two files
+# (classifier.run_model_files: the adapter, or a classifier's config and weights); hub.UPLOAD is a subset.
+OUTPUTS = ("classes.json", "taxonomy.csv", "config.yaml", "data.json", "metrics.json", "README.md", "loss_curve.png",
+           "confusion.png")  # fmt: skip
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_CONFIG = "run_config.yaml"  # the run's resolved config, saved in every checkpoint
 UNTRAINED_METRICS = "untrained_metrics.json"  # the evaluation before training, saved in every checkpoint
@@ -113,7 +115,8 @@ def check_run_folder(run_dir: str | Path, config: dict, resume: bool, overwrite:
 def clear_run_outputs(run_dir: str | Path) -> None:
     """Delete what training wrote into ``run_dir`` (results and checkpoints); any other file stays."""
     run_dir = Path(run_dir)
-    removed = [run_dir / name for name in OUTPUTS if (run_dir / name).is_file()] + _checkpoints(run_dir)
+    names = (*run_model_files(run_dir), *OUTPUTS)  # a model file of another kind of run is not ours: it stays
+    removed = [run_dir / name for name in names if (run_dir / name).is_file()] + _checkpoints(run_dir)
     for path in removed:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     remove_empty_dirs(run_dir / CHECKPOINTS)
@@ -193,8 +196,9 @@ def metrics_summary(metrics: dict | None) -> dict | None:
 
 def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Trainer, taxonomy, templates: list[str],
                      precision: str, splits, base: dict) -> None:  # fmt: skip
-    """Adapter, classes.json, taxonomy, resolved config, data.json, metrics.json, figures and model card;
-    ``splits`` are the data's splits and ``base`` the run's :func:`mushroomclip.models.classifier.base_record`."""
+    """Adapter (or a classifier's weights), classes.json, taxonomy, resolved config, data.json, metrics.json,
+    figures and model card; ``splits`` are the data's splits and ``base`` the run's
+    :func:`mushroomclip.models.classifier.base_record` (a supervised run's whole classes.json record)."""
     from mushroomclip.evaluation.plots import save_confusion_png, save_loss_curve
     from mushroomclip.hub import model_card
     from mushroomclip.models.classifier import CLASSES_FILE, classes_record
@@ -204,9 +208,13 @@ def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Tra
     trained_species = sorted({taxonomy.classes[i] for i in splits["train"]["label"]})
     images = {name: len(split) for name, split in splits.items()}
     run_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(run_dir), save_embedding_layers=False)  # LoRA never touches the embeddings
-    scale = model.get_base_model().logit_scale.exp().item() if cfg.lora.train_logit_scale else None
-    record = classes_record(taxonomy, cfg.data.text_type, templates, base, scale)
+    # the adapter (peft: LoRA never touches the embeddings), or a fully fine-tuned classifier's config + weights
+    model.save_pretrained(str(run_dir), save_embedding_layers=False)
+    if cfg.model.type == "supervised":
+        record = base  # mushroomclip.models.supervised.supervised_record
+    else:
+        scale = model.get_base_model().logit_scale.exp().item() if cfg.lora.train_logit_scale else None
+        record = classes_record(taxonomy, cfg.data.text_type, templates, base, scale)
     save_json(run_dir / CLASSES_FILE, record | {"trained_species": trained_species})
     (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -352,9 +352,11 @@ def run_summary(cfg: TrainConfig, train_losses: list, best: dict, test: dict | N
     def pct(m, k):
         return "n/a" if not m or m.get(k) is None else f"{100 * m[k]:.1f}"
 
-    lines = [
-        f"run {cfg.training.output_dir}: {cfg.model.base} + LoRA r={cfg.lora.r}, loss {cfg.loss.name}, {precision}"
-    ]
+    m = cfg.model
+    tuning = f"LoRA r={cfg.lora.r}" if m.finetune == "lora" else "full fine-tune"
+    start = "pretrained" if m.pretrained else "from scratch"
+    what = f"{m.base} ({start}) {tuning}" if m.type == "supervised" else f"{m.base} + {tuning}"
+    lines = [f"run {cfg.training.output_dir}: {what}, loss {cfg.loss.name}, {precision}"]
     if train_losses:
         lines.append(
             f"train loss {train_losses[0][1]:.3f} -> {train_losses[-1][1]:.3f} over {train_losses[-1][0]} steps"
@@ -460,15 +462,31 @@ def run_training(cfg: TrainConfig) -> dict:
         raise
 
 
-def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
-    # 2. The base model first: without network this is the error a user should see, before any data work.
-    backbone = load_backbone(backbone_name(cfg.model.base), random_weights=cfg.model.random_weights)
-    base = base_record(cfg.model.base, cfg.model.base_hub_id)  # resolved once: a convert: base asks the Hub
-    # 3. Data: the prepared splits and the table their label ids index.
+def _load_supervised(cfg: TrainConfig, run_dir: Path):
+    """Steps 2-4 for an image classifier (``model.type: supervised``): its classes are the data's, so the
+    taxonomy comes first, then the model (from the Hub, or built), the data, and the trainer; ``base`` is the
+    run's classes.json record."""
+    from mushroomclip.training import supervised  # it builds on this module's trainer
+
     taxonomy = run_taxonomy(cfg.data.path, cfg.data.taxonomy)
+    built = supervised.load_classifier_model(cfg, taxonomy)
     splits = load_splits(cfg.data.path)
-    # 4. LoRA on the base model, the trainer and its zero-shot evaluator.
-    trainer = build_trainer(cfg, backbone, taxonomy, splits, base, run_dir / CHECKPOINTS)
+    trainer, base = supervised.build_classifier_trainer(cfg, built, taxonomy, splits, run_dir / CHECKPOINTS)
+    return trainer, base, taxonomy, splits
+
+
+def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
+    if cfg.model.type == "supervised":
+        trainer, base, taxonomy, splits = _load_supervised(cfg, run_dir)
+    else:
+        # 2. The base model first: without network this is the error a user should see, before any data work.
+        backbone = load_backbone(backbone_name(cfg.model.base), random_weights=cfg.model.random_weights)
+        base = base_record(cfg.model.base, cfg.model.base_hub_id)  # resolved once: a convert: base asks the Hub
+        # 3. Data: the prepared splits and the table their label ids index.
+        taxonomy = run_taxonomy(cfg.data.path, cfg.data.taxonomy)
+        splits = load_splits(cfg.data.path)
+        # 4. LoRA on the base model, the trainer and its zero-shot evaluator.
+        trainer = build_trainer(cfg, backbone, taxonomy, splits, base, run_dir / CHECKPOINTS)
     # 5. Train.
     untrained = train(trainer, splits, run_dir, cfg.run.resume, cfg.run.overwrite, cfg.run.test_after)
     # 6. Evaluate the best checkpoint on validation and test.
