@@ -20,19 +20,28 @@ import tempfile
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument("--model", action="append", default=None,
-                   help="model shown first: run folder, Hub adapter repo or zero-shot:<backbone>; repeat to list "
-                        "more (default: $MUSHROOMCLIP_MODEL, else the first run found, else zero-shot:bioclip)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model shown first: run folder, Hub adapter repo or zero-shot:<backbone>; repeat to list "
+        "more (default: $MUSHROOMCLIP_MODEL, else the first run found, else zero-shot:bioclip)",
+    )
     p.add_argument("--runs", nargs="*", default=["runs", "demo/runs"], help="folders whose runs the page offers")
     p.add_argument(
         "--host",
         default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         help="address to serve on (0.0.0.0 exposes it to the network; Spaces set GRADIO_SERVER_NAME)",
     )
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
-                   help="port (0: the first free one from 7860)")  # fmt: skip
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+        help="port (0: the first free one from 7860)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--max-file-size", default="20mb", help="largest upload accepted")
     return p.parse_args(argv)
@@ -57,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = find_runs(args.runs)
     models = list(dict.fromkeys(chosen + runs + list(ZERO_SHOT_CHOICES)))
     app = build_app(models, device=args.device)
-    app.launch(server_name=args.host, server_port=args.port or None, share=False,
-               max_file_size=args.max_file_size, show_error=True)  # fmt: skip
+    app.launch(
+        server_name=args.host,
+        server_port=args.port or None,
+        share=False,
+        max_file_size=args.max_file_size,
+        show_error=True,
+    )
     return 0
 
 

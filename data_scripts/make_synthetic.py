@@ -46,10 +46,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         manifest = make_synthetic_download(
-            args.output, classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed,
-            taxonomy=load_taxonomy(args.taxonomy), corrupt=args.corrupt, dirty=args.dirty, num_proc=args.num_proc,
+            args.output,
+            classes=args.classes,
+            per_class=args.per_class,
+            size=args.size,
+            seed=args.seed,
+            taxonomy=load_taxonomy(args.taxonomy),
+            corrupt=args.corrupt,
+            dirty=args.dirty,
+            num_proc=args.num_proc,
             genus_signal=args.genus_signal,
-        )  # fmt: skip
+        )
     except (TaxonomyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

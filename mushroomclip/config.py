@@ -64,18 +64,33 @@ def read_yaml_mapping(path: Path) -> dict:
 
 @dataclass
 class ModelArguments:
-    base: str = field(default="openai/clip-vit-base-patch32",
-                      metadata={"help": "hub id, local folder, convert:<open_clip source>, or tiny-clip"})
-    base_hub_id: str | None = field(default=None, metadata={
-        "help": "the Hub repo of a local base (convert --push-to-hub): what the run records"})
+    base: str = field(
+        default="openai/clip-vit-base-patch32",
+        metadata={"help": "hub id, local folder, convert:<open_clip source>, or tiny-clip"},
+    )
+    base_hub_id: str | None = field(
+        default=None, metadata={"help": "the Hub repo of a local base (convert --push-to-hub): what the run records"}
+    )
     random_weights: bool = field(default=False, metadata={"help": "keep the architecture, skip the download"})
-    type: str = field(default="clip", metadata={
-        "help": "clip: LoRA on a CLIP model scored against class prompts; supervised: an image classifier "
-                "(transformers AutoModelForImageClassification, e.g. microsoft/resnet-50, timm/..., tiny-resnet)"})
-    pretrained: bool = field(default=True, metadata={
-        "help": "supervised: start from the model's pretrained weights; false: the same architecture, random weights"})
-    finetune: str | None = field(default=None, metadata={
-        "help": "lora, or (supervised only) full: every weight trains; unset: lora for clip, full for supervised"})
+    type: str = field(
+        default="clip",
+        metadata={
+            "help": "clip: LoRA on a CLIP model scored against class prompts; supervised: an image classifier "
+            "(transformers AutoModelForImageClassification, e.g. microsoft/resnet-50, timm/..., tiny-resnet)"
+        },
+    )
+    pretrained: bool = field(
+        default=True,
+        metadata={
+            "help": "supervised: start from the model's pretrained weights; false: the same architecture, random weights"
+        },
+    )
+    finetune: str | None = field(
+        default=None,
+        metadata={
+            "help": "lora, or (supervised only) full: every weight trains; unset: lora for clip, full for supervised"
+        },
+    )
 
 
 @dataclass
@@ -84,8 +99,10 @@ class LoraArguments:
     alpha: int = 32
     dropout: float = 0.1
     towers: list[str] = field(default_factory=lambda: ["vision", "text"])
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
-                                      metadata={"help": "add fc1, fc2 for the MLPs"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+        metadata={"help": "add fc1, fc2 for the MLPs"},
+    )
     train_logit_scale: bool = False
 
 
@@ -96,29 +113,43 @@ class DataArguments:
     train_template: str = field(default="a photo of {}.", metadata={"help": "one prompt per class, every step"})
     eval_templates: str = field(default="single", metadata={"help": "the zero-shot head's templates at evaluation"})
     num_workers: int = 4
-    taxonomy: str | None = field(default=None, metadata={
-        "help": "a table with the prepared folder's species (e.g. other common names)"})
+    taxonomy: str | None = field(
+        default=None, metadata={"help": "a table with the prepared folder's species (e.g. other common names)"}
+    )
 
 
 @dataclass
 class LossArguments:
     name: str = field(default="class_text", metadata={"help": "a name of mushroomclip.training.losses.LOSSES"})
-    beta: float = field(default=10.0, metadata={
-        "help": "hierarchical_soft: soft-label sharpness (Bertinetto et al. 2020 use 4 to 30; large = cross-entropy)"})
-    alpha: float = field(default=0.1, metadata={
-        "help": "hierarchical_xent: level weights exp(-alpha * depth) (0 = cross-entropy; the paper uses 0.1, 0.5)"})
-    danger_weight: float = field(default=0.0, metadata={
-        "help": "weight of the term on edible probability for deadly/poisonous truths (0 = off)"})
+    beta: float = field(
+        default=10.0,
+        metadata={
+            "help": "hierarchical_soft: soft-label sharpness (Bertinetto et al. 2020 use 4 to 30; large = cross-entropy)"
+        },
+    )
+    alpha: float = field(
+        default=0.1,
+        metadata={
+            "help": "hierarchical_xent: level weights exp(-alpha * depth) (0 = cross-entropy; the paper uses 0.1, 0.5)"
+        },
+    )
+    danger_weight: float = field(
+        default=0.0, metadata={"help": "weight of the term on edible probability for deadly/poisonous truths (0 = off)"}
+    )
 
 
 @dataclass
 class RunArguments:
     """What a run does around training that TrainingArguments has no field for."""
 
-    resume: bool = field(default=False, metadata={
-        "help": "continue the run in training.output_dir from its last complete checkpoint (same config)"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "start over in an output_dir that holds a run: deletes its results and checkpoints"})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue the run in training.output_dir from its last complete checkpoint (same config)"},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "start over in an output_dir that holds a run: deletes its results and checkpoints"},
+    )
     test_after: bool = field(default=True, metadata={"help": "evaluate the best adapter on the test split at the end"})
 
 
@@ -129,17 +160,32 @@ class HubArguments:
     private: bool = False
 
 
-SECTIONS = {"model": ModelArguments, "lora": LoraArguments, "data": DataArguments, "loss": LossArguments,
-            "training": TrainingArguments, "run": RunArguments, "hub": HubArguments}  # fmt: skip
-TRAINING_DOCS = "any transformers.TrainingArguments field, https://huggingface.co/docs/transformers/main_classes/trainer"
+SECTIONS = {
+    "model": ModelArguments,
+    "lora": LoraArguments,
+    "data": DataArguments,
+    "loss": LossArguments,
+    "training": TrainingArguments,
+    "run": RunArguments,
+    "hub": HubArguments,
+}
+TRAINING_DOCS = (
+    "any transformers.TrainingArguments field, https://huggingface.co/docs/transformers/main_classes/trainer"
+)
 # The training keys of configs written before the section became TrainingArguments: an old config's error names
 # the new key (difflib alone would offer auto_find_batch_size for batch_size).
-RENAMED_TRAINING_KEYS = {"lr": "training.learning_rate", "epochs": "training.num_train_epochs",
-                         "batch_size": "training.per_device_train_batch_size",
-                         "eval_batch_size": "training.per_device_eval_batch_size",
-                         "grad_accum": "training.gradient_accumulation_steps", "warmup_ratio": "training.warmup_steps",
-                         "precision": "training.bf16", "resume": "run.resume", "overwrite": "run.overwrite",
-                         "test_after": "run.test_after"}  # fmt: skip
+RENAMED_TRAINING_KEYS = {
+    "lr": "training.learning_rate",
+    "epochs": "training.num_train_epochs",
+    "batch_size": "training.per_device_train_batch_size",
+    "eval_batch_size": "training.per_device_eval_batch_size",
+    "grad_accum": "training.gradient_accumulation_steps",
+    "warmup_ratio": "training.warmup_steps",
+    "precision": "training.bf16",
+    "resume": "run.resume",
+    "overwrite": "run.overwrite",
+    "test_after": "run.test_after",
+}
 
 
 @dataclass
@@ -159,8 +205,12 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """The resolved config as saved with a run; loading it gives the same config back."""
         training = self.training.to_dict()
-        return {name: {k: training[k] for k in training if k in self.training_keys} if name == "training"
-                else asdict(getattr(self, name)) for name in SECTIONS}  # fmt: skip
+        return {
+            name: {k: training[k] for k in training if k in self.training_keys}
+            if name == "training"
+            else asdict(getattr(self, name))
+            for name in SECTIONS
+        }
 
 
 def on_cpu() -> bool:
@@ -191,24 +241,42 @@ def project_training_defaults(user: dict, num_workers: int) -> dict:
     if "bf16" in user or "fp16" in user:  # the user's choice; the other one stays off
         precision = "fp32"
     else:
-        precision = auto_precision(cpu, not cpu and torch.cuda.is_bf16_supported(),
-                                   os.environ.get("ACCELERATE_MIXED_PRECISION"))  # fmt: skip
+        precision = auto_precision(
+            cpu, not cpu and torch.cuda.is_bf16_supported(), os.environ.get("ACCELERATE_MIXED_PRECISION")
+        )
     # Evaluate (and save, which load_best_model_at_end needs in step with it) every epoch, or every eval_steps.
     strategy = user.get("eval_strategy", "steps" if user.get("eval_steps") is not None else "epoch")
     return {
         "output_dir": "runs/lora-b32",  # the run folder; Trainer's checkpoints go to its checkpoints/
         "seed": 42,  # transformers' default too, listed so that every saved config records it
-        "num_train_epochs": 5.0, "per_device_train_batch_size": 128, "per_device_eval_batch_size": 256,
-        "learning_rate": 5e-4, "weight_decay": 0.05, "warmup_steps": 0.05, "lr_scheduler_type": "cosine",
-        "optim": auto_optim(), "bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": cpu,
-        "eval_strategy": strategy, "save_strategy": user.get("save_strategy", strategy),
-        "save_steps": user.get("eval_steps") or user.get("logging_steps", 10), "save_total_limit": 3, "logging_steps": 10,
-        "load_best_model_at_end": True, "metric_for_best_model": "miou", "greater_is_better": True,
-        "report_to": "none", "remove_unused_columns": False, "label_names": ["labels"],
-        "dataloader_num_workers": num_workers, "dataloader_persistent_workers": num_workers > 0,
-        "ddp_find_unused_parameters": False, "activation_checkpointing_kwargs": {"use_reentrant": False},
+        "num_train_epochs": 5.0,
+        "per_device_train_batch_size": 128,
+        "per_device_eval_batch_size": 256,
+        "learning_rate": 5e-4,
+        "weight_decay": 0.05,
+        "warmup_steps": 0.05,
+        "lr_scheduler_type": "cosine",
+        "optim": auto_optim(),
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "use_cpu": cpu,
+        "eval_strategy": strategy,
+        "save_strategy": user.get("save_strategy", strategy),
+        "save_steps": user.get("eval_steps") or user.get("logging_steps", 10),
+        "save_total_limit": 3,
+        "logging_steps": 10,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "miou",
+        "greater_is_better": True,
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "label_names": ["labels"],
+        "dataloader_num_workers": num_workers,
+        "dataloader_persistent_workers": num_workers > 0,
+        "ddp_find_unused_parameters": False,
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
         "disable_tqdm": False,
-    }  # fmt: skip
+    }
 
 
 def _fits(value, base) -> bool:
@@ -252,9 +320,15 @@ def _merge(values: dict, new: dict, source: str) -> None:
         for key, value in body.items():
             if key not in kinds:
                 training = section == "training"
-                raise ConfigError(unknown_key_message(f"{section}.{key}", [f"{section}.{n}" for n in kinds], source,
-                                                      TRAINING_DOCS if training else None,
-                                                      RENAMED_TRAINING_KEYS if training else None))  # fmt: skip
+                raise ConfigError(
+                    unknown_key_message(
+                        f"{section}.{key}",
+                        [f"{section}.{n}" for n in kinds],
+                        source,
+                        TRAINING_DOCS if training else None,
+                        RENAMED_TRAINING_KEYS if training else None,
+                    )
+                )
             values[section][key] = _coerce(value, kinds[key], f"{section}.{key}")
 
 
@@ -265,41 +339,102 @@ def _check_ranges(config: TrainConfig) -> None:
     """Values a run cannot use, each a ConfigError naming the key, before any model or data is loaded."""
     t, lora = config.training, config.lora
     checks = [
-        ("training.per_device_train_batch_size", t.per_device_train_batch_size, t.per_device_train_batch_size >= 1, "at least 1"),
-        ("training.per_device_eval_batch_size", t.per_device_eval_batch_size, t.per_device_eval_batch_size >= 1, "at least 1"),
-        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps >= 1, "at least 1"),
-        ("training.learning_rate", t.learning_rate, math.isfinite(t.learning_rate) and t.learning_rate > 0,
-         "a positive number, e.g. 5e-4"),
-        ("training.num_train_epochs", t.num_train_epochs,
-         t.max_steps > 0 or (math.isfinite(t.num_train_epochs) and t.num_train_epochs > 0), "positive (or set training.max_steps)"),
-        ("training.max_steps", t.max_steps, t.max_steps == -1 or t.max_steps >= 1,
-         "-1 (train for training.num_train_epochs) or at least 1"),
-        ("training.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "a ratio in [0, 1) of the steps, or a number of steps"),
+        (
+            "training.per_device_train_batch_size",
+            t.per_device_train_batch_size,
+            t.per_device_train_batch_size >= 1,
+            "at least 1",
+        ),
+        (
+            "training.per_device_eval_batch_size",
+            t.per_device_eval_batch_size,
+            t.per_device_eval_batch_size >= 1,
+            "at least 1",
+        ),
+        (
+            "training.gradient_accumulation_steps",
+            t.gradient_accumulation_steps,
+            t.gradient_accumulation_steps >= 1,
+            "at least 1",
+        ),
+        (
+            "training.learning_rate",
+            t.learning_rate,
+            math.isfinite(t.learning_rate) and t.learning_rate > 0,
+            "a positive number, e.g. 5e-4",
+        ),
+        (
+            "training.num_train_epochs",
+            t.num_train_epochs,
+            t.max_steps > 0 or (math.isfinite(t.num_train_epochs) and t.num_train_epochs > 0),
+            "positive (or set training.max_steps)",
+        ),
+        (
+            "training.max_steps",
+            t.max_steps,
+            t.max_steps == -1 or t.max_steps >= 1,
+            "-1 (train for training.num_train_epochs) or at least 1",
+        ),
+        (
+            "training.warmup_steps",
+            t.warmup_steps,
+            t.warmup_steps >= 0,
+            "a ratio in [0, 1) of the steps, or a number of steps",
+        ),
         ("training.weight_decay", t.weight_decay, t.weight_decay >= 0, "0 or more"),
-        ("training.eval_steps", t.eval_steps, t.eval_steps is None or t.eval_steps > 0,
-         "positive (or unset: every epoch)"),
+        (
+            "training.eval_steps",
+            t.eval_steps,
+            t.eval_steps is None or t.eval_steps > 0,
+            "positive (or unset: every epoch)",
+        ),
         ("training.save_steps", t.save_steps, t.save_steps > 0, "positive"),
-        ("training.save_total_limit", t.save_total_limit, t.save_total_limit is None or t.save_total_limit >= 1, "at least 1"),
+        (
+            "training.save_total_limit",
+            t.save_total_limit,
+            t.save_total_limit is None or t.save_total_limit >= 1,
+            "at least 1",
+        ),
         ("training.logging_steps", t.logging_steps, t.logging_steps > 0, "positive"),
         ("training.seed", t.seed, t.seed >= 0, "0 or more"),
-        ("training.fp16", t.fp16, not (t.fp16 and t.use_cpu), "false on the CPU (fp16 needs a GPU; training.bf16 works on both)"),
+        (
+            "training.fp16",
+            t.fp16,
+            not (t.fp16 and t.use_cpu),
+            "false on the CPU (fp16 needs a GPU; training.bf16 works on both)",
+        ),
         ("lora.r", lora.r, lora.r >= 1, "at least 1, e.g. 16"),
         ("lora.alpha", lora.alpha, lora.alpha > 0, "positive, e.g. 2 * lora.r"),
         ("lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "in [0, 1)"),
-        ("data.num_workers", config.data.num_workers, config.data.num_workers >= 0, "0 (load in the main process) or more"),
+        (
+            "data.num_workers",
+            config.data.num_workers,
+            config.data.num_workers >= 0,
+            "0 (load in the main process) or more",
+        ),
         ("loss.beta", config.loss.beta, math.isfinite(config.loss.beta) and config.loss.beta > 0, "positive, e.g. 10"),
-        ("loss.alpha", config.loss.alpha, math.isfinite(config.loss.alpha) and config.loss.alpha >= 0, "0 or more, e.g. 0.1"),
-        ("loss.danger_weight", config.loss.danger_weight, math.isfinite(config.loss.danger_weight) and config.loss.danger_weight >= 0,
-         "0 (off) or more, e.g. 1.0"),
-    ]  # fmt: skip
+        (
+            "loss.alpha",
+            config.loss.alpha,
+            math.isfinite(config.loss.alpha) and config.loss.alpha >= 0,
+            "0 or more, e.g. 0.1",
+        ),
+        (
+            "loss.danger_weight",
+            config.loss.danger_weight,
+            math.isfinite(config.loss.danger_weight) and config.loss.danger_weight >= 0,
+            "0 (off) or more, e.g. 1.0",
+        ),
+    ]
     for key, value, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
     # a supervised model's LoRA goes on its own layer names, or on every linear/conv layer ([auto])
     unknown = [m for m in lora.target_modules if m not in LORA_MODULES] if config.model.type == "clip" else []
     if unknown or not lora.target_modules:
-        raise ConfigError(f"lora.target_modules must be a non-empty list of {', '.join(LORA_MODULES)}, "
-                          f"got {lora.target_modules}")  # fmt: skip
+        raise ConfigError(
+            f"lora.target_modules must be a non-empty list of {', '.join(LORA_MODULES)}, got {lora.target_modules}"
+        )
     if config.run.resume and config.run.overwrite:
         raise ConfigError("--resume continues the run in training.output_dir and --overwrite deletes it: choose one")
 
@@ -345,20 +480,34 @@ def _check_model(model: ModelArguments, lora: LoraArguments) -> None:
         raise ConfigError(f"model.finetune must be lora or full, got {model.finetune!r}")
     if model.type == "clip":
         if model.finetune != "lora" or not model.pretrained:
-            raise ConfigError("model.finetune: full and model.pretrained: false are for model.type: supervised; a CLIP "
-                              "model trains LoRA on its pretrained weights (model.random_weights: an untrained one)")  # fmt: skip
+            raise ConfigError(
+                "model.finetune: full and model.pretrained: false are for model.type: supervised; a CLIP "
+                "model trains LoRA on its pretrained weights (model.random_weights: an untrained one)"
+            )
         return
-    wrong = [k for k, v in (("model.random_weights", model.random_weights), ("model.base_hub_id", model.base_hub_id),
-                            ("lora.train_logit_scale", lora.train_logit_scale)) if v]  # fmt: skip
+    wrong = [
+        k
+        for k, v in (
+            ("model.random_weights", model.random_weights),
+            ("model.base_hub_id", model.base_hub_id),
+            ("lora.train_logit_scale", lora.train_logit_scale),
+        )
+        if v
+    ]
     if wrong:
-        raise ConfigError(f"{', '.join(wrong)}: not for a model.type: supervised model (model.pretrained: false "
-                          "trains one from random weights)")  # fmt: skip
+        raise ConfigError(
+            f"{', '.join(wrong)}: not for a model.type: supervised model (model.pretrained: false "
+            "trains one from random weights)"
+        )
     if model.finetune == "lora" and lora.target_modules == LoraArguments().target_modules:
-        raise ConfigError("lora.target_modules: its default names CLIP's attention layers; for a supervised model set "
-                          "[auto] (every linear and convolution layer of the backbone) or the model's own layer names")  # fmt: skip
+        raise ConfigError(
+            "lora.target_modules: its default names CLIP's attention layers; for a supervised model set "
+            "[auto] (every linear and convolution layer of the backbone) or the model's own layer names"
+        )
     if model.base == TINY_RESNET and model.pretrained:
-        raise ConfigError(f"model.base {TINY_RESNET} is a random test model without pretrained weights; set "
-                          "model.pretrained: false")  # fmt: skip
+        raise ConfigError(
+            f"model.base {TINY_RESNET} is a random test model without pretrained weights; set model.pretrained: false"
+        )
 
 
 def _validate(config: TrainConfig) -> None:
@@ -366,11 +515,15 @@ def _validate(config: TrainConfig) -> None:
     _check_model(config.model, config.lora)
     losses = [n for n in LOSSES if n not in (SUPERVISED_ONLY if config.model.type == "clip" else CLIP_ONLY)]
     if config.loss.name not in losses:
-        raise ConfigError(f"loss.name must be one of {', '.join(losses)} for a model.type {config.model.type} "
-                          f"model, got {config.loss.name!r}")  # fmt: skip
+        raise ConfigError(
+            f"loss.name must be one of {', '.join(losses)} for a model.type {config.model.type} "
+            f"model, got {config.loss.name!r}"
+        )
     if config.loss.danger_weight > 0 and config.loss.name in PAIRED_LOSSES:
-        raise ConfigError(f"loss.danger_weight needs the scores of every class, which loss.name={config.loss.name} does "
-                          "not compute: use class_text, hierarchical_soft or hierarchical_xent")  # fmt: skip
+        raise ConfigError(
+            f"loss.danger_weight needs the scores of every class, which loss.name={config.loss.name} does "
+            "not compute: use class_text, hierarchical_soft or hierarchical_xent"
+        )
     if config.data.text_type not in TEXT_TYPES:
         raise ConfigError(f"data.text_type must be one of {', '.join(TEXT_TYPES)}, got {config.data.text_type!r}")
     unknown_towers = set(config.lora.towers) - {"vision", "text"}
@@ -378,23 +531,31 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError(f"lora.towers must be a non-empty subset of [vision, text], got {config.lora.towers}")
     for reporter in config.training.report_to:
         if reporter not in INTEGRATION_TO_CALLBACK:
-            raise ConfigError(f"training.report_to must be none, all or some of {', '.join(INTEGRATION_TO_CALLBACK)}, "
-                              f"got {reporter!r}")  # fmt: skip
+            raise ConfigError(
+                f"training.report_to must be none, all or some of {', '.join(INTEGRATION_TO_CALLBACK)}, "
+                f"got {reporter!r}"
+            )
         if reporter not in get_available_reporting_integrations():
             raise ConfigError(f"training.report_to={reporter} needs the {reporter} package: pip install {reporter}")
     _check_ranges(config)
     if config.data.taxonomy is not None and not Path(config.data.taxonomy).is_file():
-        raise ConfigError(f"data.taxonomy {config.data.taxonomy} does not exist (a CSV like the prepared folder's "
-                          "taxonomy.csv; leave it unset to use that one)")  # fmt: skip
+        raise ConfigError(
+            f"data.taxonomy {config.data.taxonomy} does not exist (a CSV like the prepared folder's "
+            "taxonomy.csv; leave it unset to use that one)"
+        )
     hub_id = config.model.base_hub_id
     if hub_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id):
-        raise ConfigError(f"model.base_hub_id must be a Hub repo id USER/NAME (e.g. the --push-to-hub of "
-                          f"python -m mushroomclip.models.convert), got {hub_id!r}")  # fmt: skip
+        raise ConfigError(
+            f"model.base_hub_id must be a Hub repo id USER/NAME (e.g. the --push-to-hub of "
+            f"python -m mushroomclip.models.convert), got {hub_id!r}"
+        )
     base = Path(config.model.base)
     if config.hub.push and hub_id is None and base.is_dir():
         if not (base / RECIPE_FILE).is_file():
-            raise ConfigError(f"hub.push: model.base {base} is a local folder no other machine has; set "
-                              "model.base_hub_id to its Hub repo, or use a folder written by python -m "
-                              "mushroomclip.models.convert (it records the source to convert again)")  # fmt: skip
+            raise ConfigError(
+                f"hub.push: model.base {base} is a local folder no other machine has; set "
+                "model.base_hub_id to its Hub repo, or use a folder written by python -m "
+                "mushroomclip.models.convert (it records the source to convert again)"
+            )
     if config.hub.push and not config.hub.repo_id:
         raise ConfigError("hub.push is true but hub.repo_id is not set (e.g. hub.repo_id=USER/mushroomclip-lora-b32)")

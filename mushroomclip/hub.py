@@ -29,8 +29,16 @@ from mushroomclip.models.convert import PREFIX
 from mushroomclip.taxonomy import BUNDLED
 
 # with the run's two model files (classifier.run_model_files: the adapter, or a classifier's config and weights)
-UPLOAD = ("classes.json", "taxonomy.csv", "config.yaml", "data.json", "metrics.json", "README.md", "loss_curve.png",
-          "confusion.png")  # fmt: skip
+UPLOAD = (
+    "classes.json",
+    "taxonomy.csv",
+    "config.yaml",
+    "data.json",
+    "metrics.json",
+    "README.md",
+    "loss_curve.png",
+    "confusion.png",
+)
 
 
 REPO = "REPO_OR_FOLDER"  # the card's loading snippets name the adapter so; a push puts the repo id there
@@ -66,20 +74,38 @@ def describe_base(base: str, random_weights: bool) -> tuple[str, str | None, boo
     and the card's ``base_model``), and whether ``CLIPModel.from_pretrained`` loads that id."""
     spec = REGISTRY.get(base)
     if spec is not None and spec.tiny:
-        return (f"`{base}`, a randomly initialised test model (not a pretrained model); the figures below are a "
-                "pipeline check, not a measure of species recognition"), None, False  # fmt: skip
+        return (
+            (
+                f"`{base}`, a randomly initialised test model (not a pretrained model); the figures below are a "
+                "pipeline check, not a measure of species recognition"
+            ),
+            None,
+            False,
+        )
     if base.startswith(PREFIX):
         source = base.removeprefix(PREFIX)
         repo = source.removeprefix("hf-hub:") if source.startswith("hf-hub:") else None
         named = f"[{repo}](https://huggingface.co/{repo})" if repo else f"open_clip `{source}`"
-        return (f"{named}, converted exactly to a transformers `CLIPModel` by `mushroomclip.models.convert`; "
-                "`load_classifier` repeats that conversion on first use (cached)"), repo, False  # fmt: skip
+        return (
+            (
+                f"{named}, converted exactly to a transformers `CLIPModel` by `mushroomclip.models.convert`; "
+                "`load_classifier` repeats that conversion on first use (cached)"
+            ),
+            repo,
+            False,
+        )
     hub_id = spec.source if spec is not None else base
     if "/" not in hub_id or Path(base).exists():
         return f"the local model `{base}`", None, False
     if random_weights:
-        return (f"the architecture of [{hub_id}](https://huggingface.co/{hub_id}) with random weights "
-                "(model.random_weights: a throughput check, not a trained model)"), None, False  # fmt: skip
+        return (
+            (
+                f"the architecture of [{hub_id}](https://huggingface.co/{hub_id}) with random weights "
+                "(model.random_weights: a throughput check, not a trained model)"
+            ),
+            None,
+            False,
+        )
     return f"[{hub_id}](https://huggingface.co/{hub_id})", hub_id, True
 
 
@@ -92,10 +118,15 @@ def describe_data_used(data: dict | None) -> str:
     split = f"{data['split']} split" if data.get("split") else "split not recorded"
     report = data.get("report")
     skipped = sum((report or {}).get("skipped", {}).values()) if report else None
-    prepared = (f"; preparation skipped {skipped} unusable files (`prepare_report.json` of the data folder)"
-                if skipped is not None else "; no preparation report was found")  # fmt: skip
-    return (f"Training data: {data['num_species']} species with training images ({counts} images; {split}) "
-            f"from `{Path(data.get('source') or data['path']).name}`{prepared}. Details: `data.json`.")  # fmt: skip
+    prepared = (
+        f"; preparation skipped {skipped} unusable files (`prepare_report.json` of the data folder)"
+        if skipped is not None
+        else "; no preparation report was found"
+    )
+    return (
+        f"Training data: {data['num_species']} species with training images ({counts} images; {split}) "
+        f"from `{Path(data.get('source') or data['path']).name}`{prepared}. Details: `data.json`."
+    )
 
 
 def model_card(run_dir: str | Path) -> ModelCard:
@@ -122,8 +153,11 @@ def model_card(run_dir: str | Path) -> ModelCard:
     split = "test" if metrics.get("test") else "validation"
     species = f"{data['num_species']} species" if data else "mushroom species"
     head = len(record["species"]) if record else None
-    head_note = (f" It ranks all {head} species of its taxonomy, but saw images of these {data['num_species']} only."
-                 if data and head and head != data["num_species"] else "")  # fmt: skip
+    head_note = (
+        f" It ranks all {head} species of its taxonomy, but saw images of these {data['num_species']} only."
+        if data and head and head != data["num_species"]
+        else ""
+    )
     dataset = (
         f"MushroomCLIP prepared data ({species}, {data.get('split') or 'unknown'} split)"
         if data
@@ -131,33 +165,64 @@ def model_card(run_dir: str | Path) -> ModelCard:
     )
     task = "image-classification" if supervised else "zero-shot-image-classification"
     results = [
-        EvalResult(task_type=task, dataset_type="imagefolder", dataset_name=dataset,
-                   dataset_split=split, metric_type=key, metric_name=label, metric_value=round(test[key], 4))
+        EvalResult(
+            task_type=task,
+            dataset_type="imagefolder",
+            dataset_name=dataset,
+            dataset_split=split,
+            metric_type=key,
+            metric_name=label,
+            metric_value=round(test[key], 4),
+        )
         for key, label in (("oa", "OA"), ("top5", "top-5 accuracy"), ("mf1", "macro F1"), ("miou", "mIoU"))
         if test.get(key) is not None
-    ]  # fmt: skip
+    ]
     lora = config["model"].get("finetune", "lora") == "lora"
     tags = ["lora", "peft"] * lora + (["image-classification"] if supervised else ["clip"]) + CARD_TAGS + [task]
     card_data = ModelCardData(
-        base_model=hub_id, library_name="peft" if lora else "transformers", model_name=name, license=license_,
-        eval_results=results, tags=list(dict.fromkeys(tags)), pipeline_tag=task,
-    )  # fmt: skip
+        base_model=hub_id,
+        library_name="peft" if lora else "transformers",
+        model_name=name,
+        license=license_,
+        eval_results=results,
+        tags=list(dict.fromkeys(tags)),
+        pipeline_tag=task,
+    )
     baseline = metrics.get("test_untrained") if split == "test" else metrics.get("validation_untrained")
     training = config["training"]
     common = dict(
-        model_name=name, species=species, head_note=head_note, base_text=base_text, data_used=describe_data_used(data),
-        split=split, before={key: _pct(baseline, key) for key in CARD_SCORES},
-        after={key: _pct(test, key) for key in CARD_SCORES}, loss=config["loss"]["name"], lr=training["learning_rate"],
-        batch_size=training["per_device_train_batch_size"], steps=metrics.get("global_step"), seed=training["seed"],
+        model_name=name,
+        species=species,
+        head_note=head_note,
+        base_text=base_text,
+        data_used=describe_data_used(data),
+        split=split,
+        before={key: _pct(baseline, key) for key in CARD_SCORES},
+        after={key: _pct(test, key) for key in CARD_SCORES},
+        loss=config["loss"]["name"],
+        lr=training["learning_rate"],
+        batch_size=training["per_device_train_batch_size"],
+        steps=metrics.get("global_step"),
+        seed=training["seed"],
         repo=REPO,
-    )  # fmt: skip
+    )
     if supervised:
-        return ModelCard.from_template(card_data, template_path=str(SUPERVISED_CARD_TEMPLATE), **common,
-                                       **supervised_card_fields(config["lora"], record))  # fmt: skip
+        return ModelCard.from_template(
+            card_data,
+            template_path=str(SUPERVISED_CARD_TEMPLATE),
+            **common,
+            **supervised_card_fields(config["lora"], record),
+        )
     return ModelCard.from_template(
-        card_data, template_path=str(CARD_TEMPLATE), text_type=config["data"]["text_type"], base_label=base_label(base),
-        lora=config["lora"], loadable=loadable, hub_id=hub_id, **common,
-    )  # fmt: skip
+        card_data,
+        template_path=str(CARD_TEMPLATE),
+        text_type=config["data"]["text_type"],
+        base_label=base_label(base),
+        lora=config["lora"],
+        loadable=loadable,
+        hub_id=hub_id,
+        **common,
+    )
 
 
 def describe_supervised_base(record: dict) -> tuple[str, str | None]:
@@ -167,8 +232,10 @@ def describe_supervised_base(record: dict) -> tuple[str, str | None]:
 
     base = record["base_model"]
     if base == TINY_RESNET:
-        return (f"`{base}`, a randomly initialised test model (not a pretrained model); the figures below are a "
-                "pipeline check, not a measure of species recognition"), None  # fmt: skip
+        return (
+            f"`{base}`, a randomly initialised test model (not a pretrained model); the figures below are a "
+            "pipeline check, not a measure of species recognition"
+        ), None
     hub = "/" in base and not Path(base).exists()
     named = f"[{base}](https://huggingface.co/{base})" if hub else f"the local model `{base}`"
     if record["pretrained"]:
@@ -181,16 +248,22 @@ def supervised_card_fields(lora: dict, record: dict) -> dict:
     if record["finetune"] == "lora":
         modules = lora["target_modules"]
         where = "every linear and convolution layer of the backbone" if modules == ["auto"] else ", ".join(modules)
-        finetune = (f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on {where}; the new head trains "
-                    "in full; every other weight, and BatchNorm's statistics, stays as it started")  # fmt: skip
+        finetune = (
+            f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on {where}; the new head trains "
+            "in full; every other weight, and BatchNorm's statistics, stays as it started"
+        )
     else:
         finetune = "Full fine-tune: every weight trains"
     pre = record["preprocess"]
     resize = pre["resize_size"]
-    return {"finetune_text": finetune, "full": record["finetune"] == "full", "num_labels": record["num_labels"],
-            "interpolation": pre["interpolation"],
-            "resize": f"{resize} px (short side)" if isinstance(resize, int) else f"{resize[0]}x{resize[1]} px",
-            "size": f"{pre['size'][0]}x{pre['size'][1]} px"}  # fmt: skip
+    return {
+        "finetune_text": finetune,
+        "full": record["finetune"] == "full",
+        "num_labels": record["num_labels"],
+        "interpolation": pre["interpolation"],
+        "resize": f"{resize} px (short side)" if isinstance(resize, int) else f"{resize[0]}x{resize[1]} px",
+        "size": f"{pre['size'][0]}x{pre['size'][1]} px",
+    }
 
 
 def upload_errors() -> tuple[type[BaseException], ...]:
@@ -229,9 +302,11 @@ def stage_upload(run_dir: Path, repo_id: str, staging: Path) -> list[str]:
     record = json.loads((run_dir / "classes.json").read_text())
     base = record["base_model"]
     if record.get("base_model_is_folder"):
-        raise PushError(f"{run_dir} was trained on the local model folder {base}, which no other machine has; "
-                        "retrain on a Hub model, or convert the base with python -m mushroomclip.models.convert (add "
-                        "--push-to-hub USER/NAME and set model.base_hub_id to name it by that repo)")  # fmt: skip
+        raise PushError(
+            f"{run_dir} was trained on the local model folder {base}, which no other machine has; "
+            "retrain on a Hub model, or convert the base with python -m mushroomclip.models.convert (add "
+            "--push-to-hub USER/NAME and set model.base_hub_id to name it by that repo)"
+        )
     names = [f for f in (*run_model_files(run_dir), *UPLOAD) if (run_dir / f).is_file()]
     for name in names:
         shutil.copy2(run_dir / name, staging / name)
@@ -271,8 +346,11 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, api=None)
     A failed upload is one :class:`PushError` naming the cause and the command that retries it.
     """
     run_dir = Path(run_dir)
-    missing = [f for f in (*run_model_files(run_dir), "classes.json", "README.md", "config.yaml", "metrics.json")
-               if not (run_dir / f).is_file()]  # fmt: skip
+    missing = [
+        f
+        for f in (*run_model_files(run_dir), "classes.json", "README.md", "config.yaml", "metrics.json")
+        if not (run_dir / f).is_file()
+    ]
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a finished run (missing {', '.join(missing)}); train it first")
     api = api or huggingface_hub.HfApi()  # token: HF_TOKEN or the hf auth login cache, never an argument we store
@@ -280,15 +358,25 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, api=None)
         names = stage_upload(run_dir, repo_id, Path(staging))
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model", allow_patterns=names,
-                              commit_message=f"MushroomCLIP adapter {run_dir.name}")  # fmt: skip
+            api.upload_folder(
+                folder_path=staging,
+                repo_id=repo_id,
+                repo_type="model",
+                allow_patterns=names,
+                commit_message=f"MushroomCLIP adapter {run_dir.name}",
+            )
         except upload_errors() as err:
             status = getattr(getattr(err, "response", None), "status_code", None)
-            hint = ("check the login (HF_TOKEN or hf auth login) and your write access to the repo"
-                    if status in (401, 403) else "check the network")  # fmt: skip
+            hint = (
+                "check the login (HF_TOKEN or hf auth login) and your write access to the repo"
+                if status in (401, 403)
+                else "check the network"
+            )
             cause = (str(err).strip().splitlines() or [""])[0][:200]
-            raise PushError(f"could not push {run_dir} to {repo_id} ({type(err).__name__}: {cause}); {hint}. The run "
-                            f"folder is kept as it is; retry with: {retry_command(run_dir, repo_id, private)}") from None  # fmt: skip
+            raise PushError(
+                f"could not push {run_dir} to {repo_id} ({type(err).__name__}: {cause}); {hint}. The run "
+                f"folder is kept as it is; retry with: {retry_command(run_dir, repo_id, private)}"
+            ) from None
     return str(url)
 
 

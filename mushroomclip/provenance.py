@@ -13,9 +13,19 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGES = (
-    "mushroomclip", "torch", "torchvision", "transformers", "accelerate", "peft", "datasets",
-    "huggingface-hub", "open_clip_torch", "numpy", "pillow", "scikit-learn",
-)  # fmt: skip
+    "mushroomclip",
+    "torch",
+    "torchvision",
+    "transformers",
+    "accelerate",
+    "peft",
+    "datasets",
+    "huggingface-hub",
+    "open_clip_torch",
+    "numpy",
+    "pillow",
+    "scikit-learn",
+)
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:

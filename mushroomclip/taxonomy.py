@@ -25,9 +25,18 @@ EDIBILITY = ("edible", "inedible", "poisonous", "deadly", "psychoactive", "unkno
 DANGEROUS = ("deadly", "poisonous")
 TEXT_TYPES = ("sci", "com", "taxon", "sci_com", "taxon_com")
 COLUMNS = (
-    "label", "kingdom", "phylum", "class", "order", "family", "genus",
-    "common_name", "edibility", "lichen", "synonym_of",
-)  # fmt: skip
+    "label",
+    "kingdom",
+    "phylum",
+    "class",
+    "order",
+    "family",
+    "genus",
+    "common_name",
+    "edibility",
+    "lichen",
+    "synonym_of",
+)
 BUNDLED = "bundled species_taxonomy.csv"
 
 
@@ -205,7 +214,7 @@ def _parse(text: str, source: str) -> list[Species]:
                 edibility=row["edibility"],
                 lichen=row["lichen"].lower() in ("yes", "true", "1"),
                 synonym_of=row["synonym_of"] or None,
-            )  # fmt: skip
+            )
         )
     if not species:
         raise TaxonomyError(f"{source} has no species rows")

@@ -21,10 +21,16 @@ OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # openai/clip-vit-base-patch32's preprocessor_config.json, verbatim (legacy int sizes)
 CLIP_B32_PREPROCESSOR = {
-    "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": OPENAI_MEAN, "image_std": OPENAI_STD,
-    "resample": 3, "size": 224,
-}  # fmt: skip
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": OPENAI_MEAN,
+    "image_std": OPENAI_STD,
+    "resample": 3,
+    "size": 224,
+}
 
 # imageomics/bioclip's open_clip_config.json (ViT-B/16 keys), narrowed; bioclip-2 is ViT-L/14's shape rules
 TINY_BIOCLIP_MODEL_CFG = {
@@ -102,7 +108,7 @@ def _clip_b32_files(seed: int) -> dict[str, bytes]:
                 "eos_token": "<|endoftext|>",
                 "pad_token": "<|endoftext|>",
                 "unk_token": "<|endoftext|>",
-            }  # fmt: skip
+            }
         ),
     }
     model = CLIPModel(config)

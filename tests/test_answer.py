@@ -15,8 +15,15 @@ from PIL import Image
 from mushroomclip.prediction.answer import Thresholds, answer, csv_row, fuse_log_probs, predictions_csv, run_thresholds
 from mushroomclip.taxonomy import load_taxonomy
 
-CLASSES = ["Boletus edulis", "Boletus reticulatus", "Boletus rex-veris", "Amanita phalloides", "Amanita rubescens",
-           "Amanita velosa", "Agaricus augustus"]  # fmt: skip
+CLASSES = [
+    "Boletus edulis",
+    "Boletus reticulatus",
+    "Boletus rex-veris",
+    "Amanita phalloides",
+    "Amanita rubescens",
+    "Amanita velosa",
+    "Agaricus augustus",
+]
 DEFAULTS = Thresholds()
 
 
@@ -47,8 +54,9 @@ def test_deadly_species_in_top5_warns_even_when_the_answer_is_edible(taxonomy):
     p = probs(edulis=0.9, reticulatus=0.03, rex_veris=0.03, augustus=0.02, phalloides=0.011, rubescens=0.005)
     result = answer(CLASSES, p, taxonomy, DEFAULTS)
     assert result.kind == "species" and result.rows[0].species == "Boletus edulis"
-    assert result.warning == ("Lookalike of a deadly species (Amanita phalloides: deadly) — "
-                              "never eat on the basis of this app.")  # fmt: skip
+    assert result.warning == (
+        "Lookalike of a deadly species (Amanita phalloides: deadly) — never eat on the basis of this app."
+    )
 
 
 def test_poisonous_only_candidates_warn_as_poisonous(taxonomy):
@@ -228,4 +236,6 @@ def test_space_folder_stages_a_runnable_space(tmp_path):
     deploy.stage(tmp_path)
     front = yaml.safe_load((tmp_path / "README.md").read_text().split("---")[1])
     assert front["sdk"] == "gradio" and (tmp_path / front["app_file"]).is_file()
-    assert (tmp_path / "mushroomclip" / "prediction" / "webapp.py").is_file() and (tmp_path / "requirements.txt").is_file()
+    assert (tmp_path / "mushroomclip" / "prediction" / "webapp.py").is_file() and (
+        tmp_path / "requirements.txt"
+    ).is_file()

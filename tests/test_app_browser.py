@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT = 60  # seconds: upper bound for the server to start and for an answer, never a speed assertion
 
-missing = [what for what, ok in (("chromium", Path(CHROMIUM).is_file()), ("chromedriver", Path(CHROMEDRIVER).is_file()))
-           if not ok]  # fmt: skip
+missing = [
+    what
+    for what, ok in (("chromium", Path(CHROMIUM).is_file()), ("chromedriver", Path(CHROMEDRIVER).is_file()))
+    if not ok
+]
 pytestmark = pytest.mark.skipif(
     bool(missing), reason=f"no {' or '.join(missing)} (apt-get install chromium chromium-driver)"
 )
@@ -35,8 +38,14 @@ def adapter(prepared, tmp_path_factory) -> Path:
     from mushroomclip.training.trainer import run_training
 
     run = tmp_path_factory.mktemp("app-runs") / "tiny"
-    overrides = {"data.path": prepared[0], "training.output_dir": run, "training.max_steps": 2,
-                 "training.eval_steps": 2, "run.test_after": False, "data.num_workers": 0}  # fmt: skip
+    overrides = {
+        "data.path": prepared[0],
+        "training.output_dir": run,
+        "training.max_steps": 2,
+        "training.eval_steps": 2,
+        "run.test_after": False,
+        "data.num_workers": 0,
+    }
     run_training(load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()]))
     return run
 
@@ -95,8 +104,13 @@ def test_browser_upload_shows_the_species_and_the_deadly_warning(adapter, prepar
     port = free_port()
     env = os.environ | {"TMPDIR": str(tmp), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(adapter), "--runs",
-                             "--port", str(port)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--model", str(adapter), "--runs", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     driver = None
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -133,8 +147,10 @@ def test_browser_upload_shows_the_species_and_the_deadly_warning(adapter, prepar
         driver.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='Compare']").click()
         upload(wait, "compare-photo", photo)
         driver.find_element(By.ID, "compare").click()
-        sides = [wait.until(lambda d, side=side: d.find_elements(By.CSS_SELECTOR, f"#{side} .mc-headline"))[0].text
-                 for side in ("compare-a", "compare-b")]  # fmt: skip
+        sides = [
+            wait.until(lambda d, side=side: d.find_elements(By.CSS_SELECTOR, f"#{side} .mc-headline"))[0].text
+            for side in ("compare-a", "compare-b")
+        ]
         assert sides == [expected.headline, zero_shot.headline]
         assert not [p for p in tmp.rglob(photo.name)]
     finally:

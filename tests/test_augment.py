@@ -111,8 +111,13 @@ def test_evaluation_pixels_equal_the_hf_image_processors_own(size, resample):
     from transformers import CLIPImageProcessor
 
     sizes = {"shortest_edge": {"shortest_edge": 40}, "height_width": {"height": 40, "width": 36}}[size]
-    processor = CLIPImageProcessor(size=sizes, crop_size={"height": 32, "width": 28}, resample=resample,
-                                   image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])  # fmt: skip
+    processor = CLIPImageProcessor(
+        size=sizes,
+        crop_size={"height": 32, "width": 28},
+        resample=resample,
+        image_mean=[0.5, 0.4, 0.3],
+        image_std=[0.2, 0.25, 0.3],
+    )
     preprocess = preprocess_from_image_processor(processor)
     assert preprocess.size == (32, 28) and preprocess.mean == (0.5, 0.4, 0.3) and preprocess.std == (0.2, 0.25, 0.3)
     reference = processor(images=gradient(90, 60), return_tensors="pt")["pixel_values"]
@@ -285,6 +290,7 @@ def test_jpeg_and_png_decode_through_torchcodec_to_torchvisions_former_pixels(fm
     data = encoded(gradient(), fmt, **({"quality": 90, "exif": exif} if fmt == "JPEG" else {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        before = torchvision_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                                    apply_exif_orientation=True)  # fmt: skip
+        before = torchvision_decode(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True
+        )
     assert torch.equal(decode_rgb({"bytes": data, "path": None}), before)

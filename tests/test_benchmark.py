@@ -90,8 +90,14 @@ def test_baseline_loss_is_clip_loss_of_each_image_with_its_own_caption(prepared)
     backbone, peft = _lora_model("tiny-clip", "cpu", ("vision", "text"))
     peft.eval()
     split = load_splits(prepared[0])["train"]
-    captions = speed.caption_dataset(split, prepared_taxonomy(prepared[0]), "taxon_com", "a photo of {}.",
-                                     offline_clip_tokenizer(), backbone.preprocess)  # fmt: skip
+    captions = speed.caption_dataset(
+        split,
+        prepared_taxonomy(prepared[0]),
+        "taxon_com",
+        "a photo of {}.",
+        offline_clip_tokenizer(),
+        backbone.preprocess,
+    )
     rows = [captions[i] for i in range(0, len(split), len(split) // 6)][:6]
     batch = speed.caption_collate(rows)
     assert batch["input_ids"].shape == (6, 77) and batch["pixel_values"].shape == (6, 3, 32, 32)
@@ -101,8 +107,9 @@ def test_baseline_loss_is_clip_loss_of_each_image_with_its_own_caption(prepared)
             assert torch.equal(batch["input_ids"][i], batch["input_ids"][j]) == (labels[i] == labels[j])
     with torch.no_grad():
         loss = speed.baseline_loss(peft, batch)
-        out = peft(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                   attention_mask=batch["attention_mask"])  # fmt: skip
+        out = peft(
+            pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
         expected = clip_loss(out.image_embeds, out.text_embeds, peft.get_base_model().logit_scale.exp())
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -138,16 +145,33 @@ def _gpu_result() -> dict:
     """A hand-made result file, as an H100 run would write it."""
     eff = {"tflops_per_s": 49.47, "mfu_spec": 0.05, "mfu_matmul": 0.07}
     memory = {"kind": "gpu max_memory_allocated", "bytes": 3 * 2**30}
-    return {"benchmark": "bench-train", "model": "clip-b32", "device": "cuda", "dtype": "torch.bfloat16",
-            "batch_size": 256, "num_workers": 16, "step": "training step (forward + backward)",
-            "flops_per_step": 6.3e12, "spec_peak_tflops": 989.4, "spec_peak_source": "H100 SXM datasheet, dense bf16",
-            "matmul_tflops": 700.0, "matmul_dtype": "torch.bfloat16", "ratio": 0.9, "speedup_vs_baseline": 3.0,
-            "pipeline": {"images_per_s": 1800.0, "efficiency": eff},
-            "model_only": {"images_per_s": 2000.0, "efficiency": eff, "peak_memory": memory},
-            "baseline": {"images_per_s": 600.0, "efficiency": eff, "flops_per_step": 5e12, "peak_memory": memory},
-            "loader_only": {"images_per_s": 6000.0},
-            "machine": {"cpu": "Intel Xeon", "cores": 16, "gpu": "NVIDIA H100 80GB HBM3", "git_commit": "abc",
-                        "created": "2026-11-24T06:00:00+00:00"}}  # fmt: skip
+    return {
+        "benchmark": "bench-train",
+        "model": "clip-b32",
+        "device": "cuda",
+        "dtype": "torch.bfloat16",
+        "batch_size": 256,
+        "num_workers": 16,
+        "step": "training step (forward + backward)",
+        "flops_per_step": 6.3e12,
+        "spec_peak_tflops": 989.4,
+        "spec_peak_source": "H100 SXM datasheet, dense bf16",
+        "matmul_tflops": 700.0,
+        "matmul_dtype": "torch.bfloat16",
+        "ratio": 0.9,
+        "speedup_vs_baseline": 3.0,
+        "pipeline": {"images_per_s": 1800.0, "efficiency": eff},
+        "model_only": {"images_per_s": 2000.0, "efficiency": eff, "peak_memory": memory},
+        "baseline": {"images_per_s": 600.0, "efficiency": eff, "flops_per_step": 5e12, "peak_memory": memory},
+        "loader_only": {"images_per_s": 6000.0},
+        "machine": {
+            "cpu": "Intel Xeon",
+            "cores": 16,
+            "gpu": "NVIDIA H100 80GB HBM3",
+            "git_commit": "abc",
+            "created": "2026-11-24T06:00:00+00:00",
+        },
+    }
 
 
 def test_readme_speed_table_is_generated_between_its_markers_from_result_files(tmp_path):
@@ -161,8 +185,10 @@ def test_readme_speed_table_is_generated_between_its_markers_from_result_files(t
     assert "| old | row |" not in text
     rows = [line for line in text.splitlines() if line.startswith("| bench-train |")]
     assert len(rows) == 4  # model only, with data, baseline, loader alone
-    assert "| model only (synthetic tensors on the device) | `clip-b32`, batch 256, bfloat16, 16 workers | " \
-           "NVIDIA H100 80GB HBM3, 16-core Intel Xeon | 2,000 | 49.5 | 5% | 7% | 3.00 GiB" in rows[0]  # fmt: skip
+    assert (
+        "| model only (synthetic tensors on the device) | `clip-b32`, batch 256, bfloat16, 16 workers | "
+        "NVIDIA H100 80GB HBM3, 16-core Intel Xeon | 2,000 | 49.5 | 5% | 7% | 3.00 GiB" in rows[0]
+    )
     assert "6,300 GFLOP per training step" in text and "3.00×" in text and "H100 SXM datasheet" in text
     speed.update_readme(readme, tmp_path / "bench")
     assert readme.read_text() == text  # regenerating changes nothing

@@ -142,8 +142,14 @@ def test_converted_towers_load_as_clip_models_with_projection(tmp_path):
     pixels = torch.randn(2, 3, 56, 56)
     tokens = open_clip.get_tokenizer("ViT-L-14")(["fly agaric"])
     with torch.no_grad():
-        assert torch.allclose(vision(pixel_values=pixels).image_embeds, hf.get_image_features(pixel_values=pixels).pooler_output, atol=1e-5)  # fmt: skip
-        assert torch.allclose(text(input_ids=tokens).text_embeds, hf.get_text_features(input_ids=tokens).pooler_output, atol=1e-5)  # fmt: skip
+        assert torch.allclose(
+            vision(pixel_values=pixels).image_embeds,
+            hf.get_image_features(pixel_values=pixels).pooler_output,
+            atol=1e-5,
+        )
+        assert torch.allclose(
+            text(input_ids=tokens).text_embeds, hf.get_text_features(input_ids=tokens).pooler_output, atol=1e-5
+        )
 
 
 def test_lora_bioclip2_config_trains_the_folder_its_conversion_command_writes():

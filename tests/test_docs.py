@@ -51,7 +51,9 @@ def assert_none_missing(missing: list[str], kind: str, message: str) -> None:
     unexpected = [item for item in missing if item not in awaiting]
     assert not unexpected, f"{message}: " + "; ".join(unexpected)
     merged = sorted(awaiting - set(missing))
-    assert not merged, f"remove from AWAITING_MERGE[{kind!r}] in tests/test_docs.py (no longer missing): " + "; ".join(merged)
+    assert not merged, f"remove from AWAITING_MERGE[{kind!r}] in tests/test_docs.py (no longer missing): " + "; ".join(
+        merged
+    )
 
 
 def doc_pages() -> list[Path]:
@@ -59,7 +61,9 @@ def doc_pages() -> list[Path]:
     readme = ROOT / "README.md"
     table = re.search(r"^## Documentation\n(.*?)(?=^## |\Z)", readme.read_text(), re.M | re.S)
     linked = [(ROOT / t.split("#")[0]).resolve() for t in LINK.findall(table.group(1) if table else "")]
-    pages = sorted((ROOT / "docs").glob("*.md"), key=lambda p: (linked.index(p) if p in linked else len(linked), p.name))
+    pages = sorted(
+        (ROOT / "docs").glob("*.md"), key=lambda p: (linked.index(p) if p in linked else len(linked), p.name)
+    )
     return [readme, *pages]
 
 
@@ -78,8 +82,12 @@ def docs_text() -> str:
 
 
 def test_every_fenced_block_is_marked_run_or_shown():
-    unmarked = [f"{relative(page)}:{line}: ```{lang}" for page in doc_pages()
-                for line, lang, _ in fenced_blocks(page) if lang not in RUN_LANGUAGES.keys() | SHOWN_LANGUAGES]  # fmt: skip
+    unmarked = [
+        f"{relative(page)}:{line}: ```{lang}"
+        for page in doc_pages()
+        for line, lang, _ in fenced_blocks(page)
+        if lang not in RUN_LANGUAGES.keys() | SHOWN_LANGUAGES
+    ]
     assert not unmarked, (
         "fenced blocks must say whether this test runs them (```bash, ```python) or only shows them "
         f"(```{', ```'.join(sorted(SHOWN_LANGUAGES))}): " + "; ".join(unmarked)
@@ -88,8 +96,13 @@ def test_every_fenced_block_is_marked_run_or_shown():
 
 def repo_copy(dest: Path) -> Path:
     """The files git knows (tracked, or untracked and not ignored), copied to ``dest``; ``.venv`` linked."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for name in filter(None, listed.split("\0")):
         source = ROOT / name
         if source.is_file():
@@ -102,18 +115,30 @@ def repo_copy(dest: Path) -> Path:
 
 @pytest.mark.slow
 def test_offline_commands_in_the_docs_run_as_written(tmp_path):
-    blocks = [(page, line, lang, code) for page in doc_pages() for line, lang, code in fenced_blocks(page)
-              if lang in RUN_LANGUAGES]  # fmt: skip
+    blocks = [
+        (page, line, lang, code)
+        for page in doc_pages()
+        for line, lang, code in fenced_blocks(page)
+        if lang in RUN_LANGUAGES
+    ]
     assert blocks, "no ```bash or ```python block in README.md or docs/"
     work = repo_copy(tmp_path / "repo")
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                        "WANDB_MODE": "offline", "TQDM_DISABLE": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(work),
-                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "TQDM_DISABLE": "1",
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": str(work),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     for page, line, lang, code in blocks:
         where = f"{relative(page)}:{line} (```{lang} block)"
         try:
-            result = subprocess.run([*RUN_LANGUAGES[lang], code], cwd=work, env=env, capture_output=True, text=True,
-                                    timeout=BLOCK_TIMEOUT_S)  # fmt: skip
+            result = subprocess.run(
+                [*RUN_LANGUAGES[lang], code], cwd=work, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S
+            )
         except subprocess.TimeoutExpired:
             pytest.fail(f"{where} ran over {BLOCK_TIMEOUT_S} s:\n{code}")
         if result.returncode != 0:

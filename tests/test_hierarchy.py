@@ -70,8 +70,9 @@ TOY_PROBS = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
 def test_hxe_equals_a_hand_computation_on_a_three_level_tree():
     alpha = 0.5
     # label 0: p(family 0) = 0.6, p(genus 0 | family 0) = 0.3 / 0.6, p(class 0 | genus 0) = 0.1 / 0.3
-    expected = -(math.exp(-alpha) * math.log(0.6) + math.exp(-2 * alpha) * math.log(0.5)
-                 + math.exp(-3 * alpha) * math.log(1 / 3))  # fmt: skip
+    expected = -(
+        math.exp(-alpha) * math.log(0.6) + math.exp(-2 * alpha) * math.log(0.5) + math.exp(-3 * alpha) * math.log(1 / 3)
+    )
     loss = hierarchical_xent_loss(TOY_PROBS.log(), torch.tensor([0]), TOY_LINEAGE, alpha)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     # label 3 is alone in its family and genus: only the top level (p = 0.4) costs anything
@@ -111,8 +112,10 @@ def reference_soft(probs: np.ndarray, labels: list[int], lineages: list[tuple], 
 @pytest.mark.parametrize("hyper", [0.0, 0.3, 2.0])
 def test_both_losses_equal_loop_references_on_the_bundled_tree(taxonomy, tensors, hyper):
     logits = 3 * torch.randn(5, len(taxonomy), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    labels = [taxonomy.id(n) for n in ("Amanita phalloides", "Boletus edulis", "Amanita muscaria",
-                                       "Agaricus augustus", taxonomy.classes[-1])]  # fmt: skip
+    labels = [
+        taxonomy.id(n)
+        for n in ("Amanita phalloides", "Boletus edulis", "Amanita muscaria", "Agaricus augustus", taxonomy.classes[-1])
+    ]
     probs = logits.softmax(dim=1).numpy()
     lineages = [s.lineage for s in taxonomy.species]
     y = torch.tensor(labels)
@@ -142,9 +145,11 @@ def test_gradients_are_finite_even_for_confident_logits(tensors):
     logits = torch.randn(9, 169, generator=torch.Generator().manual_seed(3)) * 50
     logits.requires_grad_(True)
     labels = torch.arange(0, 169, 21)
-    total = (hierarchical_xent_loss(logits, labels, tensors.lineage, 0.4)
-             + hierarchical_soft_loss(logits, labels, tensors.lca_distance, 10.0)
-             + danger_penalty(logits, labels, tensors.dangerous, tensors.edible))  # fmt: skip
+    total = (
+        hierarchical_xent_loss(logits, labels, tensors.lineage, 0.4)
+        + hierarchical_soft_loss(logits, labels, tensors.lca_distance, 10.0)
+        + danger_penalty(logits, labels, tensors.dangerous, tensors.edible)
+    )
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
@@ -154,9 +159,13 @@ def test_average_hierarchical_distance_of_top_k_on_a_hand_checked_case(tmp_path)
     path.write_text(TOY)
     tax = load_taxonomy(path)
     # LCA heights: A1-A2 1 (genus), A1-B1 and A2-B1 3 (order), C1 to anything else 6 (kingdom)
-    scores = np.array([[0.4, 0.1, 0.3, 0.2],  # truth A1; ranked A1, B1, C1, A2: 0, 3, 6, 1
-                       [0.1, 0.5, 0.1, 0.3]])  # truth C1; ranked A2, C1, A1, B1 (tie: lower id first): 6, 0, 6, 6
-    y = np.array([0, 3])  # fmt: skip
+    scores = np.array(
+        [
+            [0.4, 0.1, 0.3, 0.2],  # truth A1; ranked A1, B1, C1, A2: 0, 3, 6, 1
+            [0.1, 0.5, 0.1, 0.3],
+        ]
+    )  # truth C1; ranked A2, C1, A1, B1 (tie: lower id first): 6, 0, 6, 6
+    y = np.array([0, 3])
     m = classification_metrics(y, scores, 4, taxonomy=tax)
     # k = 5 and 20 are capped at the 4 classes
     assert m["hierarchical_distance_top_k"] == pytest.approx({"top1": (0 + 6) / 2, "top4": (10 / 4 + 18 / 4) / 2})
@@ -172,7 +181,9 @@ def test_hierarchical_distance_of_top_k_equals_a_loop_reference(taxonomy):
     lineages = [s.lineage for s in taxonomy.species]
     expected = {}
     for k in (1, 5, 20):
-        per_image = [np.mean([lca_height(lineages[t], lineages[j]) for j in sorted(range(len(row)), key=lambda j: -row[j])[:k]])
-                     for t, row in zip(y, scores)]  # fmt: skip
+        per_image = [
+            np.mean([lca_height(lineages[t], lineages[j]) for j in sorted(range(len(row)), key=lambda j: -row[j])[:k]])
+            for t, row in zip(y, scores)
+        ]
         expected[f"top{k}"] = np.mean(per_image)
     assert hierarchical_distance_top_k(y, scores, taxonomy.lca_distance_matrix) == pytest.approx(expected)

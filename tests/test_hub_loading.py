@@ -30,12 +30,25 @@ from mushroomclip.models.backbones import ModelLoadError, hub_reachable, load_ba
 
 # name -> (repo, weight file, image size from its config, files builder)
 REPOS = {
-    "clip-b32": ("openai/clip-vit-base-patch32", "model.safetensors", CLIP_B32_PREPROCESSOR["crop_size"], clip_b32_files),
-    "bioclip": ("imageomics/bioclip", "open_clip_pytorch_model.bin", 32,
-                lambda seed=0: open_clip_files(TINY_BIOCLIP_MODEL_CFG, seed, "open_clip_pytorch_model.bin")),
-    "bioclip-2": ("imageomics/bioclip-2", "open_clip_model.safetensors", 28,
-                  lambda seed=0: open_clip_files(TINY_BIOCLIP2_MODEL_CFG, seed)),
-}  # fmt: skip
+    "clip-b32": (
+        "openai/clip-vit-base-patch32",
+        "model.safetensors",
+        CLIP_B32_PREPROCESSOR["crop_size"],
+        clip_b32_files,
+    ),
+    "bioclip": (
+        "imageomics/bioclip",
+        "open_clip_pytorch_model.bin",
+        32,
+        lambda seed=0: open_clip_files(TINY_BIOCLIP_MODEL_CFG, seed, "open_clip_pytorch_model.bin"),
+    ),
+    "bioclip-2": (
+        "imageomics/bioclip-2",
+        "open_clip_model.safetensors",
+        28,
+        lambda seed=0: open_clip_files(TINY_BIOCLIP2_MODEL_CFG, seed),
+    ),
+}
 
 
 @pytest.fixture
@@ -185,9 +198,22 @@ def test_evaluate_cli_with_config_but_no_weights_exits_with_one_line(prepared, t
     env = os.environ | {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     script = Path(__file__).parents[1] / "evaluate_zero_shot.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--data", str(prepared[0]), "--models", "bioclip", "--output", str(tmp_path / "r")],
-        env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(script),
+            "--data",
+            str(prepared[0]),
+            "--models",
+            "bioclip",
+            "--output",
+            str(tmp_path / "r"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        timeout=300,
+    )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -204,7 +230,9 @@ def test_text_embedding_cache_of_older_weights_is_not_reused(hub_cache, tmp_path
     write_snapshot(hub_cache, repo, files(seed=0), commit="a" * 40)
     old, hit = cached_class_text_embeddings(load_backbone("bioclip"), load_taxonomy(), "sci", "single", tmp_path)
     write_snapshot(hub_cache, repo, files(seed=1), commit="b" * 40)
-    new, hit_after_update = cached_class_text_embeddings(load_backbone("bioclip"), load_taxonomy(), "sci", "single", tmp_path)  # fmt: skip
+    new, hit_after_update = cached_class_text_embeddings(
+        load_backbone("bioclip"), load_taxonomy(), "sci", "single", tmp_path
+    )
     assert (hit, hit_after_update) == (False, False) and not torch.allclose(old, new)
 
 

@@ -58,8 +58,11 @@ def test_losses_have_gradients_for_both_towers():
     images = torch.nn.functional.normalize(torch.randn(4, 8, requires_grad=True), dim=-1)
     texts = torch.nn.functional.normalize(torch.randn(4, 8, requires_grad=True), dim=-1)
     labels = torch.tensor([0, 0, 1, 2])
-    for loss in (clip_loss(images, texts, SCALE), multi_positive_loss(images, texts, labels, SCALE),
-                 class_text_loss(images, texts, labels, SCALE)):  # fmt: skip
+    for loss in (
+        clip_loss(images, texts, SCALE),
+        multi_positive_loss(images, texts, labels, SCALE),
+        class_text_loss(images, texts, labels, SCALE),
+    ):
         grads = torch.autograd.grad(loss, [images, texts])
         assert all(g.abs().sum() > 0 for g in grads)
 
@@ -118,8 +121,14 @@ def test_every_loss_of_the_table_is_its_function_on_the_inputs():
     texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     labels = torch.tensor([0, 0, 1, 3])
     batch = LossInputs(images, texts, labels, SCALE)
-    assert set(LOSSES) == {"class_text", "clip", "multi_positive", "hierarchical_soft", "hierarchical_xent",
-                           "cross_entropy"}  # fmt: skip
+    assert set(LOSSES) == {
+        "class_text",
+        "clip",
+        "multi_positive",
+        "hierarchical_soft",
+        "hierarchical_xent",
+        "cross_entropy",
+    }
     assert torch.equal(LOSSES["class_text"](batch), class_text_loss(images, texts, labels, SCALE))
     assert torch.equal(LOSSES["clip"](batch), clip_loss(images, texts, SCALE))
     assert torch.equal(LOSSES["multi_positive"](batch), multi_positive_loss(images, texts, labels, SCALE))
@@ -151,8 +160,14 @@ def test_compute_loss_dispatches_through_the_table_with_class_logits_and_context
     model = add_lora(backbone.model, 4, 8, 0.0, ["vision", "text"], ["q_proj", "v_proj"], False)
     ids = backbone.tokenize(["Amanita muscaria", "Boletus edulis", "Cantharellus cibarius"])
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    trainer = ContrastiveTrainer(model=model, args=args, class_input_ids=ids, loss_name="on_class_logits",
-                                 evaluator=None, loss_context={"taxonomy": "the run's table"})  # fmt: skip
+    trainer = ContrastiveTrainer(
+        model=model,
+        args=args,
+        class_input_ids=ids,
+        loss_name="on_class_logits",
+        evaluator=None,
+        loss_context={"taxonomy": "the run's table"},
+    )
     inputs = {"pixel_values": torch.randn(5, 3, 32, 32), "labels": torch.tensor([0, 2, 1, 1, 0])}
     assert trainer.compute_loss(model, inputs).item() == 7
     assert seen == [((5, 3), [0, 2, 1, 1, 0], {"taxonomy": "the run's table"})]  # (B, C): every class's prompt
@@ -186,7 +201,9 @@ def test_hierarchical_losses_and_the_danger_term_are_table_entries_on_the_class_
     logits, tensors = SCALE * images @ texts.T, hierarchy_tensors(taxonomy)
     soft = hierarchical_soft_loss(logits, labels, tensors.lca_distance, 7.0)
     hxe = hierarchical_xent_loss(logits, labels, tensors.lineage, 0.3)
-    assert torch.allclose(LOSSES["hierarchical_soft"](batch), soft) and torch.allclose(LOSSES["hierarchical_xent"](batch), hxe)
+    assert torch.allclose(LOSSES["hierarchical_soft"](batch), soft) and torch.allclose(
+        LOSSES["hierarchical_xent"](batch), hxe
+    )
     assert torch.equal(training_loss("hierarchical_soft", batch), LOSSES["hierarchical_soft"](batch))  # weight 0: off
     batch.context["danger_weight"] = 2.0
     # by hand: the edible mass (classes 1, 2) of the images whose truth is deadly or poisonous (0, 3, 0, 3)
@@ -194,7 +211,9 @@ def test_hierarchical_losses_and_the_danger_term_are_table_entries_on_the_class_
     by_hand = sum(probs[i, 1] + probs[i, 2] for i in (0, 3, 4, 5)) / 6
     assert torch.allclose(danger_penalty(logits, labels, tensors.dangerous, tensors.edible), by_hand)
     assert torch.allclose(training_loss("hierarchical_xent", batch), hxe + 2.0 * by_hand)
-    assert torch.allclose(training_loss("class_text", batch), class_text_loss(images, texts, labels, SCALE) + 2.0 * by_hand)
+    assert torch.allclose(
+        training_loss("class_text", batch), class_text_loss(images, texts, labels, SCALE) + 2.0 * by_hand
+    )
 
 
 @pytest.mark.parametrize(

@@ -34,8 +34,14 @@ def run_ranks(fn, *args) -> None:
 
 
 def _init_and_run(rank: int, port: int, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         fn(rank, *args)
@@ -115,12 +121,25 @@ def _eval_trainer(data: Path, out: Path, loss_name: str = "class_text"):
     backbone = load_backbone("tiny-clip")
     backbone.model = add_lora(backbone.model, 4, 8, 0.0, ["vision", "text"], ["q_proj", "v_proj"], False)
     taxonomy = prepared_taxonomy(data)
-    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], per_device_eval_batch_size=1,
-                             dataloader_num_workers=0, remove_unused_columns=False, label_names=["labels"])  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(out),
+        use_cpu=True,
+        report_to=[],
+        per_device_eval_batch_size=1,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )
     evaluator = ZeroShotEvaluator(backbone, taxonomy, "sci", templates_for("single"))
     ids = backbone.tokenize(taxonomy.classes[:6])
-    return ContrastiveTrainer(model=backbone.model, args=args, class_input_ids=ids, loss_name=loss_name,
-                              evaluator=evaluator, data_collator=collate)  # fmt: skip
+    return ContrastiveTrainer(
+        model=backbone.model,
+        args=args,
+        class_input_ids=ids,
+        loss_name=loss_name,
+        evaluator=evaluator,
+        data_collator=collate,
+    )
 
 
 def _validation(data: Path):
@@ -190,16 +209,31 @@ def test_torchrun_trains_two_cpu_ranks_that_agree_and_only_rank_zero_writes(prep
     )
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     # The documented command for several CPU processes (gloo); --standalone picks a free port.
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(WORLD), "train.py",
-           "--config", "configs/tiny.yaml",
-           *tiny_overrides(prepared[0], out, **{"training.max_steps": 10, "training.eval_steps": 10, "training.per_device_train_batch_size": 8})]  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD),
+        "train.py",
+        "--config",
+        "configs/tiny.yaml",
+        *tiny_overrides(
+            prepared[0],
+            out,
+            **{"training.max_steps": 10, "training.eval_steps": 10, "training.per_device_train_batch_size": 8},
+        ),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "lora-checksum" not in output and "accelerate launch --cpu starts" not in output
     # rank 0's file also holds its progress lines (INFO): the checksum line of each rank is compared
-    ranks = [next(line for line in (tmp_path / f"rank{rank}.log").read_text().splitlines() if "lora-checksum" in line).split()
-             for rank in range(WORLD)]  # fmt: skip
+    ranks = [
+        next(
+            line for line in (tmp_path / f"rank{rank}.log").read_text().splitlines() if "lora-checksum" in line
+        ).split()
+        for rank in range(WORLD)
+    ]
     assert [words[1] for words in ranks] == ["0", "1"]  # both ranks trained ...
     assert ranks[0][2:] == ranks[1][2:], ranks  # ... to the same step, LoRA weights and val mIoU
     assert output.count("best validation mIoU") == 1  # the summary comes from rank 0 only

@@ -230,3 +230,15 @@ def test_the_wheel_installs_a_working_package_and_command(tmp_path):
     )
     assert script.returncode == 0, script.stderr
     assert all(name in script.stdout for name in COMMANDS)
+
+
+def test_the_code_is_ruff_formatted_and_lint_clean_without_fmt_skip():
+    """ruff's formatting and lint rules (pyproject.toml) hold everywhere, with no line exempted from formatting."""
+    files = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    exemptions = [f"# fmt: {word}" for word in ("skip", "off")]  # built here, so this file does not hold them
+    assert not [f for f in files if any(exempt in (ROOT / f).read_text() for exempt in exemptions)]
+    for args in (["format", "--check"], ["check"]):
+        result = subprocess.run([sys.executable, "-m", "ruff", *args, *files], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -66,8 +66,15 @@ def world(prepared, tmp_path_factory):
 def train(world, name: str, base: Path, **extra) -> Path:
     _, converted, _, data = world
     out = converted.parents[1] / "runs" / name
-    values = {"model.base": base, "data.path": data, "training.output_dir": out, "training.max_steps": 3,
-              "training.eval_steps": 3, "training.logging_steps": 1, "data.num_workers": 0} | extra  # fmt: skip
+    values = {
+        "model.base": base,
+        "data.path": data,
+        "training.output_dir": out,
+        "training.max_steps": 3,
+        "training.eval_steps": 3,
+        "training.logging_steps": 1,
+        "data.num_workers": 0,
+    } | extra
     run_training(load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in values.items()]))
     return out
 
@@ -226,8 +233,14 @@ def test_convert_push_to_hub_publishes_the_folder_with_a_card_crediting_the_sour
     out = tmp_path / "bioclip-hf"
     assert convert_main(["--model", "bioclip", "--output", str(out), "--push-to-hub", "someone/bioclip-hf"]) == 0
     assert api.repo == "someone/bioclip-hf"
-    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", RECIPE_FILE,
-            "README.md"} <= set(api.files)  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        RECIPE_FILE,
+        "README.md",
+    } <= set(api.files)
     card = ModelCard(api.files["README.md"])
     assert card.data.license == "mit" and card.data.base_model == "imageomics/bioclip"
     assert "https://huggingface.co/imageomics/bioclip" in card.text and "MIT" in card.text
@@ -253,8 +266,15 @@ def test_a_convert_base_trains_and_loads_like_the_converted_folder(world):
 def test_the_license_is_claimed_only_for_bases_known_to_be_mit():
     from mushroomclip.models.backbones import known_license
 
-    mit = ["clip-b32", "openai/clip-vit-large-patch14", "bioclip", "bioclip-2", "imageomics/bioclip",
-           "convert:hf-hub:imageomics/bioclip-2", "hf-hub:imageomics/bioclip"]  # fmt: skip
+    mit = [
+        "clip-b32",
+        "openai/clip-vit-large-patch14",
+        "bioclip",
+        "bioclip-2",
+        "imageomics/bioclip",
+        "convert:hf-hub:imageomics/bioclip-2",
+        "hf-hub:imageomics/bioclip",
+    ]
     assert {known_license(b) for b in mit} == {"mit"}
     unknown = ["tiny-clip", "tiny-openclip", "openclip-b32-laion2b", "someone/bioclip-hf", "models/bioclip-hf"]
     assert {known_license(b) for b in unknown} == {None}

@@ -38,8 +38,14 @@ def patch_record(run: Path, **changes) -> None:
 def runs(prepared, tmp_path_factory) -> Path:
     """A folder of runs holding one 2-step tiny adapter, ``good``, trained on the prepared data. Read-only."""
     runs = tmp_path_factory.mktemp("runs")
-    overrides = {"data.path": prepared[0], "training.output_dir": runs / "good", "training.max_steps": 2,
-                 "training.eval_steps": 2, "run.test_after": False, "data.num_workers": 0}  # fmt: skip
+    overrides = {
+        "data.path": prepared[0],
+        "training.output_dir": runs / "good",
+        "training.max_steps": 2,
+        "training.eval_steps": 2,
+        "run.test_after": False,
+        "data.num_workers": 0,
+    }
     run_training(load_train_config(ROOT / "configs/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()]))
     record = json.loads((runs / "good" / CLASSES_FILE).read_text())
     trained = species_with_images(prepared[0])
@@ -195,8 +201,16 @@ def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, pre
     patch_record(copy_run(runs, folder / "wider"), trained_species=wider)
     patch_record(copy_run(runs, folder / "older"), trained_species=None)  # before trained_species was recorded
     (copy_run(runs, folder / "unfinished") / "adapter_config.json").unlink()
-    rows = evaluate(EvaluationArguments(data=str(prepared[0]), models="", include_adapters=str(folder), shots="",
-                                        output=str(tmp_path / "res"), num_workers=0))  # fmt: skip
+    rows = evaluate(
+        EvaluationArguments(
+            data=str(prepared[0]),
+            models="",
+            include_adapters=str(folder),
+            shots="",
+            output=str(tmp_path / "res"),
+            num_workers=0,
+        )
+    )
     assert [(r["model"], r["method"]) for r in rows] == [("lora-same", "LoRA")]
     skipped = [line for line in caplog.messages if line.startswith("skipped ")]
     assert skipped == [
@@ -209,8 +223,15 @@ def test_include_adapters_takes_only_runs_trained_on_the_datas_species(runs, pre
     summary = (tmp_path / "res" / "summary.md").read_text()
     assert all(f"> {line}" in summary for line in skipped)
     # named in --models, a run is evaluated as asked, with the mismatch said above the table
-    rows = evaluate(EvaluationArguments(data=str(prepared[0]), models=f"lora:{folder / 'wider'}", shots="",
-                                        output=str(tmp_path / "named"), num_workers=0))  # fmt: skip
+    rows = evaluate(
+        EvaluationArguments(
+            data=str(prepared[0]),
+            models=f"lora:{folder / 'wider'}",
+            shots="",
+            output=str(tmp_path / "named"),
+            num_workers=0,
+        )
+    )
     assert [r["model"] for r in rows] == ["lora-wider"]
     assert (
         f"> lora:{folder / 'wider'}: {skipped[-1].split(': ', 1)[1]}; evaluated because --models names it"
@@ -246,8 +267,10 @@ def test_adapter_for_other_classes_is_a_clear_error_not_a_shape_error(runs, prep
 
 def test_top_k_below_one_is_one_line_before_anything_loads(predict_cli):
     assert predict_cli("photo.jpg", "--adapter", "runs/none", "--top-k", "0") == (
-        2, "", "error: --top-k must be at least 1, got 0\n"
-    )  # fmt: skip
+        2,
+        "",
+        "error: --top-k must be at least 1, got 0\n",
+    )
 
 
 def test_a_folder_of_photos_is_predicted_despite_its_bad_files(runs, prepared, tmp_path, predict_cli):
@@ -318,8 +341,16 @@ def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs,
     weights = load_file(broken / "adapter_model.safetensors")
     next(iter(weights.values())).view(-1)[0] = float("nan")
     save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
-    rows = evaluate(EvaluationArguments(data=str(prepared[0]), models="", include_adapters=str(folder), shots="",
-                                        output=str(tmp_path / "res"), num_workers=0))  # fmt: skip
+    rows = evaluate(
+        EvaluationArguments(
+            data=str(prepared[0]),
+            models="",
+            include_adapters=str(folder),
+            shots="",
+            output=str(tmp_path / "res"),
+            num_workers=0,
+        )
+    )
     assert [r["model"] for r in rows] == ["lora-good"]
     assert any(line.startswith(f"skipped {broken}: ") and "NaN or inf" in line for line in caplog.messages)
     assert f"> skipped {broken}: " in (tmp_path / "res" / "summary.md").read_text()

@@ -14,8 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def short_run(data: Path, out: Path, *extra: str) -> list[str]:
     """``train.py`` arguments for a few steps of the tiny model."""
-    overrides = {"data.path": data, "training.output_dir": out, "training.max_steps": 4, "training.eval_steps": 4,
-                 "training.logging_steps": 1, "data.num_workers": 0, "run.test_after": False}  # fmt: skip
+    overrides = {
+        "data.path": data,
+        "training.output_dir": out,
+        "training.max_steps": 4,
+        "training.eval_steps": 4,
+        "training.logging_steps": 1,
+        "data.num_workers": 0,
+        "run.test_after": False,
+    }
     return ["--config", str(ROOT / "configs/tiny.yaml"), *(f"{k}={v}" for k, v in overrides.items()), *extra]
 
 
@@ -62,11 +69,14 @@ def test_trained_weights_that_are_not_finite_are_never_written():
         (
             "lora.target_modules=[nope]",
             "lora.target_modules must be a non-empty list of q_proj, k_proj, v_proj, out_proj, fc1, fc2, got ['nope']",
-        ),  # fmt: skip
+        ),
         ("training.learning_rate=-1e-4", "training.learning_rate must be a positive number"),
         ("training.eval_steps=0", "training.eval_steps must be positive (or unset: every epoch), got 0"),
         ("lora.dropout=1.5", "lora.dropout must be in [0, 1), got 1.5"),
-        ("training.max_steps=0", "training.max_steps must be -1 (train for training.num_train_epochs) or at least 1, got 0"),
+        (
+            "training.max_steps=0",
+            "training.max_steps must be -1 (train for training.num_train_epochs) or at least 1, got 0",
+        ),
     ],
 )
 def test_values_a_run_cannot_use_are_one_config_error_each(override, message):

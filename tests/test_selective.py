@@ -56,7 +56,9 @@ def test_risk_coverage_curve_by_hand(toy):
     ("max_danger", "threshold", "coverage", "danger", "error"),
     [(0.001, 0.75, 3 / 6, 0.0, 0.0), (0.25, 0.7, 4 / 6, 1 / 4, 1 / 4), (0.5, 0.5, 1.0, 2 / 4, 2 / 6)],
 )
-def test_the_threshold_of_largest_coverage_meeting_the_target_is_chosen(toy, max_danger, threshold, coverage, danger, error):
+def test_the_threshold_of_largest_coverage_meeting_the_target_is_chosen(
+    toy, max_danger, threshold, coverage, danger, error
+):
     chosen = choose_threshold(risk_coverage(*case_arrays(), toy), max_danger)
     assert (chosen.threshold, chosen.coverage, chosen.danger, chosen.error) == pytest.approx(
         (threshold, coverage, danger, error)
@@ -103,7 +105,9 @@ def test_the_answer_abstains_below_the_validation_chosen_threshold(toy, tmp_path
     (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": chosen.record(genus=0.85)}))
     thresholds = run_thresholds(tmp_path)
     assert (thresholds.species, thresholds.genus) == (0.75, 0.85)
-    assert "chosen on validation for a dangerous->edible rate of at most 0.1% (coverage there 50.0%)" in thresholds.source
+    assert (
+        "chosen on validation for a dangerous->edible rate of at most 0.1% (coverage there 50.0%)" in thresholds.source
+    )
     classes = toy.classes
     confident = answer(classes, np.array([0.05, 0.05, 0.1, 0.8]), toy, thresholds)
     assert confident.kind == "species" and confident.headline.startswith("Cc one")

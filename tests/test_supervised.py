@@ -31,9 +31,16 @@ CLASSES = TAXONOMY.classes
 RESNET_REPO = "microsoft/resnet-50"  # its layout at test size: a ResNetForImageClassification of 10 classes
 TIMM_REPO = "timm/test_resnet.r160_in1k"
 # microsoft/resnet-50's preprocessor_config.json (legacy ConvNeXt feature extractor keys)
-RESNET_PREPROCESSOR = {"crop_pct": 0.875, "do_normalize": True, "do_resize": True,
-                       "feature_extractor_type": "ConvNextFeatureExtractor", "image_mean": [0.485, 0.456, 0.406],
-                       "image_std": [0.229, 0.224, 0.225], "resample": 3, "size": 224}  # fmt: skip
+RESNET_PREPROCESSOR = {
+    "crop_pct": 0.875,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "ConvNextFeatureExtractor",
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "size": 224,
+}
 BACKBONE_TENSOR = "resnet.embedder.embedder.convolution.weight"
 
 
@@ -78,8 +85,12 @@ def test_tiny_resnet_gives_one_logit_per_class():
     built = build_classifier(TINY_RESNET, CLASSES, pretrained=False)
     logits = built.model(pixel_values=torch.randn(3, 3, 32, 32)).logits
     assert logits.shape == (3, len(CLASSES)) and torch.isfinite(logits).all()
-    assert built.record == {"base_model": TINY_RESNET, "pretrained": False, "weights": "random (seed 0)",
-                            "num_labels": len(CLASSES)}  # fmt: skip
+    assert built.record == {
+        "base_model": TINY_RESNET,
+        "pretrained": False,
+        "weights": "random (seed 0)",
+        "num_labels": len(CLASSES),
+    }
     assert built.model.config.id2label[5] == CLASSES[5]
     # the same random backbone every time: a LoRA run on it can be loaded back
     again = build_classifier(TINY_RESNET, CLASSES, pretrained=False).model
@@ -97,11 +108,16 @@ def test_pretrained_snapshot_loads_its_backbone_with_a_new_head(hub_cache):
     state = built.model.state_dict()
     assert torch.equal(state[BACKBONE_TENSOR], stored[BACKBONE_TENSOR])  # ImageNet weights, not random ones
     assert state["classifier.1.weight"].shape == (4, 32) and stored["classifier.1.weight"].shape == (10, 32)
-    assert built.record == {"base_model": RESNET_REPO, "pretrained": True, "weights": f"commit {snapshot.name}",
-                            "num_labels": 4}  # fmt: skip
+    assert built.record == {
+        "base_model": RESNET_REPO,
+        "pretrained": True,
+        "weights": f"commit {snapshot.name}",
+        "num_labels": 4,
+    }
     # microsoft/resnet-50's processor: short side int(224 / 0.875) = 256, centre crop 224, bicubic
-    assert built.preprocess == PreprocessConfig(size=(224, 224), resize_size=256, interpolation="bicubic",
-                                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # fmt: skip
+    assert built.preprocess == PreprocessConfig(
+        size=(224, 224), resize_size=256, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+    )
     scratch = build_classifier(RESNET_REPO, CLASSES[:4], pretrained=False)
     assert not torch.equal(scratch.model.state_dict()[BACKBONE_TENSOR], stored[BACKBONE_TENSOR])
     assert scratch.record["pretrained"] is False and snapshot.name in scratch.record["weights"]
@@ -147,8 +163,9 @@ def test_timm_snapshot_loads_through_the_timm_wrapper(hub_cache):
     assert torch.equal(state["timm_model.conv1.0.weight"], stored["conv1.0.weight"])
     assert state["timm_model.fc.weight"].shape[0] == 3
     # timm's eval transform: short side floor(160 / 0.95) = 168, centre crop 160, bilinear, mean/std 0.5
-    assert built.preprocess == PreprocessConfig(size=(160, 160), resize_size=168, interpolation="bilinear",
-                                                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # fmt: skip
+    assert built.preprocess == PreprocessConfig(
+        size=(160, 160), resize_size=168, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    )
     assert built.model(pixel_values=torch.randn(2, 3, 160, 160)).logits.shape == (2, 3)
 
 
@@ -156,8 +173,9 @@ def _train_step(model, steps: int = 2) -> None:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(pixel_values=torch.randn(4, 3, 32, 32)).logits,
-                                                 torch.tensor([0, 1, 2, 3]))  # fmt: skip
+        loss = torch.nn.functional.cross_entropy(
+            model(pixel_values=torch.randn(4, 3, 32, 32)).logits, torch.tensor([0, 1, 2, 3])
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

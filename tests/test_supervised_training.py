@@ -14,8 +14,12 @@ from mushroomclip.models.supervised import SupervisedClassifier
 from mushroomclip.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"training.max_steps": 10, "training.eval_steps": 5, "training.logging_steps": 5,
-         "training.save_total_limit": 10}  # fmt: skip
+STEPS = {
+    "training.max_steps": 10,
+    "training.eval_steps": 5,
+    "training.logging_steps": 5,
+    "training.save_total_limit": 10,
+}
 
 
 def overrides(data: Path, out: Path, **extra) -> list[str]:
@@ -32,8 +36,18 @@ def trained(prepared, tmp_path_factory):
 
 def test_supervised_run_folder_is_complete_and_says_what_it_was(trained):
     cfg, out, result = trained
-    for name in ("config.json", "model.safetensors", "classes.json", "taxonomy.csv", "config.yaml", "data.json",
-                 "metrics.json", "README.md", "loss_curve.png", "confusion.png"):  # fmt: skip
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "classes.json",
+        "taxonomy.csv",
+        "config.yaml",
+        "data.json",
+        "metrics.json",
+        "README.md",
+        "loss_curve.png",
+        "confusion.png",
+    ):
         assert (out / name).is_file(), name
     record = json.loads((out / "classes.json").read_text())
     assert record["model_type"] == "supervised" and record["base_model"] == "tiny-resnet"
@@ -52,8 +66,14 @@ def test_a_taxonomy_and_safety_aware_supervised_run_writes_a_complete_run_folder
     import math
 
     out = tmp_path / loss
-    extra = {"training.max_steps": 4, "training.eval_steps": 4, "training.logging_steps": 2, "run.test_after": False,
-             "loss.name": loss, "loss.danger_weight": 1.0}  # fmt: skip
+    extra = {
+        "training.max_steps": 4,
+        "training.eval_steps": 4,
+        "training.logging_steps": 2,
+        "run.test_after": False,
+        "loss.name": loss,
+        "loss.danger_weight": 1.0,
+    }
     result = run_training(
         load_train_config(ROOT / "configs/tiny_supervised.yaml", overrides(prepared[0], out, **extra))
     )
@@ -74,8 +94,10 @@ def test_saved_run_predicts_what_the_trained_model_computes(trained, prepared):
     pixels = torch.stack([classifier.pixels(p) for p in images])
     model = result["model"].eval()
     with torch.no_grad():
-        expected = model(pixel_values=(pixels.float() / 255 - torch.tensor(classifier.preprocess.mean)[:, None, None])
-                         / torch.tensor(classifier.preprocess.std)[:, None, None]).logits  # fmt: skip
+        expected = model(
+            pixel_values=(pixels.float() / 255 - torch.tensor(classifier.preprocess.mean)[:, None, None])
+            / torch.tensor(classifier.preprocess.std)[:, None, None]
+        ).logits
     assert torch.allclose(classifier.logits(images), expected, atol=1e-5)
 
 
@@ -107,8 +129,13 @@ def test_resume_of_a_supervised_run_ends_exactly_like_the_uninterrupted_one(trai
 
 def test_lora_run_saves_the_adapter_and_head_and_reloads_them(prepared, tmp_path):
     out = tmp_path / "lora"
-    extra = {"model.finetune": "lora", "lora.target_modules": "[auto]", "training.max_steps": 4,
-             "training.eval_steps": 2, "run.test_after": False}  # fmt: skip
+    extra = {
+        "model.finetune": "lora",
+        "lora.target_modules": "[auto]",
+        "training.max_steps": 4,
+        "training.eval_steps": 2,
+        "run.test_after": False,
+    }
     result = run_training(
         load_train_config(ROOT / "configs/tiny_supervised.yaml", overrides(prepared[0], out, **extra))
     )
@@ -154,8 +181,20 @@ def test_benchmark_table_has_the_supervised_run_and_the_quoted_course_rows(train
 
     _, out, result = trained
     results = tmp_path / "results"
-    argv = ["--data", str(prepared[0]), "--models", "tiny-clip", "--shots", "", "--include-adapters", str(out.parent),
-            "--output", str(results), "--num-workers", "0"]  # fmt: skip
+    argv = [
+        "--data",
+        str(prepared[0]),
+        "--models",
+        "tiny-clip",
+        "--shots",
+        "",
+        "--include-adapters",
+        str(out.parent),
+        "--output",
+        str(results),
+        "--num-workers",
+        "0",
+    ]
     assert main(argv) == 0
     rows = json.loads((results / "summary.json").read_text())["rows"]
     [row] = [r for r in rows if r["method"].startswith("supervised")]
@@ -195,8 +234,9 @@ def test_the_app_lists_and_answers_with_a_supervised_run(trained, prepared):
     assert answer is not None and not problems and answer.rows[0].species in classifier.classes
 
 
-@pytest.mark.parametrize("finetune, removed", [(None, {"adapter_model.safetensors"}),
-                                               ("full", {"config.json", "model.safetensors"})])  # fmt: skip
+@pytest.mark.parametrize(
+    "finetune, removed", [(None, {"adapter_model.safetensors"}), ("full", {"config.json", "model.safetensors"})]
+)
 def test_overwrite_removes_only_the_model_files_of_the_run_kind_it_finds(tmp_path, finetune, removed):
     from accelerate import PartialState
 
@@ -218,8 +258,11 @@ def test_a_diverging_supervised_run_stops_in_one_line_and_writes_nothing(prepare
     from mushroomclip.commands.train import main
 
     out = tmp_path / "run"
-    args = overrides(prepared[0], out, **{"training.learning_rate": 1e10, "training.max_steps": 8,
-                                          "training.eval_steps": 8, "run.test_after": False})  # fmt: skip
+    args = overrides(
+        prepared[0],
+        out,
+        **{"training.learning_rate": 1e10, "training.max_steps": 8, "training.eval_steps": 8, "run.test_after": False},
+    )
     assert main(["--config", str(ROOT / "configs/tiny_supervised.yaml"), *args]) == 2
     line = assert_one_error_line(capsys.readouterr().err, "training diverged at step ")
     assert "training.learning_rate (now 1e+10)" in line and not out.exists()

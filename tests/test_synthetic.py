@@ -79,8 +79,12 @@ def test_genus_signal_gives_each_genus_one_colour_family_in_the_pixels(tmp_path)
 
     def shape_colour(species: str) -> np.ndarray:
         """Mean RGB of the saturated (shape) pixels over a species' images."""
-        pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB"), dtype=float).reshape(-1, 3)
-                                 for p in (tmp_path / "dl" / "merged_dataset" / species).glob("*.jpg")])  # fmt: skip
+        pixels = np.concatenate(
+            [
+                np.asarray(Image.open(p).convert("RGB"), dtype=float).reshape(-1, 3)
+                for p in (tmp_path / "dl" / "merged_dataset" / species).glob("*.jpg")
+            ]
+        )
         return pixels[pixels.max(1) - pixels.min(1) > 80].mean(0)
 
     colours = {s: shape_colour(s) for s in manifest["species"]}

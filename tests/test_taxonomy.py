@@ -19,9 +19,14 @@ def test_bundled_table_has_169_species_in_a_stable_order():
 
 def test_lineage_runs_from_kingdom_to_species():
     assert load_taxonomy().lineage("Amanita muscaria") == {
-        "kingdom": "Fungi", "phylum": "Basidiomycota", "class": "Agaricomycetes", "order": "Agaricales",
-        "family": "Amanitaceae", "genus": "Amanita", "species": "Amanita muscaria",
-    }  # fmt: skip
+        "kingdom": "Fungi",
+        "phylum": "Basidiomycota",
+        "class": "Agaricomycetes",
+        "order": "Agaricales",
+        "family": "Amanitaceae",
+        "genus": "Amanita",
+        "species": "Amanita muscaria",
+    }
 
 
 def test_lca_depth_counts_shared_ranks():
@@ -47,14 +52,23 @@ def test_vectorised_lca_matrix_matches_pairwise_definition():
     [
         ("sci", "Amanita muscaria", "Armillaria tabescens"),
         ("com", "fly agaric", "ringless honey mushroom"),
-        ("taxon", "Fungi Basidiomycota Agaricomycetes Agaricales Amanitaceae Amanita muscaria",
-         "Fungi Basidiomycota Agaricomycetes Agaricales Physalacriaceae Desarmillaria tabescens"),
-        ("sci_com", "Amanita muscaria with common name fly agaric",
-         "Armillaria tabescens with common name ringless honey mushroom"),
-        ("taxon_com", "Fungi Basidiomycota Agaricomycetes Agaricales Amanitaceae Amanita muscaria with common name fly agaric",
-         "Fungi Basidiomycota Agaricomycetes Agaricales Physalacriaceae Desarmillaria tabescens with common name ringless honey mushroom"),
+        (
+            "taxon",
+            "Fungi Basidiomycota Agaricomycetes Agaricales Amanitaceae Amanita muscaria",
+            "Fungi Basidiomycota Agaricomycetes Agaricales Physalacriaceae Desarmillaria tabescens",
+        ),
+        (
+            "sci_com",
+            "Amanita muscaria with common name fly agaric",
+            "Armillaria tabescens with common name ringless honey mushroom",
+        ),
+        (
+            "taxon_com",
+            "Fungi Basidiomycota Agaricomycetes Agaricales Amanitaceae Amanita muscaria with common name fly agaric",
+            "Fungi Basidiomycota Agaricomycetes Agaricales Physalacriaceae Desarmillaria tabescens with common name ringless honey mushroom",
+        ),
     ],
-)  # fmt: skip
+)
 def test_text_renderings(text_type, muscaria, tabescens):
     tax = load_taxonomy()
     assert tax.text("Amanita muscaria", text_type) == muscaria

@@ -24,8 +24,14 @@ SECRET = "hf_THISISNOTAREALTOKEN0123456789"
 
 
 def tiny_overrides(data: Path, out: Path, **extra) -> list[str]:
-    values = {"data.path": data, "training.output_dir": out, "training.max_steps": 40, "training.eval_steps": 20,
-              "training.logging_steps": 5, "data.num_workers": 0} | extra  # fmt: skip
+    values = {
+        "data.path": data,
+        "training.output_dir": out,
+        "training.max_steps": 40,
+        "training.eval_steps": 20,
+        "training.logging_steps": 5,
+        "data.num_workers": 0,
+    } | extra
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -70,8 +76,18 @@ def test_training_clearly_beats_the_untrained_model(trained):
 
 def test_run_folder_has_every_documented_file(trained):
     cfg, out, _, _ = trained
-    for name in ("adapter_config.json", "adapter_model.safetensors", "classes.json", "config.yaml", "metrics.json",
-                 "loss_curve.png", "confusion.png", "README.md", "taxonomy.csv", "data.json"):  # fmt: skip
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "classes.json",
+        "config.yaml",
+        "metrics.json",
+        "loss_curve.png",
+        "confusion.png",
+        "README.md",
+        "taxonomy.csv",
+        "data.json",
+    ):
         assert (out / name).is_file(), name
     classes = json.loads((out / "classes.json").read_text())
     assert len(classes["species"]) == 169 and classes["text_type"] == "sci" and classes["base_model"] == "tiny-clip"
@@ -82,9 +98,12 @@ def test_run_folder_has_every_documented_file(trained):
 @pytest.mark.parametrize("loss", ["hierarchical_soft", "hierarchical_xent"])
 def test_a_taxonomy_and_safety_aware_run_writes_a_complete_run_folder(prepared, tmp_path, loss):
     out = tmp_path / loss
-    overrides = tiny_overrides(prepared[0], out, **{"training.max_steps": 4, "training.eval_steps": 4, "training.logging_steps": 2})
-    result = run_training(load_train_config(ROOT / "configs/tiny.yaml", [*overrides, f"loss.name={loss}",
-                                                                         "loss.danger_weight=1.0"]))  # fmt: skip
+    overrides = tiny_overrides(
+        prepared[0], out, **{"training.max_steps": 4, "training.eval_steps": 4, "training.logging_steps": 2}
+    )
+    result = run_training(
+        load_train_config(ROOT / "configs/tiny.yaml", [*overrides, f"loss.name={loss}", "loss.danger_weight=1.0"])
+    )
     assert result["global_step"] == 4
     losses = [value for _, value in json.loads((out / "metrics.json").read_text())["loss_history"]]
     assert losses and all(math.isfinite(value) for value in losses)
@@ -216,7 +235,9 @@ def test_token_never_appears_in_any_output(trained):
 
 
 def test_config_typo_is_a_clear_error_from_the_cli(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key 'training.learning_rte'.*did you mean 'training.learning_rate'\?"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'training.learning_rte'.*did you mean 'training.learning_rate'\?"
+    ):
         load_train_config(ROOT / "configs/tiny.yaml", ["training.learning_rte=1e-4"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora:\n  rank: 8\n")
@@ -278,8 +299,12 @@ def test_shipped_configs_are_valid():
     assert load_train_config(ROOT / "configs/lora_b32.yaml").model.base == "openai/clip-vit-base-patch32"
 
 
-RESUME_STEPS = {"training.max_steps": 30, "training.eval_steps": 10, "training.save_total_limit": 10,
-                "run.test_after": False}  # fmt: skip
+RESUME_STEPS = {
+    "training.max_steps": 30,
+    "training.eval_steps": 10,
+    "training.save_total_limit": 10,
+    "run.test_after": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -349,8 +374,17 @@ def test_benchmark_row_of_the_adapter_equals_its_own_test_metrics(trained, prepa
     from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
 
     _, out, _, _ = trained
-    rows = evaluate(EvaluationArguments(data=str(prepared[0]), models="", include_adapters=str(out.parent),
-                                        templates="openai", shots="", output=str(tmp_path), num_workers=0))  # fmt: skip
+    rows = evaluate(
+        EvaluationArguments(
+            data=str(prepared[0]),
+            models="",
+            include_adapters=str(out.parent),
+            templates="openai",
+            shots="",
+            output=str(tmp_path),
+            num_workers=0,
+        )
+    )
     [row] = rows
     assert row["method"] == "LoRA" and row["model"] == f"lora-{out.name}"
     assert row["miou"] == pytest.approx(json.loads((out / "metrics.json").read_text())["test"]["miou"])
@@ -376,8 +410,11 @@ def test_predict_cli_ranks_species_and_warns_about_deadly_candidates(trained, pr
 def test_wandb_reporting_works_offline(prepared, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    overrides = tiny_overrides(prepared[0], tmp_path / "run", **{"training.max_steps": 4, "training.eval_steps": 4,
-                                                                 "training.report_to": "wandb", "run.test_after": False})  # fmt: skip
+    overrides = tiny_overrides(
+        prepared[0],
+        tmp_path / "run",
+        **{"training.max_steps": 4, "training.eval_steps": 4, "training.report_to": "wandb", "run.test_after": False},
+    )
     run_training(load_train_config(ROOT / "configs/tiny.yaml", overrides))
     [run] = list((tmp_path / "wandb").glob("offline-run-*"))
     assert any(run.glob("*.wandb"))  # the run's history was recorded locally
@@ -425,8 +462,9 @@ def _tiny_trainer(tmp_path, **kwargs):
         output_dir=str(tmp_path), use_cpu=True, report_to=[], data_seed=0, **kwargs.pop("args", {})
     )
     ids = backbone.tokenize(["Amanita muscaria", "Boletus edulis"])
-    return ContrastiveTrainer(model=model, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None,
-                              **kwargs)  # fmt: skip
+    return ContrastiveTrainer(
+        model=model, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None, **kwargs
+    )
 
 
 class _NicenessImages:

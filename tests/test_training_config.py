@@ -56,8 +56,9 @@ def _tiny_trainer(cfg, tmp_path) -> ContrastiveTrainer:
     model = add_lora(backbone.model, 4, 8, 0.0, ["vision"], ["q_proj", "v_proj"], False)
     ids = backbone.tokenize(["Amanita muscaria", "Boletus edulis"])
     args = trainer_arguments(cfg.training, tmp_path / "checkpoints")
-    return ContrastiveTrainer(model=model, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None,
-                              eval_dataset=[])  # the project's defaults evaluate: Trainer wants a split  # fmt: skip
+    return ContrastiveTrainer(
+        model=model, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None, eval_dataset=[]
+    )  # the project's defaults evaluate: Trainer wants a split
 
 
 def test_any_trainingarguments_option_reaches_the_trainer(tmp_path, monkeypatch):
@@ -79,14 +80,27 @@ def test_project_defaults_apply_only_where_the_config_sets_nothing(tmp_path):
     training = load_train_config(TINY).training
     assert training.lr_scheduler_type == "cosine" and training.metric_for_best_model == "miou"
     assert training.load_best_model_at_end and training.save_total_limit == 3 and not training.remove_unused_columns
-    assert training.eval_strategy == "steps" and training.save_steps == training.eval_steps == 20  # tiny sets eval_steps
+    assert (
+        training.eval_strategy == "steps" and training.save_steps == training.eval_steps == 20
+    )  # tiny sets eval_steps
     assert load_train_config(None).training.eval_strategy == "epoch"  # nothing set: every epoch
-    overrides = ["training.lr_scheduler_type=linear", "training.save_total_limit=1", "training.optim=sgd",
-                 "training.metric_for_best_model=oa", "training.weight_decay=0.0", "training.output_dir=" + str(tmp_path)]
+    overrides = [
+        "training.lr_scheduler_type=linear",
+        "training.save_total_limit=1",
+        "training.optim=sgd",
+        "training.metric_for_best_model=oa",
+        "training.weight_decay=0.0",
+        "training.output_dir=" + str(tmp_path),
+    ]
     cfg = load_train_config(TINY, overrides)
     t = cfg.training
     assert (t.lr_scheduler_type, t.save_total_limit, t.optim, t.metric_for_best_model, t.weight_decay) == (
-        "linear", 1, "sgd", "oa", 0.0)  # fmt: skip
+        "linear",
+        1,
+        "sgd",
+        "oa",
+        0.0,
+    )
     # linear is transformers' own default, which the saved config must still record over the project's cosine
     saved = tmp_path / "config.yaml"
     saved.write_text(yaml.safe_dump(cfg.to_dict()))

@@ -24,8 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def evaluated(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    cfg = EvaluationArguments(data=str(prepared[0]), models="tiny-clip,tiny-openclip", text_type="sci,taxon_com",
-                              templates="single", output=str(out), shots="1,3", seeds=2, probe=True, num_workers=0)  # fmt: skip
+    cfg = EvaluationArguments(
+        data=str(prepared[0]),
+        models="tiny-clip,tiny-openclip",
+        text_type="sci,taxon_com",
+        templates="single",
+        output=str(out),
+        shots="1,3",
+        seeds=2,
+        probe=True,
+        num_workers=0,
+    )
     rows = evaluate(cfg)
     return cfg, out, rows
 
@@ -142,9 +151,28 @@ def run_cli(*args):
 
 
 # The flags evaluate_zero_shot.py has always had: each keeps its name (and --config its keys).
-FLAGS = ("--config", "--data", "--split", "--models", "--text-type", "--templates", "--output", "--shots", "--seeds",
-         "--probe", "--batch-size", "--num-workers", "--device", "--random-weights", "--bootstrap", "--cache-dir",
-         "--taxonomy", "--seed", "--include-adapters", "--list-models")  # fmt: skip
+FLAGS = (
+    "--config",
+    "--data",
+    "--split",
+    "--models",
+    "--text-type",
+    "--templates",
+    "--output",
+    "--shots",
+    "--seeds",
+    "--probe",
+    "--batch-size",
+    "--num-workers",
+    "--device",
+    "--random-weights",
+    "--bootstrap",
+    "--cache-dir",
+    "--taxonomy",
+    "--seed",
+    "--include-adapters",
+    "--list-models",
+)
 
 
 def test_every_argument_is_a_flag_and_every_flag_used_in_the_docs_exists():
@@ -229,8 +257,10 @@ def test_cli_unknown_model_lists_valid_names(prepared):
 
 def test_cli_config_file_runs_and_rejects_typos(prepared, tmp_path):
     config = tmp_path / "zs.yaml"
-    config.write_text(f"data: {prepared[0]}\nmodels: [tiny-openclip]\ntext_type: com\ntemplates: single\n"
-                      f"shots: []\noutput: {tmp_path / 'res'}\nnum_workers: 0\n")  # fmt: skip
+    config.write_text(
+        f"data: {prepared[0]}\nmodels: [tiny-openclip]\ntext_type: com\ntemplates: single\n"
+        f"shots: []\noutput: {tmp_path / 'res'}\nnum_workers: 0\n"
+    )
     result = run_cli("--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "| tiny-openclip | zero-shot | com |" in (tmp_path / "res" / "summary.md").read_text()
@@ -261,14 +291,29 @@ def test_k_shot_rows_say_how_many_images_classes_really_had(evaluated, prepared,
     k, over = int(per_class.median()), int(per_class.max()) + 1  # some classes have fewer than k; none has `over`
     short = per_class[per_class < k]
     assert 0 < len(short) < len(per_class)
-    rows = evaluate(EvaluationArguments(data=cfg.data, models="tiny-clip", text_type="sci", templates="single",
-                                        shots=f"{k},{over}", seeds=2, output=str(tmp_path), cache_dir=str(out / ".cache"),
-                                        num_workers=0))  # fmt: skip
+    rows = evaluate(
+        EvaluationArguments(
+            data=cfg.data,
+            models="tiny-clip",
+            text_type="sci",
+            templates="single",
+            shots=f"{k},{over}",
+            seeds=2,
+            output=str(tmp_path),
+            cache_dir=str(out / ".cache"),
+            num_workers=0,
+        )
+    )
     label = f"{k}-shot (k<{k} for {len(short)}/{len(per_class)} classes, min {short.min()})"
     assert [r["method"] for r in rows if "shot" in r["method"]] == ["zero-shot", label]
     record = json.loads((tmp_path / "few_shot" / "tiny-clip" / f"k{k}" / "metrics.json").read_text())
-    assert record["k_used"] == {"min": short.min(), "mean": pytest.approx(per_class.clip(upper=k).mean()), "max": k,
-                                "classes_below_k": len(short), "classes": len(per_class)}  # fmt: skip
+    assert record["k_used"] == {
+        "min": short.min(),
+        "mean": pytest.approx(per_class.clip(upper=k).mean()),
+        "max": k,
+        "classes_below_k": len(short),
+        "classes": len(per_class),
+    }
     skipped = f"tiny-clip: {over}-shot skipped: no class has {over} training images (at most {over - 1})"
     assert skipped in caplog.messages and f"> {skipped}" in (tmp_path / "summary.md").read_text()
     assert not (tmp_path / "few_shot" / "tiny-clip" / f"k{over}").exists()

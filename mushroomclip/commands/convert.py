@@ -27,7 +27,11 @@ from mushroomclip.models.convert import (
 def main(argv: list[str] | None = None) -> int:
     """Convert, optionally check and publish; exit 0, 1 when the check fails, 2 on a source that cannot be used."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="bioclip, bioclip-2, or an open_clip name (hf-hub:imageomics/bioclip, ViT-B-16, ...)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        required=True,
+        help="bioclip, bioclip-2, or an open_clip name (hf-hub:imageomics/bioclip, ViT-B-16, ...)",
+    )
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag for plain architecture names")
     p.add_argument("--output", required=True, help="folder to write the CLIPModel, image processor and tokenizer to")
     p.add_argument(
@@ -36,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         help="reload the written folder and the source model (independently) and compare their embeddings; "
         f"exit 1 above {CHECK_TOLERANCE:g}",
     )
-    p.add_argument("--push-to-hub", metavar="USER/NAME", help="also publish the folder as this Hub repo (with a card "
-                   "crediting the source and its license); runs trained on it name it as model.base_hub_id")  # fmt: skip
+    p.add_argument(
+        "--push-to-hub",
+        metavar="USER/NAME",
+        help="also publish the folder as this Hub repo (with a card "
+        "crediting the source and its license); runs trained on it name it as model.base_hub_id",
+    )
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
     args = p.parse_args(argv)
     spec = source_spec(args.model, args.pretrained)
@@ -51,17 +59,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.output)
     save_converted(hf, processor, recipe(spec, weights), out)
-    print(f"wrote {out} from {weights} (vision {hf.config.vision_config.hidden_act}, mean {processor.image_processor.image_mean})")  # fmt: skip
+    print(
+        f"wrote {out} from {weights} (vision {hf.config.vision_config.hidden_act}, mean {processor.image_processor.image_mean})"
+    )
     if args.check:
         diff = check_folder(args.model, spec, out)
         print(f"max |difference| of normalised embeddings, {out} (reloaded) vs {args.model} (loaded again): {diff:.2e}")
         if not diff <= CHECK_TOLERANCE:
-            print(f"error: {out} does not reproduce {args.model} (difference {diff:.2e} > {CHECK_TOLERANCE:g}); do not use it", file=sys.stderr)  # fmt: skip
+            print(
+                f"error: {out} does not reproduce {args.model} (difference {diff:.2e} > {CHECK_TOLERANCE:g}); do not use it",
+                file=sys.stderr,
+            )
             return 1
     if args.push_to_hub:
         try:
-            print(f"pushed: {push_converted(out, args.push_to_hub, args.private)} (train on it with "
-                  f"model.base_hub_id={args.push_to_hub})")  # fmt: skip
+            print(
+                f"pushed: {push_converted(out, args.push_to_hub, args.private)} (train on it with "
+                f"model.base_hub_id={args.push_to_hub})"
+            )
         except PushError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

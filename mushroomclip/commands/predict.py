@@ -25,8 +25,10 @@ from mushroomclip.prediction.identify import thresholds_for
 
 BATCH = 32  # images per forward pass: a folder of thousands of photos is never decoded at once
 
-WARNING = ("WARNING: {names} among the candidates for {image} {verb} {kinds}. "
-           "Never eat a wild mushroom on the word of a model: ask an expert.")  # fmt: skip
+WARNING = (
+    "WARNING: {names} among the candidates for {image} {verb} {kinds}. "
+    "Never eat a wild mushroom on the word of a model: ask an expert."
+)
 
 
 def print_table(record: dict) -> None:
@@ -34,14 +36,17 @@ def print_table(record: dict) -> None:
     print(f"\n{record['image']}")
     for rank, pred in enumerate(record["predictions"], start=1):
         lineage = pred["lineage"]
-        print(f"  {rank}. {pred['species']:<28} {pred['common_name']:<28} {100 * pred['probability']:5.1f}%  "
-              f"{pred['edibility']:<12} {lineage['family']} < {lineage['order']} < {lineage['class']}")  # fmt: skip
+        print(
+            f"  {rank}. {pred['species']:<28} {pred['common_name']:<28} {100 * pred['probability']:5.1f}%  "
+            f"{pred['edibility']:<12} {lineage['family']} < {lineage['order']} < {lineage['class']}"
+        )
 
 
 def warn_if_dangerous(record: dict) -> None:
     """A loud warning on stderr when any candidate of an image is deadly or poisonous."""
-    dangerous = [f"{q['species']} ({q['edibility']})" for q in record["predictions"]
-                 if q["edibility"] in ("deadly", "poisonous")]  # fmt: skip
+    dangerous = [
+        f"{q['species']} ({q['edibility']})" for q in record["predictions"] if q["edibility"] in ("deadly", "poisonous")
+    ]
     if dangerous:
         verb = "is" if len(dangerous) == 1 else "are"
         warning = WARNING.format(
@@ -59,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", required=True, help="run folder (runs/<name>) or Hub repo id of a MushroomCLIP adapter")
     p.add_argument("--top-k", type=int, default=5, help="candidates per image")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
-    p.add_argument("--csv", metavar="FILE", default=None,
-                   help="also write one row per input to FILE: the answer (species, genus back-off or not sure, with "
-                        "the run's thresholds), the top-k, the warning, or why the file could not be read")  # fmt: skip
+    p.add_argument(
+        "--csv",
+        metavar="FILE",
+        default=None,
+        help="also write one row per input to FILE: the answer (species, genus back-off or not sure, with "
+        "the run's thresholds), the top-k, the warning, or why the file could not be read",
+    )
     p.add_argument("--base", default=None, help="base model to check the adapter against (default: the one it names)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument(
@@ -111,14 +120,26 @@ def main(argv: list[str] | None = None) -> int:
         probs = classifier.logits(torch.stack(pixels)).softmax(dim=-1)
         results = classifier.ranked(probs, top_k=args.top_k)
         if args.csv:
-            rows += [csv_row(str(path), answer(classifier.classes, p.double().numpy(), tax, thresholds, args.top_k))
-                     for path, p in zip(readable, probs)]  # fmt: skip
+            rows += [
+                csv_row(str(path), answer(classifier.classes, p.double().numpy(), tax, thresholds, args.top_k))
+                for path, p in zip(readable, probs)
+            ]
         batch = [
-            {"image": str(path), "predictions": [
-                {"species": p.species, "common_name": tax[p.species].common_name, "probability": round(p.probability, 4),
-                 "edibility": tax[p.species].edibility, "lineage": tax.lineage(p.species)} for p in preds]}
+            {
+                "image": str(path),
+                "predictions": [
+                    {
+                        "species": p.species,
+                        "common_name": tax[p.species].common_name,
+                        "probability": round(p.probability, 4),
+                        "edibility": tax[p.species].edibility,
+                        "lineage": tax.lineage(p.species),
+                    }
+                    for p in preds
+                ],
+            }
             for path, preds in zip(readable, results)
-        ]  # fmt: skip
+        ]
         for record in batch:
             if args.format == "table":
                 print_table(record)

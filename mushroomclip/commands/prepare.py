@@ -71,11 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         options = PrepareArguments(
-            source=args.source, output=args.output, split=args.split, seed=args.seed,
-            keep_oversampling=args.keep_oversampling, max_side=args.max_side, copy_mode=args.copy_mode,
-            jpeg_quality=args.jpeg_quality, num_proc=args.num_proc, taxonomy=args.taxonomy,
-            allow_outside_source=args.allow_outside_source, progress=not args.no_progress,
-        )  # fmt: skip
+            source=args.source,
+            output=args.output,
+            split=args.split,
+            seed=args.seed,
+            keep_oversampling=args.keep_oversampling,
+            max_side=args.max_side,
+            copy_mode=args.copy_mode,
+            jpeg_quality=args.jpeg_quality,
+            num_proc=args.num_proc,
+            taxonomy=args.taxonomy,
+            allow_outside_source=args.allow_outside_source,
+            progress=not args.no_progress,
+        )
         report = prepare(options)
     except (PrepareError, TaxonomyError, ValueError, OSError) as err:  # OSError: names the file it could not use
         print(f"error: {err}", file=sys.stderr)

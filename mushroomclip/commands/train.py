@@ -24,14 +24,20 @@ from mushroomclip.training.trainer import run_training
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Overrides: section.key=value for any key of the config (model, lora, data, loss, "
-                                "training, run, hub); training takes any transformers.TrainingArguments field.")  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides: section.key=value for any key of the config (model, lora, data, loss, "
+        "training, run, hub); training takes any transformers.TrainingArguments field.",
+    )
     p.add_argument("--config", required=True, help="YAML training config (see configs/)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint (same as run.resume=true)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an output_dir that holds a run: deletes its results and checkpoints "
-                   "(same as run.overwrite=true)")  # fmt: skip
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir that holds a run: deletes its results and checkpoints "
+        "(same as run.overwrite=true)",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.learning_rate=1e-4")
     args = p.parse_args(argv)
 
@@ -41,8 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         with console_logging():
             warn_if_accelerate_started_one_cpu_process()
             result = run_training(cfg)
-    except (ConfigError, ModelLoadError, AdapterError, TaxonomyError, FileNotFoundError, RunFolderError,
-            TrainingDivergedError, DataReadError) as err:  # fmt: skip
+    except (
+        ConfigError,
+        ModelLoadError,
+        AdapterError,
+        TaxonomyError,
+        FileNotFoundError,
+        RunFolderError,
+        TrainingDivergedError,
+        DataReadError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     if result["push_error"]:

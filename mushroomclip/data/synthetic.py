@@ -95,8 +95,9 @@ def choose_genus_groups(taxonomy: Taxonomy, classes: int) -> list[str]:
     genera = [g for g, members in groups.items() if len(members) >= 2]
     largest = sum(len(groups[g]) for g in genera)
     if not 2 <= classes <= largest:
-        raise ValueError(f"--classes must be between 2 and {largest} with --genus-signal (genera of two or more), "
-                         f"got {classes}")  # fmt: skip
+        raise ValueError(
+            f"--classes must be between 2 and {largest} with --genus-signal (genera of two or more), got {classes}"
+        )
     per_genus = max(2, -(-classes // len(genera)))
     count = -(-classes // per_genus)
     picked = [genera[i] for i in dict.fromkeys(np.linspace(0, len(genera) - 1, count).round().astype(int))]

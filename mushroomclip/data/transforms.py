@@ -53,8 +53,10 @@ def _image_error(where: str, reason: str, hint: str, action: str = "decode") -> 
     return ImageError(f"cannot {action} {where} ({reason}){hint}", where, reason)
 
 
-_PREPARED_HINT = (": the file changed or broke after the data was prepared: re-run data_scripts/prepare_kaggle.py, "
-                  "which skips and reports corrupt images")  # fmt: skip
+_PREPARED_HINT = (
+    ": the file changed or broke after the data was prepared: re-run data_scripts/prepare_kaggle.py, "
+    "which skips and reports corrupt images"
+)
 _MOVED_HINT = ": was the prepared data folder moved or changed? Re-run data_scripts/prepare_kaggle.py"
 
 
@@ -67,8 +69,12 @@ def _open_checked(data: bytes, where: str):
             return Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         size = re.search(r"\d+ pixels", str(err))
-        raise _image_error(where, f"{size.group(0) if size else 'too many pixels'}: over Pillow's decompression-bomb "
-                         f"limit, PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; downscale it", "") from None  # fmt: skip
+        raise _image_error(
+            where,
+            f"{size.group(0) if size else 'too many pixels'}: over Pillow's decompression-bomb "
+            f"limit, PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; downscale it",
+            "",
+        ) from None
     except UnidentifiedImageError:
         raise _image_error(where, "not an image file, or a format Pillow cannot read", _PREPARED_HINT) from None
 
@@ -128,8 +134,10 @@ class PreprocessConfig:
 
     def __post_init__(self):
         if self.interpolation not in TENSOR_INTERPOLATIONS:
-            raise ValueError(f"image interpolation {self.interpolation!r} is not one of {', '.join(TENSOR_INTERPOLATIONS)}, "
-                             "the modes torchvision resizes uint8 tensors with")  # fmt: skip
+            raise ValueError(
+                f"image interpolation {self.interpolation!r} is not one of {', '.join(TENSOR_INTERPOLATIONS)}, "
+                "the modes torchvision resizes uint8 tensors with"
+            )
 
 
 def pixel_stats(preprocess: PreprocessConfig) -> tuple[list[float], list[float]]:
@@ -171,10 +179,12 @@ def image_files(paths: list[str]) -> tuple[list[Path], list[str]]:
     for arg in map(Path, paths):
         if arg.is_dir():
             found = sorted(
-                p for p in arg.rglob("*")
-                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                p
+                for p in arg.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES
+                and p.is_file()
                 and not any(part.startswith(".") for part in p.relative_to(arg).parts)
-            )  # fmt: skip
+            )
             files += found
             if not found:
                 problems.append(f"no image files in folder {arg} (looked for {', '.join(IMAGE_SUFFIXES)})")

@@ -37,9 +37,11 @@ from mushroomclip.models.lora import add_lora
 from mushroomclip.models.prompts import class_prompts
 from mushroomclip.training.trainer import ContrastiveTrainer, collate
 
-OFFLINE_NOTE = ("offline: no Hugging Face Hub, so these rows are the randomly initialised test models (tiny-clip, "
-                "tiny-openclip, and runs trained from them or from tiny-resnet) on the synthetic demo data. They "
-                "check the pipeline, not model quality.")  # fmt: skip
+OFFLINE_NOTE = (
+    "offline: no Hugging Face Hub, so these rows are the randomly initialised test models (tiny-clip, "
+    "tiny-openclip, and runs trained from them or from tiny-resnet) on the synthetic demo data. They "
+    "check the pipeline, not model quality."
+)
 
 
 def write_report(results: Path) -> Path:
@@ -87,8 +89,9 @@ def _images_per_s(batches, run, timed: int, skip: int, device: str, count=len) -
     return seen / (time.perf_counter() - start), seen
 
 
-def _steady_state_plan(data: str, what: str, available: int, batch_size: int, num_workers: int, timed: int,
-                       target: str, knob: str) -> tuple[int, int]:  # fmt: skip
+def _steady_state_plan(
+    data: str, what: str, available: int, batch_size: int, num_workers: int, timed: int, target: str, knob: str
+) -> tuple[int, int]:
     """``(skip, needed)`` batches for a steady-state measurement: the batches the workers prefetched while
     the warm-up one was made (DataLoader's prefetch_factor, 2 per worker) pass untimed, and the timed ones
     stay inside one epoch (an epoch's first batch waits for a worker: once per epoch, which a short window
@@ -113,10 +116,23 @@ def measure_speed(
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     backbone = load_backbone(model, device=device, dtype=dtype, random_weights=True)
     images = PreprocessedImages(load_splits(data)[split], backbone.preprocess)
-    skip, needed = _steady_state_plan(data, f"the {split} split", len(images) // batch_size, batch_size, num_workers,
-                                      batches, "make bench-zero-shot", "--batches")  # fmt: skip
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, range(needed * batch_size)), batch_size=batch_size,
-                                         num_workers=num_workers, pin_memory=device.startswith("cuda"), worker_init_fn=background_worker)  # fmt: skip
+    skip, needed = _steady_state_plan(
+        data,
+        f"the {split} split",
+        len(images) // batch_size,
+        batch_size,
+        num_workers,
+        batches,
+        "make bench-zero-shot",
+        "--batches",
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(images, range(needed * batch_size)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.startswith("cuda"),
+        worker_init_fn=background_worker,
+    )
 
     with torch.inference_mode():
         sample = images[0][0]  # uint8, as every evaluation image reaches the model
@@ -133,18 +149,36 @@ def measure_speed(
         flops = speed.count_flops(backbone.encode_images, on_device[0])
         split_encode = _encode_split(images, backbone, batch_size, num_workers, device)
     peak = speed.peaks(device, dtype)
-    return {"benchmark": "bench-zero-shot", "model": model, "device": device, "dtype": str(dtype),
-            "batch_size": batch_size, "batches": batches, "images": seen, "num_workers": num_workers, "data": str(data),
-            "step": "batch encoded (forward)", "flops_per_step": flops, **peak,
-            "pipeline": speed.variant(pipeline, flops, batch_size, peak),
-            "model_only": speed.variant(model_only, flops, batch_size, peak, memory), "ratio": pipeline / model_only,
-            "split_encode": dict(split_encode, split=split), "machine": speed.machine(device)}  # fmt: skip
+    return {
+        "benchmark": "bench-zero-shot",
+        "model": model,
+        "device": device,
+        "dtype": str(dtype),
+        "batch_size": batch_size,
+        "batches": batches,
+        "images": seen,
+        "num_workers": num_workers,
+        "data": str(data),
+        "step": "batch encoded (forward)",
+        "flops_per_step": flops,
+        **peak,
+        "pipeline": speed.variant(pipeline, flops, batch_size, peak),
+        "model_only": speed.variant(model_only, flops, batch_size, peak, memory),
+        "ratio": pipeline / model_only,
+        "split_encode": dict(split_encode, split=split),
+        "machine": speed.machine(device),
+    }
 
 
 def _encode_split(images, backbone, batch_size: int, num_workers: int, device: str) -> dict:
     """Seconds to encode every image of a split end to end: a fresh loader (worker start-up included)."""
-    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.startswith("cuda"), worker_init_fn=background_worker)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        images,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.startswith("cuda"),
+        worker_init_fn=background_worker,
+    )
     speed.sync(device)
     start = time.perf_counter()
     for pixels, _ in loader:
@@ -186,12 +220,26 @@ def measure_train_speed(
     ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, d.text_type, [d.train_template])]).to(device)
     splits = load_splits(data)
     split = train_images(splits["train"], backbone.preprocess)  # the trainer's own pipeline
-    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
-                                         worker_init_fn=background_worker, pin_memory=device.startswith("cuda"),
-                                         persistent_workers=num_workers > 0, collate_fn=collate)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        split,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        drop_last=True,
+        worker_init_fn=background_worker,
+        pin_memory=device.startswith("cuda"),
+        persistent_workers=num_workers > 0,
+        collate_fn=collate,
+    )
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=not device.startswith("cuda"), report_to=[])
-    trainer = ContrastiveTrainer(model=peft, args=args, class_input_ids=ids, loss_name="class_text", evaluator=None,
-                                 pixel_stats=pixel_stats(backbone.preprocess))  # fmt: skip
+    trainer = ContrastiveTrainer(
+        model=peft,
+        args=args,
+        class_input_ids=ids,
+        loss_name="class_text",
+        evaluator=None,
+        pixel_stats=pixel_stats(backbone.preprocess),
+    )
     params = [p for p in peft.parameters() if p.requires_grad]
     step = speed.train_step(params, lambda inputs: trainer.compute_loss(peft, inputs), device)
 
@@ -201,12 +249,18 @@ def measure_train_speed(
     def count(batch: dict) -> int:
         return len(batch["labels"])
 
-    skip, _ = _steady_state_plan(data, "the train split", len(loader), batch_size, num_workers, steps,
-                                 "make bench-train", "--steps")  # fmt: skip
+    skip, _ = _steady_state_plan(
+        data, "the train split", len(loader), batch_size, num_workers, steps, "make bench-train", "--steps"
+    )
     # Model only: uint8 batches already on the device, as the pipeline's arrive after their copy.
     size = split[0]["pixel_values"].shape[1:]
-    fixed = [{"pixel_values": torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, device=device),
-              "labels": torch.randint(0, len(taxonomy), (batch_size,), device=device)} for _ in range(2)]  # fmt: skip
+    fixed = [
+        {
+            "pixel_values": torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, device=device),
+            "labels": torch.randint(0, len(taxonomy), (batch_size,), device=device),
+        }
+        for _ in range(2)
+    ]
     synthetic = [fixed[i % 2] for i in range(steps + 1)]
     # Model-only before and after the pipeline, the faster one counts: the first steps of a process run
     # slower (allocator, caches), which must not make the data pipeline look faster than the model.
@@ -220,33 +274,65 @@ def measure_train_speed(
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     peak = speed.peaks(device, dtype)
     shutil.rmtree(args.output_dir, ignore_errors=True)
-    result = {"benchmark": "bench-train", "model": model, "device": device, "dtype": str(dtype), "batch_size": batch_size,
-              "steps": steps, "towers": list(towers), "num_workers": num_workers, "data": str(data),
-              "train_images": len(split), "classes": len(taxonomy), "step": "training step (forward + backward)",
-              "flops_per_step": flops, **peak, "pipeline": speed.variant(pipeline, flops, batch_size, peak),
-              "model_only": speed.variant(model_only, flops, batch_size, peak, memory),
-              "loader_only": speed.variant(loader_only), "ratio": pipeline / model_only}  # fmt: skip
+    result = {
+        "benchmark": "bench-train",
+        "model": model,
+        "device": device,
+        "dtype": str(dtype),
+        "batch_size": batch_size,
+        "steps": steps,
+        "towers": list(towers),
+        "num_workers": num_workers,
+        "data": str(data),
+        "train_images": len(split),
+        "classes": len(taxonomy),
+        "step": "training step (forward + backward)",
+        "flops_per_step": flops,
+        **peak,
+        "pipeline": speed.variant(pipeline, flops, batch_size, peak),
+        "model_only": speed.variant(model_only, flops, batch_size, peak, memory),
+        "loader_only": speed.variant(loader_only),
+        "ratio": pipeline / model_only,
+    }
     if baseline:
         del trainer, peft, step, fixed, synthetic
-        result["baseline"] = _baseline_speed(splits["train"], taxonomy, model, batch_size, steps, num_workers, skip,
-                                             device, towers, peak)  # fmt: skip
+        result["baseline"] = _baseline_speed(
+            splits["train"], taxonomy, model, batch_size, steps, num_workers, skip, device, towers, peak
+        )
         result["speedup_vs_baseline"] = pipeline / result["baseline"]["images_per_s"]
     result["machine"] = speed.machine(device)
     return result
 
 
-def _baseline_speed(split, taxonomy, model: str, batch_size: int, steps: int, num_workers: int, skip: int,
-                    device: str, towers: tuple, peak: dict) -> dict:  # fmt: skip
+def _baseline_speed(
+    split,
+    taxonomy,
+    model: str,
+    batch_size: int,
+    steps: int,
+    num_workers: int,
+    skip: int,
+    device: str,
+    towers: tuple,
+    peak: dict,
+) -> dict:
     """Images/s of the Hugging Face recipe (``run_clip.py``: Pillow + torchvision in ``set_transform``, one
     caption per image, ``CLIPModel(..., return_loss=True)``) with the same LoRA, batch and precision."""
     backbone, peft = _lora_model(model, device, towers)
     d = DataArguments()
     # offline_clip_tokenizer: the same BPE as openai/clip-vit-*
-    captions = speed.caption_dataset(split, taxonomy, d.text_type, d.train_template, offline_clip_tokenizer(),
-                                     backbone.preprocess)  # fmt: skip
-    loader = torch.utils.data.DataLoader(captions, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                                         drop_last=True, pin_memory=device.startswith("cuda"),
-                                         collate_fn=speed.caption_collate)  # fmt: skip
+    captions = speed.caption_dataset(
+        split, taxonomy, d.text_type, d.train_template, offline_clip_tokenizer(), backbone.preprocess
+    )
+    loader = torch.utils.data.DataLoader(
+        captions,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        drop_last=True,
+        pin_memory=device.startswith("cuda"),
+        collate_fn=speed.caption_collate,
+    )
     params = [p for p in peft.parameters() if p.requires_grad]
     step = speed.train_step(params, lambda inputs: speed.baseline_loss(peft, inputs), device)
     speed.reset_peak_memory(device)
@@ -254,9 +340,12 @@ def _baseline_speed(split, taxonomy, model: str, batch_size: int, steps: int, nu
     rate, _ = _images_per_s(batches, step, steps, skip, device, lambda b: len(b["input_ids"]))
     memory = speed.peak_memory(device)
     flops = speed.count_flops(step, speed.caption_collate([captions[i] for i in range(batch_size)]))
-    return {**speed.variant(rate, flops, batch_size, peak, memory), "flops_per_step": flops,
-            "recipe": "run_clip.py: datasets + set_transform (Pillow, torchvision), captions padded to 77, "
-                      "CLIPModel(return_loss=True), same LoRA, batch and precision"}  # fmt: skip
+    return {
+        **speed.variant(rate, flops, batch_size, peak, memory),
+        "flops_per_step": flops,
+        "recipe": "run_clip.py: datasets + set_transform (Pillow, torchvision), captions padded to 77, "
+        "CLIPModel(return_loss=True), same LoRA, batch and precision",
+    }
 
 
 def _print_and_write(result: dict, name: str, out_dir: Path) -> None:
@@ -297,8 +386,16 @@ def main(argv: list[str] | None = None) -> int:
         towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
         args.batch_size = args.batch_size or (256 if gpu else 8)
         args.steps = args.steps or (20 if gpu else 2)
-        r = measure_train_speed(args.data, args.model, args.batch_size, args.steps, args.num_workers, args.device,
-                                towers, baseline=not args.no_baseline)  # fmt: skip
+        r = measure_train_speed(
+            args.data,
+            args.model,
+            args.batch_size,
+            args.steps,
+            args.num_workers,
+            args.device,
+            towers,
+            baseline=not args.no_baseline,
+        )
         _print_and_write(r, f"train-{args.model}-{'+'.join(towers)}-{'gpu' if gpu else 'cpu'}", Path(args.output))
         return 0
     if args.command == "hub-reachable":

@@ -41,9 +41,13 @@ def image_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(N, D)`` float32 L2-normalised features and ``(N,)`` labels, in split order (a tqdm bar if ``progress``)."""
     loader = torch.utils.data.DataLoader(
-        PreprocessedImages(split, backbone.preprocess), batch_size=batch_size, num_workers=num_workers,
-        pin_memory=backbone.device.type == "cuda", persistent_workers=False, worker_init_fn=background_worker,
-    )  # fmt: skip
+        PreprocessedImages(split, backbone.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=backbone.device.type == "cuda",
+        persistent_workers=False,
+        worker_init_fn=background_worker,
+    )
     features, labels = [], []
     for pixels, label in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         features.append(backbone.encode_images(pixels).cpu())

@@ -104,7 +104,9 @@ def save_risk_coverage_png(
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     if chosen is not None:
-        danger.axhline(100 * chosen.max_danger, color="grey", linestyle="--", label=f"target {100 * chosen.max_danger:g}%")
+        danger.axhline(
+            100 * chosen.max_danger, color="grey", linestyle="--", label=f"target {100 * chosen.max_danger:g}%"
+        )
         label = f"threshold {chosen.threshold:.3f}: coverage {100 * chosen.coverage:.1f}%"
         for ax, value in ((risk, chosen.error), (danger, chosen.danger)):
             ax.axvline(100 * chosen.coverage, color="black", linewidth=0.8, label=label)

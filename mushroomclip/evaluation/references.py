@@ -29,7 +29,15 @@ REFERENCE_NOTE = (
 def reference_rows() -> list[dict]:
     """The course's ResNet rows in the benchmark's row format (fractions; ``None`` where it reports nothing)."""
     return [
-        dict.fromkeys(SUMMARY_KEYS) | {"model": f"{name} (course)", "method": QUOTED_METHOD, "text_type": None,
-                                       "oa": oa / 100, "mf1": mf1 / 100, "miou": miou / 100, "quoted": True}
+        dict.fromkeys(SUMMARY_KEYS)
+        | {
+            "model": f"{name} (course)",
+            "method": QUOTED_METHOD,
+            "text_type": None,
+            "oa": oa / 100,
+            "mf1": mf1 / 100,
+            "miou": miou / 100,
+            "quoted": True,
+        }
         for name, (miou, mf1, oa, _) in COURSE_RESNETS.items()
-    ]  # fmt: skip
+    ]

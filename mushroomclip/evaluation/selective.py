@@ -52,16 +52,26 @@ class SelectiveThreshold:
         """One report line: "coverage at the target" and what it costs."""
         error = "n/a" if self.error is None else f"{100 * self.error:.1f}%"
         verdict = "" if self.met else " — target NOT met: even answering nothing below 1.0 exceeds it"
-        return (f"selective prediction: threshold {self.threshold:.4f} answers {100 * self.coverage:.1f}% of "
-                f"{self.images} images (coverage at the target) with dangerous->edible {100 * self.danger:.2f}% of "
-                f"{self.dangerous_images} dangerous images (target {100 * self.max_danger:g}%) and {error} wrong "
-                f"species among the answered{verdict}")  # fmt: skip
+        return (
+            f"selective prediction: threshold {self.threshold:.4f} answers {100 * self.coverage:.1f}% of "
+            f"{self.images} images (coverage at the target) with dangerous->edible {100 * self.danger:.2f}% of "
+            f"{self.dangerous_images} dangerous images (target {100 * self.max_danger:g}%) and {error} wrong "
+            f"species among the answered{verdict}"
+        )
 
     def record(self, genus: float) -> dict:
         """The run's ``metrics.json["thresholds"]``: read back by :func:`mushroomclip.prediction.answer.run_thresholds`."""
-        return {"species": self.threshold, "genus": genus, "chosen_on": "validation", "max_danger": self.max_danger,
-                "coverage": self.coverage, "dangerous_as_edible": self.danger, "error": self.error,
-                "images": self.images, "dangerous_images": self.dangerous_images}  # fmt: skip
+        return {
+            "species": self.threshold,
+            "genus": genus,
+            "chosen_on": "validation",
+            "max_danger": self.max_danger,
+            "coverage": self.coverage,
+            "dangerous_as_edible": self.danger,
+            "error": self.error,
+            "images": self.images,
+            "dangerous_images": self.dangerous_images,
+        }
 
 
 def risk_coverage(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy) -> RiskCoverage:
@@ -105,11 +115,17 @@ def choose_threshold(curve: RiskCoverage, max_danger: float) -> SelectiveThresho
     common = {"max_danger": max_danger, "images": curve.images, "dangerous_images": curve.dangerous_images}
     if len(feasible):
         i = feasible[-1]
-        return SelectiveThreshold(float(curve.threshold[i]), coverage=float(curve.coverage[i]),
-                                  danger=float(curve.danger[i]), error=float(curve.error[i]), **common)  # fmt: skip
+        return SelectiveThreshold(
+            float(curve.threshold[i]),
+            coverage=float(curve.coverage[i]),
+            danger=float(curve.danger[i]),
+            error=float(curve.error[i]),
+            **common,
+        )
     # Even the most confident images reach the target only by answering none of them: a threshold just above.
     above = float(np.nextafter(curve.threshold[0], np.inf))
     if above <= 1.0:
         return SelectiveThreshold(above, coverage=0.0, danger=0.0, error=None, **common)
-    return SelectiveThreshold(1.0, coverage=float(curve.coverage[0]), danger=float(curve.danger[0]),
-                              error=float(curve.error[0]), **common)  # fmt: skip
+    return SelectiveThreshold(
+        1.0, coverage=float(curve.coverage[0]), danger=float(curve.danger[0]), error=float(curve.error[0]), **common
+    )

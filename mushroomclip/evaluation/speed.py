@@ -29,26 +29,39 @@ NO_CPU_PEAK = "no spec peak for CPU"
 # What every result file holds (the JSON's documented fields; tests check them).
 FIELDS = {
     "benchmark": "bench-train or bench-zero-shot",
-    "model": "architecture (random weights)", "device": "cuda or cpu", "dtype": "the step's precision",
-    "batch_size": "images per step", "num_workers": "DataLoader workers", "data": "prepared folder",
-    "step": "what one FLOP count covers", "flops_per_step": "FlopCounterMode total of one step",
+    "model": "architecture (random weights)",
+    "device": "cuda or cpu",
+    "dtype": "the step's precision",
+    "batch_size": "images per step",
+    "num_workers": "DataLoader workers",
+    "data": "prepared folder",
+    "step": "what one FLOP count covers",
+    "flops_per_step": "FlopCounterMode total of one step",
     "spec_peak_tflops": "datasheet dense bf16 peak, null on a CPU or an unknown GPU",
     "spec_peak_source": "where the spec peak comes from, or why there is none",
-    "matmul_tflops": "a large matmul in matmul_dtype measured in the same run", "matmul_dtype": "its precision",
+    "matmul_tflops": "a large matmul in matmul_dtype measured in the same run",
+    "matmul_dtype": "its precision",
     "pipeline": "images/s with the data pipeline, TFLOP/s and MFU",
     "model_only": "images/s on tensors already on the device, TFLOP/s, MFU and peak_memory",
-    "ratio": "pipeline / model only", "machine": "CPU, cores, GPU, versions, git commit, time",
-}  # fmt: skip
+    "ratio": "pipeline / model only",
+    "machine": "CPU, cores, GPU, versions, git commit, time",
+}
 TRAIN_FIELDS = {
-    **FIELDS, "steps": "timed steps per measurement", "towers": "LoRA towers", "train_images": "train split size",
-    "classes": "class prompts per step", "loader_only": "images/s the loader alone delivers",
+    **FIELDS,
+    "steps": "timed steps per measurement",
+    "towers": "LoRA towers",
+    "train_images": "train split size",
+    "classes": "class prompts per step",
+    "loader_only": "images/s the loader alone delivers",
     "baseline": "run_clip.py-style recipe: images/s, flops_per_step, TFLOP/s, MFU, peak_memory",
     "speedup_vs_baseline": "pipeline / baseline images/s, both with their data",
-}  # fmt: skip
+}
 ZERO_SHOT_FIELDS = {
-    **FIELDS, "batches": "timed batches", "images": "images timed with the pipeline",
+    **FIELDS,
+    "batches": "timed batches",
+    "images": "images timed with the pipeline",
     "split_encode": "a whole split encoded end to end: split, images, seconds, images_per_s",
-}  # fmt: skip
+}
 MACHINE_FIELDS = ("cpu", "cores", "gpu", "gpu_memory_bytes", "cuda", "versions", "git_commit", "created")
 # Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets (their "with sparsity" figures halved),
 # matched against torch.cuda.get_device_name(). Order matters (NVL/PCIe before the SXM forms); a name
@@ -182,8 +195,12 @@ def machine(device: str) -> dict:
 def peaks(device: str, dtype: torch.dtype) -> dict:
     """The two MFU denominators: the datasheet peak (None on a CPU or an unknown GPU) and a measured matmul."""
     spec, source = spec_peak_tflops(device_name(device))
-    return {"spec_peak_tflops": spec, "spec_peak_source": source,
-            "matmul_tflops": measured_matmul_tflops(device, dtype), "matmul_dtype": str(dtype)}  # fmt: skip
+    return {
+        "spec_peak_tflops": spec,
+        "spec_peak_source": source,
+        "matmul_tflops": measured_matmul_tflops(device, dtype),
+        "matmul_dtype": str(dtype),
+    }
 
 
 def variant(
@@ -221,14 +238,20 @@ def caption_dataset(split, taxonomy, text_type: str, template: str, tokenizer, p
     """``run_clip.py``'s data: one caption per image (its class prompt), tokenised once with ``map`` and
     padded to the maximum length (77), images decoded by Pillow in ``set_transform`` and preprocessed there, on
     the CPU, as the backbone's ``preprocess`` config says."""
-    image_transform = T.Compose([
-        T.Resize(preprocess.resize_size, interpolation=T.InterpolationMode(preprocess.interpolation)),
-        T.CenterCrop(preprocess.size), T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std),
-    ])  # fmt: skip
+    image_transform = T.Compose(
+        [
+            T.Resize(preprocess.resize_size, interpolation=T.InterpolationMode(preprocess.interpolation)),
+            T.CenterCrop(preprocess.size),
+            T.ToTensor(),
+            T.Normalize(preprocess.mean, preprocess.std),
+        ]
+    )
 
     captions = [p for [p] in class_prompts(taxonomy, text_type, [template])]
-    split = split.map(lambda b: tokenizer([captions[i] for i in b["label"]], padding="max_length", max_length=77,
-                                          truncation=True), batched=True)  # fmt: skip
+    split = split.map(
+        lambda b: tokenizer([captions[i] for i in b["label"]], padding="max_length", max_length=77, truncation=True),
+        batched=True,
+    )
 
     def transform(batch: dict) -> dict:
         batch["pixel_values"] = [image_transform(image.convert("RGB")) for image in batch["image"]]
@@ -293,25 +316,33 @@ def table_rows(result: dict) -> list[str]:
         f, eff = r[key], r[key].get("efficiency") or {}
         mem = f.get("peak_memory")
         memory = f"{mem['bytes'] / 2**30:.2f} GiB ({mem['kind']})" if mem else ""
-        rows.append(f"| {r['benchmark']} | {label} | {setup} | {_machine(r['machine'])} | {_num(f['images_per_s'])} | "
-                    f"{_num(eff.get('tflops_per_s'))} | {_pct(eff.get('mfu_spec'))} | {_pct(eff.get('mfu_matmul'))} | {memory} |")  # fmt: skip
+        rows.append(
+            f"| {r['benchmark']} | {label} | {setup} | {_machine(r['machine'])} | {_num(f['images_per_s'])} | "
+            f"{_num(eff.get('tflops_per_s'))} | {_pct(eff.get('mfu_spec'))} | {_pct(eff.get('mfu_matmul'))} | {memory} |"
+        )
     return rows
 
 
 def notes(result: dict) -> str:
     """One bullet of what a result file measured besides the rows: FLOPs, peaks, ratios, split time."""
     r = result
-    parts = [f"{_num(r['flops_per_step'] / 1e9)} GFLOP per {r['step']} (FlopCounterMode)",
-             f"spec peak: {_num(r['spec_peak_tflops'])} TFLOP/s ({r['spec_peak_source']})",
-             f"measured {r['matmul_dtype'].removeprefix('torch.')} matmul: {_num(r['matmul_tflops'])} TFLOP/s",
-             f"with data / model only: {r['ratio']:.2f}"]  # fmt: skip
+    parts = [
+        f"{_num(r['flops_per_step'] / 1e9)} GFLOP per {r['step']} (FlopCounterMode)",
+        f"spec peak: {_num(r['spec_peak_tflops'])} TFLOP/s ({r['spec_peak_source']})",
+        f"measured {r['matmul_dtype'].removeprefix('torch.')} matmul: {_num(r['matmul_tflops'])} TFLOP/s",
+        f"with data / model only: {r['ratio']:.2f}",
+    ]
     if "baseline" in r:
-        parts.append(f"baseline: {_num(r['baseline']['flops_per_step'] / 1e9)} GFLOP per step; this project with "
-                     f"data / baseline with data: {r['speedup_vs_baseline']:.2f}×")  # fmt: skip
+        parts.append(
+            f"baseline: {_num(r['baseline']['flops_per_step'] / 1e9)} GFLOP per step; this project with "
+            f"data / baseline with data: {r['speedup_vs_baseline']:.2f}×"
+        )
     if "split_encode" in r:
         e = r["split_encode"]
-        parts.append(f"whole {e['split']} split ({e['images']:,} images) encoded in {e['seconds']:.1f} s end to end"
-                     f" ({15600 * e['seconds'] / e['images']:.1f} s per 15.6k images at that rate)")  # fmt: skip
+        parts.append(
+            f"whole {e['split']} split ({e['images']:,} images) encoded in {e['seconds']:.1f} s end to end"
+            f" ({15600 * e['seconds'] / e['images']:.1f} s per 15.6k images at that rate)"
+        )
     return (
         f"- {r['benchmark']} ({r['machine']['created']}, commit {r['machine']['git_commit']}): "
         + "; ".join(parts)
@@ -321,8 +352,10 @@ def notes(result: dict) -> str:
 
 def render_table(results: list[dict]) -> str:
     """The README speed table and its notes, from result files."""
-    lines = ["| benchmark | what | setup | machine | images/s | TFLOP/s | MFU (spec peak) | MFU (measured matmul) | peak memory |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| benchmark | what | setup | machine | images/s | TFLOP/s | MFU (spec peak) | MFU (measured matmul) | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for result in results:
         lines += table_rows(result)
     return "\n".join(lines + [""] + [notes(r) for r in results])

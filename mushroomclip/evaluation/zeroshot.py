@@ -47,24 +47,63 @@ class EvaluationArguments:
     """What to evaluate, on which data, and where the results go: the flags of ``evaluate_zero_shot.py`` and the
     keys of its ``--config`` YAML file (flag names with ``_``). Lists are comma-separated, as on the command line."""
 
-    data: str | None = field(default=None, metadata={"help": "prepared data folder (data_scripts/prepare_kaggle.py --output)"})  # fmt: skip
+    data: str | None = field(
+        default=None, metadata={"help": "prepared data folder (data_scripts/prepare_kaggle.py --output)"}
+    )
     split: Split = field(default="test", metadata={"help": "split to evaluate on"})
-    models: str = field(default="clip-b32,bioclip", metadata={"help": "comma-separated model names (see --list-models), hf:<hub id or folder>, or open_clip:<architecture>@<pretrained tag>"})  # fmt: skip
-    text_type: str = field(default="taxon_com", metadata={"help": "comma-separated text types (sci, com, taxon, sci_com, taxon_com) or all, for BioCLIP's text-type ablation"})  # fmt: skip
-    templates: TemplateSet = field(default="openai", metadata={"help": "single: 'a photo of {}.'; openai: the 80 OpenAI ImageNet templates, averaged"})  # fmt: skip
-    output: str = field(default="results", metadata={"help": "folder for zero_shot/, few_shot/, probe/ and summary.md"})  # fmt: skip
+    models: str = field(
+        default="clip-b32,bioclip",
+        metadata={
+            "help": "comma-separated model names (see --list-models), hf:<hub id or folder>, or open_clip:<architecture>@<pretrained tag>"
+        },
+    )
+    text_type: str = field(
+        default="taxon_com",
+        metadata={
+            "help": "comma-separated text types (sci, com, taxon, sci_com, taxon_com) or all, for BioCLIP's text-type ablation"
+        },
+    )
+    templates: TemplateSet = field(
+        default="openai",
+        metadata={"help": "single: 'a photo of {}.'; openai: the 80 OpenAI ImageNet templates, averaged"},
+    )
+    output: str = field(default="results", metadata={"help": "folder for zero_shot/, few_shot/, probe/ and summary.md"})
     shots: str = field(default="1,5", metadata={"help": "SimpleShot k values, comma-separated; empty for none"})
     seeds: int = field(default=5, metadata={"help": "few-shot repetitions (seeds 0..N-1); mean and std reported"})
-    probe: bool = field(default=False, metadata={"help": "also fit a logistic-regression linear probe on frozen train features"})  # fmt: skip
+    probe: bool = field(
+        default=False, metadata={"help": "also fit a logistic-regression linear probe on frozen train features"}
+    )
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes decoding images"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available, bf16 there), cpu, cuda, cuda:1, ..."})  # fmt: skip
-    random_weights: bool = field(default=False, metadata={"help": "real architectures with random weights, no download (benchmarks and offline checks; figures mean nothing)"})  # fmt: skip
-    bootstrap: int = field(default=0, metadata={"help": "bootstrap resamples for 95%% intervals of OA/mF1/mIoU (0: none)"})  # fmt: skip
-    cache_dir: str | None = field(default=None, metadata={"help": "where text and image embeddings are cached; unset: OUTPUT/.cache"})  # fmt: skip
-    taxonomy: str | None = field(default=None, metadata={"help": "species table to use for prompts and safety metrics; must list the same species as the prepared folder's taxonomy.csv"})  # fmt: skip
+    device: str = field(
+        default="auto", metadata={"help": "auto (cuda if available, bf16 there), cpu, cuda, cuda:1, ..."}
+    )
+    random_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "real architectures with random weights, no download (benchmarks and offline checks; figures mean nothing)"
+        },
+    )
+    bootstrap: int = field(
+        default=0, metadata={"help": "bootstrap resamples for 95%% intervals of OA/mF1/mIoU (0: none)"}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "where text and image embeddings are cached; unset: OUTPUT/.cache"}
+    )
+    taxonomy: str | None = field(
+        default=None,
+        metadata={
+            "help": "species table to use for prompts and safety metrics; must list the same species as the prepared folder's taxonomy.csv"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the probe"})
-    include_adapters: str | None = field(default=None, metadata={"metavar": "DIR", "help": "also evaluate every LoRA run in DIR (e.g. runs) trained on exactly this data's species; the others are listed with the reason. A run can also be named in --models as lora:<run folder>"})  # fmt: skip
+    include_adapters: str | None = field(
+        default=None,
+        metadata={
+            "metavar": "DIR",
+            "help": "also evaluate every LoRA run in DIR (e.g. runs) trained on exactly this data's species; the others are listed with the reason. A run can also be named in --models as lora:<run folder>",
+        },
+    )
 
     def __post_init__(self):
         """Checks that need no data or model, so that a typo fails before any download."""
@@ -139,8 +178,13 @@ def support_sizes(train_labels: np.ndarray, eval_labels: np.ndarray, k: int) -> 
     the training and evaluated splits: min, mean, max, and how many classes have fewer than ``k``."""
     classes = np.union1d(train_labels, eval_labels)
     used = np.minimum(np.bincount(train_labels, minlength=classes.max() + 1)[classes], k)
-    return {"min": int(used.min()), "mean": float(used.mean()), "max": int(used.max()),
-            "classes_below_k": int((used < k).sum()), "classes": len(classes)}  # fmt: skip
+    return {
+        "min": int(used.min()),
+        "mean": float(used.mean()),
+        "max": int(used.max()),
+        "classes_below_k": int((used < k).sum()),
+        "classes": len(classes),
+    }
 
 
 def shots_label(k: int, k_used: dict) -> str:
@@ -196,9 +240,14 @@ class EvaluationRun:
     def features(self, backbone: Backbone, name: str, split: str) -> Features:
         """Image features and labels of ``split``, cached under ``--cache-dir``."""
         feats, labels, _ = cached_image_features(
-            backbone, self.splits[split], split_fingerprint(self.args.data, split), self.cache_dir, desc=f"{name} {split}",
-            batch_size=self.args.batch_size, num_workers=self.args.num_workers,
-        )  # fmt: skip
+            backbone,
+            self.splits[split],
+            split_fingerprint(self.args.data, split),
+            self.cache_dir,
+            desc=f"{name} {split}",
+            batch_size=self.args.batch_size,
+            num_workers=self.args.num_workers,
+        )
         return feats, labels
 
     def metrics(self, labels: np.ndarray, scores: np.ndarray, bootstrap: bool = True) -> dict:
@@ -223,8 +272,10 @@ def load_evaluation_data(args: EvaluationArguments) -> EvaluationRun:
     if args.taxonomy:
         override = load_taxonomy(args.taxonomy)
         if override.classes != taxonomy.classes:
-            raise ValueError(f"--taxonomy {args.taxonomy} lists other species than {args.data}/taxonomy.csv, which the "
-                             "prepared label ids index; prepare the data again with --taxonomy instead")  # fmt: skip
+            raise ValueError(
+                f"--taxonomy {args.taxonomy} lists other species than {args.data}/taxonomy.csv, which the "
+                "prepared label ids index; prepare the data again with --taxonomy instead"
+            )
         taxonomy = override
     device = args.resolved_device()
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -272,17 +323,31 @@ def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
         if adapter:
             class_emb = model.classifier.class_embeddings
         else:
-            class_emb, _ = cached_class_text_embeddings(model.backbone, run.taxonomy, text_type, args.templates, run.cache_dir)
+            class_emb, _ = cached_class_text_embeddings(
+                model.backbone, run.taxonomy, text_type, args.templates, run.cache_dir
+            )
         scores = zero_shot_scores(feats, class_emb, model.backbone.logit_scale)
         metrics = run.metrics(labels, scores)
         out = run.output / "zero_shot" / model.name / text_type
-        write_results(out, metrics, run.taxonomy, run.provenance(model=model.name, text_type=text_type), args.seed,
-                      f"{model.name} {text_type}")  # fmt: skip
-        _predictions_table(scores, labels, run.splits[args.split], run.taxonomy.classes).to_parquet(out / "predictions.parquet")
+        write_results(
+            out,
+            metrics,
+            run.taxonomy,
+            run.provenance(model=model.name, text_type=text_type),
+            args.seed,
+            f"{model.name} {text_type}",
+        )
+        _predictions_table(scores, labels, run.splits[args.split], run.taxonomy.classes).to_parquet(
+            out / "predictions.parquet"
+        )
         rows.append(_row(model.name, "LoRA" if adapter else "zero-shot", text_type, metrics))
         templates = f"its own {len(model.classifier.record['templates'])}" if adapter else args.templates
         method = "LoRA adapter" if adapter else "zero-shot"
-        logger.info(format_report(metrics, title=f"\n{model.name} {method} ({text_type}, {templates} templates) on {args.split}"))
+        logger.info(
+            format_report(
+                metrics, title=f"\n{model.name} {method} ({text_type}, {templates} templates) on {args.split}"
+            )
+        )
     return rows
 
 
@@ -290,8 +355,10 @@ def supervised_row(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
     """A supervised run scored by its own head (its "features" are its logits); metrics, figures and
     predictions.parquet under ``supervised/MODEL``."""
     (logits, labels), record = evaluated, model.classifier.record
-    method = (f"supervised ({'pretrained' if record['pretrained'] else 'from scratch'}, "
-              f"{'LoRA' if record['finetune'] == 'lora' else 'full fine-tune'})")  # fmt: skip
+    method = (
+        f"supervised ({'pretrained' if record['pretrained'] else 'from scratch'}, "
+        f"{'LoRA' if record['finetune'] == 'lora' else 'full fine-tune'})"
+    )
     metrics = run.metrics(labels, logits)
     out = run.output / "supervised" / model.name
     write_results(out, metrics, run.taxonomy, run.provenance(model=model.name), run.args.seed, f"{model.name} {method}")
@@ -319,13 +386,30 @@ def few_shot_rows(run: EvaluationRun, name: str, train: Features, evaluated: Fea
         summary = summarise_runs(runs, SUMMARY_KEYS)
         out = run.output / "few_shot" / name / f"k{k}"
         out.mkdir(parents=True, exist_ok=True)
-        save_json(out / "metrics.json", {"model": name, "method": "simpleshot", "k": k, "k_used": k_used,
-                                         "seeds": list(range(args.seeds)), "summary": summary,
-                                         "runs": [{key: r.get(key) for key in SUMMARY_KEYS} for r in runs]})  # fmt: skip
+        save_json(
+            out / "metrics.json",
+            {
+                "model": name,
+                "method": "simpleshot",
+                "k": k,
+                "k_used": k_used,
+                "seeds": list(range(args.seeds)),
+                "summary": summary,
+                "runs": [{key: r.get(key) for key in SUMMARY_KEYS} for r in runs],
+            },
+        )
         method = shots_label(k, k_used)
-        rows.append(_row(name, method, "", {key: v["mean"] for key, v in summary.items()}) | {"std": summary, "k_used": k_used})
-        logger.info(f"{name} SimpleShot {method} over {args.seeds} seeds: "
-                    + "  ".join(f"{key.upper()} {100 * v['mean']:.1f}±{100 * v['std']:.1f}" for key, v in summary.items() if key in ("oa", "mf1", "miou")))  # fmt: skip
+        rows.append(
+            _row(name, method, "", {key: v["mean"] for key, v in summary.items()}) | {"std": summary, "k_used": k_used}
+        )
+        logger.info(
+            f"{name} SimpleShot {method} over {args.seeds} seeds: "
+            + "  ".join(
+                f"{key.upper()} {100 * v['mean']:.1f}±{100 * v['std']:.1f}"
+                for key, v in summary.items()
+                if key in ("oa", "mf1", "miou")
+            )
+        )
     return rows
 
 
@@ -334,8 +418,14 @@ def probe_row(run: EvaluationRun, name: str, train: Features, evaluated: Feature
     (train_feats, train_labels), (feats, labels) = train, evaluated
     scores = linear_probe_scores(train_feats, train_labels, feats, run.num_classes, seed=run.args.seed)
     metrics = run.metrics(labels, scores)
-    write_results(run.output / "probe" / name, metrics, run.taxonomy, run.provenance(model=name), run.args.seed,
-                  f"{name} linear probe")  # fmt: skip
+    write_results(
+        run.output / "probe" / name,
+        metrics,
+        run.taxonomy,
+        run.provenance(model=name),
+        run.args.seed,
+        f"{name} linear probe",
+    )
     logger.info(format_report(metrics, title=f"\n{name} linear probe on {run.args.split}"))
     return _row(name, "linear probe", "", metrics)
 

@@ -53,11 +53,19 @@ REGISTRY: dict[str, ModelSpec] = {
     "clip-b16": ModelSpec("hf", "openai/clip-vit-base-patch16", description="OpenAI CLIP ViT-B/16"),
     "clip-l14": ModelSpec("hf", "openai/clip-vit-large-patch14", description="OpenAI CLIP ViT-L/14"),
     "bioclip": ModelSpec("open_clip", "hf-hub:imageomics/bioclip", description="BioCLIP ViT-B/16 (TreeOfLife-10M)"),
-    "bioclip-2": ModelSpec("open_clip", "hf-hub:imageomics/bioclip-2", description="BioCLIP 2 ViT-L/14 (TreeOfLife-200M)"),
-    "openclip-b32-laion2b": ModelSpec("open_clip", "ViT-B-32", "laion2b_s34b_b79k", description="OpenCLIP ViT-B/32 LAION-2B"),
-    "tiny-clip": ModelSpec("hf", None, description="offline test model: HF CLIPConfig, 2 layers, width 32, random", tiny=True),
-    "tiny-openclip": ModelSpec("open_clip", None, description="offline test model: open_clip ViT, 2 layers, width 32, random", tiny=True),
-}  # fmt: skip
+    "bioclip-2": ModelSpec(
+        "open_clip", "hf-hub:imageomics/bioclip-2", description="BioCLIP 2 ViT-L/14 (TreeOfLife-200M)"
+    ),
+    "openclip-b32-laion2b": ModelSpec(
+        "open_clip", "ViT-B-32", "laion2b_s34b_b79k", description="OpenCLIP ViT-B/32 LAION-2B"
+    ),
+    "tiny-clip": ModelSpec(
+        "hf", None, description="offline test model: HF CLIPConfig, 2 layers, width 32, random", tiny=True
+    ),
+    "tiny-openclip": ModelSpec(
+        "open_clip", None, description="offline test model: open_clip ViT, 2 layers, width 32, random", tiny=True
+    ),
+}
 
 
 MIT_LICENSED = ("openai/clip-vit-", "imageomics/bioclip")  # OpenAI CLIP and BioCLIP (1 and 2): MIT
@@ -178,10 +186,12 @@ def preprocess_from_image_processor(processor: CLIPImageProcessor) -> Preprocess
     short = _size_value(processor.size, "shortest_edge")
     squash = _size_value(processor.size, "height"), _size_value(processor.size, "width")
     return PreprocessConfig(
-        size=crop, resize_size=short or (squash if all(squash) else crop[0]),
+        size=crop,
+        resize_size=short or (squash if all(squash) else crop[0]),
         interpolation=pil_torch_interpolation_mapping[processor.resample].value,
-        mean=tuple(processor.image_mean), std=tuple(processor.image_std),
-    )  # fmt: skip
+        mean=tuple(processor.image_mean),
+        std=tuple(processor.image_std),
+    )
 
 
 def preprocess_from_open_clip(cfg: dict) -> PreprocessConfig:
@@ -194,9 +204,12 @@ def preprocess_from_open_clip(cfg: dict) -> PreprocessConfig:
     # open_clip's eval transform is bicubic unless the config says bilinear ("random" is for training)
     interpolation = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"
     return PreprocessConfig(
-        size=(height, width), resize_size=height if mode == "shortest" else (height, width),
-        interpolation=interpolation, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-    )  # fmt: skip
+        size=(height, width),
+        resize_size=height if mode == "shortest" else (height, width),
+        interpolation=interpolation,
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+    )
 
 
 def _open_clip_preprocess(model, name: str, spec: ModelSpec) -> PreprocessConfig:
@@ -209,19 +222,24 @@ def _open_clip_preprocess(model, name: str, spec: ModelSpec) -> PreprocessConfig
 
 def tiny_image_processor(image_size: int) -> CLIPImageProcessor:
     """OpenAI CLIP's image processor (bicubic, OpenAI mean/std) at another size: for the randomly initialised models."""
-    return CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
 def tiny_clip_config():
     """2 layers, width 32, 32 px images: the offline HF test model (also the shape of ``tiny.yaml``)."""
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     return CLIPConfig(
-        text_config=dict(common, vocab_size=49408, max_position_embeddings=CONTEXT_LENGTH, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        text_config=dict(
+            common,
+            vocab_size=49408,
+            max_position_embeddings=CONTEXT_LENGTH,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
         vision_config=dict(common, image_size=32, patch_size=8),
         projection_dim=32,
-    )  # fmt: skip
+    )
 
 
 def _cache_id(name: str, source: str, weights: str, preprocess) -> str:

@@ -69,10 +69,14 @@ def classes_record(
 ) -> dict:
     """``classes.json``: the class list and prompts, and the base as :func:`base_record` describes it."""
     return {
-        "species": taxonomy.classes, "text_type": text_type, "templates": templates,
-        "taxonomy_sha256": taxonomy.fingerprint, "taxonomy_source": taxonomy.source, **base,
+        "species": taxonomy.classes,
+        "text_type": text_type,
+        "templates": templates,
+        "taxonomy_sha256": taxonomy.fingerprint,
+        "taxonomy_source": taxonomy.source,
+        **base,
         "logit_scale": logit_scale,
-    }  # fmt: skip
+    }
 
 
 @dataclass
@@ -185,8 +189,10 @@ def _check_finite(dir_or_repo: str, weights: bytes, logit_scale: float | None) -
         what = (
             f"{len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]})" if bad else f"logit_scale is {logit_scale}"
         )
-        raise AdapterError(f"{dir_or_repo} is broken: {what}, so every prediction would be NaN; the training "
-                           "diverged: retrain it (e.g. a lower training.learning_rate) or use an earlier checkpoint")  # fmt: skip
+        raise AdapterError(
+            f"{dir_or_repo} is broken: {what}, so every prediction would be NaN; the training "
+            "diverged: retrain it (e.g. a lower training.learning_rate) or use an earlier checkpoint"
+        )
 
 
 def load_classifier(
@@ -211,8 +217,10 @@ def load_classifier(
         raise AdapterError(f"{dir_or_repo} was trained on base model {record['base_model']!r}, not {base!r}")
     if species is not None and list(species) != record["species"]:
         missing = sorted(set(species) - set(record["species"]))[:5]
-        raise AdapterError(f"{dir_or_repo} was trained on other classes ({len(record['species'])} species, this "
-                           f"data's taxonomy has {len(species)}; not among them: {missing or 'same set, other order'})")  # fmt: skip
+        raise AdapterError(
+            f"{dir_or_repo} was trained on other classes ({len(record['species'])} species, this "
+            f"data's taxonomy has {len(species)}; not among them: {missing or 'same set, other order'})"
+        )
     weights = (folder / WEIGHTS_FILE).read_bytes()
     _check_finite(dir_or_repo, weights, record.get("logit_scale"))
     taxonomy_file = folder / "taxonomy.csv"
@@ -221,9 +229,11 @@ def load_classifier(
         raise AdapterError(f"{dir_or_repo}: the taxonomy does not match the one the adapter was trained with")
     base_model = record["base_model"]
     if record.get("base_model_is_folder") and not Path(base_model).is_dir():
-        raise AdapterError(f"{dir_or_repo} was trained on the local model folder {base_model}, which is not on this "
-                           "machine; copy it here, or retrain on a base another machine can load (a Hub id, "
-                           "model.base_hub_id, or a folder written by python -m mushroomclip.models.convert)")  # fmt: skip
+        raise AdapterError(
+            f"{dir_or_repo} was trained on the local model folder {base_model}, which is not on this "
+            "machine; copy it here, or retrain on a base another machine can load (a Hub id, "
+            "model.base_hub_id, or a folder written by python -m mushroomclip.models.convert)"
+        )
     expected_weights = (record.get("base_conversion") or {}).get("weights")
     backbone = load_backbone(backbone_name(base_model, expected_weights), device=device)
     with quiet_peft():

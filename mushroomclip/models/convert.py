@@ -83,9 +83,13 @@ def _check_convertible(model) -> None:
 def _tower_config(transformer, width: int) -> dict:
     block = transformer.resblocks[0]
     return dict(
-        hidden_size=width, intermediate_size=block.mlp.c_fc.out_features, num_hidden_layers=len(transformer.resblocks),
-        num_attention_heads=block.attn.num_heads, hidden_act=_activation(block), layer_norm_eps=block.ln_1.eps,
-    )  # fmt: skip
+        hidden_size=width,
+        intermediate_size=block.mlp.c_fc.out_features,
+        num_hidden_layers=len(transformer.resblocks),
+        num_attention_heads=block.attn.num_heads,
+        hidden_act=_activation(block),
+        layer_norm_eps=block.ln_1.eps,
+    )
 
 
 def hf_config_from_open_clip(model):
@@ -96,9 +100,12 @@ def hf_config_from_open_clip(model):
         patch_size=visual.conv1.kernel_size[0],
     )
     text = _tower_config(model.transformer, model.token_embedding.embedding_dim) | dict(
-        vocab_size=model.token_embedding.num_embeddings, max_position_embeddings=model.positional_embedding.shape[0],
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )  # fmt: skip
+        vocab_size=model.token_embedding.num_embeddings,
+        max_position_embeddings=model.positional_embedding.shape[0],
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
     # projection_dim in the towers too: CLIPVisionModelWithProjection / CLIPTextModelWithProjection read it there
     projection_dim = model.text_projection.shape[1]
     text["projection_dim"] = vision["projection_dim"] = projection_dim
@@ -112,15 +119,23 @@ def _blocks(sd: dict, src: str, dst: str, layers: int) -> dict:
         q, k, v = sd[f"{s}.attn.in_proj_weight"].chunk(3)
         qb, kb, vb = sd[f"{s}.attn.in_proj_bias"].chunk(3)
         out |= {
-            f"{d}.self_attn.q_proj.weight": q, f"{d}.self_attn.k_proj.weight": k, f"{d}.self_attn.v_proj.weight": v,
-            f"{d}.self_attn.q_proj.bias": qb, f"{d}.self_attn.k_proj.bias": kb, f"{d}.self_attn.v_proj.bias": vb,
+            f"{d}.self_attn.q_proj.weight": q,
+            f"{d}.self_attn.k_proj.weight": k,
+            f"{d}.self_attn.v_proj.weight": v,
+            f"{d}.self_attn.q_proj.bias": qb,
+            f"{d}.self_attn.k_proj.bias": kb,
+            f"{d}.self_attn.v_proj.bias": vb,
             f"{d}.self_attn.out_proj.weight": sd[f"{s}.attn.out_proj.weight"],
             f"{d}.self_attn.out_proj.bias": sd[f"{s}.attn.out_proj.bias"],
-            f"{d}.layer_norm1.weight": sd[f"{s}.ln_1.weight"], f"{d}.layer_norm1.bias": sd[f"{s}.ln_1.bias"],
-            f"{d}.layer_norm2.weight": sd[f"{s}.ln_2.weight"], f"{d}.layer_norm2.bias": sd[f"{s}.ln_2.bias"],
-            f"{d}.mlp.fc1.weight": sd[f"{s}.mlp.c_fc.weight"], f"{d}.mlp.fc1.bias": sd[f"{s}.mlp.c_fc.bias"],
-            f"{d}.mlp.fc2.weight": sd[f"{s}.mlp.c_proj.weight"], f"{d}.mlp.fc2.bias": sd[f"{s}.mlp.c_proj.bias"],
-        }  # fmt: skip
+            f"{d}.layer_norm1.weight": sd[f"{s}.ln_1.weight"],
+            f"{d}.layer_norm1.bias": sd[f"{s}.ln_1.bias"],
+            f"{d}.layer_norm2.weight": sd[f"{s}.ln_2.weight"],
+            f"{d}.layer_norm2.bias": sd[f"{s}.ln_2.bias"],
+            f"{d}.mlp.fc1.weight": sd[f"{s}.mlp.c_fc.weight"],
+            f"{d}.mlp.fc1.bias": sd[f"{s}.mlp.c_fc.bias"],
+            f"{d}.mlp.fc2.weight": sd[f"{s}.mlp.c_proj.weight"],
+            f"{d}.mlp.fc2.bias": sd[f"{s}.mlp.c_proj.bias"],
+        }
     return out
 
 
@@ -188,9 +203,13 @@ def image_processor_from_open_clip(model):
     except ValueError as err:
         raise ConversionError(str(err)) from None
     return CLIPImageProcessor(
-        size={"shortest_edge": preprocess.resize_size}, crop_size=dict(zip(("height", "width"), preprocess.size)),
-        image_mean=list(preprocess.mean), image_std=list(preprocess.std), resample=3, do_convert_rgb=True,
-    )  # fmt: skip
+        size={"shortest_edge": preprocess.resize_size},
+        crop_size=dict(zip(("height", "width"), preprocess.size)),
+        image_mean=list(preprocess.mean),
+        image_std=list(preprocess.std),
+        resample=3,
+        do_convert_rgb=True,
+    )
 
 
 @torch.inference_mode()
@@ -242,8 +261,12 @@ PREFIX = "convert:"
 
 def recipe(spec, weights: str) -> dict:
     """What a converted folder was made from: the open_clip source, its tag, the converter and the weights."""
-    return {"source": spec.source, "pretrained": spec.pretrained, "converter": CONVERTER_VERSION,
-            "weights": weights_id(weights)}  # fmt: skip
+    return {
+        "source": spec.source,
+        "pretrained": spec.pretrained,
+        "converter": CONVERTER_VERSION,
+        "weights": weights_id(weights),
+    }
 
 
 def read_recipe(folder: str | Path) -> dict | None:
@@ -291,8 +314,10 @@ def converted_folder(base: str, expected_weights: str | None = None) -> Path:
     spec = _spec_of_base(base)
     found = weights_id(open_clip_weights(base, spec))
     if expected_weights is not None and found != expected_weights:
-        logger.warning(f"{base}: the adapter was trained on the weights of {expected_weights}, the source now "
-                       f"has {found}; predictions may differ from the run's metrics")  # fmt: skip
+        logger.warning(
+            f"{base}: the adapter was trained on the weights of {expected_weights}, the source now "
+            f"has {found}; predictions may differ from the run's metrics"
+        )
     key = hashlib.sha256(f"{spec.source}|{spec.pretrained}|{CONVERTER_VERSION}|{found}".encode()).hexdigest()[:16]
     folder = converted_cache() / key
     if read_recipe(folder) is not None:
@@ -318,8 +343,13 @@ def converted_card(rec: dict):
     title = repo or f"open_clip {source} ({rec.get('pretrained')})"
     named = f"[{repo}](https://huggingface.co/{repo})" if repo else f"`{title}`"
     license_ = known_license(source)
-    data = ModelCardData(base_model=repo, library_name="transformers", license=license_ or "other",
-                         pipeline_tag="zero-shot-image-classification", tags=["clip", "open_clip", "mushroomclip"])  # fmt: skip
+    data = ModelCardData(
+        base_model=repo,
+        library_name="transformers",
+        license=license_ or "other",
+        pipeline_tag="zero-shot-image-classification",
+        tags=["clip", "open_clip", "mushroomclip"],
+    )
     terms = (
         f"the {license_.upper()} license, as the source" if license_ else "the source model's license (see its card)"
     )
@@ -358,12 +388,18 @@ def push_converted(folder: str | Path, repo_id: str, private: bool = False, api=
         card.write_text(card.read_text().replace("REPO_ID", repo_id))
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model",
-                              commit_message=f"{folder.name}: converted with mushroomclip.models.convert")  # fmt: skip
+            api.upload_folder(
+                folder_path=staging,
+                repo_id=repo_id,
+                repo_type="model",
+                commit_message=f"{folder.name}: converted with mushroomclip.models.convert",
+            )
         except upload_errors() as err:
             cause = (str(err).strip().splitlines() or [""])[0][:200]
-            raise PushError(f"could not push {folder} to {repo_id} ({type(err).__name__}: {cause}); check the "
-                            "network and the login (HF_TOKEN or hf auth login)") from None  # fmt: skip
+            raise PushError(
+                f"could not push {folder} to {repo_id} ({type(err).__name__}: {cause}); check the "
+                "network and the login (HF_TOKEN or hf auth login)"
+            ) from None
     return str(url)
 
 

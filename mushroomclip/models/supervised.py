@@ -57,12 +57,19 @@ class SupervisedModel:
 def tiny_resnet_config(classes: list[str]):
     """Two basic-block stages of width 16/32 on 32 px images: the offline test model (``tiny-resnet``)."""
     id2label, label2id = _label_maps(classes)
-    return ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
-                        id2label=id2label, label2id=label2id)  # fmt: skip
+    return ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32],
+        depths=[1, 1],
+        layer_type="basic",
+        id2label=id2label,
+        label2id=label2id,
+    )
 
 
-TINY_PREPROCESS = PreprocessConfig(size=(32, 32), resize_size=36, interpolation="bicubic", mean=IMAGENET_MEAN,
-                                   std=IMAGENET_STD)  # fmt: skip
+TINY_PREPROCESS = PreprocessConfig(
+    size=(32, 32), resize_size=36, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD
+)
 
 
 def _label_maps(classes: list[str]) -> tuple[dict, dict]:
@@ -80,8 +87,9 @@ def build_classifier(base: str, classes: list[str], pretrained: bool = True) -> 
     """
     if base == TINY_RESNET:
         if pretrained:
-            raise ModelLoadError(f"{TINY_RESNET} is a random test model without pretrained weights; set "
-                                 "model.pretrained: false")  # fmt: skip
+            raise ModelLoadError(
+                f"{TINY_RESNET} is a random test model without pretrained weights; set model.pretrained: false"
+            )
         torch.manual_seed(0)  # the same random backbone in every process and on reload (LoRA runs rely on it)
         model = AutoModelForImageClassification.from_config(tiny_resnet_config(classes), dtype=torch.float32)
         record = {"base_model": TINY_RESNET, "pretrained": False, "weights": "random (seed 0)"}
@@ -143,19 +151,26 @@ def _pretrained_model(base: str, config, local_only: bool):
     hf_logging.set_verbosity_error()  # its load report would call the new head a problem; we check it below
     try:
         model, info = AutoModelForImageClassification.from_pretrained(
-            base, config=config, ignore_mismatched_sizes=True, output_loading_info=True,
-            local_files_only=local_only, dtype=torch.float32,
-        )  # fmt: skip
+            base,
+            config=config,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            local_files_only=local_only,
+            dtype=torch.float32,
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     head = tuple(f"{name}." for name in head_modules(model))
     problems = [
         *(f"lacks {k}" for k in sorted(info["missing_keys"]) if not k.startswith(head)),
-        *(f"has {k} of shape {tuple(a)}, not {tuple(b)}" for k, a, b in sorted(info["mismatched_keys"])
-          if not k.startswith(head)),
+        *(
+            f"has {k} of shape {tuple(a)}, not {tuple(b)}"
+            for k, a, b in sorted(info["mismatched_keys"])
+            if not k.startswith(head)
+        ),
         *(f"has the unexpected tensor {k}" for k in sorted(info["unexpected_keys"])),
         *info.get("error_msgs", []),
-    ]  # fmt: skip
+    ]
     if problems:
         listed = "; ".join(problems[:3]) + (f"; ... ({len(problems)} in all)" if len(problems) > 3 else "")
         problem = f"its weight file ({_weight_file_name(base)}) does not fit its config.json: {listed}"
@@ -209,8 +224,10 @@ def preprocess_from_processor(processor, base: str = "") -> PreprocessConfig:
         size, crop_pct = data["input_size"][-1], data.get("crop_pct") or 0.875
         resize = math.floor(size / crop_pct)
         if data.get("crop_mode", "center") not in ("center", "squash"):
-            raise ModelLoadError(f"could not load model {base!r}: its crop_mode {data['crop_mode']!r} is not supported "
-                                 "(center and squash are)")  # fmt: skip
+            raise ModelLoadError(
+                f"could not load model {base!r}: its crop_mode {data['crop_mode']!r} is not supported "
+                "(center and squash are)"
+            )
         resize = (resize, resize) if data.get("crop_mode") == "squash" else resize
         interpolation, mean, std = data["interpolation"], data["mean"], data["std"]
     else:
@@ -226,14 +243,20 @@ def preprocess_from_processor(processor, base: str = "") -> PreprocessConfig:
         elif height and width:
             size, resize = crop or min(height, width), (height, width)
         else:
-            raise ModelLoadError(f"could not load model {base!r}: its image processor gives no image size "
-                                 f"({processor.size})")  # fmt: skip
+            raise ModelLoadError(
+                f"could not load model {base!r}: its image processor gives no image size ({processor.size})"
+            )
         resample = PILImageResampling(processor.resample if processor.resample is not None else 3)  # bicubic
         interpolation = pil_torch_interpolation_mapping[resample].value
         mean, std = processor.image_mean, processor.image_std
     try:
-        return PreprocessConfig(size=(int(size), int(size)), resize_size=resize, interpolation=interpolation,
-                                mean=tuple(map(float, mean)), std=tuple(map(float, std)))  # fmt: skip
+        return PreprocessConfig(
+            size=(int(size), int(size)),
+            resize_size=resize,
+            interpolation=interpolation,
+            mean=tuple(map(float, mean)),
+            std=tuple(map(float, std)),
+        )
     except ValueError as err:  # an interpolation the uint8 pipeline has not
         raise ModelLoadError(f"could not load model {base!r}: {err}") from None
 
@@ -245,8 +268,13 @@ def preprocess_record(preprocess: PreprocessConfig) -> dict:
 
 def preprocess_from_record(record: dict) -> PreprocessConfig:
     resize = record["resize_size"]
-    return PreprocessConfig(size=tuple(record["size"]), resize_size=resize if isinstance(resize, int) else tuple(resize),
-                            interpolation=record["interpolation"], mean=tuple(record["mean"]), std=tuple(record["std"]))  # fmt: skip
+    return PreprocessConfig(
+        size=tuple(record["size"]),
+        resize_size=resize if isinstance(resize, int) else tuple(resize),
+        interpolation=record["interpolation"],
+        mean=tuple(record["mean"]),
+        std=tuple(record["std"]),
+    )
 
 
 # --- LoRA ----------------------------------------------------------------------------------------
@@ -257,10 +285,11 @@ def lora_targets(model: nn.Module) -> list[str]:
     Depthwise convolutions (ConvNeXt's) are left out: peft cannot merge them and they hold few weights."""
     head = tuple(head_modules(model))
     return [
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1))
         and not name.startswith(head)
-    ]  # fmt: skip
+    ]
 
 
 def add_classifier_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str] | None = None):
@@ -270,8 +299,13 @@ def add_classifier_lora(model: nn.Module, r: int, alpha: int, dropout: float, ta
     BatchNorm layers of the frozen backbone keep normalising with their pretrained statistics in training too
     (:func:`freeze_batch_norm`), so the saved adapter reproduces exactly the model that was validated.
     """
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=target_modules or lora_targets(model), modules_to_save=head_modules(model))  # fmt: skip
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules or lora_targets(model),
+        modules_to_save=head_modules(model),
+    )
     freeze_batch_norm(model)
     with quiet_peft():
         return get_peft_model(model, config)
@@ -297,9 +331,15 @@ def supervised_record(taxonomy: Taxonomy, built: SupervisedModel, finetune: str)
     """``classes.json`` of a supervised run (the trainer adds ``trained_species``): classes, taxonomy hash, base
     (pretrained or from scratch, which weights), how it was fine-tuned (``full`` or ``lora``) and its
     preprocessing, which loading it back needs."""
-    return {"model_type": MODEL_TYPE, "species": taxonomy.classes, "taxonomy_sha256": taxonomy.fingerprint,
-            "taxonomy_source": taxonomy.source, **built.record, "finetune": finetune,
-            "preprocess": preprocess_record(built.preprocess)}  # fmt: skip
+    return {
+        "model_type": MODEL_TYPE,
+        "species": taxonomy.classes,
+        "taxonomy_sha256": taxonomy.fingerprint,
+        "taxonomy_source": taxonomy.source,
+        **built.record,
+        "finetune": finetune,
+        "preprocess": preprocess_record(built.preprocess),
+    }
 
 
 def save_classifier(run_dir: str | Path, model: nn.Module, record: dict, taxonomy: Taxonomy) -> None:
@@ -317,8 +357,9 @@ class SupervisedClassifier(Classifier):
     :class:`~mushroomclip.models.classifier.Classifier` (``classes``, ``taxonomy``, ``pixels``, ``logits``,
     ``predict``, ``ranked``); its logits are the network's own."""
 
-    def __init__(self, model: nn.Module, record: dict, taxonomy: Taxonomy, name: str, cache_id: str,
-                 device: str = "cpu"):  # fmt: skip
+    def __init__(
+        self, model: nn.Module, record: dict, taxonomy: Taxonomy, name: str, cache_id: str, device: str = "cpu"
+    ):
         self.model, self.record, self.taxonomy = model.eval(), record, taxonomy
         self.classes: list[str] = record["species"]
         self.name, self.cache_id = name, cache_id  # cache_id: keys evaluation's on-disk caches
@@ -349,8 +390,9 @@ class SupervisedClassifier(Classifier):
         return self.logits(pixels)
 
 
-def load_supervised_classifier(dir_or_repo: str, base: str | None = None, species: list[str] | None = None,
-                               device: str = "cpu") -> SupervisedClassifier:  # fmt: skip
+def load_supervised_classifier(
+    dir_or_repo: str, base: str | None = None, species: list[str] | None = None, device: str = "cpu"
+) -> SupervisedClassifier:
     """A supervised run folder (or Hub repo) as a classifier: a full fine-tune's ``config.json`` +
     ``model.safetensors``, or a LoRA adapter on its base, rebuilt as the run recorded it. ``base`` / ``species``,
     when given, must be what it was trained with."""
@@ -358,18 +400,24 @@ def load_supervised_classifier(dir_or_repo: str, base: str | None = None, specie
     record_path = folder / CLASSES_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if record.get("model_type") != MODEL_TYPE:
-        raise AdapterError(f"{dir_or_repo} is not a supervised MushroomCLIP run: its {CLASSES_FILE} is missing or "
-                           f"not of model_type {MODEL_TYPE}")  # fmt: skip
+        raise AdapterError(
+            f"{dir_or_repo} is not a supervised MushroomCLIP run: its {CLASSES_FILE} is missing or "
+            f"not of model_type {MODEL_TYPE}"
+        )
     if base is not None and base != record["base_model"]:
         raise AdapterError(f"{dir_or_repo} was trained on base model {record['base_model']!r}, not {base!r}")
     if species is not None and list(species) != record["species"]:
-        raise AdapterError(f"{dir_or_repo} was trained on other classes ({len(record['species'])} species, this "
-                           f"data's taxonomy has {len(species)})")  # fmt: skip
+        raise AdapterError(
+            f"{dir_or_repo} was trained on other classes ({len(record['species'])} species, this "
+            f"data's taxonomy has {len(species)})"
+        )
     lora = record.get("finetune") == "lora"
     weights_file = folder / (ADAPTER_WEIGHTS if lora else FULL_WEIGHTS)
     if not weights_file.is_file() or not (folder / ("adapter_config.json" if lora else "config.json")).is_file():
-        raise AdapterError(f"{dir_or_repo} is incomplete: a {'LoRA' if lora else 'full'} fine-tune needs "
-                           f"{weights_file.name} and {'adapter_config.json' if lora else 'config.json'}")  # fmt: skip
+        raise AdapterError(
+            f"{dir_or_repo} is incomplete: a {'LoRA' if lora else 'full'} fine-tune needs "
+            f"{weights_file.name} and {'adapter_config.json' if lora else 'config.json'}"
+        )
     weights = weights_file.read_bytes()
     _check_finite(dir_or_repo, weights, None)
     taxonomy_file = folder / "taxonomy.csv"
@@ -382,10 +430,13 @@ def load_supervised_classifier(dir_or_repo: str, base: str | None = None, specie
         with quiet_peft():
             model = PeftModel.from_pretrained(base, str(folder))
     else:
-        model, info = AutoModelForImageClassification.from_pretrained(folder, output_loading_info=True,
-                                                                      dtype=torch.float32)  # fmt: skip
+        model, info = AutoModelForImageClassification.from_pretrained(
+            folder, output_loading_info=True, dtype=torch.float32
+        )
         if info["missing_keys"]:
-            raise AdapterError(f"{dir_or_repo} is broken: {FULL_WEIGHTS} lacks {len(info['missing_keys'])} tensors "
-                               f"of its config.json (e.g. {sorted(info['missing_keys'])[0]})")  # fmt: skip
+            raise AdapterError(
+                f"{dir_or_repo} is broken: {FULL_WEIGHTS} lacks {len(info['missing_keys'])} tensors "
+                f"of its config.json (e.g. {sorted(info['missing_keys'])[0]})"
+            )
     cache_id = f"supervised:{hashlib.sha256(weights).hexdigest()[:16]}"  # a retrained run never reuses stale caches
     return SupervisedClassifier(model, record, taxonomy, f"supervised-{folder.name}", cache_id, device)

@@ -49,9 +49,11 @@ def run_thresholds(run_dir: str | Path | None) -> Thresholds:
         return Thresholds()
     source = f"recorded by the run ({path})"
     if "max_danger" in recorded:  # written by mushroomclip.evaluation.selective.SelectiveThreshold.record
-        source += (f"; species threshold chosen on {recorded.get('chosen_on', 'validation')} for a dangerous->edible "
-                   f"rate of at most {100 * recorded['max_danger']:g}% (coverage there "
-                   f"{100 * recorded['coverage']:.1f}%)")  # fmt: skip
+        source += (
+            f"; species threshold chosen on {recorded.get('chosen_on', 'validation')} for a dangerous->edible "
+            f"rate of at most {100 * recorded['max_danger']:g}% (coverage there "
+            f"{100 * recorded['coverage']:.1f}%)"
+        )
     return Thresholds(float(recorded["species"]), float(recorded["genus"]), source)
 
 
@@ -89,8 +91,16 @@ def fuse_log_probs(log_probs: np.ndarray) -> np.ndarray:
 def top_rows(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, k: int = 5) -> list[Row]:
     """The ``k`` most probable species, most probable first, with name, edibility and lineage."""
     order = np.argsort(-np.asarray(probs), kind="stable")[:k]
-    return [Row(classes[i], float(probs[i]), taxonomy[classes[i]].common_name, taxonomy[classes[i]].edibility,
-                taxonomy.lineage(classes[i])) for i in order]  # fmt: skip
+    return [
+        Row(
+            classes[i],
+            float(probs[i]),
+            taxonomy[classes[i]].common_name,
+            taxonomy[classes[i]].edibility,
+            taxonomy.lineage(classes[i]),
+        )
+        for i in order
+    ]
 
 
 def genus_probabilities(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy) -> dict[str, float]:
@@ -141,9 +151,16 @@ def csv_row(image: str, result: Answer | None = None, error: str = "") -> dict:
     """One CSV row for an image: its answer, or the reason it could not be read."""
     if result is None:
         return dict.fromkeys(CSV_COLUMNS, "") | {"image": image, "error": error}
-    return {"image": image, "answer": result.headline, "kind": result.kind, "probability": f"{result.probability:.4f}",
-            "warning": result.warning or "", "top_species": ";".join(r.species for r in result.rows),
-            "top_probabilities": ";".join(f"{r.probability:.4f}" for r in result.rows), "error": ""}  # fmt: skip
+    return {
+        "image": image,
+        "answer": result.headline,
+        "kind": result.kind,
+        "probability": f"{result.probability:.4f}",
+        "warning": result.warning or "",
+        "top_species": ";".join(r.species for r in result.rows),
+        "top_probabilities": ";".join(f"{r.probability:.4f}" for r in result.rows),
+        "error": "",
+    }
 
 
 def predictions_csv(rows: list[dict], path: str | Path) -> None:

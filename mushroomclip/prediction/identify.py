@@ -27,8 +27,10 @@ ZERO_SHOT_CHOICES = ("zero-shot:bioclip", "zero-shot:clip-b32", "zero-shot:tiny-
 #: (file a run folder holds, loader(dir_or_repo, device) -> Classifier); the first match loads the run.
 #: A Hub repo id (no local folder to inspect) goes to the first loader.
 # (load_classifier also loads a supervised run: a LoRA one holds adapter_config.json, a full fine-tune config.json)
-RUN_LOADERS: list[tuple[str, Callable[..., Classifier]]] = [("adapter_config.json", load_classifier),
-                                                            ("config.json", load_classifier)]  # fmt: skip
+RUN_LOADERS: list[tuple[str, Callable[..., Classifier]]] = [
+    ("adapter_config.json", load_classifier),
+    ("config.json", load_classifier),
+]
 
 
 def zero_shot_classifier(backbone_name: str, device: str = "cpu", text_type: str = "taxon_com") -> Classifier:
@@ -65,8 +67,13 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 def find_runs(folders: list[str | Path]) -> list[str]:
     """Run folders directly under ``folders`` that some loader of :data:`RUN_LOADERS` can read."""
     markers = [marker for marker, _ in RUN_LOADERS]
-    return [str(run) for folder in map(Path, folders) if folder.is_dir() for run in sorted(folder.iterdir())
-            if any((run / m).is_file() for m in markers) and (run / "classes.json").is_file()]  # fmt: skip
+    return [
+        str(run)
+        for folder in map(Path, folders)
+        if folder.is_dir()
+        for run in sorted(folder.iterdir())
+        if any((run / m).is_file() for m in markers) and (run / "classes.json").is_file()
+    ]
 
 
 def identify(

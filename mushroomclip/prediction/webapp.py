@@ -14,8 +14,14 @@ from pathlib import Path
 from mushroomclip.prediction.answer import Answer
 from mushroomclip.prediction.identify import identify, load_model
 
-EDIBILITY_COLOURS = {"deadly": "#7f0000", "poisonous": "#c62828", "psychoactive": "#6a1b9a", "edible": "#2e7d32",
-                     "inedible": "#6d4c41", "unknown": "#616161"}  # fmt: skip
+EDIBILITY_COLOURS = {
+    "deadly": "#7f0000",
+    "poisonous": "#c62828",
+    "psychoactive": "#6a1b9a",
+    "edible": "#2e7d32",
+    "inedible": "#6d4c41",
+    "unknown": "#616161",
+}
 DISCLAIMER = "A model's guess, not an identification: check with an expert before eating any wild mushroom."
 RANKS_SHOWN = ("kingdom", "phylum", "class", "order", "family", "genus")
 
@@ -27,8 +33,10 @@ def answer_html(result: Answer | None, problems: list[str], model: str) -> str:
     if result is None:
         return "".join(parts) or '<div class="mc-problems">No photo given: upload, paste or take one.</div>'
     if result.warning:
-        parts.append(f'<div class="mc-warning" style="background:#b71c1c;color:#fff;padding:12px;border-radius:8px;'
-                     f'font-size:1.15em;font-weight:bold">⚠ {esc(result.warning)}</div>')  # fmt: skip
+        parts.append(
+            f'<div class="mc-warning" style="background:#b71c1c;color:#fff;padding:12px;border-radius:8px;'
+            f'font-size:1.15em;font-weight:bold">⚠ {esc(result.warning)}</div>'
+        )
     parts.append(f'<h2 class="mc-headline">{esc(result.headline)}</h2>')
     rows = []
     for row in result.rows:
@@ -42,11 +50,15 @@ def answer_html(result: Answer | None, problems: list[str], model: str) -> str:
             f'<td><span class="mc-badge" style="background:{colour};color:#fff;padding:2px 8px;border-radius:10px">'
             f"{esc(row.edibility)}</span></td><td><small>{lineage}</small></td></tr>"
         )
-    parts.append('<table class="mc-top"><tr><th>species</th><th>probability</th><th>edibility</th>'
-                 f'<th>lineage (kingdom → genus)</th></tr>{"".join(rows)}</table>')  # fmt: skip
+    parts.append(
+        '<table class="mc-top"><tr><th>species</th><th>probability</th><th>edibility</th>'
+        f"<th>lineage (kingdom → genus)</th></tr>{''.join(rows)}</table>"
+    )
     t = result.thresholds
-    parts.append(f'<p class="mc-thresholds"><small>Model: {esc(model)}. Thresholds: species {100 * t.species:.0f}%, '
-                 f"genus {100 * t.genus:.0f}% ({esc(t.source)}). {DISCLAIMER}</small></p>")  # fmt: skip
+    parts.append(
+        f'<p class="mc-thresholds"><small>Model: {esc(model)}. Thresholds: species {100 * t.species:.0f}%, '
+        f"genus {100 * t.genus:.0f}% ({esc(t.source)}). {DISCLAIMER}</small></p>"
+    )
     return "".join(parts)
 
 
@@ -105,10 +117,14 @@ def build_app(models: list[str], device: str = "cpu"):
         with gr.Tab("Identify"):
             name = gr.Dropdown(value=models[0], label="Model (run folder, Hub adapter or zero-shot)", **choose)
             with gr.Row():
-                files = gr.File(label="Photos of one find (cap, gills, stem): combined into one answer",
-                                file_count="multiple", elem_id="photos")  # fmt: skip
-                snapshot = gr.Image(label="or paste / take a photo", sources=["clipboard", "webcam"],
-                                    type="filepath", image_mode=None)  # fmt: skip
+                files = gr.File(
+                    label="Photos of one find (cap, gills, stem): combined into one answer",
+                    file_count="multiple",
+                    elem_id="photos",
+                )
+                snapshot = gr.Image(
+                    label="or paste / take a photo", sources=["clipboard", "webcam"], type="filepath", image_mode=None
+                )
             button = gr.Button("Identify", variant="primary", elem_id="identify")
             result = gr.HTML(elem_id="answer")
             button.click(on_identify, [name, files, snapshot], result)

@@ -88,8 +88,9 @@ class HierarchyTensors:
     edible: torch.Tensor  # (C,) bool
 
     def to(self, device: torch.device | str) -> HierarchyTensors:
-        return HierarchyTensors(self.lca_distance.to(device), self.lineage.to(device), self.dangerous.to(device),
-                                self.edible.to(device))  # fmt: skip
+        return HierarchyTensors(
+            self.lca_distance.to(device), self.lineage.to(device), self.dangerous.to(device), self.edible.to(device)
+        )
 
 
 def hierarchy_tensors(taxonomy: Taxonomy, device: torch.device | str | None = None) -> HierarchyTensors:
@@ -119,7 +120,9 @@ def hierarchical_soft_loss(
     return -(targets * _log_softmax(logits)).sum(dim=1).mean()
 
 
-def hierarchical_xent_loss(logits: torch.Tensor, labels: torch.Tensor, lineage: torch.Tensor, alpha: float) -> torch.Tensor:
+def hierarchical_xent_loss(
+    logits: torch.Tensor, labels: torch.Tensor, lineage: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """HXE: -sum over the label's lineage of w(C) * log p(C | parent of C), with a flat softmax over the leaves.
 
     p(C | parent) is the summed probability of the leaves under C over that under its parent (the root's is 1).
@@ -159,13 +162,15 @@ LOSSES: dict[str, Callable[[LossInputs], torch.Tensor]] = {
     "class_text": lambda x: class_text_loss(x.image, x.text, x.labels, x.logit_scale),
     "clip": lambda x: clip_loss(x.image, x.text, x.logit_scale),
     "multi_positive": lambda x: multi_positive_loss(x.image, x.text, x.labels, x.logit_scale),
-    "hierarchical_soft": lambda x: hierarchical_soft_loss(x.class_logits(), x.labels, _hierarchy(x).lca_distance,
-                                                          x.context["beta"]),
-    "hierarchical_xent": lambda x: hierarchical_xent_loss(x.class_logits(), x.labels, _hierarchy(x).lineage,
-                                                          x.context["alpha"]),
+    "hierarchical_soft": lambda x: hierarchical_soft_loss(
+        x.class_logits(), x.labels, _hierarchy(x).lca_distance, x.context["beta"]
+    ),
+    "hierarchical_xent": lambda x: hierarchical_xent_loss(
+        x.class_logits(), x.labels, _hierarchy(x).lineage, x.context["alpha"]
+    ),
     # a supervised classifier's own logits (on CLIP's class-prompt logits the same loss is class_text)
     "cross_entropy": lambda x: F.cross_entropy(x.class_logits(), x.labels),
-}  # fmt: skip
+}
 # Losses of images against per-image texts (each image's own class prompt): the trainer encodes those and
 # gathers the whole global batch on every rank; every other loss gets the (C, D) embeddings of all classes.
 PAIRED_LOSSES = frozenset({"clip", "multi_positive"})
@@ -185,5 +190,10 @@ def training_loss(name: str, x: LossInputs) -> torch.Tensor:
 def loss_context(taxonomy: Taxonomy, loss) -> dict:
     """``LossInputs.context`` of a run: its taxonomy, as tensors too, and the loss's hyper-parameters
     (``loss``: the config's :class:`~mushroomclip.config.LossArguments`)."""
-    return {"taxonomy": taxonomy, "hierarchy": hierarchy_tensors(taxonomy), "beta": loss.beta, "alpha": loss.alpha,
-            "danger_weight": loss.danger_weight}  # fmt: skip
+    return {
+        "taxonomy": taxonomy,
+        "hierarchy": hierarchy_tensors(taxonomy),
+        "beta": loss.beta,
+        "alpha": loss.alpha,
+        "danger_weight": loss.danger_weight,
+    }

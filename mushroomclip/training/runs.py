@@ -30,19 +30,47 @@ logger = logging.getLogger(__name__)  # messages from the main process only (the
 
 # Everything training writes at the top of a run folder (checkpoints/ aside), with its model's two files
 # (classifier.run_model_files: the adapter, or a classifier's config and weights); hub.UPLOAD is a subset.
-OUTPUTS = ("classes.json", "taxonomy.csv", "config.yaml", "data.json", "metrics.json", "README.md", "loss_curve.png",
-           "confusion.png")  # fmt: skip
+OUTPUTS = (
+    "classes.json",
+    "taxonomy.csv",
+    "config.yaml",
+    "data.json",
+    "metrics.json",
+    "README.md",
+    "loss_curve.png",
+    "confusion.png",
+)
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_CONFIG = "run_config.yaml"  # the run's resolved config, saved in every checkpoint
 UNTRAINED_METRICS = "untrained_metrics.json"  # the evaluation before training, saved in every checkpoint
-SUMMARY_KEYS = ("oa", "top5", "balanced_acc", "mf1", "miou", "rank_accuracy", "mistake_severity",
-                "dangerous_as_edible", "deadly_recall")  # fmt: skip
+SUMMARY_KEYS = (
+    "oa",
+    "top5",
+    "balanced_acc",
+    "mf1",
+    "miou",
+    "rank_accuracy",
+    "mistake_severity",
+    "dangerous_as_edible",
+    "deadly_recall",
+)
 # Keys that change where and how a run is executed or published, not what it computes: they may differ on
 # --resume (a checkpoint copied to another folder continues there).
-EXECUTION_KEYS = {"training": ("output_dir", "report_to", "per_device_eval_batch_size", "activation_checkpointing",
-                              "gradient_checkpointing", "use_cpu", "dataloader_num_workers",
-                              "dataloader_persistent_workers"), "data": ("num_workers",),
-                  "run": ("resume", "overwrite"), "hub": ("push", "repo_id", "private")}  # fmt: skip
+EXECUTION_KEYS = {
+    "training": (
+        "output_dir",
+        "report_to",
+        "per_device_eval_batch_size",
+        "activation_checkpointing",
+        "gradient_checkpointing",
+        "use_cpu",
+        "dataloader_num_workers",
+        "dataloader_persistent_workers",
+    ),
+    "data": ("num_workers",),
+    "run": ("resume", "overwrite"),
+    "hub": ("push", "repo_id", "private"),
+}
 UNSET = "unset"  # how a key that one config sets and the other does not is shown
 
 
@@ -96,20 +124,26 @@ def check_run_folder(run_dir: str | Path, config: dict, resume: bool, overwrite:
     if overwrite or not (finished or checkpoints):
         return
     if finished:
-        raise RunFolderError(f"{run_dir} holds a finished run; start it over with --overwrite (deletes its "
-                             "checkpoints and results) or set training.output_dir")  # fmt: skip
+        raise RunFolderError(
+            f"{run_dir} holds a finished run; start it over with --overwrite (deletes its "
+            "checkpoints and results) or set training.output_dir"
+        )
     complete = [c for c in checkpoints if (c / "trainer_state.json").is_file()]  # Trainer writes it last
     where = f"{run_dir} holds a run stopped at {(complete or checkpoints)[-1].name}"
     if not resume:
-        raise RunFolderError(f"{where}; continue it with --resume, start it over with --overwrite "
-                             "(deletes its checkpoints and results), or set training.output_dir")  # fmt: skip
+        raise RunFolderError(
+            f"{where}; continue it with --resume, start it over with --overwrite "
+            "(deletes its checkpoints and results), or set training.output_dir"
+        )
     if not complete:
         return  # only checkpoints cut off while saving: --resume removes them and starts from scratch
     recorded = _recorded_config(complete[-1])
     changed = _differences(recorded, config) if recorded is not None else ["its config is not recorded"]
     if changed:
-        raise RunFolderError(f"{where} with another config ({'; '.join(changed[:3])}); --resume continues only the "
-                             "same run: use --overwrite to start over, or another training.output_dir")  # fmt: skip
+        raise RunFolderError(
+            f"{where} with another config ({'; '.join(changed[:3])}); --resume continues only the "
+            "same run: use --overwrite to start over, or another training.output_dir"
+        )
 
 
 def clear_run_outputs(run_dir: str | Path) -> None:
@@ -194,8 +228,17 @@ def metrics_summary(metrics: dict | None) -> dict | None:
     return {k: metrics.get(k) for k in SUMMARY_KEYS} if metrics else None
 
 
-def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Trainer, taxonomy, templates: list[str],
-                     precision: str, splits, base: dict) -> None:  # fmt: skip
+def write_run_folder(
+    run_dir: Path,
+    cfg: TrainConfig,
+    result: dict,
+    trainer: Trainer,
+    taxonomy,
+    templates: list[str],
+    precision: str,
+    splits,
+    base: dict,
+) -> None:
     """Adapter (or a classifier's weights), classes.json, taxonomy, resolved config, data.json, metrics.json,
     figures and model card; ``splits`` are the data's splits and ``base`` the run's
     :func:`mushroomclip.models.classifier.base_record` (a supervised run's whole classes.json record)."""
@@ -222,8 +265,13 @@ def write_run_folder(run_dir: Path, cfg: TrainConfig, result: dict, trainer: Tra
     splits = ("validation_best", "test", "validation_untrained", "test_untrained")
     record = {name: metrics_summary(result[name]) for name in splits}
     train_losses, eval_mious = history_from_log(trainer.state.log_history)
-    record |= {"global_step": trainer.state.global_step, "precision": precision, "processes": trainer.args.world_size,
-               "loss_history": train_losses, "eval_history": eval_mious}  # fmt: skip
+    record |= {
+        "global_step": trainer.state.global_step,
+        "precision": precision,
+        "processes": trainer.args.world_size,
+        "loss_history": train_losses,
+        "eval_history": eval_mious,
+    }
     save_json(run_dir / "metrics.json", record | run_provenance(cfg.to_dict(), cfg.training.seed))
     save_loss_curve(train_losses, eval_mious, run_dir / "loss_curve.png")
     if result["test"] is not None:

@@ -79,24 +79,37 @@ def load_classifier_model(cfg: TrainConfig, taxonomy: Taxonomy) -> SupervisedMod
     return build_classifier(cfg.model.base, taxonomy.classes, cfg.model.pretrained)
 
 
-def build_classifier_trainer(cfg: TrainConfig, built: SupervisedModel, taxonomy: Taxonomy, splits,
-                             checkpoints: Path) -> tuple[ClassifierTrainer, dict]:  # fmt: skip
+def build_classifier_trainer(
+    cfg: TrainConfig, built: SupervisedModel, taxonomy: Taxonomy, splits, checkpoints: Path
+) -> tuple[ClassifierTrainer, dict]:
     """The model (LoRA-wrapped for ``model.finetune: lora``), its trainer and evaluator, and its classes.json record."""
     model = built.model
     if cfg.model.finetune == "lora":
         set_seed(cfg.training.seed)  # LoRA initialisation follows the run's seed
         lora = cfg.lora
         try:
-            model = add_classifier_lora(model, lora.r, lora.alpha, lora.dropout,
-                                        None if lora.target_modules == ["auto"] else lora.target_modules)  # fmt: skip
+            model = add_classifier_lora(
+                model,
+                lora.r,
+                lora.alpha,
+                lora.dropout,
+                None if lora.target_modules == ["auto"] else lora.target_modules,
+            )
         except ValueError as err:  # peft: no layer of that name
-            raise ConfigError(f"lora.target_modules {lora.target_modules}: {err}; [auto] puts LoRA on every "
-                              "linear and convolution layer of the backbone") from None  # fmt: skip
+            raise ConfigError(
+                f"lora.target_modules {lora.target_modules}: {err}; [auto] puts LoRA on every "
+                "linear and convolution layer of the backbone"
+            ) from None
     trainer = ClassifierTrainer(
-        model=model, args=trainer_arguments(cfg.training, checkpoints),
+        model=model,
+        args=trainer_arguments(cfg.training, checkpoints),
         train_dataset=train_images(splits["train"], built.preprocess),  # uint8, normalised on the device
-        eval_dataset=splits["validation"], data_collator=collate, loss_name=cfg.loss.name,
-        loss_context=loss_context(taxonomy, cfg.loss), evaluator=ClassifierEvaluator(built.preprocess, taxonomy),
-        pixel_stats=pixel_stats(built.preprocess), run_config=cfg.to_dict(),
-    )  # fmt: skip
+        eval_dataset=splits["validation"],
+        data_collator=collate,
+        loss_name=cfg.loss.name,
+        loss_context=loss_context(taxonomy, cfg.loss),
+        evaluator=ClassifierEvaluator(built.preprocess, taxonomy),
+        pixel_stats=pixel_stats(built.preprocess),
+        run_config=cfg.to_dict(),
+    )
     return trainer, supervised_record(taxonomy, built, cfg.model.finetune)

@@ -55,8 +55,17 @@ logger = logging.getLogger(__name__)  # progress lines come from the main proces
 class ContrastiveTrainer(Trainer):
     """Trainer whose loss is one of :mod:`mushroomclip.training.losses` and whose evaluation is zero-shot."""
 
-    def __init__(self, *args, class_input_ids: torch.Tensor, loss_name: str, evaluator, pixel_stats=None,
-                 run_config: dict | None = None, loss_context: dict | None = None, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        *args,
+        class_input_ids: torch.Tensor,
+        loss_name: str,
+        evaluator,
+        pixel_stats=None,
+        run_config: dict | None = None,
+        loss_context: dict | None = None,
+        **kwargs,
+    ):
         if kwargs.get("train_dataset") is not None:  # drawn through SeededDrawSampler: see _get_train_sampler
             kwargs["train_dataset"] = SeededDraws(kwargs["train_dataset"])
         super().__init__(*args, **kwargs)
@@ -135,8 +144,11 @@ class ContrastiveTrainer(Trainer):
         if self._non_finite is None and norm is not None and not self.args.fp16 and not math.isfinite(norm):
             self._non_finite = f"the gradient norm is {norm}"
         if self._non_finite is not None:
-            raise TrainingDivergedError(divergence_message(self._non_finite, self.state.global_step + 1,
-                                                           self.args.learning_rate, Path(self.args.output_dir)))  # fmt: skip
+            raise TrainingDivergedError(
+                divergence_message(
+                    self._non_finite, self.state.global_step + 1, self.args.learning_rate, Path(self.args.output_dir)
+                )
+            )
         return norm
 
     def get_decay_parameter_names(self, model) -> list[str]:
@@ -152,7 +164,9 @@ class ContrastiveTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         seed = self.args.seed if self.args.data_seed is None else self.args.data_seed  # as TrainingArguments documents
-        self.train_sampler = SeededDrawSampler(len(self.train_dataset if train_dataset is None else train_dataset), seed)
+        self.train_sampler = SeededDrawSampler(
+            len(self.train_dataset if train_dataset is None else train_dataset), seed
+        )
         return self.train_sampler
 
     def _run_epoch(self, *args, epoch: int, **kwargs):
@@ -186,12 +200,14 @@ class ContrastiveTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         split = self.eval_dataset if eval_dataset is None else eval_dataset
-        return self._get_dataloader(self.evaluator.images(split), "Evaluation", self.args.eval_batch_size,
-                                    sampler_fn=self._get_eval_sampler)  # fmt: skip
+        return self._get_dataloader(
+            self.evaluator.images(split), "Evaluation", self.args.eval_batch_size, sampler_fn=self._get_eval_sampler
+        )
 
     def get_test_dataloader(self, test_dataset):
-        return self._get_dataloader(self.evaluator.images(test_dataset), "test", self.args.eval_batch_size,
-                                    sampler_fn=self._get_eval_sampler)  # fmt: skip
+        return self._get_dataloader(
+            self.evaluator.images(test_dataset), "test", self.args.eval_batch_size, sampler_fn=self._get_eval_sampler
+        )
 
     def evaluation_loop(self, *args, **kwargs):
         model = self.accelerator.unwrap_model(self.model).eval()
@@ -324,8 +340,10 @@ class LabelledPixels(torch.utils.data.Dataset):
 def divergence_message(what: str, step: int, lr: float, checkpoints: Path) -> str:
     kept = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     where = f"the checkpoints before it (up to {kept[-1]}) are kept" if kept else "there is no checkpoint"
-    return (f"training diverged at step {step}: {what}. No adapter, card or metrics were written; {where}. "
-            f"Lower training.learning_rate (now {lr:g}) or raise training.warmup_steps")  # fmt: skip
+    return (
+        f"training diverged at step {step}: {what}. No adapter, card or metrics were written; {where}. "
+        f"Lower training.learning_rate (now {lr:g}) or raise training.warmup_steps"
+    )
 
 
 def trainer_arguments(training: TrainingArguments, checkpoints: Path) -> TrainingArguments:
@@ -376,8 +394,10 @@ def run_taxonomy(data_path: str, taxonomy_file: str | None) -> Taxonomy:
         return taxonomy
     override = load_taxonomy(taxonomy_file)
     if override.classes != taxonomy.classes:
-        raise ConfigError(f"data.taxonomy {taxonomy_file} lists other species than {data_path}/taxonomy.csv, which the "
-                          "prepared label ids index; prepare the data again with --taxonomy instead")  # fmt: skip
+        raise ConfigError(
+            f"data.taxonomy {taxonomy_file} lists other species than {data_path}/taxonomy.csv, which the "
+            "prepared label ids index; prepare the data again with --taxonomy instead"
+        )
     return override
 
 
@@ -386,7 +406,9 @@ def non_finite_weights(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
 
 
-def build_trainer(cfg: TrainConfig, backbone, taxonomy: Taxonomy, splits, base: dict, checkpoints: Path) -> ContrastiveTrainer:
+def build_trainer(
+    cfg: TrainConfig, backbone, taxonomy: Taxonomy, splits, base: dict, checkpoints: Path
+) -> ContrastiveTrainer:
     """LoRA on the base model, and the trainer with its zero-shot evaluator (the run's seed set first: LoRA
     initialisation follows it)."""
     set_seed(cfg.training.seed)
@@ -399,12 +421,18 @@ def build_trainer(cfg: TrainConfig, backbone, taxonomy: Taxonomy, splits, base: 
     class_ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, cfg.data.text_type, [cfg.data.train_template])])
     evaluator = ZeroShotEvaluator(backbone, taxonomy, cfg.data.text_type, templates_for(cfg.data.eval_templates))
     return ContrastiveTrainer(
-        model=model, args=trainer_arguments(cfg.training, checkpoints),
+        model=model,
+        args=trainer_arguments(cfg.training, checkpoints),
         train_dataset=train_images(splits["train"], backbone.preprocess),  # uint8, normalised on the device
-        eval_dataset=splits["validation"], data_collator=collate,
-        class_input_ids=class_ids, loss_name=cfg.loss.name, loss_context=loss_context(taxonomy, cfg.loss), evaluator=evaluator,
-        pixel_stats=pixel_stats(backbone.preprocess), run_config=cfg.to_dict(),
-    )  # fmt: skip
+        eval_dataset=splits["validation"],
+        data_collator=collate,
+        class_input_ids=class_ids,
+        loss_name=cfg.loss.name,
+        loss_context=loss_context(taxonomy, cfg.loss),
+        evaluator=evaluator,
+        pixel_stats=pixel_stats(backbone.preprocess),
+        run_config=cfg.to_dict(),
+    )
 
 
 def train(trainer: ContrastiveTrainer, splits, run_dir: Path, resume: bool, overwrite: bool, test_after: bool) -> dict:
@@ -419,15 +447,19 @@ def train(trainer: ContrastiveTrainer, splits, run_dir: Path, resume: bool, over
         untrained = json.loads(saved.read_text()) if saved.is_file() else {}
         untrained = {"validation": untrained.get("validation"), "test": untrained.get("test")}
     else:
-        untrained = {"validation": trainer.score(splits["validation"]),
-                     "test": trainer.score(splits["test"]) if test_after else None}  # fmt: skip
+        untrained = {
+            "validation": trainer.score(splits["validation"]),
+            "test": trainer.score(splits["test"]) if test_after else None,
+        }
     trainer.untrained = {split: metrics_summary(metrics) for split, metrics in untrained.items()}
     if overwrite and trainer.is_world_process_zero():
         clear_run_outputs(run_dir)
     trainer.train(resume_from_checkpoint=last)
     if bad := non_finite_weights(trainer.model):
-        raise TrainingDivergedError(f"{len(bad)} trained weights are NaN or infinite (e.g. {bad[0]}); nothing was "
-                                    f"written. Lower training.learning_rate (now {trainer.args.learning_rate:g})")  # fmt: skip
+        raise TrainingDivergedError(
+            f"{len(bad)} trained weights are NaN or infinite (e.g. {bad[0]}); nothing was "
+            f"written. Lower training.learning_rate (now {trainer.args.learning_rate:g})"
+        )
     return untrained
 
 
@@ -437,8 +469,13 @@ def evaluate_best(trainer: ContrastiveTrainer, splits, test_after: bool) -> tupl
     test = trainer.score(splits["test"]) if test_after else None
     if logger.isEnabledFor(logging.DEBUG):  # to compare the ranks of a multi-process run
         lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
-        logger.debug("rank %d step %d lora-checksum %.8f val-miou %.6f", trainer.args.process_index,
-                     trainer.state.global_step, lora_sum, best["miou"])  # fmt: skip
+        logger.debug(
+            "rank %d step %d lora-checksum %.8f val-miou %.6f",
+            trainer.args.process_index,
+            trainer.state.global_step,
+            lora_sum,
+            best["miou"],
+        )
     return best, test
 
 
@@ -491,9 +528,16 @@ def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
     untrained = train(trainer, splits, run_dir, cfg.run.resume, cfg.run.overwrite, cfg.run.test_after)
     # 6. Evaluate the best checkpoint on validation and test.
     best, test = evaluate_best(trainer, splits, cfg.run.test_after)
-    result = {"validation_best": best, "test": test, "validation_untrained": untrained["validation"],
-              "test_untrained": untrained["test"], "global_step": trainer.state.global_step,
-              "best_checkpoint": trainer.state.best_model_checkpoint, "model": trainer.model, "push_error": None}  # fmt: skip
+    result = {
+        "validation_best": best,
+        "test": test,
+        "validation_untrained": untrained["validation"],
+        "test_untrained": untrained["test"],
+        "global_step": trainer.state.global_step,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "model": trainer.model,
+        "push_error": None,
+    }
     # 7. Write the run folder, its figures and card (rank 0), then push it if asked.
     if trainer.is_world_process_zero():
         precision = precision_name(trainer.args)
