@@ -151,6 +151,13 @@ class RunArguments:
         metadata={"help": "start over in an output_dir that holds a run: deletes its results and checkpoints"},
     )
     test_after: bool = field(default=True, metadata={"help": "evaluate the best adapter on the test split at the end"})
+    max_danger: float | None = field(
+        default=None,
+        metadata={
+            "help": "selective prediction: on validation, choose the species threshold whose dangerous->edible rate "
+            "is at most this (e.g. 0.001); recorded in metrics.json for predict.py and the app (unset: off)"
+        },
+    )
 
 
 @dataclass
@@ -411,6 +418,12 @@ def _check_ranges(config: TrainConfig) -> None:
             config.data.num_workers,
             config.data.num_workers >= 0,
             "0 (load in the main process) or more",
+        ),
+        (
+            "run.max_danger",
+            config.run.max_danger,
+            config.run.max_danger is None or 0 <= config.run.max_danger < 1,
+            "in [0, 1), e.g. 0.001 (or unset)",
         ),
         ("loss.beta", config.loss.beta, math.isfinite(config.loss.beta) and config.loss.beta > 0, "positive, e.g. 10"),
         (

@@ -114,6 +114,27 @@ def test_a_taxonomy_and_safety_aware_run_writes_a_complete_run_folder(prepared, 
     assert f"loss `{loss}`" in (out / "README.md").read_text()
 
 
+def test_run_max_danger_records_the_validation_chosen_threshold_that_predict_reads(prepared, tmp_path, trained):
+    from mushroomclip.data.splits import load_splits
+    from mushroomclip.prediction.answer import run_thresholds
+
+    out = tmp_path / "selective"
+    overrides = tiny_overrides(prepared[0], out, **{"training.max_steps": 4, "training.eval_steps": 4})
+    result = run_training(load_train_config(ROOT / "configs/tiny.yaml", [*overrides, "run.max_danger=0.05"]))
+    curve, chosen = result["selective"]
+    recorded = json.loads((out / "metrics.json").read_text())["thresholds"]
+    assert recorded == json.loads(json.dumps(chosen.record(genus=0.8)))  # predict.py --csv and the app read it
+    assert recorded["max_danger"] == 0.05 and recorded["chosen_on"] == "validation"
+    assert recorded["images"] == len(load_splits(prepared[0])["validation"])
+    assert (recorded["dangerous_as_edible"] <= 0.05) == chosen.met and 0 <= recorded["coverage"] <= 1
+    assert (out / "risk_coverage.png").is_file()
+    thresholds = run_thresholds(out)
+    assert thresholds.species == recorded["species"] and "dangerous->edible rate of at most 5%" in thresholds.source
+    _, default_run, _, _ = trained  # off by default: the run records no threshold and writes no curve
+    assert "thresholds" not in json.loads((default_run / "metrics.json").read_text())
+    assert not (default_run / "risk_coverage.png").exists()
+
+
 def test_saved_adapter_reloads_with_peft_and_reproduces_logits_exactly(trained, prepared):
     from peft import PeftModel
 

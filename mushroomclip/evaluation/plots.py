@@ -101,8 +101,11 @@ def save_risk_coverage_png(
     for ax in (risk, danger):
         ax.set_xlabel(f"coverage (% of {curve.images} images answered)")
         ax.set_xlim(0, 100)
-        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
+    risk.set_ylim(bottom=0)
+    # the danger axis always shows the target line, also when no dangerous image was answered as edible
+    top = max(float(100 * curve.danger.max()), 100 * chosen.max_danger if chosen is not None else 0.0)
+    danger.set_ylim(0, 1.15 * top if top > 0 else 1)
     if chosen is not None:
         danger.axhline(
             100 * chosen.max_danger, color="grey", linestyle="--", label=f"target {100 * chosen.max_danger:g}%"

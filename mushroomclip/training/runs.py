@@ -20,6 +20,7 @@ from accelerate import PartialState
 from mushroomclip.data.splits import REPORT_NAME
 from mushroomclip.metrics import save_json
 from mushroomclip.models.classifier import run_model_files
+from mushroomclip.prediction.answer import Thresholds
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -38,6 +39,7 @@ OUTPUTS = (
     "metrics.json",
     "README.md",
     "loss_curve.png",
+    "risk_coverage.png",
     "confusion.png",
 )
 CHECKPOINTS = "checkpoints"
@@ -242,7 +244,7 @@ def write_run_folder(
     """Adapter (or a classifier's weights), classes.json, taxonomy, resolved config, data.json, metrics.json,
     figures and model card; ``splits`` are the data's splits and ``base`` the run's
     :func:`mushroomclip.models.classifier.base_record` (a supervised run's whole classes.json record)."""
-    from mushroomclip.evaluation.plots import save_confusion_png, save_loss_curve
+    from mushroomclip.evaluation.plots import save_confusion_png, save_loss_curve, save_risk_coverage_png
     from mushroomclip.hub import model_card
     from mushroomclip.models.classifier import CLASSES_FILE, classes_record
     from mushroomclip.provenance import run_provenance
@@ -272,6 +274,11 @@ def write_run_folder(
         "loss_history": train_losses,
         "eval_history": eval_mious,
     }
+    if result.get("selective") is not None:  # read back by predict.py and the app (prediction.answer.run_thresholds)
+        curve, chosen = result["selective"]
+        record["thresholds"] = chosen.record(genus=Thresholds.genus)
+        save_risk_coverage_png(curve, run_dir / "risk_coverage.png", chosen, title=f"{run_dir.name} validation")
+        logger.info(chosen.summary())
     save_json(run_dir / "metrics.json", record | run_provenance(cfg.to_dict(), cfg.training.seed))
     save_loss_curve(train_losses, eval_mious, run_dir / "loss_curve.png")
     if result["test"] is not None:

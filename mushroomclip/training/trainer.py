@@ -24,6 +24,7 @@ from mushroomclip.config import ConfigError, TrainConfig
 from mushroomclip.data.splits import load_splits, prepared_taxonomy
 from mushroomclip.data.transforms import background_workers, normalize, pixel_stats, train_images
 from mushroomclip.evaluation.features import PreprocessedImages
+from mushroomclip.evaluation.selective import choose_threshold, risk_coverage
 from mushroomclip.metrics import classification_metrics, save_json
 from mushroomclip.models.backbones import load_backbone
 from mushroomclip.models.classifier import backbone_name, base_record
@@ -231,7 +232,7 @@ class ContrastiveTrainer(Trainer):
         metrics = self.evaluator.metrics(prediction.label_ids, prediction.predictions)
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    def score(self, split) -> dict:
+    def score(self, split, keep_scores: bool = False) -> dict | tuple[dict, np.ndarray, np.ndarray]:
         """All metrics of ``split`` (per class and per taxonomic rank too), through the evaluation loop (each
         process scores its share of the images), without logging them."""
         # Not predict(): its on_predict event would send them to wandb/tensorboard as "test" metrics.
@@ -239,7 +240,8 @@ class ContrastiveTrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, ProgressCallback):  # closes the progress bar of the loop
                 callback.on_predict(self.args, self.state, self.control)
-        return self.evaluator.metrics(out.label_ids, out.predictions)
+        metrics = self.evaluator.metrics(out.label_ids, out.predictions)
+        return (metrics, out.label_ids, out.predictions) if keep_scores else metrics
 
 
 def zero_shot_logits(images: torch.Tensor, class_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -463,9 +465,13 @@ def train(trainer: ContrastiveTrainer, splits, run_dir: Path, resume: bool, over
     return untrained
 
 
-def evaluate_best(trainer: ContrastiveTrainer, splits, test_after: bool) -> tuple[dict, dict | None]:
-    """Validation and test metrics of the best checkpoint (Trainer loaded it back at the end of training)."""
-    best = trainer.score(splits["validation"])
+def evaluate_best(
+    trainer: ContrastiveTrainer, splits, test_after: bool, max_danger: float | None = None
+) -> tuple[dict, dict | None, tuple | None]:
+    """Validation and test metrics of the best checkpoint (Trainer loaded it back at the end of training), and with
+    ``max_danger`` its selective-prediction threshold chosen on validation (:func:`selective_threshold`)."""
+    best, labels, scores = trainer.score(splits["validation"], keep_scores=True)
+    selective = selective_threshold(labels, scores, trainer.evaluator.taxonomy, max_danger)
     test = trainer.score(splits["test"]) if test_after else None
     if logger.isEnabledFor(logging.DEBUG):  # to compare the ranks of a multi-process run
         lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
@@ -476,7 +482,21 @@ def evaluate_best(trainer: ContrastiveTrainer, splits, test_after: bool) -> tupl
             lora_sum,
             best["miou"],
         )
-    return best, test
+    return best, test, selective
+
+
+def selective_threshold(labels: np.ndarray, scores: np.ndarray, taxonomy, max_danger: float | None) -> tuple | None:
+    """``(risk-coverage curve, chosen threshold)`` of validation for a dangerous->edible target, or None when no
+    target is set or validation holds no deadly or poisonous image (said in one line)."""
+    if max_danger is None:
+        return None
+    probs = torch.softmax(torch.as_tensor(scores, dtype=torch.float64), dim=1).numpy()
+    try:
+        curve = risk_coverage(probs, labels, taxonomy)
+    except ValueError as err:
+        logger.warning("run.max_danger: no threshold recorded: %s", err)
+        return None
+    return curve, choose_threshold(curve, max_danger)
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -527,7 +547,7 @@ def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
     # 5. Train.
     untrained = train(trainer, splits, run_dir, cfg.run.resume, cfg.run.overwrite, cfg.run.test_after)
     # 6. Evaluate the best checkpoint on validation and test.
-    best, test = evaluate_best(trainer, splits, cfg.run.test_after)
+    best, test, selective = evaluate_best(trainer, splits, cfg.run.test_after, cfg.run.max_danger)
     result = {
         "validation_best": best,
         "test": test,
@@ -536,6 +556,7 @@ def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
         "global_step": trainer.state.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "model": trainer.model,
+        "selective": selective,
         "push_error": None,
     }
     # 7. Write the run folder, its figures and card (rank 0), then push it if asked.
