@@ -24,6 +24,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
+from mushroomclip.data.holdout import HoldoutError, parse_fraction
 from mushroomclip.models.convert import RECIPE_FILE
 from mushroomclip.models.supervised import TINY_RESNET
 from mushroomclip.taxonomy import TEXT_TYPES
@@ -116,6 +117,14 @@ class DataArguments:
     taxonomy: str | None = field(
         default=None, metadata={"help": "a table with the prepared folder's species (e.g. other common names)"}
     )
+    holdout_species: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "open set: species kept out of training and validation, seen only as unknown test images; a "
+            "list of names, or a fraction of the species (e.g. 0.1) drawn with holdout_seed, stratified by edibility"
+        },
+    )
+    holdout_seed: int = field(default=0, metadata={"help": "the draw of a holdout_species fraction"})
 
 
 @dataclass
@@ -311,6 +320,8 @@ def _coerce(value, kind, where: str):
             return float(value)
     if isinstance(value, str) and list in bases:
         return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and list in bases:
+        return [str(value)]  # one number where a list goes (data.holdout_species: 0.1)
     names = " or ".join("null" if b is type(None) else getattr(b, "__name__", str(b)) for b in bases)
     raise ConfigError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")
 
@@ -448,6 +459,10 @@ def _check_ranges(config: TrainConfig) -> None:
         raise ConfigError(
             f"lora.target_modules must be a non-empty list of {', '.join(LORA_MODULES)}, got {lora.target_modules}"
         )
+    try:
+        parse_fraction(config.data.holdout_species)
+    except HoldoutError as err:
+        raise ConfigError(str(err)) from None
     if config.run.resume and config.run.overwrite:
         raise ConfigError("--resume continues the run in training.output_dir and --overwrite deletes it: choose one")
 

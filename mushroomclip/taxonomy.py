@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -156,6 +157,22 @@ class Taxonomy:
     def edibility_of(self, ids: np.ndarray) -> np.ndarray:
         table = np.array([s.edibility for s in self.species])
         return table[np.asarray(ids)]
+
+    def subset(self, labels: list[str] | set[str]) -> Taxonomy:
+        """The table restricted to ``labels`` (in this table's order): its CSV is this one's rows for them, so
+        a run that trains on part of the species writes a table its own class ids index."""
+        keep = set(labels)
+        for label in keep:
+            self.id(label)  # a TaxonomyError naming a label that is not here
+        text = self.raw.decode("utf-8-sig")
+        reader = csv.DictReader(text.splitlines())
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=reader.fieldnames, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(row for row in reader if (row.get("label") or "").strip() in keep)
+        raw = out.getvalue().encode("utf-8")
+        source = f"{self.source} ({len(keep)} of its species)"
+        return Taxonomy(_parse(raw.decode("utf-8"), source), source, raw)
 
     def text(self, label: str, text_type: str) -> str:
         """Renderings used by prompts, named as in BioCLIP's text-type ablation.

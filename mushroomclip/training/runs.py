@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import yaml
 from accelerate import PartialState
 
+from mushroomclip.data.holdout import HOLDOUT_FILE
 from mushroomclip.data.splits import REPORT_NAME
 from mushroomclip.metrics import save_json
 from mushroomclip.models.classifier import run_model_files
@@ -41,6 +42,7 @@ OUTPUTS = (
     "loss_curve.png",
     "risk_coverage.png",
     "confusion.png",
+    HOLDOUT_FILE,
 )
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_CONFIG = "run_config.yaml"  # the run's resolved config, saved in every checkpoint
@@ -264,6 +266,8 @@ def write_run_folder(
     (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     save_json(run_dir / "data.json", describe_data(cfg.data.path, images, trained_species))
+    if result.get("holdout") is not None:  # the species the run never saw: the open-set "unknown" test images
+        save_json(run_dir / HOLDOUT_FILE, result["holdout"].record())
     splits = ("validation_best", "test", "validation_untrained", "test_untrained")
     record = {name: metrics_summary(result[name]) for name in splits}
     train_losses, eval_mious = history_from_log(trainer.state.log_history)

@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import PartialState
+from datasets import DatasetDict
 from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
 
 from mushroomclip.config import ConfigError, TrainConfig
+from mushroomclip.data.holdout import Holdout, apply_holdout
 from mushroomclip.data.splits import load_splits, prepared_taxonomy
 from mushroomclip.data.transforms import background_workers, normalize, pixel_stats, train_images
 from mushroomclip.evaluation.features import PreprocessedImages
@@ -525,23 +527,39 @@ def _load_supervised(cfg: TrainConfig, run_dir: Path):
     run's classes.json record."""
     from mushroomclip.training import supervised  # it builds on this module's trainer
 
-    taxonomy = run_taxonomy(cfg.data.path, cfg.data.taxonomy)
+    taxonomy, splits, holdout = load_run_data(cfg)
     built = supervised.load_classifier_model(cfg, taxonomy)
-    splits = load_splits(cfg.data.path)
     trainer, base = supervised.build_classifier_trainer(cfg, built, taxonomy, splits, run_dir / CHECKPOINTS)
-    return trainer, base, taxonomy, splits
+    return trainer, base, taxonomy, splits, holdout
+
+
+def load_run_data(cfg: TrainConfig) -> tuple[Taxonomy, DatasetDict, Holdout | None]:
+    """The prepared splits and the table their label ids index; with ``data.holdout_species`` the known species'
+    splits and table (what the run trains, validates and tests on) and the held-out images (:mod:`holdout`)."""
+    taxonomy = run_taxonomy(cfg.data.path, cfg.data.taxonomy)
+    splits, holdout = apply_holdout(
+        load_splits(cfg.data.path), taxonomy, cfg.data.holdout_species, cfg.data.holdout_seed
+    )
+    if holdout is not None:
+        logger.info(
+            "data.holdout_species: %d of %d species held out as unknown (%s)",
+            len(holdout.held_out),
+            len(taxonomy),
+            ", ".join(holdout.held_out),
+        )
+        return holdout.known, splits, holdout
+    return taxonomy, splits, None
 
 
 def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
     if cfg.model.type == "supervised":
-        trainer, base, taxonomy, splits = _load_supervised(cfg, run_dir)
+        trainer, base, taxonomy, splits, holdout = _load_supervised(cfg, run_dir)
     else:
         # 2. The base model first: without network this is the error a user should see, before any data work.
         backbone = load_backbone(backbone_name(cfg.model.base), random_weights=cfg.model.random_weights)
         base = base_record(cfg.model.base, cfg.model.base_hub_id)  # resolved once: a convert: base asks the Hub
-        # 3. Data: the prepared splits and the table their label ids index.
-        taxonomy = run_taxonomy(cfg.data.path, cfg.data.taxonomy)
-        splits = load_splits(cfg.data.path)
+        # 3. Data: the prepared splits and the table their label ids index (the known species' with a hold-out).
+        taxonomy, splits, holdout = load_run_data(cfg)
         # 4. LoRA on the base model, the trainer and its zero-shot evaluator.
         trainer = build_trainer(cfg, backbone, taxonomy, splits, base, run_dir / CHECKPOINTS)
     # 5. Train.
@@ -557,6 +575,7 @@ def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "model": trainer.model,
         "selective": selective,
+        "holdout": holdout,
         "push_error": None,
     }
     # 7. Write the run folder, its figures and card (rank 0), then push it if asked.

@@ -1,0 +1,101 @@
+"""Held-out species (open set): which species, chosen how, and that training never sees them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mushroomclip.config import ConfigError, load_train_config
+from mushroomclip.data.holdout import HoldoutError, _allocate, apply_holdout, choose_holdout
+from mushroomclip.data.splits import load_splits, prepared_taxonomy
+from mushroomclip.taxonomy import load_taxonomy
+from tests.test_training import ROOT, tiny_overrides
+
+
+def test_a_fraction_holds_out_a_stratified_seeded_draw_of_the_species():
+    taxonomy = load_taxonomy()
+    held = choose_holdout(taxonomy, ["0.1"], seed=0, present=taxonomy.classes)
+    assert len(held) == 17  # round(0.1 * 169), as the issue states
+    kinds = {taxonomy[c].edibility for c in held}
+    assert {"edible", "poisonous", "deadly"} <= kinds
+    assert held == [c for c in taxonomy.classes if c in held]  # table order
+    assert held == choose_holdout(taxonomy, ["0.1"], seed=0, present=taxonomy.classes)
+    assert held != choose_holdout(taxonomy, ["0.1"], seed=1, present=taxonomy.classes)
+
+
+def test_strata_get_one_each_then_shares_by_size():
+    # one each first, then the 6 left in proportion to the species left (4, 1, 0, 5 of 10): 2.4, 0.6, 0, 3.0;
+    # floors give 2, 0, 0, 3 and the largest remainder (poisonous, .6) the last one
+    assert _allocate({"edible": 5, "poisonous": 2, "deadly": 1, "other": 6}, 10) == {
+        "edible": 3,
+        "poisonous": 2,
+        "deadly": 1,
+        "other": 4,
+    }
+    assert _allocate({"edible": 5, "poisonous": 0, "deadly": 1, "other": 6}, 2) == {
+        "edible": 1,
+        "poisonous": 0,
+        "deadly": 1,
+        "other": 0,
+    }
+
+
+def test_a_list_is_taken_as_given_and_bad_entries_are_named():
+    taxonomy = load_taxonomy()
+    present = ["Amanita muscaria", "Boletus edulis", "Lobaria pulmonaria", "Amanita phalloides"]
+    assert choose_holdout(taxonomy, ["Boletus edulis"], 0, present) == ["Boletus edulis"]
+    with pytest.raises(HoldoutError, match="Cantharellus cibarius has no training images"):
+        choose_holdout(taxonomy, ["Cantharellus cibarius"], 0, present)
+    with pytest.raises(ValueError, match="'Boletus edulus' is not in the taxonomy"):
+        choose_holdout(taxonomy, ["Boletus edulus"], 0, present)
+    with pytest.raises(HoldoutError, match="keep at least 2"):
+        choose_holdout(taxonomy, present[:3], 0, present)
+
+
+def test_config_takes_a_fraction_or_a_list_and_refuses_other_numbers(tmp_path):
+    cfg = load_train_config(ROOT / "configs/tiny.yaml", ["data.holdout_species=0.1", "data.holdout_seed=3"])
+    assert cfg.data.holdout_species == ["0.1"] and cfg.data.holdout_seed == 3
+    cfg = load_train_config(ROOT / "configs/tiny.yaml", ["data.holdout_species=[Boletus edulis, Amanita muscaria]"])
+    assert cfg.data.holdout_species == ["Boletus edulis", "Amanita muscaria"]
+    with pytest.raises(ConfigError, match=r"data.holdout_species 1.5 must be a fraction in \(0, 1\)"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["data.holdout_species=1.5"])
+
+
+def test_held_out_species_never_reach_training_or_validation(prepared):
+    full = prepared_taxonomy(prepared[0])
+    splits = load_splits(prepared[0])
+    known_splits, holdout = apply_holdout(splits, full, ["0.34"], seed=0)  # 2 of the 6 species
+    assert len(holdout.held_out) == 2
+    for name in ("train", "validation", "test"):
+        known_names = {holdout.known.classes[i] for i in known_splits[name]["label"]}
+        assert known_names and not known_names & set(holdout.held_out)
+        assert known_splits[name].features["label"].names == holdout.known.classes
+        # every image is in exactly one of the two parts, with the same species name it had
+        unknown_names = {full.classes[i] for i in holdout.unknown[name]["label"]}
+        assert unknown_names == set(holdout.held_out)
+        assert len(known_splits[name]) + len(holdout.unknown[name]) == len(splits[name])
+        assert sorted([*known_splits[name]["source"], *holdout.unknown[name]["source"]]) == sorted(
+            splits[name]["source"]
+        )
+        assert [holdout.known.classes[i] for i in known_splits[name]["label"]] == known_splits[name]["species"]
+    assert len(holdout.known) == len(full) - 2 and holdout.known.raw.count(b"\n") == len(full) - 1
+
+
+def test_a_run_with_a_hold_out_trains_on_the_known_species_only(prepared, tmp_path):
+    from mushroomclip.training.trainer import run_training
+
+    out = tmp_path / "open"
+    overrides = tiny_overrides(prepared[0], out, **{"training.max_steps": 2, "training.eval_steps": 2})
+    run_training(load_train_config(ROOT / "configs/tiny.yaml", [*overrides, "data.holdout_species=0.34"]))
+    record = json.loads((out / "holdout_species.json").read_text())
+    classes = json.loads((out / "classes.json").read_text())
+    assert len(record["held_out"]) == 2 and record["unknown_images"]["test"] > 0
+    assert not set(record["held_out"]) & (set(classes["species"]) | set(classes["trained_species"]))
+    assert len(classes["species"]) == 167 and (out / "taxonomy.csv").read_bytes().count(b"\n") == 168
+    # the run's own table indexes its class ids: it loads back as a 167-species classifier
+    assert len(load_taxonomy(out / "taxonomy.csv")) == 167
+    assert np.isfinite(json.loads((out / "metrics.json").read_text())["test"]["miou"])
+    assert Path(out / "README.md").is_file()
