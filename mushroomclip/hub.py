@@ -27,18 +27,10 @@ from mushroomclip.models.backbones import REGISTRY, known_license
 from mushroomclip.models.classifier import run_model_files
 from mushroomclip.models.convert import PREFIX
 from mushroomclip.taxonomy import BUNDLED
+from mushroomclip.training.runs import OUTPUTS
 
-# with the run's two model files (classifier.run_model_files: the adapter, or a classifier's config and weights)
-UPLOAD = (
-    "classes.json",
-    "taxonomy.csv",
-    "config.yaml",
-    "data.json",
-    "metrics.json",
-    "README.md",
-    "loss_curve.png",
-    "confusion.png",
-)
+# Every file a run writes at the top of its folder is published, with its two model files.
+UPLOAD = OUTPUTS
 
 
 REPO = "REPO_OR_FOLDER"  # the card's loading snippets name the adapter so; a push puts the repo id there
@@ -277,7 +269,7 @@ def upload_errors() -> tuple[type[BaseException], ...]:
 
 
 def retry_command(run_dir: str | Path, repo_id: str, private: bool) -> str:
-    return f"python -m mushroomclip.hub push {run_dir} --repo-id {repo_id}" + (" --private" if private else "")
+    return f"mushroomclip push {run_dir} --repo-id {repo_id}" + (" --private" if private else "")
 
 
 def shareable_config(config: dict, base: str, run_name: str) -> dict:

@@ -77,7 +77,7 @@ def test_errors_are_one_clear_line(args, message, program):
     assert result.stderr.strip().startswith(message) and "Traceback" not in result.stderr
 
 
-# python -m mushroomclip.hub push: the retry command a failed push prints
+# python -m mushroomclip.hub push: what older notes and cards name
 @pytest.mark.parametrize("program", [["-m", "mushroomclip", "push"], ["-m", "mushroomclip.hub", "push"]])
 def test_push_of_an_unfinished_run_is_one_line(tmp_path, program):
     result = run(*program, str(tmp_path), "--repo-id", "someone/x", check=False)

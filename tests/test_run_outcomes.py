@@ -175,7 +175,7 @@ def test_push_without_network_is_one_line_with_the_retry_command(prepared, tmp_p
     out = tmp_path / "run"
     status, err = run_cli(capsys, short_run(prepared[0], out, "hub.push=true", "hub.repo_id=someone/tiny"))
     line = assert_one_error_line(err, f"could not push {out} to someone/tiny (ConnectError: ")
-    assert status == 3 and line.endswith(f"retry with: python -m mushroomclip.hub push {out} --repo-id someone/tiny")
+    assert status == 3 and line.endswith(f"retry with: mushroomclip push {out} --repo-id someone/tiny")
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()  # the run is kept
 
     from mushroomclip.commands.push import main as push_main

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,6 +204,22 @@ def test_push_uploads_the_expected_files_and_the_card_parses(trained):
     assert "zero-shot (before LoRA)" in card.text and "load_classifier" in card.text
 
 
+def test_push_uploads_every_file_the_run_wrote(trained, tmp_path):
+    """risk_coverage.png (run.max_danger) and holdout_species.json (data.holdout_species) were once left behind."""
+    from mushroomclip.hub import stage_upload
+    from mushroomclip.training.runs import OUTPUTS
+
+    run = Path(shutil.copytree(trained[1], tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints")))
+    for name in ("risk_coverage.png", "holdout_species.json"):
+        (run / name).write_bytes(b"{}")
+    (tmp_path / "staging").mkdir()
+    staged = stage_upload(run, "someone/tiny", tmp_path / "staging")
+    assert {"risk_coverage.png", "holdout_species.json"} <= set(staged)
+    assert set(staged) == {
+        name for name in (*OUTPUTS, "adapter_config.json", "adapter_model.safetensors") if (run / name).is_file()
+    }
+
+
 def test_run_records_the_data_it_actually_used(trained, prepared):
     _, out, _, _ = trained
     report = prepared[1]
@@ -217,7 +234,6 @@ def test_run_records_the_data_it_actually_used(trained, prepared):
 
 def test_card_describes_the_run_actually_made_and_links_only_real_models(trained, tmp_path):
     import re
-    import shutil
 
     import yaml
     from huggingface_hub import ModelCard
@@ -350,7 +366,6 @@ def assert_same_run(out: Path, reference: Path) -> None:
 
 
 def test_resume_from_a_copied_checkpoint_ends_exactly_like_the_uninterrupted_run(prepared, uninterrupted, tmp_path):
-    import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(uninterrupted / "checkpoints" / "checkpoint-10", out / "checkpoints" / "checkpoint-10")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)  # messages from the main process only (the callers check)
 
 # Everything training writes at the top of a run folder (checkpoints/ aside), with its model's two files
-# (classifier.run_model_files: the adapter, or a classifier's config and weights); hub.UPLOAD is a subset.
+# (classifier.run_model_files: the adapter, or a classifier's config and weights); a push uploads them all.
 OUTPUTS = (
     "classes.json",
     "taxonomy.csv",
