@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import sys
 
 from mushroomclip import __version__
@@ -45,6 +46,16 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command named by ``argv[0]`` with the rest of ``argv``; its exit status, 2 for an unknown one."""
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return status
+    except BrokenPipeError:  # `mushroomclip --help | head`: the reader took what it wanted and left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error from the exit's flush
+        return 1
+
+
+def _run(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)

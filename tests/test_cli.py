@@ -90,3 +90,14 @@ def test_python_m_convert_still_runs_the_convert_command():
     """README, configs and converted cards name ``python -m mushroomclip.models.convert``."""
     result = run("-m", "mushroomclip.models.convert", "--output", "out", check=False)
     assert result.returncode == 2 and "the following arguments are required: --model" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
+def test_a_reader_that_leaves_early_gets_no_traceback(args):
+    """``mushroomclip --help | head -1``: the pipe is closed before the command writes (deterministically here)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mushroomclip", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # the reader is gone before the command has imported anything
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 1 and stderr == ""
