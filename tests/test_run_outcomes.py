@@ -183,3 +183,20 @@ def test_push_without_network_is_one_line_with_the_retry_command(prepared, tmp_p
     assert push_main([str(out), "--repo-id", "someone/tiny", "--private"]) == 2
     line = assert_one_error_line(capsys.readouterr().err, "could not push")
     assert line.endswith("--repo-id someone/tiny --private")
+
+
+def test_resume_from_a_checkpoint_that_cannot_be_read_back_is_one_line(prepared, tmp_path, capsys):
+    """A checkpoint whose trainer_state.json was written but whose weights or optimizer state were damaged
+    afterwards (a disk error, a copy cut short) once made --resume end in a safetensors / zip traceback."""
+    out = tmp_path / "run"
+    assert run_cli(capsys, short_run(prepared[0], out))[0] == 0
+    (out / "metrics.json").unlink()  # as if stopped after its last checkpoint
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    for name in ("adapter_model.safetensors", "optimizer.pt"):
+        original = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(original[: len(original) // 2])
+        status, err = run_cli(capsys, short_run(prepared[0], out, "--resume"))
+        line = assert_one_error_line(err, f"--resume: {checkpoint} cannot be read back: {name} (")
+        assert status == 2 and line.endswith("resume from the checkpoint before it, or start over with --overwrite")
+        (checkpoint / name).write_bytes(original)
+    assert run_cli(capsys, short_run(prepared[0], out, "--resume"))[0] == 0  # intact again: it resumes

@@ -11,11 +11,13 @@ import json
 import logging
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 from accelerate import PartialState
+from safetensors import safe_open
 
 from mushroomclip.data.holdout import HOLDOUT_FILE
 from mushroomclip.data.splits import REPORT_NAME
@@ -225,6 +227,26 @@ def last_complete_checkpoint(folder: Path) -> str | None:
             logger.info(f"removing {path}: interrupted while it was being saved")
             shutil.rmtree(path, ignore_errors=True)
     return str(max(complete, key=lambda p: int(p.name.split("-")[1]))) if complete else None
+
+
+def unreadable_checkpoint_file(checkpoint: Path) -> str | None:
+    """The first file of a complete checkpoint that cannot be read back, with why (a disk error, a copy cut
+    short); None when every one reads. Weights (safetensors headers against the file's size), torch's zip
+    archives (optimizer, scheduler, random states: every member's CRC) and JSON files are checked."""
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt"):
+                    pass
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    if (member := archive.testzip()) is not None:
+                        raise ValueError(f"{member} fails its checksum")
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as err:  # noqa: BLE001 - any failure to read it back is the answer
+            return f"{path.relative_to(checkpoint)} ({' '.join(f'{type(err).__name__}: {err}'.split())})"
+    return None
 
 
 def metrics_summary(metrics: dict | None) -> dict | None:

@@ -40,6 +40,7 @@ from mushroomclip.training.runs import (
     CHECKPOINTS,
     UNTRAINED_METRICS,
     DataReadError,
+    RunFolderError,
     TrainingDivergedError,
     check_run_folder,
     clear_run_outputs,
@@ -48,6 +49,7 @@ from mushroomclip.training.runs import (
     metrics_summary,
     publish,
     remove_empty_dirs,
+    unreadable_checkpoint_file,
     unreadable_image,
     write_run_folder,
 )
@@ -446,6 +448,11 @@ def train(trainer: ContrastiveTrainer, splits, run_dir: Path, resume: bool, over
     last = last_complete_checkpoint(checkpoints) if resume else None
     if resume and last is None and trainer.is_world_process_zero():
         logger.info(f"--resume: no checkpoint in {checkpoints}, starting from scratch")
+    if last and (damaged := unreadable_checkpoint_file(Path(last))):
+        raise RunFolderError(
+            f"--resume: {last} cannot be read back: {damaged}; move that folder away to resume from the "
+            "checkpoint before it, or start over with --overwrite"
+        )
     if last:  # the evaluation before training is that of the run's first start
         saved = Path(last, UNTRAINED_METRICS)
         untrained = json.loads(saved.read_text()) if saved.is_file() else {}
