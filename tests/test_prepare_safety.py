@@ -309,3 +309,23 @@ def test_when_nothing_is_usable_the_report_is_still_written(small_download, tmp_
     assert all("did you mean" in s["detail"] for s in report["skipped_items"])
     with pytest.raises(FileNotFoundError, match="incomplete"):
         load_splits(out)
+
+
+def test_a_re_encoded_png_never_overwrites_a_jpeg_named_like_its_output(small_download, tmp_path):
+    """``a.png`` too large for ``--max-side`` is written ``a.png.jpg``: a source of that name once lost its file."""
+    root, manifest = small_download
+    species = manifest["species"][0]
+    folder = root / "merged_dataset" / species
+    Image.new("RGB", (64, 64), (5, 200, 5)).save(folder / "a.png")  # re-encoded: larger than max_side 48
+    Image.new("RGB", (32, 32), (200, 5, 5)).save(folder / "a.png.jpg", format="JPEG")
+    with (root / "test.csv").open("a") as f:
+        for name in ("a.png", "a.png.jpg"):
+            f.write(f"/kaggle/working/merged_dataset/{species}/{name},{species}\n")
+    report = prepare(options(root, tmp_path / "out", max_side=48))
+    [skip] = [s for s in report["skipped_items"] if s["reason"] == "name_collision"]
+    assert skip["path"].endswith("a.png.jpg") and "'a.png.jpg' is taken by" in skip["detail"]
+    rows = [r for r in metadata(tmp_path / "out") if r["file_name"].startswith(f"{species}/a.png")]
+    assert [r["file_name"] for r in rows] == [f"{species}/a.png.jpg"] and rows[0]["source"].endswith("/a.png")
+    # copied byte for byte (no re-encoding), the two names cannot meet: both are kept
+    report = prepare(options(root, tmp_path / "copied", copy_mode="copy"))
+    assert not [s for s in report["skipped_items"] if s["reason"] == "name_collision"]

@@ -44,6 +44,13 @@ def _link(src: Path, dest: Path) -> None:
         os.symlink(src.resolve(), dest)
 
 
+def output_names(name: str, mode: str) -> tuple[str, ...]:
+    """The names :func:`process_image` may write a source called ``name`` under: its UTF-8-safe name, and in
+    ``resize`` mode, for a file that is not named as a JPEG, that name + ``.jpg`` (if it is re-encoded)."""
+    safe = utf8_safe(name)
+    return (safe, safe + ".jpg") if mode == "resize" and Path(safe).suffix.lower() not in JPEG_NAMES else (safe,)
+
+
 def process_image(src: str, dest_dir: str, mode: str, max_side: int, quality: int) -> dict:
     """Validate ``src`` by decoding it fully and place it in ``dest_dir``.
 
@@ -79,7 +86,7 @@ def process_image(src: str, dest_dir: str, mode: str, max_side: int, quality: in
                 upright.save(buffer, format="JPEG", quality=quality, optimize=False)
                 reencoded = buffer.getvalue()
                 if dest.suffix.lower() not in JPEG_NAMES:
-                    dest = dest.with_name(dest.name + ".jpg")  # "a.png" -> "a.png.jpg": cannot collide
+                    dest = dest.with_name(output_names(src_path.name, mode)[-1])  # "a.png" -> "a.png.jpg"
             else:
                 image.load()  # a full decode is the only reliable test for truncated files
     except UnidentifiedImageError:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mushroomclip.data.image_jobs import COPY_MODES, process_job, utf8_safe, write_atomically
+from mushroomclip.data.image_jobs import COPY_MODES, output_names, process_job, utf8_safe, write_atomically
 from mushroomclip.data.kaggle import (
     IMAGES_DIR,
     PRECEDENCE,
@@ -156,18 +156,20 @@ def _options_key(opts: PrepareArguments) -> str:
     return f"2:{opts.copy_mode}:{opts.max_side}:{opts.jpeg_quality}"
 
 
-def _skip_name_collisions(plan: Plan) -> None:
+def _skip_name_collisions(plan: Plan, copy_mode: str) -> None:
     """Report, never overwrite, a source whose output name another source of the same species and split takes
-    (``caf%E9.jpg`` beside a non-UTF-8 ``caf\xe9.jpg``, which is written ``caf%E9.jpg``)."""
+    (``caf%E9.jpg`` beside a non-UTF-8 ``caf\xe9.jpg``, which is written ``caf%E9.jpg``; in ``resize`` mode
+    ``a.png.jpg`` beside ``a.png``, which is written ``a.png.jpg`` when it is re-encoded)."""
     taken: dict[tuple[str, str, str], Entry] = {}
     for entry in sorted(plan.entries.values(), key=lambda e: str(e.src)):
-        key = (entry.split, entry.label, utf8_safe(entry.src.name))
-        if key not in taken:
-            taken[key] = entry
+        keys = [(entry.split, entry.label, name) for name in output_names(entry.src.name, copy_mode)]
+        if owner := next((taken[key] for key in keys if key in taken), None):
+            name = next(key[2] for key in keys if key in taken)
+            detail = f"its output name {name!r} is taken by {plan.rel(owner.src)}; rename one of the two files"
+            plan.skip("name_collision", entry.src, entry.split, entry.label, detail)
+            del plan.entries[entry.src]
             continue
-        detail = f"its output name {key[2]!r} is taken by {plan.rel(taken[key].src)}; rename one of the two files"
-        plan.skip("name_collision", entry.src, entry.split, entry.label, detail)
-        del plan.entries[entry.src]
+        taken |= dict.fromkeys(keys, entry)
 
 
 def _process(plan: Plan, opts: PrepareArguments, cache: dict[str, dict]) -> None:
@@ -328,7 +330,7 @@ def prepare(opts: PrepareArguments) -> dict:
             plan = plan_official(root, taxonomy, opts.allow_outside_source)
         else:
             plan = plan_random(root, taxonomy, opts.seed, opts.allow_outside_source)
-        _skip_name_collisions(plan)
+        _skip_name_collisions(plan, opts.copy_mode)
         cache, written = _load_cache(opts.output, _options_key(opts))
         _process(plan, opts, cache)
         for entry in plan.entries.values():
