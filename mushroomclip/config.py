@@ -160,6 +160,14 @@ class RunArguments:
         metadata={"help": "start over in an output_dir that holds a run: deletes its results and checkpoints"},
     )
     test_after: bool = field(default=True, metadata={"help": "evaluate the best adapter on the test split at the end"})
+    unknown_tpr: float | None = field(
+        default=None,
+        metadata={
+            "help": "open set: the share of known validation images that predict.py answers as known (e.g. 0.95); "
+            "below the top-1 probability that keeps it, it says 'possibly not one of the known species' (unset: "
+            "off; 0.95 with data.holdout_species)"
+        },
+    )
     max_danger: float | None = field(
         default=None,
         metadata={
@@ -435,6 +443,12 @@ def _check_ranges(config: TrainConfig) -> None:
             config.run.max_danger,
             config.run.max_danger is None or 0 <= config.run.max_danger < 1,
             "in [0, 1), e.g. 0.001 (or unset)",
+        ),
+        (
+            "run.unknown_tpr",
+            config.run.unknown_tpr,
+            config.run.unknown_tpr is None or 0 < config.run.unknown_tpr <= 1,
+            "in (0, 1], e.g. 0.95 (or unset)",
         ),
         ("loss.beta", config.loss.beta, math.isfinite(config.loss.beta) and config.loss.beta > 0, "positive, e.g. 10"),
         (

@@ -197,6 +197,7 @@ def model_card(run_dir: str | Path) -> ModelCard:
         steps=metrics.get("global_step"),
         seed=training["seed"],
         repo=REPO,
+        open_set=describe_open_set(metrics),
     )
     if supervised:
         return ModelCard.from_template(
@@ -215,6 +216,42 @@ def model_card(run_dir: str | Path) -> ModelCard:
         hub_id=hub_id,
         **common,
     )
+
+
+def describe_open_set(metrics: dict) -> str:
+    """The card's open-set paragraph (starting with a blank line), or "" for a run with neither a hold-out nor an
+    open-set threshold: what was held out and measured, and the threshold predict.py uses."""
+    open_set, threshold = metrics.get("open_set"), (metrics.get("thresholds") or {}).get("unknown")
+    lines = []
+    if open_set:
+        rows = open_set["metrics"]
+
+        def fmt(score: str, key: str) -> str:
+            low, high = rows[score]["ci"][key] if "ci" in rows[score] else (None, None)
+            ci = f" (95% CI {100 * low:.1f}–{100 * high:.1f})" if low is not None else ""
+            return f"{100 * rows[score][key]:.1f}{ci}"
+
+        held = open_set["held_out"]
+        others = "; ".join(f"{s}: AUROC {fmt(s, 'auroc')}" for s in rows if s != "msp")
+        lines.append(
+            f"**Open set.** {len(held)} species were held out of training and validation "
+            f"({', '.join(held)}). Telling their {open_set['unknown_images']} {open_set['split']} images from the "
+            f"{open_set['known_images']} of the known species by the top-1 probability (msp): AUROC {fmt('msp', 'auroc')}, "
+            f"false positive rate at {100 * open_set['tpr']:g}% true positives {fmt('msp', 'fpr95')}, OSCR "
+            f"{fmt('msp', 'oscr')}; {others}. Figures in `metrics.json` (`open_set`) and `open_set_roc.png`."
+        )
+    if threshold:
+        measured = (
+            ""
+            if open_set
+            else " How well this flags species outside the known ones was not measured (the run held out none)."
+        )
+        lines.append(
+            f"Below a top-1 probability of {100 * threshold['threshold']:.1f}% (chosen on {threshold['chosen_on']} "
+            f'to keep {100 * threshold["tpr"]:g}% of known images), `predict.py` and the app answer "possibly not '
+            f'one of the known species".{measured}'
+        )
+    return "".join(f"\n\n{line}" for line in lines)
 
 
 def describe_supervised_base(record: dict) -> tuple[str, str | None]:

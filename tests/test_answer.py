@@ -96,6 +96,22 @@ def test_thresholds_are_inclusive_and_validated(taxonomy):
         Thresholds(species=0.0)
 
 
+def test_below_the_runs_open_set_threshold_the_answer_is_possibly_unknown(taxonomy):
+    open_set = Thresholds(unknown=0.7)
+    p = probs(edulis=0.6)  # a species answer under the defaults, but below the open-set threshold
+    assert answer(CLASSES, p, taxonomy, DEFAULTS).kind == "species"
+    result = answer(CLASSES, p, taxonomy, open_set)
+    assert result.kind == "unknown"
+    assert result.headline == (
+        "Possibly not one of the known species — do not eat; closest: Boletus edulis (porcini), 60%"
+    )
+    assert answer(CLASSES, probs(edulis=0.7), taxonomy, open_set).kind == "species"  # inclusive, as the others
+    # a certain genus still backs off (an unknown Amanita is best named "Amanita sp.", its dangerous members listed)
+    assert answer(CLASSES, probs(phalloides=0.30, rubescens=0.35, velosa=0.32), taxonomy, open_set).kind == "genus"
+    with pytest.raises(ValueError, match="unknown threshold"):
+        Thresholds(unknown=1.5)
+
+
 def test_fusion_is_the_renormalised_mean_of_log_probabilities():
     views = np.log([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25]])
     geometric = np.array([math.sqrt(0.125), math.sqrt(0.125), 0.25])  # per class: sqrt(p1 * p2)
@@ -115,6 +131,12 @@ def test_thresholds_come_from_the_run_when_it_records_them(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": {"species": 0.7, "genus": 0.9}}))
     recorded = run_thresholds(tmp_path)
     assert (recorded.species, recorded.genus) == (0.7, 0.9) and str(tmp_path) in recorded.source
+    assert recorded.unknown is None
+    unknown = {"score": "msp", "threshold": 0.42, "tpr": 0.95, "chosen_on": "validation", "images": 9}
+    (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": {"unknown": unknown}}))  # run.unknown_tpr only
+    recorded = run_thresholds(tmp_path)
+    assert (recorded.species, recorded.genus, recorded.unknown) == (DEFAULTS.species, DEFAULTS.genus, 0.42)
+    assert "unknown-species threshold chosen on validation to keep 95% of known images" in recorded.source
 
 
 def test_predictions_csv_has_one_row_per_image_unreadable_ones_included(tmp_path, taxonomy):

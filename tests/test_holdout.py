@@ -84,12 +84,19 @@ def test_held_out_species_never_reach_training_or_validation(prepared):
     assert len(holdout.known) == len(full) - 2 and holdout.known.raw.count(b"\n") == len(full) - 1
 
 
-def test_a_run_with_a_hold_out_trains_on_the_known_species_only(prepared, tmp_path):
+@pytest.fixture(scope="module")
+def open_run(prepared, tmp_path_factory):
+    """A tiny run with 2 of the 6 species held out: its folder and its open-set threshold."""
     from mushroomclip.training.trainer import run_training
 
-    out = tmp_path / "open"
+    out = tmp_path_factory.mktemp("runs") / "open"
     overrides = tiny_overrides(prepared[0], out, **{"training.max_steps": 2, "training.eval_steps": 2})
     run_training(load_train_config(ROOT / "configs/tiny.yaml", [*overrides, "data.holdout_species=0.34"]))
+    return out
+
+
+def test_a_run_with_a_hold_out_trains_on_the_known_species_only_and_measures_the_open_set(open_run):
+    out = open_run
     record = json.loads((out / "holdout_species.json").read_text())
     classes = json.loads((out / "classes.json").read_text())
     assert len(record["held_out"]) == 2 and record["unknown_images"]["test"] > 0
@@ -97,5 +104,41 @@ def test_a_run_with_a_hold_out_trains_on_the_known_species_only(prepared, tmp_pa
     assert len(classes["species"]) == 167 and (out / "taxonomy.csv").read_bytes().count(b"\n") == 168
     # the run's own table indexes its class ids: it loads back as a 167-species classifier
     assert len(load_taxonomy(out / "taxonomy.csv")) == 167
-    assert np.isfinite(json.loads((out / "metrics.json").read_text())["test"]["miou"])
-    assert Path(out / "README.md").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(metrics["test"]["miou"]) and Path(out / "README.md").is_file()
+    # open set: the known test images against the held-out species' test images, every score, with intervals
+    open_set = metrics["open_set"]
+    assert open_set["unknown_images"] == record["unknown_images"]["test"] and open_set["held_out"] == record["held_out"]
+    assert set(open_set["metrics"]) == {"msp", "max_logit", "energy", "max_cosine"}
+    for row in open_set["metrics"].values():
+        assert 0 <= row["auroc"] <= 1 and row["ci"]["auroc"][0] <= row["auroc"] <= row["ci"]["auroc"][1]
+    assert (out / "open_set_roc.png").stat().st_size > 10_000
+    # the threshold predict.py reads, chosen on the known validation images
+    threshold = metrics["thresholds"]["unknown"]
+    assert threshold["tpr"] == 0.95 and threshold["chosen_on"] == "validation" and 0 < threshold["threshold"] <= 1
+    card = (out / "README.md").read_text()
+    assert "held out" in card and "AUROC" in card and "n/a%" not in card
+
+
+def test_a_card_says_an_open_set_threshold_of_a_run_without_hold_out_was_not_measured():
+    from mushroomclip.hub import describe_open_set
+
+    assert describe_open_set({"test": {}}) == ""
+    unknown = {"score": "msp", "threshold": 0.3, "tpr": 0.95, "chosen_on": "validation", "images": 9}
+    text = describe_open_set({"thresholds": {"unknown": unknown}})
+    assert text.startswith("\n\nBelow a top-1 probability of 30.0% (chosen on validation to keep 95% of known images)")
+    assert text.endswith("was not measured (the run held out none).")
+
+
+def test_predict_says_when_a_photo_falls_below_the_runs_open_set_threshold(open_run, prepared, capsys):
+    import predict
+
+    out = open_run
+    threshold = json.loads((out / "metrics.json").read_text())["thresholds"]["unknown"]["threshold"]
+    photos = sorted((prepared[0] / "test").rglob("*.jpg"))[:12]
+    assert predict.main([*map(str, photos), "--adapter", str(out), "--format", "json", "--top-k", "1"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    flags = {r["image"]: r["possibly_unknown"] for r in records}
+    for r in records:  # probabilities are printed rounded: leave out the ones at the threshold
+        if abs(r["predictions"][0]["probability"] - threshold) > 1e-3:
+            assert flags[r["image"]] == (r["predictions"][0]["probability"] < threshold)

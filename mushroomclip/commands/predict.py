@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from mushroomclip.data.transforms import ImageError, image_files
 from mushroomclip.models.backbones import ModelLoadError
 from mushroomclip.models.classifier import AdapterError, load_classifier
-from mushroomclip.prediction.answer import answer, csv_row, predictions_csv
+from mushroomclip.prediction.answer import UNKNOWN_TEXT, answer, csv_row, predictions_csv
 from mushroomclip.prediction.identify import thresholds_for
 
 BATCH = 32  # images per forward pass: a folder of thousands of photos is never decoded at once
@@ -40,6 +40,8 @@ def print_table(record: dict) -> None:
             f"  {rank}. {pred['species']:<28} {pred['common_name']:<28} {100 * pred['probability']:5.1f}%  "
             f"{pred['edibility']:<12} {lineage['family']} < {lineage['order']} < {lineage['class']}"
         )
+    if record.get("possibly_unknown"):
+        print(f"  -> {UNKNOWN_TEXT} (top-1 probability below the run's open-set threshold)")
 
 
 def warn_if_dangerous(record: dict) -> None:
@@ -68,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         "--csv",
         metavar="FILE",
         default=None,
-        help="also write one row per input to FILE: the answer (species, genus back-off or not sure, with "
-        "the run's thresholds), the top-k, the warning, or why the file could not be read",
+        help="also write one row per input to FILE: the answer (species, genus back-off, possibly unknown or not "
+        "sure, with the run's thresholds), the top-k, the warning, or why the file could not be read",
     )
     p.add_argument("--base", default=None, help="base model to check the adapter against (default: the one it names)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. predict batch by batch; an unreadable file is reported and skipped
     failed, records, tax = len(problems), [], classifier.taxonomy
     rows = [csv_row("", error=problem) for problem in problems]
-    thresholds = thresholds_for(args.adapter) if args.csv else None
+    thresholds = thresholds_for(args.adapter)
     batches = range(0, len(files), BATCH)
     for start in tqdm(batches, desc="predict", unit="batch", disable=not args.csv or len(batches) < 2):
         readable, pixels = [], []
@@ -140,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             for path, preds in zip(readable, results)
         ]
+        if thresholds.unknown is not None:  # the run chose an open-set threshold: say when an image falls below it
+            for record, p in zip(batch, probs):
+                record["possibly_unknown"] = bool(p.max().item() < thresholds.unknown)
         for record in batch:
             if args.format == "table":
                 print_table(record)

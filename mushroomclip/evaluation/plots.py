@@ -1,12 +1,14 @@
 """Figures saved beside metrics: the confusion matrix (taxonomic order), rank-level accuracy, a run's loss curve,
-the risk-coverage curve of selective prediction."""
+the risk-coverage curve of selective prediction, the ROC curves of open-set recognition."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_curve
 
+from mushroomclip.evaluation.openset import OpenSetScores, auroc
 from mushroomclip.evaluation.selective import RiskCoverage, SelectiveThreshold
 from mushroomclip.taxonomy import Taxonomy
 
@@ -118,6 +120,32 @@ def save_risk_coverage_png(
         risk.legend(fontsize=8, loc="upper left")
         danger.legend(fontsize=8, loc="upper left")
     fig.suptitle(title or "risk-coverage: answering only above a top-1 probability threshold")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_open_set_roc_png(scores: OpenSetScores, path: str | Path, title: str = "") -> Path:
+    """ROC curves of telling known from unknown images, one per score, with each AUROC in the legend."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    labels = np.r_[np.ones(len(scores.correct)), np.zeros(len(next(iter(scores.unknown.values()))))]
+    for name, known in scores.known.items():
+        values = np.r_[known, scores.unknown[name]]
+        fpr, tpr, _ = roc_curve(labels, values)
+        style = "--" if name == "max_cosine" else "-"  # ranks as max_logit does under one logit scale
+        label = f"{name} (AUROC {100 * auroc(known, scores.unknown[name]):.1f})"
+        ax.plot(100 * fpr, 100 * tpr, linestyle=style, label=label)
+    ax.plot([0, 100], [0, 100], color="grey", linestyle=":", linewidth=0.8)
+    ax.axhline(95, color="grey", linestyle="--", linewidth=0.8, label="95% of known accepted")
+    ax.set_xlabel(f"unknown images accepted as known (%, of {len(labels) - len(scores.correct)})")
+    ax.set_ylabel(f"known images accepted (%, of {len(scores.correct)})")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title or "open set: known vs held-out species", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

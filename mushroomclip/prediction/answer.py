@@ -22,21 +22,25 @@ from mushroomclip.taxonomy import DANGEROUS, Taxonomy
 THRESHOLDS_KEY = "thresholds"
 WARNING_TEXT = "Lookalike of a {kind} species ({names}) — never eat on the basis of this app."
 NOT_SURE_TEXT = "Not sure — do not eat"
+UNKNOWN_TEXT = "Possibly not one of the known species — do not eat"
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Below ``species`` the top species is not named as the answer; its genus is, if the genus's summed
-    probability reaches ``genus``; otherwise the answer is "not sure". ``source`` says where they came from."""
+    """Below ``species`` (or below ``unknown``, where the run chose one) the top species is not named as the
+    answer; its genus is, if the genus's summed probability reaches ``genus``; otherwise the answer is "possibly
+    not one of the known species" below ``unknown``, else "not sure". ``source`` says where they came from."""
 
     species: float = 0.5  # below 0.5 the top species is less likely than all the others together
     genus: float = 0.8
     source: str = "documented defaults; the run records none"
+    unknown: float | None = None  # open set: chosen on validation to keep a stated share of known images
 
     def __post_init__(self):
-        for name in ("species", "genus"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} threshold must be in (0, 1], got {getattr(self, name)}")
+        for name in ("species", "genus", "unknown"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} threshold must be in (0, 1], got {value}")
 
 
 def run_thresholds(run_dir: str | Path | None) -> Thresholds:
@@ -54,7 +58,18 @@ def run_thresholds(run_dir: str | Path | None) -> Thresholds:
             f"rate of at most {100 * recorded['max_danger']:g}% (coverage there "
             f"{100 * recorded['coverage']:.1f}%)"
         )
-    return Thresholds(float(recorded["species"]), float(recorded["genus"]), source)
+    unknown = recorded.get("unknown")  # written by mushroomclip.evaluation.openset.unknown_threshold
+    if unknown:
+        source += (
+            f"; unknown-species threshold chosen on {unknown['chosen_on']} to keep {100 * unknown['tpr']:g}% of "
+            "known images"
+        )
+    return Thresholds(
+        float(recorded.get("species", Thresholds.species)),
+        float(recorded.get("genus", Thresholds.genus)),
+        source,
+        float(unknown["threshold"]) if unknown else None,
+    )
 
 
 @dataclass
@@ -68,7 +83,8 @@ class Row:
 
 @dataclass
 class Answer:
-    """``kind`` is ``"species"``, ``"genus"`` or ``"not_sure"``; ``headline`` is what the page shows first."""
+    """``kind`` is ``"species"``, ``"genus"``, ``"unknown"`` or ``"not_sure"``; ``headline`` is what the page
+    shows first."""
 
     kind: str
     headline: str
@@ -121,14 +137,16 @@ def danger_warning(species: list[str], taxonomy: Taxonomy) -> str | None:
 
 
 def answer(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, thresholds: Thresholds, k: int = 5) -> Answer:
-    """The species if it clears ``thresholds.species``; else the most probable genus if its summed probability
-    clears ``thresholds.genus`` (naming its dangerous members); else "not sure". Warns whenever a top-``k``
-    species, or a member of the backed-off genus, is deadly or poisonous."""
+    """The species if it clears ``thresholds.species`` (and ``thresholds.unknown``, where set); else the most
+    probable genus if its summed probability clears ``thresholds.genus`` (naming its dangerous members); else
+    "possibly not one of the known species" below ``thresholds.unknown``, or "not sure". Warns whenever a
+    top-``k`` species, or a member of the backed-off genus, is deadly or poisonous."""
     probs = np.asarray(probs, dtype=np.float64)
     rows = top_rows(classes, probs, taxonomy, k)
     best = rows[0]
     warning = danger_warning([r.species for r in rows], taxonomy)
-    if best.probability >= thresholds.species:
+    maybe_unknown = thresholds.unknown is not None and best.probability < thresholds.unknown
+    if best.probability >= thresholds.species and not maybe_unknown:
         headline = f"{best.species} ({best.common_name}), {100 * best.probability:.0f}%"
         return Answer("species", headline, best.probability, rows, thresholds, warning)
     genus, genus_p = max(genus_probabilities(classes, probs, taxonomy).items(), key=lambda item: item[1])
@@ -140,8 +158,11 @@ def answer(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, thresholds
             headline += f" — this genus includes {', '.join(dangerous)}"
         warning = danger_warning(list(dict.fromkeys([r.species for r in rows] + dangerous)), taxonomy)
         return Answer("genus", headline, genus_p, rows, thresholds, warning, dangerous)
-    headline = f"{NOT_SURE_TEXT}; closest: {best.species} ({best.common_name}), {100 * best.probability:.0f}%"
-    return Answer("not_sure", headline, best.probability, rows, thresholds, warning)
+    closest = f"closest: {best.species} ({best.common_name}), {100 * best.probability:.0f}%"
+    if maybe_unknown:
+        headline = f"{UNKNOWN_TEXT}; {closest}"
+        return Answer("unknown", headline, best.probability, rows, thresholds, warning)
+    return Answer("not_sure", f"{NOT_SURE_TEXT}; {closest}", best.probability, rows, thresholds, warning)
 
 
 CSV_COLUMNS = ("image", "answer", "kind", "probability", "warning", "top_species", "top_probabilities", "error")

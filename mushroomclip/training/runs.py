@@ -44,6 +44,7 @@ OUTPUTS = (
     "loss_curve.png",
     "risk_coverage.png",
     "confusion.png",
+    "open_set_roc.png",
     HOLDOUT_FILE,
 )
 CHECKPOINTS = "checkpoints"
@@ -268,7 +269,13 @@ def write_run_folder(
     """Adapter (or a classifier's weights), classes.json, taxonomy, resolved config, data.json, metrics.json,
     figures and model card; ``splits`` are the data's splits and ``base`` the run's
     :func:`mushroomclip.models.classifier.base_record` (a supervised run's whole classes.json record)."""
-    from mushroomclip.evaluation.plots import save_confusion_png, save_loss_curve, save_risk_coverage_png
+    from mushroomclip.evaluation.openset import summary_line
+    from mushroomclip.evaluation.plots import (
+        save_confusion_png,
+        save_loss_curve,
+        save_open_set_roc_png,
+        save_risk_coverage_png,
+    )
     from mushroomclip.hub import model_card
     from mushroomclip.models.classifier import CLASSES_FILE, classes_record
     from mushroomclip.provenance import run_provenance
@@ -305,6 +312,12 @@ def write_run_folder(
         record["thresholds"] = chosen.record(genus=Thresholds.genus)
         save_risk_coverage_png(curve, run_dir / "risk_coverage.png", chosen, title=f"{run_dir.name} validation")
         logger.info(chosen.summary())
+    if result.get("unknown_threshold") is not None:  # read back by predict.py and the app
+        record.setdefault("thresholds", {})["unknown"] = result["unknown_threshold"]
+    if (open_set := result.get("open_set")) is not None:
+        record["open_set"] = {k: v for k, v in open_set.items() if k != "scores"}
+        save_open_set_roc_png(open_set["scores"], run_dir / "open_set_roc.png", title=f"{run_dir.name} open set (test)")
+        logger.info(summary_line(open_set["metrics"], open_set["unknown_images"], open_set["known_images"]))
     save_json(run_dir / "metrics.json", record | run_provenance(cfg.to_dict(), cfg.training.seed))
     save_loss_curve(train_losses, eval_mious, run_dir / "loss_curve.png")
     if result["test"] is not None:

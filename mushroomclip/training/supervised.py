@@ -64,6 +64,9 @@ class ClassifierTrainer(ContrastiveTrainer):
     def evaluation_loop(self, *args, **kwargs):
         return Trainer.evaluation_loop(self, *args, **kwargs)  # no class text embeddings to compute first
 
+    def cosine_scale(self) -> None:
+        return None  # a head of its own: no cosines to class prompts
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """No loss; the logits are the network's own."""
         inputs = self._prepare_inputs(inputs)

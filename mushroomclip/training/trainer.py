@@ -19,13 +19,15 @@ import torch.nn.functional as F
 import yaml
 from accelerate import PartialState
 from datasets import DatasetDict
+from scipy.special import softmax
 from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
 
-from mushroomclip.config import ConfigError, TrainConfig
+from mushroomclip.config import ConfigError, RunArguments, TrainConfig
 from mushroomclip.data.holdout import Holdout, apply_holdout
 from mushroomclip.data.splits import load_splits, prepared_taxonomy
 from mushroomclip.data.transforms import background_workers, normalize, pixel_stats, train_images
 from mushroomclip.evaluation.features import PreprocessedImages
+from mushroomclip.evaluation.openset import DEFAULT_TPR, OpenSetScores, open_set_metrics, unknown_threshold
 from mushroomclip.evaluation.selective import choose_threshold, risk_coverage
 from mushroomclip.metrics import classification_metrics, save_json
 from mushroomclip.models.backbones import load_backbone
@@ -236,16 +238,26 @@ class ContrastiveTrainer(Trainer):
         metrics = self.evaluator.metrics(prediction.label_ids, prediction.predictions)
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    def score(self, split, keep_scores: bool = False) -> dict | tuple[dict, np.ndarray, np.ndarray]:
-        """All metrics of ``split`` (per class and per taxonomic rank too), through the evaluation loop (each
-        process scores its share of the images), without logging them."""
+    def logits(self, split) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels, logits)`` of every image of ``split``, through the evaluation loop (each process scores its
+        share of the images), without logging anything."""
         # Not predict(): its on_predict event would send them to wandb/tensorboard as "test" metrics.
         out = self.evaluation_loop(self.get_test_dataloader(split), "Scoring")
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, ProgressCallback):  # closes the progress bar of the loop
                 callback.on_predict(self.args, self.state, self.control)
-        metrics = self.evaluator.metrics(out.label_ids, out.predictions)
-        return (metrics, out.label_ids, out.predictions) if keep_scores else metrics
+        return out.label_ids, out.predictions
+
+    def score(self, split, keep_scores: bool = False) -> dict | tuple[dict, np.ndarray, np.ndarray]:
+        """All metrics of ``split`` (per class and per taxonomic rank too), and with ``keep_scores`` its labels and
+        logits (:meth:`logits`)."""
+        labels, logits = self.logits(split)
+        metrics = self.evaluator.metrics(labels, logits)
+        return (metrics, labels, logits) if keep_scores else metrics
+
+    def cosine_scale(self) -> float | None:
+        """The factor that turns the head's cosines into its logits (open set's ``max_cosine``)."""
+        return float(self.accelerator.unwrap_model(self.model).get_base_model().logit_scale.exp())
 
 
 def zero_shot_logits(images: torch.Tensor, class_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -255,6 +267,7 @@ def zero_shot_logits(images: torch.Tensor, class_embeds: torch.Tensor, logit_sca
 
 
 MAX_LOGIT_SCALE = math.log(100)
+OPEN_SET_BOOTSTRAP = 1000  # resamples of the open-set metrics' 95% intervals (known and unknown images apart)
 
 
 @torch.no_grad()
@@ -474,14 +487,24 @@ def train(trainer: ContrastiveTrainer, splits, run_dir: Path, resume: bool, over
     return untrained
 
 
-def evaluate_best(
-    trainer: ContrastiveTrainer, splits, test_after: bool, max_danger: float | None = None
-) -> tuple[dict, dict | None, tuple | None]:
-    """Validation and test metrics of the best checkpoint (Trainer loaded it back at the end of training), and with
-    ``max_danger`` its selective-prediction threshold chosen on validation (:func:`selective_threshold`)."""
+def evaluate_best(trainer: ContrastiveTrainer, splits, run: RunArguments, holdout: Holdout | None) -> dict:
+    """What the best checkpoint (Trainer loaded it back at the end of training) gives: validation and test
+    metrics; with ``run.max_danger`` its selective-prediction threshold chosen on validation
+    (:func:`selective_threshold`); with ``run.unknown_tpr`` or a hold-out its open-set threshold, and with a
+    hold-out its open-set metrics on the test split (:func:`open_set_result`)."""
     best, labels, scores = trainer.score(splits["validation"], keep_scores=True)
-    selective = selective_threshold(labels, scores, trainer.evaluator.taxonomy, max_danger)
-    test = trainer.score(splits["test"]) if test_after else None
+    result = {
+        "validation_best": best,
+        "selective": selective_threshold(labels, scores, trainer.evaluator.taxonomy, run.max_danger),
+        "test": None,
+        "open_set": None,
+    }
+    tpr = run.unknown_tpr if run.unknown_tpr is not None else DEFAULT_TPR if holdout is not None else None
+    result["unknown_threshold"] = unknown_threshold(softmax(scores, axis=1).max(axis=1), tpr) if tpr else None
+    if run.test_after:
+        result["test"], test_labels, test_scores = trainer.score(splits["test"], keep_scores=True)
+        if holdout is not None:
+            result["open_set"] = open_set_result(trainer, holdout, test_labels, test_scores, tpr)
     if logger.isEnabledFor(logging.DEBUG):  # to compare the ranks of a multi-process run
         lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
         logger.debug(
@@ -491,7 +514,30 @@ def evaluate_best(
             lora_sum,
             best["miou"],
         )
-    return best, test, selective
+    return result
+
+
+def open_set_result(trainer: ContrastiveTrainer, holdout: Holdout, labels, logits, tpr: float) -> dict | None:
+    """The known test images (``labels``, ``logits``) against the held-out species' test images: every
+    open-set score's AUROC, FPR at ``tpr`` and OSCR with bootstrap intervals (:mod:`evaluation.openset`);
+    ``scores`` keeps the per-image scores for the ROC figure."""
+    unknown = holdout.unknown["test"]
+    if not len(unknown):
+        logger.warning("data.holdout_species: the held-out species have no test images; no open-set metrics")
+        return None
+    _, unknown_logits = trainer.logits(unknown)
+    scores = OpenSetScores.from_logits(logits, labels, unknown_logits, trainer.cosine_scale())
+    metrics = open_set_metrics(scores, tpr, bootstrap=OPEN_SET_BOOTSTRAP, seed=trainer.args.seed)
+    return {
+        "split": "test",
+        "known_images": len(labels),
+        "unknown_images": len(unknown),
+        "held_out": holdout.held_out,
+        "tpr": tpr,
+        "bootstrap": OPEN_SET_BOOTSTRAP,
+        "metrics": metrics,
+        "scores": scores,
+    }
 
 
 def selective_threshold(labels: np.ndarray, scores: np.ndarray, taxonomy, max_danger: float | None) -> tuple | None:
@@ -571,20 +617,17 @@ def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
         trainer = build_trainer(cfg, backbone, taxonomy, splits, base, run_dir / CHECKPOINTS)
     # 5. Train.
     untrained = train(trainer, splits, run_dir, cfg.run.resume, cfg.run.overwrite, cfg.run.test_after)
-    # 6. Evaluate the best checkpoint on validation and test.
-    best, test, selective = evaluate_best(trainer, splits, cfg.run.test_after, cfg.run.max_danger)
-    result = {
-        "validation_best": best,
-        "test": test,
+    # 6. Evaluate the best checkpoint on validation and test (and, with a hold-out, the unknown test images).
+    result = evaluate_best(trainer, splits, cfg.run, holdout) | {
         "validation_untrained": untrained["validation"],
         "test_untrained": untrained["test"],
         "global_step": trainer.state.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "model": trainer.model,
-        "selective": selective,
         "holdout": holdout,
         "push_error": None,
     }
+    best, test = result["validation_best"], result["test"]
     # 7. Write the run folder, its figures and card (rank 0), then push it if asked.
     if trainer.is_world_process_zero():
         precision = precision_name(trainer.args)
