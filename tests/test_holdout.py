@@ -142,3 +142,37 @@ def test_predict_says_when_a_photo_falls_below_the_runs_open_set_threshold(open_
     for r in records:  # probabilities are printed rounded: leave out the ones at the threshold
         if abs(r["predictions"][0]["probability"] - threshold) > 1e-3:
             assert flags[r["image"]] == (r["predictions"][0]["probability"] < threshold)
+
+
+def test_zero_shot_and_the_run_are_scored_on_the_same_open_set(open_run, prepared, tmp_path):
+    """evaluate_zero_shot.py --holdout-species draws the run's hold-out again: the zero-shot head lists only the
+    known species, the run is picked up by --include-adapters, and its open-set figures are the run's own."""
+    from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
+
+    args = EvaluationArguments(
+        data=str(prepared[0]),
+        models="tiny-clip",
+        text_type="sci",
+        templates="single",
+        output=str(tmp_path / "results"),
+        shots="",
+        num_workers=0,
+        holdout_species="0.34",
+        include_adapters=str(open_run.parent),
+    )
+    rows = evaluate(args)
+    assert [(r["model"], r["method"]) for r in rows] == [("tiny-clip", "zero-shot"), (f"lora-{open_run.name}", "LoRA")]
+    run_metrics = json.loads((open_run / "metrics.json").read_text())
+    for row in rows:
+        assert set(row["open_set"]) == {"msp", "max_logit", "energy", "max_cosine"}
+    for score, metrics in rows[1]["open_set"].items():  # the same model on the same images
+        for key in ("auroc", "fpr95", "oscr"):
+            assert metrics[key] == pytest.approx(run_metrics["open_set"]["metrics"][score][key], abs=1e-6)
+    assert rows[1]["miou"] == pytest.approx(run_metrics["test"]["miou"], abs=1e-6)
+    zero_shot = json.loads((tmp_path / "results/zero_shot/tiny-clip/sci/metrics.json").read_text())
+    held_out = json.loads((open_run / "holdout_species.json").read_text())["held_out"]
+    assert len(zero_shot["metrics"]["confusion"]) == 167  # the known species' head
+    assert (tmp_path / "results/zero_shot/tiny-clip/sci/open_set_roc.png").is_file()
+    summary = (tmp_path / "results/summary.md").read_text()
+    assert "## Open set: known vs held-out species" in summary and "--holdout-species 0.34" in summary
+    assert json.loads((tmp_path / "results/zero_shot/tiny-clip/sci/open_set.json").read_text())["held_out"] == held_out

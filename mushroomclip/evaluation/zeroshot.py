@@ -16,9 +16,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mushroomclip.data.holdout import choose_holdout, parse_fraction
 from mushroomclip.data.splits import load_splits, prepared_taxonomy, split_fingerprint
 from mushroomclip.evaluation.features import cached_image_features
 from mushroomclip.evaluation.fewshot import linear_probe_scores, sample_support, simpleshot_scores, summarise_runs
+from mushroomclip.evaluation.openset import DEFAULT_TPR, SCORES, OpenSetScores, open_set_metrics, summary_line
+from mushroomclip.evaluation.plots import save_open_set_roc_png
 from mushroomclip.evaluation.reporting import write_results
 from mushroomclip.metrics import classification_metrics, format_report, save_json
 from mushroomclip.models.backbones import Backbone, load_backbone, resolve_spec
@@ -97,6 +100,15 @@ class EvaluationArguments:
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the probe"})
+    holdout_species: str | None = field(
+        default=None,
+        metadata={
+            "help": "open set: species held out as unknown (comma-separated names, or a fraction such as 0.1 drawn "
+            "with --holdout-seed, as a training config's data.holdout_species): the heads list the others only, and "
+            "open-set metrics score the held-out species' images against theirs"
+        },
+    )
+    holdout_seed: int = field(default=0, metadata={"help": "the draw of a --holdout-species fraction"})
     include_adapters: str | None = field(
         default=None,
         metadata={
@@ -118,6 +130,7 @@ class EvaluationArguments:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
         text_types(self.text_type)  # a ValueError naming an unknown text type
+        parse_fraction(self.holdout_list)  # a fraction outside (0, 1) is a ValueError
         if not all(k.isdigit() for k in _comma_list(self.shots)):
             raise ValueError(f"--shots must be comma-separated whole numbers such as 1,5, got {self.shots!r}")
         for name in self.model_names:
@@ -127,6 +140,10 @@ class EvaluationArguments:
     @property
     def model_names(self) -> list[str]:
         return _comma_list(self.models)
+
+    @property
+    def holdout_list(self) -> list[str] | None:
+        return _comma_list(self.holdout_species) if self.holdout_species else None
 
     @property
     def text_types(self) -> list[str]:
@@ -156,13 +173,13 @@ def scalar_metrics(metrics: dict) -> dict:
     return flat | {f"{rank}_acc": v for rank, v in metrics.get("rank_accuracy", {}).items()}
 
 
-def _predictions_table(scores: np.ndarray, labels: np.ndarray, split, classes: list[str], k: int = 5) -> pd.DataFrame:
+def _predictions_table(scores: np.ndarray, labels: np.ndarray, sources, classes: list[str], k: int = 5) -> pd.DataFrame:
     k = min(k, scores.shape[1])
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     probs = torch.softmax(torch.from_numpy(scores).float(), dim=1).numpy()
     return pd.DataFrame(
         {
-            "source": split["source"],
+            "source": sources,
             "label": labels,
             "species": [classes[i] for i in labels],
             "pred": top[:, 0],
@@ -193,9 +210,10 @@ def shots_label(k: int, k_used: dict) -> str:
     return f"{k}-shot" + (f" (k<{k} for {short}/{k_used['classes']} classes, min {k_used['min']})" if short else "")
 
 
-def _row(model: str, method: str, text_type: str, metrics: dict) -> dict:
+def _row(model: str, method: str, text_type: str, metrics: dict, open_set: dict | None = None) -> dict:
     flat = scalar_metrics(metrics)
-    return {"model": model, "method": method, "text_type": text_type} | {k: flat.get(k) for k in SUMMARY_KEYS}
+    row = {"model": model, "method": method, "text_type": text_type} | {k: flat.get(k) for k in SUMMARY_KEYS}
+    return row | ({"open_set": open_set} if open_set else {})
 
 
 @dataclass
@@ -204,11 +222,13 @@ class EvaluationRun:
     (what was left out, and why) that go above the summary table."""
 
     args: EvaluationArguments
-    taxonomy: Taxonomy
-    splits: dict  # split name -> datasets.Dataset
+    taxonomy: Taxonomy  # the classes the heads list: the known species' own table with --holdout-species
+    splits: dict  # split name -> datasets.Dataset (labels of the prepared table)
     device: str
     dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
+    prepared: Taxonomy | None = None  # the prepared table, where it differs from ``taxonomy`` (a hold-out)
+    held_out: list[str] = field(default_factory=list)
 
     @property
     def output(self) -> Path:
@@ -221,8 +241,18 @@ class EvaluationRun:
 
     @cached_property
     def data_species(self) -> set[str]:
-        """The species of the train split: what an adapter must have been trained on to join the table."""
-        return {self.taxonomy.classes[i] for i in self.splits["train"].unique("label")}
+        """The (known) species of the train split: what an adapter must have been trained on to join the table."""
+        table = self.prepared or self.taxonomy
+        return {table.classes[i] for i in self.splits["train"].unique("label")} - set(self.held_out)
+
+    @cached_property
+    def known_ids(self) -> np.ndarray:
+        """Prepared-table label -> the heads' class id (-1: a held-out species)."""
+        if self.prepared is None:
+            return np.arange(len(self.taxonomy))
+        ids = np.full(len(self.prepared), -1)
+        ids[[self.prepared.id(c) for c in self.taxonomy.classes]] = np.arange(len(self.taxonomy))
+        return ids
 
     @property
     def num_classes(self) -> int:
@@ -238,7 +268,23 @@ class EvaluationRun:
         return self.args.resolved() | {"device": self.device, "dtype": str(self.dtype)} | what
 
     def features(self, backbone: Backbone, name: str, split: str) -> Features:
-        """Image features and labels of ``split``, cached under ``--cache-dir``."""
+        """Image features and labels (the heads' class ids) of ``split``'s known images, cached under
+        ``--cache-dir`` (computed on the whole split: the cache is keyed by its content)."""
+        feats, labels = self.all_features(backbone, name, split)
+        known = self.known_ids[labels] >= 0
+        return feats[known], self.known_ids[labels[known]]
+
+    def sources(self, split: str) -> list[str]:
+        """The ``source`` of each of ``split``'s known images, in the order of :meth:`features`."""
+        data = self.splits[split]
+        return [s for s, label in zip(data["source"], data["label"]) if self.known_ids[label] >= 0]
+
+    def unknown_features(self, backbone: Backbone, name: str, split: str) -> np.ndarray:
+        """Image features of ``split``'s images of the held-out species (``--holdout-species``)."""
+        feats, labels = self.all_features(backbone, name, split)
+        return feats[self.known_ids[labels] < 0]
+
+    def all_features(self, backbone: Backbone, name: str, split: str) -> Features:
         feats, labels, _ = cached_image_features(
             backbone,
             self.splits[split],
@@ -267,7 +313,8 @@ class EvaluatedModel:
 
 
 def load_evaluation_data(args: EvaluationArguments) -> EvaluationRun:
-    """The prepared splits with the taxonomy their label ids index (or ``--taxonomy``, listing the same species)."""
+    """The prepared splits with the taxonomy their label ids index (or ``--taxonomy``, listing the same species);
+    with ``--holdout-species`` the heads' table is the known species' (the same draw as a training run's)."""
     taxonomy = prepared_taxonomy(args.data)
     if args.taxonomy:
         override = load_taxonomy(args.taxonomy)
@@ -279,7 +326,14 @@ def load_evaluation_data(args: EvaluationArguments) -> EvaluationRun:
         taxonomy = override
     device = args.resolved_device()
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return EvaluationRun(args, taxonomy, load_splits(args.data), device, dtype)
+    splits = load_splits(args.data)
+    if not args.holdout_list:
+        return EvaluationRun(args, taxonomy, splits, device, dtype)
+    present = [taxonomy.classes[i] for i in splits["train"].unique("label")]
+    held_out = choose_holdout(taxonomy, args.holdout_list, args.holdout_seed, present)
+    known = taxonomy.subset([c for c in taxonomy.classes if c not in set(held_out)])
+    logger.info("--holdout-species: %d species held out as unknown (%s)", len(held_out), ", ".join(held_out))
+    return EvaluationRun(args, known, splits, device, dtype, prepared=taxonomy, held_out=held_out)
 
 
 def adapters_to_include(run: EvaluationRun) -> list[str]:
@@ -329,6 +383,12 @@ def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
         scores = zero_shot_scores(feats, class_emb, model.backbone.logit_scale)
         metrics = run.metrics(labels, scores)
         out = run.output / "zero_shot" / model.name / text_type
+        open_set = None
+        if run.held_out:
+            unknown = zero_shot_scores(
+                run.unknown_features(model.backbone, model.name, args.split), class_emb, model.backbone.logit_scale
+            )
+            open_set = open_set_result(run, labels, scores, unknown, model.backbone.logit_scale, out, model.name)
         write_results(
             out,
             metrics,
@@ -337,10 +397,10 @@ def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
             args.seed,
             f"{model.name} {text_type}",
         )
-        _predictions_table(scores, labels, run.splits[args.split], run.taxonomy.classes).to_parquet(
+        _predictions_table(scores, labels, run.sources(args.split), run.taxonomy.classes).to_parquet(
             out / "predictions.parquet"
         )
-        rows.append(_row(model.name, "LoRA" if adapter else "zero-shot", text_type, metrics))
+        rows.append(_row(model.name, "LoRA" if adapter else "zero-shot", text_type, metrics, open_set))
         templates = f"its own {len(model.classifier.record['templates'])}" if adapter else args.templates
         method = "LoRA adapter" if adapter else "zero-shot"
         logger.info(
@@ -362,10 +422,32 @@ def supervised_row(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
     metrics = run.metrics(labels, logits)
     out = run.output / "supervised" / model.name
     write_results(out, metrics, run.taxonomy, run.provenance(model=model.name), run.args.seed, f"{model.name} {method}")
-    predictions = _predictions_table(logits, labels, run.splits[run.args.split], run.taxonomy.classes)
+    open_set = None
+    if run.held_out:
+        unknown = run.unknown_features(model.backbone, model.name, run.args.split)  # its logits, as its features
+        open_set = open_set_result(run, labels, logits, unknown, None, out, model.name)
+    predictions = _predictions_table(logits, labels, run.sources(run.args.split), run.taxonomy.classes)
     predictions.to_parquet(out / "predictions.parquet")
     logger.info(format_report(metrics, title=f"\n{model.name} {method} ({record['base_model']}) on {run.args.split}"))
-    return _row(model.name, method, "", metrics)
+    return _row(model.name, method, "", metrics, open_set)
+
+
+def open_set_result(
+    run: EvaluationRun, labels, scores, unknown_scores, logit_scale, out: Path, name: str
+) -> dict[str, dict] | None:
+    """Open-set metrics of known (``labels``, ``scores``) against unknown images (``--bootstrap`` intervals),
+    written to ``open_set.json`` and ``open_set_roc.png`` in ``out``; the metrics by score."""
+    if not len(unknown_scores):
+        run.note(f"{name}: the held-out species have no {run.args.split} images; no open-set metrics")
+        return None
+    scores = OpenSetScores.from_logits(scores, labels, unknown_scores, logit_scale)
+    metrics = open_set_metrics(scores, bootstrap=run.args.bootstrap, seed=run.args.seed)
+    record = {"held_out": run.held_out, "known_images": len(labels), "unknown_images": len(unknown_scores)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / "open_set.json", record | {"tpr": DEFAULT_TPR, "metrics": metrics})
+    save_open_set_roc_png(scores, out / "open_set_roc.png", title=f"{name} open set ({run.args.split})")
+    logger.info(summary_line(metrics, len(unknown_scores), len(labels)))
+    return metrics
 
 
 def few_shot_rows(run: EvaluationRun, name: str, train: Features, evaluated: Features) -> list[dict]:
@@ -477,7 +559,35 @@ def summary_markdown(rows: list[dict], title: str, notes: list[str] = ()) -> str
         std = r.get("std", {})
         cells = [_pct(r[k]) + (f" ± {_pct(std[k]['std'])}" if k in std else "") for k in SUMMARY_KEYS]
         lines.append(f"| {r['model']} | {r['method']} | {r['text_type'] or '-'} | " + " | ".join(cells) + " |")
+    if any("open_set" in r for r in rows):
+        lines += ["", *open_set_table([r for r in rows if "open_set" in r])]
     return "\n".join(lines) + "\n"
+
+
+def open_set_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: per row, each score's AUROC / FPR95 / OSCR (with 95% intervals where bootstrapped)."""
+
+    def cell(metrics: dict | None) -> str:
+        if metrics is None:
+            return "-"
+
+        def one(key):
+            ci = metrics.get("ci", {}).get(key)
+            return _pct(metrics[key]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+
+        return " / ".join(one(key) for key in ("auroc", "fpr95", "oscr"))
+
+    head = "| model | method | text type | " + " | ".join(SCORES) + " |"
+    lines = [
+        "## Open set: known vs held-out species (AUROC / FPR95 / OSCR)",
+        "",
+        head,
+        "|---" * (3 + len(SCORES)) + "|",
+    ]
+    for r in rows:
+        cells = [cell(r["open_set"].get(score)) for score in SCORES]
+        lines.append(f"| {r['model']} | {r['method']} | {r['text_type'] or '-'} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_summary(rows: list[dict], args: EvaluationArguments, notes: list[str] = ()) -> None:
@@ -485,5 +595,10 @@ def write_summary(rows: list[dict], args: EvaluationArguments, notes: list[str] 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     notes = ([RANDOM_WEIGHTS_NOTE] if args.random_weights else []) + list(notes)
+    if args.holdout_list:
+        notes.append(
+            f"--holdout-species {args.holdout_species} (seed {args.holdout_seed}): the heads list the known species "
+            "only and the first table is on their images; the open-set table scores the held-out species' images against them"
+        )
     (output / "summary.md").write_text(summary_markdown(rows, f"Evaluation on {args.data} ({args.split})", notes))
     save_json(output / "summary.json", {"config": args.resolved(), "rows": rows, "notes": notes})
