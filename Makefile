@@ -64,6 +64,7 @@ benchmark: setup  ## zero-/few-shot for every configured model, + the runs (LoRA
 	  $(OFFLINE) $(PY) evaluate_zero_shot.py --config configs/benchmark_offline.yaml \
 	    $(if $(wildcard runs/.),--include-adapters runs,$(if $(wildcard $(DEMO)/runs/.),--include-adapters $(DEMO)/runs)); \
 	fi
+	$(if $(wildcard runs/.),$(PY) -m mushroomclip.evaluation.benchmark novel --runs runs --results results,$(if $(wildcard $(DEMO)/runs/.),$(OFFLINE) $(PY) -m mushroomclip.evaluation.benchmark novel --runs $(DEMO)/runs --results results --num-workers 0))
 	$(PY) -m mushroomclip.evaluation.benchmark report --results results
 
 bench-prepare: setup  ## prepare ~20k synthetic 500px images (169 classes): copy path, then re-encode path; prints images/s

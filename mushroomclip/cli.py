@@ -21,6 +21,7 @@ COMMANDS = {
     "predict": ("mushroomclip.commands.predict", "identify the species in photos with an adapter"),
     "push": ("mushroomclip.commands.push", "publish a trained run to the Hugging Face Hub"),
     "convert": ("mushroomclip.commands.convert", "convert an open_clip model (BioCLIP) into a transformers CLIPModel"),
+    "novel": ("mushroomclip.commands.novel", "few-shot on a run's held-out species: original vs fine-tuned backbone"),
     "baselines": ("mushroomclip.evaluation.baselines", "majority-class and colour-histogram baselines"),
     "benchmark": ("mushroomclip.evaluation.benchmark", "speed measurements and the results tables"),
 }

@@ -176,3 +176,53 @@ def test_zero_shot_and_the_run_are_scored_on_the_same_open_set(open_run, prepare
     summary = (tmp_path / "results/summary.md").read_text()
     assert "## Open set: known vs held-out species" in summary and "--holdout-species 0.34" in summary
     assert json.loads((tmp_path / "results/zero_shot/tiny-clip/sci/open_set.json").read_text())["held_out"] == held_out
+
+
+def test_new_species_support_comes_from_their_training_photos_only():
+    from mushroomclip.evaluation.novel import generalised_scores, novel_scores
+
+    rng = np.random.default_rng(0)
+    train_labels = np.repeat([0, 1, 2, 3], 6)  # 2 and 3 are the new species
+    centres = 3 * rng.normal(size=(4, 8))
+    train = centres[train_labels] + 0.1 * rng.normal(size=(24, 8))
+    query = centres[[0, 2, 3]]  # a known species' photo and one of each new species
+    new = np.array([2, 3])
+    scores = novel_scores(train, train_labels, query, new, k=1, seed=0, classes=4)
+    assert np.isinf(scores[:, [0, 1]]).all() and np.isfinite(scores[:, [2, 3]]).all()  # known species: no centroid
+    scores = generalised_scores(train, train_labels, query, new, k=6, seed=0, classes=4)
+    assert np.isfinite(scores).all() and list(scores.argmax(axis=1)) == [0, 2, 3]  # k=6: every photo of each
+
+
+def test_generalised_accuracy_by_hand():
+    from mushroomclip.evaluation.novel import generalised_accuracy
+
+    labels = np.array([0, 0, 1, 1, 5, 5, 5, 6])  # 5 and 6 are new
+    predicted = np.array([0, 1, 1, 1, 5, 0, 5, 6])  # known: 3 of 4 right; new: 3 of 4
+    result = generalised_accuracy(labels, predicted, np.array([5, 6]))
+    assert result == {"known_acc": 0.75, "new_acc": 0.75, "harmonic_mean": 0.75}
+    result = generalised_accuracy(labels, np.array([0, 0, 1, 1, 0, 0, 0, 0]), np.array([5, 6]))
+    assert result == {"known_acc": 1.0, "new_acc": 0.0, "harmonic_mean": 0.0}
+
+
+def test_novel_command_writes_both_backbones_every_k_and_the_figure(open_run, tmp_path, capsys):
+    from mushroomclip.commands.novel import main
+
+    out = tmp_path / "novel"
+    argv = ["--run", str(open_run), "--shots", "1,5,10", "--seeds", "2", "--num-workers", "0", "--output", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    keys = {(r["backbone"], r["setting"], r["k"]) for r in summary["rows"]}
+    assert keys == {(b, s, k) for b in ("original", "fine-tuned") for s in ("novel", "generalised") for k in (1, 5, 10)}
+    assert summary["notes"] and "pipeline check" in summary["notes"][0]  # tiny-clip: random weights
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["results"]["fine-tuned"]["novel"]["5"]["runs"]) == 2 and "git_commit" in json.dumps(metrics)
+    assert (out / "novel_species.png").stat().st_size > 10_000
+    assert "## Generalised: known + new species together" in (out / "summary.md").read_text()
+
+
+def test_novel_on_a_run_without_hold_out_is_one_line(tmp_path, capsys):
+    from mushroomclip.commands.novel import main
+
+    (tmp_path / "config.yaml").write_text("data: {path: x}\n")
+    assert main(["--run", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path} held out no species (no holdout_species.json)")

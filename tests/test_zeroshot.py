@@ -317,3 +317,8 @@ def test_k_shot_rows_say_how_many_images_classes_really_had(evaluated, prepared,
     skipped = f"tiny-clip: {over}-shot skipped: no class has {over} training images (at most {over - 1})"
     assert skipped in caplog.messages and f"> {skipped}" in (tmp_path / "summary.md").read_text()
     assert not (tmp_path / "few_shot" / "tiny-clip" / f"k{over}").exists()
+
+
+def test_shots_accept_ten():
+    """The new-species protocol's k values are also evaluate_zero_shot.py's."""
+    assert EvaluationArguments(shots="1,5,10").shot_counts == [1, 5, 10]

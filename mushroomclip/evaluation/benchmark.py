@@ -1,6 +1,7 @@
 """`make benchmark`, `make bench-zero-shot`, `make bench-train`: the comparison table, and throughput.
 
 python -m mushroomclip.evaluation.benchmark hub-reachable          exit 0 if the Hugging Face Hub answers
+python -m mushroomclip.evaluation.benchmark novel --runs runs --results results   few-shot on held-out species
 python -m mushroomclip.evaluation.benchmark report --results results
 python -m mushroomclip.evaluation.benchmark speed --data DIR --model clip-b32 --batch-size 256
 python -m mushroomclip.evaluation.benchmark train-speed --data DIR --model clip-b32
@@ -25,10 +26,12 @@ import torch
 from transformers import TrainingArguments
 
 from mushroomclip.config import DataArguments, LoraArguments
+from mushroomclip.data.holdout import HOLDOUT_FILE
 from mushroomclip.data.splits import load_splits, prepared_taxonomy
 from mushroomclip.data.transforms import background_worker, pixel_stats, train_images
 from mushroomclip.evaluation import speed
 from mushroomclip.evaluation.features import PreprocessedImages
+from mushroomclip.evaluation.novel import NovelArguments, evaluate_novel
 from mushroomclip.evaluation.plots import _pyplot
 from mushroomclip.evaluation.references import REFERENCE_NOTE, reference_rows
 from mushroomclip.evaluation.zeroshot import RANDOM_WEIGHTS_NOTE, summary_markdown
@@ -37,6 +40,7 @@ from mushroomclip.models.lora import add_lora
 from mushroomclip.models.prompts import class_prompts
 from mushroomclip.training.trainer import ContrastiveTrainer, collate
 
+NOVEL_DIR = "novel"
 OFFLINE_NOTE = (
     "offline: no Hugging Face Hub, so these rows are the randomly initialised test models (tiny-clip, "
     "tiny-openclip, and runs trained from them or from tiny-resnet) on the synthetic demo data. They "
@@ -58,6 +62,8 @@ def write_report(results: Path) -> Path:
     notes = ([OFFLINE_NOTE] if offline else []) + summary.get("notes", older)
     title = f"MushroomCLIP benchmark: {cfg['data']} ({cfg['split']} split)"
     markdown = summary_markdown(rows + reference_rows(), title, [*notes, REFERENCE_NOTE])
+    for novel in sorted((results / NOVEL_DIR).glob("*/summary.md")):  # `benchmark novel`: a section per run
+        markdown += "\n" + novel.read_text().replace("\n## ", "\n### ").replace("# ", "## ", 1)
     out = results / "benchmark.md"
     out.write_text(markdown)
 
@@ -71,6 +77,21 @@ def write_report(results: Path) -> Path:
     fig.savefig(results / "benchmark.png", dpi=100)
     plt.close(fig)
     return out
+
+
+def novel_species_rows(runs: Path, results: Path, num_workers: int) -> list[Path]:
+    """``mushroomclip novel`` for every finished run under ``runs`` that held out species (others: no new
+    species to learn); results under ``results/novel/<run>/``. The runs evaluated."""
+    done = []
+    for record in sorted(runs.glob(f"*/{HOLDOUT_FILE}")):
+        run = record.parent
+        if not (run / "metrics.json").is_file():
+            continue  # unfinished
+        evaluate_novel(
+            NovelArguments(run=str(run), output=str(results / NOVEL_DIR / run.name), num_workers=num_workers)
+        )
+        done.append(run)
+    return done
 
 
 def _images_per_s(batches, run, timed: int, skip: int, device: str, count=len) -> tuple[float, int]:
@@ -360,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("hub-reachable", help="exit 0 if models can be downloaded, 1 if not")
     report = sub.add_parser("report", help="write benchmark.md and benchmark.png from an evaluation's summary.json")
     report.add_argument("--results", default="results")
+    novel = sub.add_parser("novel", help="few-shot on the held-out species of every run in --runs that has some")
+    novel.add_argument("--runs", default="runs", help="folder of training runs")
+    novel.add_argument("--results", default="results", help="results go to RESULTS/novel/<run>/")
+    novel.add_argument("--num-workers", type=int, default=2)
     table = sub.add_parser("table", help="regenerate the speed table of docs/benchmarks.md from results/bench/*.json")
     table.add_argument("--results", default=str(speed.RESULTS), help="folder of bench JSON files")
     table.add_argument("--readme", default="docs/benchmarks.md", help="the page holding the bench-table markers")
@@ -406,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         out = write_report(Path(args.results))
         print(out.read_text())
         print(f"written: {out}, {out.with_suffix('.png')}")
+        return 0
+    if args.command == "novel":
+        done = novel_species_rows(Path(args.runs), Path(args.results), args.num_workers)
+        print(f"new species from a few photos: {len(done)} run(s) with held-out species in {args.runs}")
         return 0
     if args.command == "table":
         try:

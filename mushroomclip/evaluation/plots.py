@@ -150,3 +150,51 @@ def save_open_set_roc_png(scores: OpenSetScores, path: str | Path, title: str = 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def save_novel_species_png(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Few-shot accuracy on new species against k: the original and the fine-tuned backbone, new species only
+    (OA) and known + new together (new-species accuracy and harmonic mean), mean ± std over the seeds."""
+    plt = _pyplot()
+    fig, (novel, general) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    colours = {"original": "#6c757d", "fine-tuned": "#386641"}
+    for backbone, colour in colours.items():
+        for ax, setting, keys in (
+            (novel, "novel", (("accuracy", "-"),)),
+            (general, "generalised", (("new_acc", "--"), ("harmonic_mean", "-"))),
+        ):
+            chosen = sorted(
+                (r for r in rows if r["backbone"] == backbone and r["setting"] == setting), key=lambda r: r["k"]
+            )
+            if not chosen:
+                continue
+            ks = [r["k"] for r in chosen]
+            for key, style in keys:
+                column = "oa" if key == "accuracy" else key
+                mean = np.array([100 * r[column] for r in chosen])
+                std = np.array([100 * r["std"][column]["std"] for r in chosen])
+                ax.errorbar(
+                    ks,
+                    mean,
+                    yerr=std,
+                    color=colour,
+                    linestyle=style,
+                    marker="o",
+                    capsize=3,
+                    label=f"{backbone}: {key.replace('_', ' ')}",
+                )
+    novel.set_title("new species only", fontsize=10)
+    general.set_title("known + new species together", fontsize=10)
+    novel.set_ylabel("accuracy (%)")
+    for ax in (novel, general):
+        ax.set_xlabel("support photos per new species (k)")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({r["k"] for r in rows}), labels=[str(k) for k in sorted({r["k"] for r in rows})])
+        ax.set_ylim(0, 103)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or "new species from a few photos")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
