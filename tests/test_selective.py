@@ -127,3 +127,54 @@ def test_summary_states_coverage_at_the_target_and_whether_it_was_met(toy):
     )
     cases = [(A1, [0.0, 1.0, 0.0, 0.0]), (C1, [0.1, 0.1, 0.0, 0.8])]
     assert "target NOT met" in choose_threshold(risk_coverage(*case_arrays(cases), toy), 0.001).summary()
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.75, 0.7, 0.6, 0.5, 0.95])
+def test_a_threshold_applied_to_a_split_gives_the_curve_at_that_threshold(toy, threshold):
+    from mushroomclip.evaluation.selective import apply_threshold
+
+    probs, labels = case_arrays()
+    applied = apply_threshold(probs, labels, toy, threshold)
+    curve = risk_coverage(probs, labels, toy)
+    if threshold > curve.threshold[0]:  # nothing answered
+        assert (applied["coverage"], applied["dangerous_as_edible"], applied["error"]) == (0.0, 0.0, None)
+        return
+    i = np.flatnonzero(curve.threshold >= threshold)[-1]
+    assert (applied["coverage"], applied["dangerous_as_edible"], applied["error"]) == pytest.approx(
+        (curve.coverage[i], curve.danger[i], curve.error[i])
+    )
+
+
+def test_evaluate_max_danger_chooses_on_validation_and_reports_the_evaluated_split(prepared, tmp_path):
+    import pandas as pd
+
+    from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
+
+    args = EvaluationArguments(
+        data=str(prepared[0]),
+        models="tiny-clip",
+        text_type="sci",
+        templates="single",
+        output=str(tmp_path),
+        shots="",
+        num_workers=0,
+        max_danger=0.05,
+    )
+    [row] = evaluate(args)
+    out = tmp_path / "zero_shot/tiny-clip/sci"
+    record = json.loads((out / "selective.json").read_text())
+    assert row["selective"] == record and record["chosen_on_validation"]["max_danger"] == 0.05
+    assert record["chosen_on_validation"]["chosen_on"] == "validation"
+    # the test figures are the chosen threshold applied to the test predictions evaluate wrote
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert record["test"]["images"] == len(predictions)
+    top1 = np.array([p[0] for p in predictions["top5_probs"]])
+    threshold = record["chosen_on_validation"]["species"]
+    assert record["test"]["coverage"] == pytest.approx((top1 >= threshold).mean(), abs=1e-6)
+    assert (out / "risk_coverage.png").stat().st_size > 10_000
+    assert (
+        "## Selective prediction: threshold chosen on validation for dangerous→edible ≤ 5%"
+        in (tmp_path / "summary.md").read_text()
+    )
+    with pytest.raises(ValueError, match=r"--max-danger must be in \[0, 1\)"):
+        EvaluationArguments(max_danger=1.5)

@@ -129,3 +129,22 @@ def choose_threshold(curve: RiskCoverage, max_danger: float) -> SelectiveThresho
     return SelectiveThreshold(
         1.0, coverage=float(curve.coverage[0]), danger=float(curve.danger[0]), error=float(curve.error[0]), **common
     )
+
+
+def apply_threshold(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, threshold: float) -> dict:
+    """What answering only the images whose top-1 probability reaches ``threshold`` gives on another split (the
+    rates of :func:`risk_coverage` at that threshold): ``coverage``, ``dangerous_as_edible`` (over every dangerous
+    image, answered or not; None without any), ``error`` among the answered (None when none is)."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    predicted = probs.argmax(axis=1)
+    answered = probs[np.arange(len(labels)), predicted] >= threshold
+    dangerous = taxonomy.dangerous_mask[labels]
+    to_edible = dangerous & answered & taxonomy.edible_mask[predicted]
+    return {
+        "threshold": float(threshold),
+        "coverage": float(answered.mean()),
+        "dangerous_as_edible": float(to_edible.sum() / dangerous.sum()) if dangerous.any() else None,
+        "error": float((predicted[answered] != labels[answered]).mean()) if answered.any() else None,
+        "images": int(len(labels)),
+        "dangerous_images": int(dangerous.sum()),
+    }

@@ -21,13 +21,15 @@ from mushroomclip.data.splits import load_splits, prepared_taxonomy, split_finge
 from mushroomclip.evaluation.features import cached_image_features
 from mushroomclip.evaluation.fewshot import linear_probe_scores, sample_support, simpleshot_scores, summarise_runs
 from mushroomclip.evaluation.openset import DEFAULT_TPR, SCORES, OpenSetScores, open_set_metrics, summary_line
-from mushroomclip.evaluation.plots import save_open_set_roc_png
+from mushroomclip.evaluation.plots import save_open_set_roc_png, save_risk_coverage_png
 from mushroomclip.evaluation.reporting import write_results
+from mushroomclip.evaluation.selective import apply_threshold, choose_threshold, risk_coverage
 from mushroomclip.metrics import classification_metrics, format_report, save_json
 from mushroomclip.models.backbones import Backbone, load_backbone, resolve_spec
 from mushroomclip.models.classifier import AdapterError, Classifier, data_mismatch, find_adapters, load_classifier
 from mushroomclip.models.prompts import cached_class_text_embeddings, text_types
 from mushroomclip.models.supervised import SupervisedClassifier
+from mushroomclip.prediction.answer import Thresholds
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,14 @@ class EvaluationArguments:
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the probe"})
+    max_danger: float | None = field(
+        default=None,
+        metadata={
+            "help": "selective prediction: per model, the top-1 probability threshold chosen on the validation split "
+            "whose dangerous->edible rate is at most this (e.g. 0.001), and its coverage, dangerous->edible rate and "
+            "error on --split (unset: off)"
+        },
+    )
     holdout_species: str | None = field(
         default=None,
         metadata={
@@ -131,6 +141,8 @@ class EvaluationArguments:
                 raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
         text_types(self.text_type)  # a ValueError naming an unknown text type
         parse_fraction(self.holdout_list)  # a fraction outside (0, 1) is a ValueError
+        if self.max_danger is not None and not 0 <= self.max_danger < 1:
+            raise ValueError(f"--max-danger must be in [0, 1), e.g. 0.001, got {self.max_danger}")
         if not all(k.isdigit() for k in _comma_list(self.shots)):
             raise ValueError(f"--shots must be comma-separated whole numbers such as 1,5, got {self.shots!r}")
         for name in self.model_names:
@@ -400,7 +412,12 @@ def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
         _predictions_table(scores, labels, run.sources(args.split), run.taxonomy.classes).to_parquet(
             out / "predictions.parquet"
         )
-        rows.append(_row(model.name, "LoRA" if adapter else "zero-shot", text_type, metrics, open_set))
+        row = _row(model.name, "LoRA" if adapter else "zero-shot", text_type, metrics, open_set)
+        if args.max_danger is not None:
+            validation = run.features(model.backbone, model.name, "validation")
+            val_scores = zero_shot_scores(validation[0], class_emb, model.backbone.logit_scale)
+            row["selective"] = selective_result(run, validation[1], val_scores, labels, scores, out, model.name)
+        rows.append(row)
         templates = f"its own {len(model.classifier.record['templates'])}" if adapter else args.templates
         method = "LoRA adapter" if adapter else "zero-shot"
         logger.info(
@@ -429,7 +446,30 @@ def supervised_row(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
     predictions = _predictions_table(logits, labels, run.sources(run.args.split), run.taxonomy.classes)
     predictions.to_parquet(out / "predictions.parquet")
     logger.info(format_report(metrics, title=f"\n{model.name} {method} ({record['base_model']}) on {run.args.split}"))
-    return _row(model.name, method, "", metrics, open_set)
+    row = _row(model.name, method, "", metrics, open_set)
+    if run.args.max_danger is not None:
+        validation = run.features(model.backbone, model.name, "validation")  # its logits
+        row["selective"] = selective_result(run, validation[1], validation[0], labels, logits, out, model.name)
+    return row
+
+
+def selective_result(run: EvaluationRun, val_labels, val_scores, labels, scores, out: Path, name: str) -> dict | None:
+    """The ``--max-danger`` threshold chosen on validation (``val_*``), what it gives on the evaluated split
+    (``labels``, ``scores``), ``selective.json`` and the validation ``risk_coverage.png`` in ``out``."""
+    to_probs = lambda x: torch.softmax(torch.as_tensor(x, dtype=torch.float64), dim=1).numpy()  # noqa: E731
+    try:
+        curve = risk_coverage(to_probs(val_scores), val_labels, run.taxonomy)
+    except ValueError as err:  # no deadly or poisonous validation image
+        run.note(f"{name}: --max-danger: no threshold: {err}")
+        return None
+    chosen = choose_threshold(curve, run.args.max_danger)
+    result = {"chosen_on_validation": chosen.record(genus=Thresholds.genus)}
+    result |= {run.args.split: apply_threshold(to_probs(scores), labels, run.taxonomy, chosen.threshold)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / "selective.json", result)
+    save_risk_coverage_png(curve, out / "risk_coverage.png", chosen, title=f"{name} validation")
+    logger.info(f"{name}: {chosen.summary()}")
+    return result
 
 
 def open_set_result(
@@ -559,9 +599,32 @@ def summary_markdown(rows: list[dict], title: str, notes: list[str] = ()) -> str
         std = r.get("std", {})
         cells = [_pct(r[k]) + (f" ± {_pct(std[k]['std'])}" if k in std else "") for k in SUMMARY_KEYS]
         lines.append(f"| {r['model']} | {r['method']} | {r['text_type'] or '-'} | " + " | ".join(cells) + " |")
+    if any(r.get("selective") for r in rows):
+        lines += ["", *selective_table([r for r in rows if r.get("selective")])]
     if any("open_set" in r for r in rows):
         lines += ["", *open_set_table([r for r in rows if "open_set" in r])]
     return "\n".join(lines) + "\n"
+
+
+def selective_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: per row, the validation-chosen threshold and what it gives on the evaluated split."""
+    first = rows[0]["selective"]["chosen_on_validation"]
+    split = next(k for k in rows[0]["selective"] if k != "chosen_on_validation")
+    lines = [
+        f"## Selective prediction: threshold chosen on validation for dangerous→edible ≤ {100 * first['max_danger']:g}%",
+        "",
+        f"| model | method | text type | threshold | validation coverage | {split} coverage | {split} dangerous→edible "
+        f"| {split} error among answered |",
+        "|---" * 8 + "|",
+    ]
+    for r in rows:
+        chosen, applied = r["selective"]["chosen_on_validation"], r["selective"][split]
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['text_type'] or '-'} | {chosen['species']:.4f} | "
+            f"{_pct(chosen['coverage'])} | {_pct(applied['coverage'])} | {_pct(applied['dangerous_as_edible'])} | "
+            f"{_pct(applied['error'])} |"
+        )
+    return lines
 
 
 def open_set_table(rows: list[dict]) -> list[str]:
