@@ -11,7 +11,7 @@ from PIL import Image
 from test_metrics import TOY  # A1 deadly and A2 edible share a genus, B1 poisonous, C1 edible
 
 from mushroomclip.evaluation.plots import save_risk_coverage_png
-from mushroomclip.evaluation.selective import choose_threshold, risk_coverage
+from mushroomclip.evaluation.selective import choose_threshold, risk_coverage, risk_coverage_top1
 from mushroomclip.metrics import classification_metrics
 from mushroomclip.prediction.answer import NOT_SURE_TEXT, answer, run_thresholds
 from mushroomclip.taxonomy import load_taxonomy
@@ -50,6 +50,10 @@ def test_risk_coverage_curve_by_hand(toy):
     assert (curve.images, curve.dangerous_images) == (6, 4)
     # answering everything gives metrics.py's dangerous->edible rate
     assert curve.danger[-1] == classification_metrics(labels, probs, 4, taxonomy=toy)["dangerous_as_edible"]
+    # the same from each image's top-1 probability and class alone (what predictions.parquet holds)
+    top1 = risk_coverage_top1(probs.max(axis=1), probs.argmax(axis=1), labels, toy)
+    for field in ("threshold", "coverage", "error", "danger"):
+        np.testing.assert_array_equal(getattr(top1, field), getattr(curve, field))
 
 
 @pytest.mark.parametrize(

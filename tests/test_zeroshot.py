@@ -283,6 +283,26 @@ def test_benchmark_report_has_every_row_and_says_when_it_is_offline(evaluated):
     assert "| genus acc | family acc | dangerous→edible |" in report
     assert len([line for line in report.splitlines() if line.startswith("| tiny-")]) == len(rows)
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+    # Bertinetto et al.'s severity-vs-error figure and the best models' risk-coverage curves, linked below the table
+    assert "![severity](severity.png)" in report and "![risk_coverage](risk_coverage.png)" in report
+    for name in ("severity.png", "risk_coverage.png"):
+        assert (out / name).stat().st_size > 10_000
+    summary = json.loads((out / "summary.json").read_text())["rows"]
+    assert all("mistake_severity" in r for r in summary)  # what the severity figure plots
+
+
+def test_method_names_a_runs_loss_and_safety_settings(tmp_path):
+    from mushroomclip.evaluation.zeroshot import training_label
+
+    assert training_label(tmp_path) == ""  # no config: nothing to say
+    (tmp_path / "config.yaml").write_text("loss: {name: class_text, beta: 10.0, alpha: 0.1, danger_weight: 0.0}\n")
+    assert training_label(tmp_path) == ""
+    (tmp_path / "config.yaml").write_text(
+        "loss: {name: hierarchical_soft, beta: 10.0, alpha: 0.1, danger_weight: 1.0}\n"
+    )
+    assert training_label(tmp_path) == "hierarchical_soft β=10, danger_weight=1"
+    (tmp_path / "config.yaml").write_text("loss: {name: hierarchical_xent, beta: 10.0, alpha: 0.5, danger_weight: 0}\n")
+    assert training_label(tmp_path) == "hierarchical_xent α=0.5"
 
 
 def test_k_shot_rows_say_how_many_images_classes_really_had(evaluated, prepared, tmp_path, caplog):

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from transformers import TrainingArguments
 
@@ -34,6 +36,7 @@ from mushroomclip.evaluation.features import PreprocessedImages
 from mushroomclip.evaluation.novel import NovelArguments, evaluate_novel
 from mushroomclip.evaluation.plots import _pyplot
 from mushroomclip.evaluation.references import REFERENCE_NOTE, reference_rows
+from mushroomclip.evaluation.selective import risk_coverage_top1
 from mushroomclip.evaluation.zeroshot import RANDOM_WEIGHTS_NOTE, summary_markdown
 from mushroomclip.models.backbones import hub_reachable, load_backbone, offline_clip_tokenizer
 from mushroomclip.models.lora import add_lora
@@ -76,7 +79,94 @@ def write_report(results: Path) -> Path:
     fig.tight_layout()
     fig.savefig(results / "benchmark.png", dpi=100)
     plt.close(fig)
+    figures = [save_severity_png(rows, results / "severity.png", offline)]
+    figures.append(save_best_risk_coverage_png(rows, cfg, results, results / "risk_coverage.png"))
+    links = [f"![{path.stem}]({path.name})" for path in figures if path is not None]
+    if links:
+        out.write_text(out.read_text() + "\n## Figures\n\n" + "\n\n".join(links) + "\n")
     return out
+
+
+def save_severity_png(rows: list[dict], path: Path, offline: bool) -> Path | None:
+    """Bertinetto et al. 2020's figure: per model, the mistake severity (mean LCA height of the wrong answers)
+    and the average hierarchical distance of the top-5 against the top-1 error. Rows without them are left out."""
+    points = [r for r in rows if r.get("mistake_severity") is not None and r.get("oa") is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (
+        ("mistake_severity", "mistake severity (mean LCA height of mistakes)"),
+        ("top5", "average hierarchical distance of the top-5"),
+    )
+    for ax, (key, label) in zip(axes, panels):
+        for r in points:
+            y = r["mistake_severity"] if key == "mistake_severity" else (r.get("hierarchical_distance") or {}).get(key)
+            if y is None:
+                continue
+            ax.scatter(100 * (1 - r["oa"]), y, s=25)
+            ax.annotate(
+                f"{r['model']} {r['method']} {r['text_type']}".strip(),
+                (100 * (1 - r["oa"]), y),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.set_xlabel("top-1 error (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        ("offline pipeline check: " if offline else "") + "mistake severity vs top-1 error (lower left is better)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_best_risk_coverage_png(rows: list[dict], cfg: dict, results: Path, path: Path, best: int = 3) -> Path | None:
+    """The risk-coverage curves (error and dangerous->edible rate against coverage) of the ``best`` rows by mIoU
+    that wrote per-image predictions (zero-shot, LoRA and supervised rows), on the evaluated split."""
+    if cfg.get("holdout_species"):
+        return None  # their labels index the known species' table, not the prepared one
+    taxonomy = prepared_taxonomy(cfg["data"])
+    chosen = []
+    for r in sorted((r for r in rows if r.get("miou") is not None), key=lambda r: -r["miou"]):
+        folder = results / ("supervised" if r["method"].startswith("supervised") else "zero_shot") / r["model"]
+        parquet = folder / (r["text_type"] or "") / "predictions.parquet"
+        if parquet.is_file():
+            chosen.append((r, pd.read_parquet(parquet)))
+        if len(chosen) == best:
+            break
+    curves = []
+    for r, predictions in chosen:
+        confidence = np.array([p[0] for p in predictions["top5_probs"]])
+        try:
+            curve = risk_coverage_top1(
+                confidence, predictions["pred"].to_numpy(), predictions["label"].to_numpy(), taxonomy
+            )
+        except ValueError:  # no deadly or poisonous image in the split
+            return None
+        curves.append((f"{r['model']} {r['method']} {r['text_type']}".strip(), curve))
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, (risk, danger) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, curve in curves:
+        risk.plot(100 * curve.coverage, 100 * curve.error, label=label)
+        danger.plot(100 * curve.coverage, 100 * curve.danger, label=label)
+    for ax, ylabel in ((risk, "error among answered (%)"), (danger, "dangerous->edible (%)")):
+        ax.set_xlabel(f"coverage (% of {curves[0][1].images} images answered)")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(0, 100)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"risk-coverage of the {len(curves)} best models by mIoU ({cfg['split']} split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def novel_species_rows(runs: Path, results: Path, num_workers: int) -> list[Path]:

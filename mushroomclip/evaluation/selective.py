@@ -83,7 +83,12 @@ def risk_coverage(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy) -> 
             f"for {len(labels)} labels"
         )
     predicted = probs.argmax(axis=1)
-    confidence = probs[np.arange(len(labels)), predicted]
+    return risk_coverage_top1(probs[np.arange(len(labels)), predicted], predicted, labels, taxonomy)
+
+
+def risk_coverage_top1(confidence: np.ndarray, predicted: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy):
+    """:func:`risk_coverage` from each image's top-1 probability and class (e.g. a predictions.parquet)."""
+    confidence, predicted, labels = map(np.asarray, (confidence, predicted, labels))
     dangerous = taxonomy.dangerous_mask[labels]
     if not dangerous.any():
         raise ValueError(

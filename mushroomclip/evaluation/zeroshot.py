@@ -15,6 +15,7 @@ from typing import Literal, get_args, get_origin, get_type_hints
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from mushroomclip.data.holdout import choose_holdout, parse_fraction
 from mushroomclip.data.splits import load_splits, prepared_taxonomy, split_fingerprint
@@ -34,6 +35,7 @@ from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 
 logger = logging.getLogger(__name__)
 
+ROW_EXTRAS = ("mistake_severity",)  # in summary.json's rows (the benchmark's figures), not in the table
 SUMMARY_KEYS = ("oa", "top5", "mf1", "miou", "balanced_acc", "genus_acc", "family_acc", "dangerous_as_edible")
 RANDOM_WEIGHTS_NOTE = "random weights: architectures only, figures are not model quality"
 COLUMN_NAMES = ("OA", "top-5", "mF1", "mIoU", "balanced acc", "genus acc", "family acc", "dangerous→edible")
@@ -225,7 +227,28 @@ def shots_label(k: int, k_used: dict) -> str:
 def _row(model: str, method: str, text_type: str, metrics: dict, open_set: dict | None = None) -> dict:
     flat = scalar_metrics(metrics)
     row = {"model": model, "method": method, "text_type": text_type} | {k: flat.get(k) for k in SUMMARY_KEYS}
+    row |= {k: flat.get(k) for k in ROW_EXTRAS} | {"hierarchical_distance": metrics.get("hierarchical_distance_top_k")}
     return row | ({"open_set": open_set} if open_set else {})
+
+
+def training_label(folder: str | Path) -> str:
+    """How a run was trained, beyond its model: its loss and safety settings where they differ from the plain
+    ones (``hierarchical_soft β=10, danger_weight=1``), for the method column; "" for a plain run."""
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        return ""
+    loss = (yaml.safe_load(path.read_text()) or {}).get("loss") or {}
+    name, parts = loss.get("name", "class_text"), []
+    if name not in ("class_text", "cross_entropy"):
+        parts.append(
+            {
+                "hierarchical_soft": f"{name} β={loss.get('beta'):g}",
+                "hierarchical_xent": f"{name} α={loss.get('alpha'):g}",
+            }.get(name, name)
+        )
+    if loss.get("danger_weight"):
+        parts.append(f"danger_weight={loss['danger_weight']:g}")
+    return ", ".join(parts)
 
 
 @dataclass
@@ -322,6 +345,7 @@ class EvaluatedModel:
     backbone: Backbone
     text_types: list[str]
     classifier: Classifier | None = None
+    training: str = ""  # a run's loss and safety settings (:func:`training_label`)
 
 
 def load_evaluation_data(args: EvaluationArguments) -> EvaluationRun:
@@ -375,10 +399,11 @@ def load_model(run: EvaluationRun, name: str, found: bool) -> EvaluatedModel | N
         return None
     if reason := data_mismatch(classifier.record, run.taxonomy.classes, run.data_species):  # named in --models
         run.note(f"{name}: {reason}; evaluated because --models names it", prefix="note: ")
+    training = training_label(folder)
     if isinstance(classifier, SupervisedClassifier):  # its "features" are its logits (its encode_images)
-        return EvaluatedModel(classifier.name, classifier.to(run.device, run.dtype), [], classifier)
+        return EvaluatedModel(classifier.name, classifier.to(run.device, run.dtype), [], classifier, training)
     backbone = classifier.backbone.to(run.device, run.dtype)
-    return EvaluatedModel(backbone.name, backbone, [classifier.record["text_type"]], classifier)
+    return EvaluatedModel(backbone.name, backbone, [classifier.record["text_type"]], classifier, training)
 
 
 def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Features) -> list[dict]:
@@ -412,18 +437,17 @@ def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
         _predictions_table(scores, labels, run.sources(args.split), run.taxonomy.classes).to_parquet(
             out / "predictions.parquet"
         )
-        row = _row(model.name, "LoRA" if adapter else "zero-shot", text_type, metrics, open_set)
+        method = ("LoRA" + (f" ({model.training})" if model.training else "")) if adapter else "zero-shot"
+        row = _row(model.name, method, text_type, metrics, open_set)
         if args.max_danger is not None:
             validation = run.features(model.backbone, model.name, "validation")
             val_scores = zero_shot_scores(validation[0], class_emb, model.backbone.logit_scale)
             row["selective"] = selective_result(run, validation[1], val_scores, labels, scores, out, model.name)
         rows.append(row)
         templates = f"its own {len(model.classifier.record['templates'])}" if adapter else args.templates
-        method = "LoRA adapter" if adapter else "zero-shot"
+        kind = "LoRA adapter" if adapter else "zero-shot"
         logger.info(
-            format_report(
-                metrics, title=f"\n{model.name} {method} ({text_type}, {templates} templates) on {args.split}"
-            )
+            format_report(metrics, title=f"\n{model.name} {kind} ({text_type}, {templates} templates) on {args.split}")
         )
     return rows
 
@@ -434,7 +458,9 @@ def supervised_row(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
     (logits, labels), record = evaluated, model.classifier.record
     method = (
         f"supervised ({'pretrained' if record['pretrained'] else 'from scratch'}, "
-        f"{'LoRA' if record['finetune'] == 'lora' else 'full fine-tune'})"
+        f"{'LoRA' if record['finetune'] == 'lora' else 'full fine-tune'}"
+        + (f", {model.training}" if model.training else "")
+        + ")"
     )
     metrics = run.metrics(labels, logits)
     out = run.output / "supervised" / model.name
