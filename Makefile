@@ -13,7 +13,7 @@ DEMO ?= demo
 BENCH ?= /tmp/mushroomclip-bench
 NPROC ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup test demo demo-data app train benchmark bench-prepare bench-zero-shot bench-train bench-table lint format clean
+.PHONY: help setup test demo demo-data app train benchmark bench-prepare bench-zero-shot bench-train bench-hierarchy bench-table lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -105,6 +105,13 @@ TOWERS ?= vision,text
 bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s (data, model only, run_clip.py baseline), FLOPs, MFU, peak memory -> results/bench/*.json (TOWERS=vision: frozen text; BATCH, STEPS, WORKERS, SPEED_*)
 	$(OFFLINE) $(PY) -m mushroomclip.evaluation.benchmark train-speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --num-workers $(WORKERS) \
 	  --towers $(TOWERS) --output $(BENCH_OUT) $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--steps $(STEPS))
+
+HIER_DATA ?= $(BENCH)/genus-signal
+HIER_SEEDS ?= 5
+bench-hierarchy: setup  ## do hierarchical losses lower mistake severity? tiny CLIP x 3 losses x HIER_SEEDS seeds on genus-signal data -> results/hierarchy.json + docs/benchmarks.md table (CPU, ~10 min)
+	$(OFFLINE) $(PY) data_scripts/make_synthetic.py --output $(HIER_DATA)/kaggle --classes 12 --per-class 40 --genus-signal --seed 0
+	$(OFFLINE) $(PY) data_scripts/prepare_kaggle.py --source $(HIER_DATA)/kaggle --output $(HIER_DATA)/prepared --no-progress
+	$(OFFLINE) $(PY) -m mushroomclip.evaluation.benchmark hierarchy --data $(HIER_DATA)/prepared --seeds $(HIER_SEEDS)
 
 bench-table:  ## regenerate the speed table of docs/benchmarks.md from results/bench/*.json (BENCH_OUT=DIR)
 	$(PY) -m mushroomclip.evaluation.benchmark table --results $(BENCH_OUT) --readme docs/benchmarks.md

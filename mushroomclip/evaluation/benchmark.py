@@ -5,6 +5,7 @@ python -m mushroomclip.evaluation.benchmark novel --runs runs --results results 
 python -m mushroomclip.evaluation.benchmark report --results results
 python -m mushroomclip.evaluation.benchmark speed --data DIR --model clip-b32 --batch-size 256
 python -m mushroomclip.evaluation.benchmark train-speed --data DIR --model clip-b32
+python -m mushroomclip.evaluation.benchmark hierarchy --data DIR   losses x seeds: mistake severity with CIs
 python -m mushroomclip.evaluation.benchmark table            docs/benchmarks.md speed table from results/bench/*.json
 
 Speed results: images/s, FLOPs per step (FlopCounterMode), MFU and peak memory, written to
@@ -31,7 +32,7 @@ from mushroomclip.config import DataArguments, LoraArguments
 from mushroomclip.data.holdout import HOLDOUT_FILE
 from mushroomclip.data.splits import load_splits, prepared_taxonomy
 from mushroomclip.data.transforms import background_worker, pixel_stats, train_images
-from mushroomclip.evaluation import speed
+from mushroomclip.evaluation import hierarchy_bench, speed
 from mushroomclip.evaluation.features import PreprocessedImages
 from mushroomclip.evaluation.novel import NovelArguments, evaluate_novel
 from mushroomclip.evaluation.plots import _pyplot
@@ -475,6 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     novel.add_argument("--runs", default="runs", help="folder of training runs")
     novel.add_argument("--results", default="results", help="results go to RESULTS/novel/<run>/")
     novel.add_argument("--num-workers", type=int, default=2)
+    hierarchy = sub.add_parser("hierarchy", help="losses x seeds on genus-signal data: mistake severity with CIs")
+    hierarchy.add_argument("--data", required=True, help="prepared data made with make_synthetic.py --genus-signal")
+    hierarchy.add_argument("--seeds", type=int, default=5)
+    hierarchy.add_argument("--steps", type=int, default=60, help="training steps per run")
+    hierarchy.add_argument("--output", default="results/hierarchy.json")
+    hierarchy.add_argument(
+        "--readme", default="docs/benchmarks.md", help="the page holding the hierarchy-table markers"
+    )
     table = sub.add_parser("table", help="regenerate the speed table of docs/benchmarks.md from results/bench/*.json")
     table.add_argument("--results", default=str(speed.RESULTS), help="folder of bench JSON files")
     table.add_argument("--readme", default="docs/benchmarks.md", help="the page holding the bench-table markers")
@@ -525,6 +534,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "novel":
         done = novel_species_rows(Path(args.runs), Path(args.results), args.num_workers)
         print(f"new species from a few photos: {len(done)} run(s) with held-out species in {args.runs}")
+        return 0
+    if args.command == "hierarchy":
+        from mushroomclip.commands import console_logging
+
+        with console_logging():
+            result = hierarchy_bench.run_benchmark(args.data, args.seeds, args.steps)
+        hierarchy_bench.write(result, Path(args.output))
+        print(hierarchy_bench.update_docs(Path(args.readme), Path(args.output)))
+        print(f"written: {args.output} and the hierarchy table of {args.readme}")
         return 0
     if args.command == "table":
         try:
