@@ -41,6 +41,7 @@ def test_differences_are_paired_by_seed_and_the_verdict_says_only_what_the_inter
     assert "minus_class_text" not in summary["class_text"]
     text = verdict({"summary": summary})
     assert "hierarchical_soft lowers mistake severity" in text
+    assert "hierarchical_soft: no significant difference in the hierarchical distance of the top-5" in text
     assert "hierarchical_xent: no significant difference in mistake severity" in text
 
 
@@ -60,6 +61,9 @@ def test_docs_table_is_regenerated_between_its_markers(tmp_path):
     assert table == render_table(result)
     text = page.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
-    assert "| hierarchical_soft | 50.00 [50.00, 50.00] |" in text and "2-core Test CPU, no GPU; commit abc123" in text
+    assert (
+        "| hierarchical_soft | 50.00 [50.00, 50.00] |" in text
+        and "data `genus/prepared`; 2-core Test CPU, no GPU; commit abc123" in text
+    )
     with pytest.raises(FileNotFoundError, match="make bench-hierarchy"):
         update_docs(page, tmp_path / "missing.json")

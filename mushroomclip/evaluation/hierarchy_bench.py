@@ -107,40 +107,47 @@ def _fmt(entry: dict, scale: float) -> str:
 
 
 def render_table(result: dict) -> str:
-    """The docs table: per loss, each metric's mean [95% CI], and the difference from the plain loss."""
+    """The docs table: per loss, each metric's mean [95% CI], and the paired differences from the plain loss."""
     cfg = result["config"]
+    data = "/".join(Path(cfg["data"]).parts[-2:])
     lines = [
         f"Tiny CLIP (`configs/{cfg['config']}`, {cfg['steps']} steps), {cfg['seeds']} seeds, synthetic genus-signal "
-        f"data `{Path(cfg['data']).name}`; {result['machine']['cores']}-core {result['machine']['cpu']}, no GPU; "
+        f"data `{data}`; {result['machine']['cores']}-core {result['machine']['cpu']}, no GPU; "
         f"commit {result.get('git_commit')}.",
         "",
-        "| loss | test OA % | test mIoU % | mistake severity | hier. distance top-5 | severity − class_text |",
-        "|---|---|---|---|---|---|",
+        "| loss | test OA % | test mIoU % | mistake severity | hier. distance top-5 | severity − class_text "
+        "| distance top-5 − class_text |",
+        "|---|---|---|---|---|---|---|",
     ]
     for loss, row in result["summary"].items():
-        delta = row.get("minus_" + BASELINE, {}).get("mistake_severity")
+        delta = row.get("minus_" + BASELINE, {})
+        deltas = [_fmt(delta[key], 1) if key in delta else "-" for key in ("mistake_severity", "hdist_top5")]
         lines.append(
             f"| {loss} | {_fmt(row['oa'], 100)} | {_fmt(row['miou'], 100)} | {_fmt(row['mistake_severity'], 1)} | "
-            f"{_fmt(row['hdist_top5'], 1)} | {_fmt(delta, 1) if delta else '-'} |"
+            f"{_fmt(row['hdist_top5'], 1)} | {' | '.join(deltas)} |"
         )
     lines += ["", verdict(result)]
     return "\n".join(lines)
 
 
+VERDICT_METRICS = {"mistake_severity": "mistake severity", "hdist_top5": "the hierarchical distance of the top-5"}
+
+
 def verdict(result: dict) -> str:
-    """What the intervals say about mistake severity, in one sentence per loss (no more than they show)."""
+    """What the paired intervals say, per loss and metric (lower is better for both), and no more."""
     parts = []
     for loss, row in result["summary"].items():
-        delta = row.get("minus_" + BASELINE, {}).get("mistake_severity")
-        if not delta or delta["ci95"] is None:
-            continue
-        low, high = delta["ci95"]
-        if high < 0:
-            parts.append(f"{loss} lowers mistake severity (the 95% interval of the paired difference is below 0)")
-        elif low > 0:
-            parts.append(f"{loss} raises mistake severity (the 95% interval of the paired difference is above 0)")
-        else:
-            parts.append(f"{loss}: no significant difference in mistake severity (the interval contains 0)")
+        for key, name in VERDICT_METRICS.items():
+            delta = row.get("minus_" + BASELINE, {}).get(key)
+            if not delta or delta["ci95"] is None:
+                continue
+            low, high = delta["ci95"]
+            if high < 0:
+                parts.append(f"{loss} lowers {name} (95% interval of the paired difference below 0)")
+            elif low > 0:
+                parts.append(f"{loss} raises {name} (95% interval of the paired difference above 0)")
+            else:
+                parts.append(f"{loss}: no significant difference in {name} (the interval contains 0)")
     return ("Against class_text, same seeds: " + "; ".join(parts) + ".") if parts else ""
 
 
