@@ -25,6 +25,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
 from mushroomclip.data.holdout import HoldoutError, parse_fraction
+from mushroomclip.data.imbalance import ImbalanceError, resolve_imbalance
 from mushroomclip.models.convert import RECIPE_FILE
 from mushroomclip.models.supervised import TINY_RESNET
 from mushroomclip.taxonomy import TEXT_TYPES
@@ -125,6 +126,17 @@ class DataArguments:
         },
     )
     holdout_seed: int = field(default=0, metadata={"help": "the draw of a holdout_species fraction"})
+    imbalance: dict | None = field(
+        default=None,
+        metadata={
+            "help": "a long-tailed training split: {profile: exponential | step, ratio: 100, seed: 0} (unset: all "
+            "training images); validation and test stay as prepared (mushroomclip.data.imbalance)"
+        },
+    )
+    sampler: str = field(
+        default="random",
+        metadata={"help": "random: each epoch a permutation; class_balanced: every species equally likely per draw"},
+    )
 
 
 @dataclass
@@ -144,6 +156,13 @@ class LossArguments:
     )
     danger_weight: float = field(
         default=0.0, metadata={"help": "weight of the term on edible probability for deadly/poisonous truths (0 = off)"}
+    )
+    logit_adjust: float = field(
+        default=0.0,
+        metadata={
+            "help": "tau of the logit-adjusted loss (Menon et al. 2021): tau * log(training prior) added to the "
+            "class logits inside the loss (0 = off; the paper uses 1)"
+        },
     )
 
 
@@ -330,7 +349,9 @@ def _coerce(value, kind, where: str):
         return [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, (int, float)) and not isinstance(value, bool) and list in bases:
         return [str(value)]  # one number where a list goes (data.holdout_species: 0.1)
-    names = " or ".join("null" if b is type(None) else getattr(b, "__name__", str(b)) for b in bases)
+    names = " or ".join(
+        "null" if b is type(None) else "a mapping" if b is dict else getattr(b, "__name__", str(b)) for b in bases
+    )
     raise ConfigError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")
 
 
@@ -358,6 +379,7 @@ def _merge(values: dict, new: dict, source: str) -> None:
             values[section][key] = _coerce(value, kinds[key], f"{section}.{key}")
 
 
+SAMPLERS = ("random", "class_balanced")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
@@ -463,6 +485,18 @@ def _check_ranges(config: TrainConfig) -> None:
             math.isfinite(config.loss.danger_weight) and config.loss.danger_weight >= 0,
             "0 (off) or more, e.g. 1.0",
         ),
+        (
+            "loss.logit_adjust",
+            config.loss.logit_adjust,
+            math.isfinite(config.loss.logit_adjust) and config.loss.logit_adjust >= 0,
+            "0 (off) or more, e.g. 1.0",
+        ),
+        (
+            "data.sampler",
+            config.data.sampler,
+            config.data.sampler in SAMPLERS,
+            " or ".join(SAMPLERS),
+        ),
     ]
     for key, value, ok, expected in checks:
         if not ok:
@@ -476,6 +510,10 @@ def _check_ranges(config: TrainConfig) -> None:
     try:
         parse_fraction(config.data.holdout_species)
     except HoldoutError as err:
+        raise ConfigError(str(err)) from None
+    try:  # resolved here, so the saved config says what ran
+        config.data.imbalance = resolve_imbalance(config.data.imbalance)
+    except ImbalanceError as err:
         raise ConfigError(str(err)) from None
     if config.run.resume and config.run.overwrite:
         raise ConfigError("--resume continues the run in training.output_dir and --overwrite deletes it: choose one")
@@ -501,7 +539,12 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
         if not sep or "." not in key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. training.learning_rate=1e-4")
         section, _, name = key.partition(".")
-        _merge(values, {section: {name: yaml.safe_load(raw)}}, "the command line")
+        value = yaml.safe_load(raw)
+        name, dot, inner = name.partition(".")
+        if dot:  # one key of a mapping-valued key (data.imbalance.ratio=10): the rest of the mapping stays
+            current = values.get(section, {}).get(name)
+            value = {**(current if isinstance(current, dict) else {}), inner: value}
+        _merge(values, {section: {name: value}}, "the command line")
     if (steps := values["training"].get("eval_steps")) is not None and steps <= 0:  # TrainingArguments would
         # quietly take logging_steps instead
         raise ConfigError(f"training.eval_steps must be positive (or unset: every epoch), got {steps!r}")
@@ -561,11 +604,12 @@ def _validate(config: TrainConfig) -> None:
             f"loss.name must be one of {', '.join(losses)} for a model.type {config.model.type} "
             f"model, got {config.loss.name!r}"
         )
-    if config.loss.danger_weight > 0 and config.loss.name in PAIRED_LOSSES:
-        raise ConfigError(
-            f"loss.danger_weight needs the scores of every class, which loss.name={config.loss.name} does "
-            "not compute: use class_text, hierarchical_soft or hierarchical_xent"
-        )
+    for key in ("danger_weight", "logit_adjust"):
+        if getattr(config.loss, key) > 0 and config.loss.name in PAIRED_LOSSES:
+            raise ConfigError(
+                f"loss.{key} needs the scores of every class, which loss.name={config.loss.name} does "
+                "not compute: use class_text, hierarchical_soft or hierarchical_xent"
+            )
     if config.data.text_type not in TEXT_TYPES:
         raise ConfigError(f"data.text_type must be one of {', '.join(TEXT_TYPES)}, got {config.data.text_type!r}")
     unknown_towers = set(config.lora.towers) - {"vision", "text"}

@@ -115,9 +115,17 @@ def describe_data_used(data: dict | None) -> str:
         if skipped is not None
         else "; no preparation report was found"
     )
+    imbalance = data.get("imbalance")
+    tail = (
+        f" The training split was subsampled to an artificial long tail ({imbalance['profile']} profile, ratio "
+        f"{imbalance['ratio']:g}, seed {imbalance['seed']}: {images.get('train')} of {imbalance['images_before']} "
+        "images kept; per species in `class_counts.json`)."
+        if imbalance
+        else ""
+    )
     return (
         f"Training data: {data['num_species']} species with training images ({counts} images; {split}) "
-        f"from `{Path(data.get('source') or data['path']).name}`{prepared}. Details: `data.json`."
+        f"from `{Path(data.get('source') or data['path']).name}`{prepared}. Details: `data.json`.{tail}"
     )
 
 

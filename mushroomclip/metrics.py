@@ -238,3 +238,42 @@ def format_report(metrics: dict, title: str = "") -> str:
             f"  mistake severity {'n/a' if sev is None else f'{sev:.2f}'} ranks"
         )
     return "\n".join(lines)
+
+
+FREQUENCY_GROUPS = ("head", "medium", "tail")
+
+
+def frequency_groups(train_counts) -> dict[str, np.ndarray]:
+    """The classes with training images, most images first (ties: lower class id first), cut into thirds:
+    ``head``, ``medium``, ``tail`` (``numpy.array_split``: sizes differ by at most one, the larger ones first)."""
+    counts = np.asarray(train_counts)
+    trained = np.flatnonzero(counts > 0)
+    order = trained[np.argsort(-counts[trained], kind="stable")]
+    return dict(zip(FREQUENCY_GROUPS, np.array_split(order, 3)))
+
+
+def metrics_by_training_count(confusion: np.ndarray, train_counts) -> dict[str, dict]:
+    """Accuracy and mF1 of the head / medium / tail thirds of the classes by training images
+    (:func:`frequency_groups`), from one evaluation's confusion matrix.
+
+    A group's ``accuracy`` is its images' share answered correctly, its ``mf1`` the mean F1 of its classes present in
+    the evaluation (in the truth or the predictions, as mF1 everywhere), every class's F1 taken from the whole
+    confusion matrix (a head class's images answered as a tail class are false positives of that tail class);
+    ``None`` where a group has no image or no class present. ``train_images`` is the group's range of training images
+    per class.
+    """
+    cm = np.asarray(confusion)
+    pc = _per_class(cm)
+    counts = np.asarray(train_counts)
+    out = {}
+    for name, ids in frequency_groups(counts).items():
+        images = int(pc["support"][ids].sum())
+        present = ids[pc["present"][ids]]
+        out[name] = {
+            "classes": len(ids),
+            "train_images": [int(counts[ids].min()), int(counts[ids].max())] if len(ids) else None,
+            "images": images,
+            "accuracy": float(np.diag(cm)[ids].sum() / images) if images else None,
+            "mf1": float(pc["f1"][present].mean()) if len(present) else None,
+        }
+    return out

@@ -1,5 +1,6 @@
 """Figures saved beside metrics: the confusion matrix (taxonomic order), rank-level accuracy, a run's loss curve,
-the risk-coverage curve of selective prediction, the ROC curves of open-set recognition."""
+the risk-coverage curve of selective prediction, the ROC curves of open-set recognition, per-class accuracy
+against training images."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from sklearn.metrics import roc_curve
 
 from mushroomclip.evaluation.openset import OpenSetScores, auroc
 from mushroomclip.evaluation.selective import RiskCoverage, SelectiveThreshold
+from mushroomclip.metrics import frequency_groups, metrics_by_training_count
 from mushroomclip.taxonomy import Taxonomy
 
 
@@ -194,6 +196,47 @@ def save_novel_species_png(rows: list[dict], path: str | Path, title: str = "") 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title or "new species from a few photos")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+GROUP_COLORS = {"head": "#386641", "medium": "#dda15e", "tail": "#bc4749"}
+
+
+def save_accuracy_by_training_count_png(confusion: np.ndarray, train_counts, path: str | Path, title: str = "") -> Path:
+    """Each species' accuracy (recall) against its training images (log axis), coloured by head / medium / tail
+    third (:func:`mushroomclip.metrics.frequency_groups`); the legend gives each third's accuracy and mF1."""
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
+    cm = np.asarray(confusion)
+    counts = np.asarray(train_counts)
+    support = cm.sum(axis=1)
+    groups = metrics_by_training_count(cm, counts)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, ids in frequency_groups(counts).items():
+        ids = ids[support[ids] > 0]  # species without images in this split have no accuracy
+        g = groups[name]
+        pct = "n/a" if g["accuracy"] is None else f"{100 * g['accuracy']:.1f}%"
+        mf1 = "n/a" if g["mf1"] is None else f"{100 * g['mf1']:.1f}"
+        label = f"{name}: {g['classes']} species, accuracy {pct}, mF1 {mf1}"
+        ax.scatter(
+            counts[ids], 100 * np.diag(cm)[ids] / support[ids], s=18, alpha=0.7, color=GROUP_COLORS[name], label=label
+        )
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 3, 10, 300 rather than 3x10^0
+    ax.xaxis.set_major_formatter(plain)
+    trained = counts[counts > 0]
+    if len(trained) and trained.max() < 20 * trained.min():  # within about a decade: label the minor ticks too
+        ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel("training images of the species (log scale)")
+    ax.set_ylabel("accuracy of the species (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title or "per-species accuracy against training images")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

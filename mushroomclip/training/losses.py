@@ -14,6 +14,7 @@ and gradients do not depend on the number of GPUs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,7 +160,8 @@ def _hierarchy(x: LossInputs) -> HierarchyTensors:
 
 
 LOSSES: dict[str, Callable[[LossInputs], torch.Tensor]] = {
-    "class_text": lambda x: class_text_loss(x.image, x.text, x.labels, x.logit_scale),
+    # class_text_loss, written on class_logits() so that training_loss can hand it logit-adjusted logits
+    "class_text": lambda x: F.cross_entropy(x.class_logits(), x.labels),
     "clip": lambda x: clip_loss(x.image, x.text, x.logit_scale),
     "multi_positive": lambda x: multi_positive_loss(x.image, x.text, x.labels, x.logit_scale),
     "hierarchical_soft": lambda x: hierarchical_soft_loss(
@@ -178,22 +180,47 @@ PAIRED_LOSSES = frozenset({"clip", "multi_positive"})
 CLIP_ONLY, SUPERVISED_ONLY = PAIRED_LOSSES | {"class_text"}, frozenset({"cross_entropy"})
 
 
+def logit_adjustment(train_counts, tau: float) -> torch.Tensor:
+    """``(C,)`` ``tau * log(prior)`` of Menon et al. 2021 ("Long-tail learning via logit adjustment", eq. 11), the
+    prior being the training split's class frequencies; a class without training images counts as one image, so
+    that its term stays finite (the constant it adds to every class's log-prior cancels in the softmax)."""
+    counts = np.maximum(np.asarray(train_counts, dtype=np.float64), 1.0)
+    return torch.as_tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32)
+
+
 def training_loss(name: str, x: LossInputs) -> torch.Tensor:
-    """``LOSSES[name]``, plus ``context["danger_weight"]`` times :func:`danger_penalty` when that weight is set."""
-    loss = LOSSES[name](x)
+    """``LOSSES[name]``, on the logit-adjusted class logits when ``context["logit_adjustment"]`` is set (logits +
+    tau * log prior: Menon et al.'s loss; predictions keep the plain logits), plus ``context["danger_weight"]`` times
+    :func:`danger_penalty` (of the plain logits) when that weight is set."""
+    adjustment = x.context.get("logit_adjustment")
+    main = x
+    if adjustment is not None:
+        if name in PAIRED_LOSSES:
+            raise ValueError(f"loss.logit_adjust needs the scores of every class, which {name} does not compute")
+        if adjustment.device != x.labels.device:
+            adjustment = x.context["logit_adjustment"] = adjustment.to(x.labels.device)
+        logits = x.class_logits()
+        x = dataclasses.replace(x, logits=logits)  # computed once, also for the danger term
+        main = dataclasses.replace(x, logits=logits + adjustment.to(logits.dtype))
+    loss = LOSSES[name](main)
     if weight := x.context.get("danger_weight", 0.0):
         tensors = _hierarchy(x)
         loss = loss + weight * danger_penalty(x.class_logits(), x.labels, tensors.dangerous, tensors.edible)
     return loss
 
 
-def loss_context(taxonomy: Taxonomy, loss) -> dict:
+def loss_context(taxonomy: Taxonomy, loss, train_counts=None) -> dict:
     """``LossInputs.context`` of a run: its taxonomy, as tensors too, and the loss's hyper-parameters
-    (``loss``: the config's :class:`~mushroomclip.config.LossArguments`)."""
+    (``loss``: the config's :class:`~mushroomclip.config.LossArguments`); ``train_counts``, the training split's
+    images per class, for ``loss.logit_adjust``."""
+    tau = getattr(loss, "logit_adjust", 0.0)
+    if tau and train_counts is None:
+        raise ValueError("loss.logit_adjust needs the training split's class counts")
     return {
         "taxonomy": taxonomy,
         "hierarchy": hierarchy_tensors(taxonomy),
         "beta": loss.beta,
         "alpha": loss.alpha,
         "danger_weight": loss.danger_weight,
+        "logit_adjustment": logit_adjustment(train_counts, tau) if tau else None,
     }

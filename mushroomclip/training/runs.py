@@ -15,13 +15,15 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import yaml
 from accelerate import PartialState
 from safetensors import safe_open
 
 from mushroomclip.data.holdout import HOLDOUT_FILE
+from mushroomclip.data.imbalance import IMBALANCE_FILE
 from mushroomclip.data.splits import REPORT_NAME
-from mushroomclip.metrics import save_json
+from mushroomclip.metrics import metrics_by_training_count, save_json
 from mushroomclip.models.classifier import run_model_files
 from mushroomclip.prediction.answer import Thresholds
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)  # messages from the main process only (the callers check)
 
+TRAINING_COUNT_PNG = "accuracy_by_training_count.png"
 # Everything training writes at the top of a run folder (checkpoints/ aside), with its model's two files
 # (classifier.run_model_files: the adapter, or a classifier's config and weights); a push uploads them all.
 OUTPUTS = (
@@ -45,7 +48,9 @@ OUTPUTS = (
     "risk_coverage.png",
     "confusion.png",
     "open_set_roc.png",
+    TRAINING_COUNT_PNG,
     HOLDOUT_FILE,
+    IMBALANCE_FILE,
 )
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_CONFIG = "run_config.yaml"  # the run's resolved config, saved in every checkpoint
@@ -187,8 +192,11 @@ def unreadable_image(err: BaseException) -> str | None:
     return re.sub(r"^[\w.]*ImageError: ", "", str(err).strip().splitlines()[-1])
 
 
-def describe_data(data_path: str | Path, images: dict[str, int], trained_species: list[str]) -> dict:
-    """``data.json``: the data a run actually used, with the prepared folder's own report where it has one."""
+def describe_data(
+    data_path: str | Path, images: dict[str, int], trained_species: list[str], imbalance: dict | None = None
+) -> dict:
+    """``data.json``: the data a run actually used, with the prepared folder's own report where it has one, and
+    the long-tail subsampling of its training split (``imbalance``: a :meth:`Imbalance.record`) in short."""
     report_path = Path(data_path) / REPORT_NAME
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     summary = None
@@ -201,6 +209,9 @@ def describe_data(data_path: str | Path, images: dict[str, int], trained_species
         "num_species": len(trained_species),
         "images": images,
         "report": summary,
+        "imbalance": {k: imbalance[k] for k in ("profile", "ratio", "seed", "images_before", "ratio_used")}
+        if imbalance
+        else None,
     }
 
 
@@ -271,6 +282,7 @@ def write_run_folder(
     :func:`mushroomclip.models.classifier.base_record` (a supervised run's whole classes.json record)."""
     from mushroomclip.evaluation.openset import summary_line
     from mushroomclip.evaluation.plots import (
+        save_accuracy_by_training_count_png,
         save_confusion_png,
         save_loss_curve,
         save_open_set_roc_png,
@@ -294,11 +306,18 @@ def write_run_folder(
     save_json(run_dir / CLASSES_FILE, record | {"trained_species": trained_species})
     (run_dir / "taxonomy.csv").write_bytes(taxonomy.raw)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    save_json(run_dir / "data.json", describe_data(cfg.data.path, images, trained_species))
+    imbalance = result["imbalance"].record() if result.get("imbalance") is not None else None
+    save_json(run_dir / "data.json", describe_data(cfg.data.path, images, trained_species, imbalance))
     if result.get("holdout") is not None:  # the species the run never saw: the open-set "unknown" test images
         save_json(run_dir / HOLDOUT_FILE, result["holdout"].record())
+    if imbalance is not None:  # the long tail the run trained on: per species, images available, asked, kept
+        save_json(run_dir / IMBALANCE_FILE, imbalance)
+    train_counts = np.bincount(np.asarray(splits["train"]["label"], dtype=np.int64), minlength=len(taxonomy))
     splits = ("validation_best", "test", "validation_untrained", "test_untrained")
     record = {name: metrics_summary(result[name]) for name in splits}
+    for name in ("validation_best", "test"):  # head / medium / tail thirds of the species by training images
+        if result[name] is not None:
+            record[name]["by_training_count"] = metrics_by_training_count(result[name]["confusion"], train_counts)
     train_losses, eval_mious = history_from_log(trainer.state.log_history)
     record |= {
         "global_step": trainer.state.global_step,
@@ -323,6 +342,13 @@ def write_run_folder(
     if result["test"] is not None:
         title = f"{run_dir.name} test confusion"
         save_confusion_png(result["test"]["confusion"], taxonomy, run_dir / "confusion.png", title=title)
+    evaluated = "test" if result["test"] is not None else "validation"
+    save_accuracy_by_training_count_png(
+        (result["test"] or result["validation_best"])["confusion"],
+        train_counts,
+        run_dir / TRAINING_COUNT_PNG,
+        title=f"{run_dir.name}: {evaluated} accuracy per species against training images",
+    )
     model_card(run_dir).save(run_dir / "README.md")
 
 

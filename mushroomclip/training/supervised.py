@@ -21,7 +21,14 @@ from mushroomclip.metrics import classification_metrics
 from mushroomclip.models.supervised import SupervisedModel, add_classifier_lora, build_classifier, supervised_record
 from mushroomclip.taxonomy import Taxonomy
 from mushroomclip.training.losses import LossInputs, loss_context, training_loss
-from mushroomclip.training.trainer import ContrastiveTrainer, LabelledPixels, collate, trainer_arguments
+from mushroomclip.training.trainer import (
+    ContrastiveTrainer,
+    LabelledPixels,
+    collate,
+    train_class_counts,
+    train_draw_weights,
+    trainer_arguments,
+)
 
 
 class ClassifierEvaluator:
@@ -110,7 +117,8 @@ def build_classifier_trainer(
         eval_dataset=splits["validation"],
         data_collator=collate,
         loss_name=cfg.loss.name,
-        loss_context=loss_context(taxonomy, cfg.loss),
+        loss_context=loss_context(taxonomy, cfg.loss, train_class_counts(splits["train"], len(taxonomy))),
+        train_weights=train_draw_weights(cfg.data.sampler, splits["train"]["label"]),
         evaluator=ClassifierEvaluator(built.preprocess, taxonomy),
         pixel_stats=pixel_stats(built.preprocess),
         run_config=cfg.to_dict(),

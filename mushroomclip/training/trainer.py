@@ -24,6 +24,7 @@ from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
 
 from mushroomclip.config import ConfigError, RunArguments, TrainConfig
 from mushroomclip.data.holdout import Holdout, apply_holdout
+from mushroomclip.data.imbalance import Imbalance, apply_imbalance
 from mushroomclip.data.splits import load_splits, prepared_taxonomy
 from mushroomclip.data.transforms import background_workers, normalize, pixel_stats, train_images
 from mushroomclip.evaluation.features import PreprocessedImages
@@ -71,10 +72,12 @@ class ContrastiveTrainer(Trainer):
         pixel_stats=None,
         run_config: dict | None = None,
         loss_context: dict | None = None,
+        train_weights: np.ndarray | None = None,
         **kwargs,
     ):
         if kwargs.get("train_dataset") is not None:  # drawn through SeededDrawSampler: see _get_train_sampler
             kwargs["train_dataset"] = SeededDraws(kwargs["train_dataset"])
+        self.train_weights = train_weights  # SeededDrawSampler's per-image draw weights (None: a permutation)
         super().__init__(*args, **kwargs)
         self.run_config = run_config  # saved in every checkpoint: --resume checks it is the same run
         self.untrained: dict | None = None  # the evaluation before training, also saved in every checkpoint
@@ -172,7 +175,7 @@ class ContrastiveTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         seed = self.args.seed if self.args.data_seed is None else self.args.data_seed  # as TrainingArguments documents
         self.train_sampler = SeededDrawSampler(
-            len(self.train_dataset if train_dataset is None else train_dataset), seed
+            len(self.train_dataset if train_dataset is None else train_dataset), seed, self.train_weights
         )
         return self.train_sampler
 
@@ -287,10 +290,19 @@ class SeededDrawSampler(torch.utils.data.Sampler):
     Yields ``(index, seed)`` for :class:`SeededDraws`: data order and augmentation are then functions of
     the seed, the epoch and the position alone, not of whatever consumed the RNG before (evaluation,
     prefetching, worker start-up), so a resumed run sees exactly the batches of an uninterrupted one.
+    With ``weights`` (one per image, e.g. :func:`class_balanced_weights`) an epoch is ``size`` draws with
+    replacement, image ``i`` drawn with probability ``weights[i] / sum(weights)``, also from ``(seed, epoch)``.
+    Every process draws the same sequence; accelerate gives each its share of the batches.
     """
 
-    def __init__(self, size: int, seed: int):
+    def __init__(self, size: int, seed: int, weights: np.ndarray | None = None):
         self.size, self.seed, self.epoch = size, seed, 0
+        self.p = None
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != (size,) or not (np.isfinite(weights).all() and (weights >= 0).all() and weights.sum()):
+                raise ValueError(f"sampler weights must be {size} non-negative numbers, not all 0")
+            self.p = weights / weights.sum()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -300,8 +312,25 @@ class SeededDrawSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
-        order, seeds = rng.permutation(self.size), rng.integers(0, 2**63 - 1, size=self.size)
+        order = rng.permutation(self.size) if self.p is None else rng.choice(self.size, size=self.size, p=self.p)
+        seeds = rng.integers(0, 2**63 - 1, size=self.size)
         return iter(zip(order.tolist(), seeds.tolist()))
+
+
+def class_balanced_weights(labels) -> np.ndarray:
+    """Per-image draw weights ``1 / (images of its class)``: every class present is equally likely per draw."""
+    labels = np.asarray(labels)
+    return 1.0 / np.bincount(labels)[labels]
+
+
+def train_draw_weights(sampler: str, labels) -> np.ndarray | None:
+    """``data.sampler``'s weights for :class:`SeededDrawSampler`: None for ``random``."""
+    return class_balanced_weights(labels) if sampler == "class_balanced" else None
+
+
+def train_class_counts(split, num_classes: int) -> np.ndarray:
+    """Training images per class id: the prior of ``loss.logit_adjust`` and the head/medium/tail groups."""
+    return np.bincount(np.asarray(split["label"], dtype=np.int64), minlength=num_classes)
 
 
 class SeededDraws(torch.utils.data.Dataset):
@@ -447,7 +476,8 @@ def build_trainer(
         data_collator=collate,
         class_input_ids=class_ids,
         loss_name=cfg.loss.name,
-        loss_context=loss_context(taxonomy, cfg.loss),
+        loss_context=loss_context(taxonomy, cfg.loss, train_class_counts(splits["train"], len(taxonomy))),
+        train_weights=train_draw_weights(cfg.data.sampler, splits["train"]["label"]),
         evaluator=evaluator,
         pixel_stats=pixel_stats(backbone.preprocess),
         run_config=cfg.to_dict(),
@@ -580,15 +610,16 @@ def _load_supervised(cfg: TrainConfig, run_dir: Path):
     run's classes.json record."""
     from mushroomclip.training import supervised  # it builds on this module's trainer
 
-    taxonomy, splits, holdout = load_run_data(cfg)
+    taxonomy, splits, holdout, imbalance = load_run_data(cfg)
     built = supervised.load_classifier_model(cfg, taxonomy)
     trainer, base = supervised.build_classifier_trainer(cfg, built, taxonomy, splits, run_dir / CHECKPOINTS)
-    return trainer, base, taxonomy, splits, holdout
+    return trainer, base, taxonomy, splits, holdout, imbalance
 
 
-def load_run_data(cfg: TrainConfig) -> tuple[Taxonomy, DatasetDict, Holdout | None]:
+def load_run_data(cfg: TrainConfig) -> tuple[Taxonomy, DatasetDict, Holdout | None, Imbalance | None]:
     """The prepared splits and the table their label ids index; with ``data.holdout_species`` the known species'
-    splits and table (what the run trains, validates and tests on) and the held-out images (:mod:`holdout`)."""
+    splits and table (what the run trains, validates and tests on) and the held-out images (:mod:`holdout`); with
+    ``data.imbalance`` the training split subsampled to a long tail, and the counts (:mod:`imbalance`)."""
     taxonomy = run_taxonomy(cfg.data.path, cfg.data.taxonomy)
     splits, holdout = apply_holdout(
         load_splits(cfg.data.path), taxonomy, cfg.data.holdout_species, cfg.data.holdout_seed
@@ -600,19 +631,32 @@ def load_run_data(cfg: TrainConfig) -> tuple[Taxonomy, DatasetDict, Holdout | No
             len(taxonomy),
             ", ".join(holdout.held_out),
         )
-        return holdout.known, splits, holdout
-    return taxonomy, splits, None
+        taxonomy = holdout.known
+    splits, imbalance = apply_imbalance(splits, taxonomy, cfg.data.imbalance)
+    if imbalance is not None:
+        record = imbalance.record()
+        logger.info(
+            "data.imbalance: %s profile, ratio %g, seed %d: %d of %d training images kept, %d to %d per species",
+            record["profile"],
+            record["ratio"],
+            record["seed"],
+            record["images_after"],
+            record["images_before"],
+            max(imbalance.used),
+            min(imbalance.used),
+        )
+    return taxonomy, splits, holdout, imbalance
 
 
 def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
     if cfg.model.type == "supervised":
-        trainer, base, taxonomy, splits, holdout = _load_supervised(cfg, run_dir)
+        trainer, base, taxonomy, splits, holdout, imbalance = _load_supervised(cfg, run_dir)
     else:
         # 2. The base model first: without network this is the error a user should see, before any data work.
         backbone = load_backbone(backbone_name(cfg.model.base), random_weights=cfg.model.random_weights)
         base = base_record(cfg.model.base, cfg.model.base_hub_id)  # resolved once: a convert: base asks the Hub
         # 3. Data: the prepared splits and the table their label ids index (the known species' with a hold-out).
-        taxonomy, splits, holdout = load_run_data(cfg)
+        taxonomy, splits, holdout, imbalance = load_run_data(cfg)
         # 4. LoRA on the base model, the trainer and its zero-shot evaluator.
         trainer = build_trainer(cfg, backbone, taxonomy, splits, base, run_dir / CHECKPOINTS)
     # 5. Train.
@@ -625,6 +669,7 @@ def _load_train_and_write(cfg: TrainConfig, run_dir: Path) -> dict:
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "model": trainer.model,
         "holdout": holdout,
+        "imbalance": imbalance,
         "push_error": None,
     }
     best, test = result["validation_best"], result["test"]
