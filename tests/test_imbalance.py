@@ -4,6 +4,7 @@ class-balanced sampler."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -218,7 +219,7 @@ def test_class_balanced_draws_make_every_class_equally_likely_and_are_determinis
 # --- one run ---
 
 
-def test_an_imbalanced_run_records_its_counts_groups_and_plot(prepared, tmp_path):
+def test_an_imbalanced_run_records_its_counts_groups_and_plot(prepared, tmp_path, caplog):
     from mushroomclip.data.splits import load_splits
     from mushroomclip.hub import model_card
     from mushroomclip.models.classifier import data_mismatch
@@ -228,7 +229,8 @@ def test_an_imbalanced_run_records_its_counts_groups_and_plot(prepared, tmp_path
     overrides = tiny_overrides(prepared[0], out, **{"training.max_steps": 2, "training.eval_steps": 2})
     extra = ["data.sampler=class_balanced", "loss.logit_adjust=1.0", "lora.towers=[vision]"]  # frozen text: faster
     cfg = load_train_config(ROOT / "configs/tiny_imbalance.yaml", [*overrides, *extra])
-    run_training(cfg)
+    with caplog.at_level(logging.INFO, logger="mushroomclip"):
+        run_training(cfg)
     counts = json.loads((out / "class_counts.json").read_text())
     assert (counts["profile"], counts["ratio"], counts["seed"]) == ("exponential", 10, 0)
     assert len(counts["species"]) == 6 and all(s["used"] >= 1 for s in counts["species"])
@@ -240,6 +242,9 @@ def test_an_imbalanced_run_records_its_counts_groups_and_plot(prepared, tmp_path
         assert [g["classes"] for g in groups.values()] == [2, 2, 2]
         assert sum(g["images"] for g in groups.values()) == len(load_splits(prepared[0])[split.split("_")[0]])
     assert (out / "accuracy_by_training_count.png").stat().st_size > 0
+    test_groups = metrics["test"]["by_training_count"]
+    line = f"test by training images (head / medium / tail): accuracy {100 * test_groups['head']['accuracy']:.1f} / "
+    assert line in caplog.text  # the run's summary says how the rare species fare
     assert "subsampled to an artificial long tail (exponential profile, ratio 10, seed 0" in model_card(out).text
     assert load_train_config(out / "config.yaml").to_dict() == cfg.to_dict()
     # the run still fits the benchmark's --include-adapters (same species as the data's training split)

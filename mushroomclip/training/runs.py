@@ -317,7 +317,8 @@ def write_run_folder(
     record = {name: metrics_summary(result[name]) for name in splits}
     for name in ("validation_best", "test"):  # head / medium / tail thirds of the species by training images
         if result[name] is not None:
-            record[name]["by_training_count"] = metrics_by_training_count(result[name]["confusion"], train_counts)
+            groups = metrics_by_training_count(result[name]["confusion"], train_counts)
+            record[name]["by_training_count"] = result[name]["by_training_count"] = groups  # run_summary says them
     train_losses, eval_mious = history_from_log(trainer.state.log_history)
     record |= {
         "global_step": trainer.state.global_step,

@@ -432,6 +432,15 @@ def run_summary(cfg: TrainConfig, train_losses: list, best: dict, test: dict | N
         lines.append(
             f"test: OA {pct(test, 'oa')}  top-5 {pct(test, 'top5')}  mF1 {pct(test, 'mf1')}  mIoU {pct(test, 'miou')}"
         )
+    groups = (test or {}).get("by_training_count")
+    if cfg.data.imbalance is not None and groups:  # the long tail's question: how do the rare species fare?
+        names = [g for g in ("head", "medium", "tail") if g in groups]
+        lines.append(
+            f"test by training images ({' / '.join(names)}): accuracy "
+            + " / ".join(pct(groups[g], "accuracy") for g in names)
+            + ", mF1 "
+            + " / ".join(pct(groups[g], "mf1") for g in names)
+        )
     return "\n".join(lines)
 
 
