@@ -19,6 +19,7 @@ Conventions for README.md and docs/*.md (the pages this test reads):
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -176,11 +177,49 @@ def programs() -> list[Program]:
     return found
 
 
-def help_text(argv: list[str], label: str) -> str:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"`{label} --help` exited {result.returncode}:\n{result.stderr}"
-    return result.stdout
+# Runs each program's ``--help`` in one Python process (the imports of torch and transformers paid once, not
+# once per program): argv lists as JSON on stdin, ``[[exit status, stdout, stderr], ...]`` as JSON on stdout.
+HELP_RUNNER = r"""
+import contextlib, io, json, runpy, sys
+results = []
+for argv in json.load(sys.stdin):
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    saved = sys.argv[:]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if argv[0] == "-c":
+                sys.argv = ["-c", *argv[2:]]
+                exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+            elif argv[0] == "-m":
+                sys.argv = [argv[1], *argv[2:]]
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = list(argv)
+                runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exit:
+        status = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    except BaseException as error:
+        status, _ = 1, err.write(f"{type(error).__name__}: {error}")
+    finally:
+        sys.argv = saved
+    results.append([status, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def help_texts(commands: list[tuple[list[str], str]]) -> list[str]:
+    """The ``--help`` output of each ``(argv after python, label)``, all run in one fresh Python process."""
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}
+    argvs = json.dumps([[*argv, "--help"] for argv, _ in commands])
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_RUNNER], input=argvs, cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"the --help runner failed:\n{result.stderr[-3000:]}"
+    texts = []
+    for (status, out, err), (_, label) in zip(json.loads(result.stdout.splitlines()[-1]), commands, strict=True):
+        assert status == 0, f"`{label} --help` exited {status}:\n{err[-3000:]}"
+        texts.append(out)
+    return texts
 
 
 def option_flags(text: str) -> set[str]:
@@ -193,15 +232,16 @@ def option_flags(text: str) -> set[str]:
 
 
 def all_flags() -> dict[str, set[str]]:
-    """``{"PROGRAM [SUBCOMMAND]": flags}`` for every program and its subcommands (argparse sub-parsers)."""
+    """``{"PROGRAM [SUBCOMMAND]": flags}`` for every program and its subcommands (argparse sub-parsers), one
+    process per level of sub-parsers."""
     flags = {}
     todo = [(program.argv, program.label) for program in programs()]
     while todo:
-        argv, label = todo.pop(0)
-        text = help_text(argv, label)
-        flags[label] = option_flags(text)
-        if (sub := SUBCOMMANDS.search(text)) and label.count(" ") < 4:  # a sub-parser's {a,b,...} line
-            todo += [([*argv, name], f"{label} {name}") for name in sub.group(1).split(",")]
+        level, todo = todo, []
+        for (argv, label), text in zip(level, help_texts(level), strict=True):
+            flags[label] = option_flags(text)
+            if (sub := SUBCOMMANDS.search(text)) and label.count(" ") < 4:  # a sub-parser's {a,b,...} line
+                todo += [([*argv, name], f"{label} {name}") for name in sub.group(1).split(",")]
     return flags
 
 
