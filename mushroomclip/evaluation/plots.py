@@ -26,6 +26,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay the figure out, write it as a 100-dpi PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return Path(path)
+
+
 def save_confusion_png(confusion: np.ndarray, taxonomy: Taxonomy, path: str | Path, title: str = "") -> Path:
     """Row-normalised confusion of the classes present, axes sorted by lineage so related species sit together."""
     plt = _pyplot()
@@ -46,10 +54,7 @@ def save_confusion_png(confusion: np.ndarray, taxonomy: Taxonomy, path: str | Pa
     ax.set_ylabel("true")
     ax.set_title(title or f"confusion ({n} classes, rows normalised, taxonomic order)")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def save_rank_accuracy_png(metrics: dict, path: str | Path, title: str = "") -> Path:
@@ -62,10 +67,7 @@ def save_rank_accuracy_png(metrics: dict, path: str | Path, title: str = "") -> 
     ax.set_ylim(0, 105)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "accuracy by taxonomic rank")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def save_loss_curve(train: list, evals: list, path: str | Path) -> Path:
@@ -82,10 +84,7 @@ def save_loss_curve(train: list, evals: list, path: str | Path) -> Path:
         twin.set_ylabel("validation mIoU")
         twin.set_ylim(0, 1)
     fig.legend(loc="upper center", bbox_to_anchor=(0.45, 0.93), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def save_risk_coverage_png(
@@ -122,10 +121,7 @@ def save_risk_coverage_png(
         risk.legend(fontsize=8, loc="upper left")
         danger.legend(fontsize=8, loc="upper left")
     fig.suptitle(title or "risk-coverage: answering only above a top-1 probability threshold")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def save_open_set_roc_png(scores: OpenSetScores, path: str | Path, title: str = "") -> Path:
@@ -148,10 +144,7 @@ def save_open_set_roc_png(scores: OpenSetScores, path: str | Path, title: str = 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title or "open set: known vs held-out species", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def save_novel_species_png(rows: list[dict], path: str | Path, title: str = "") -> Path:
@@ -196,10 +189,7 @@ def save_novel_species_png(rows: list[dict], path: str | Path, title: str = "") 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title or "new species from a few photos")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 GROUP_COLORS = {"head": "#386641", "medium": "#dda15e", "tail": "#bc4749"}
@@ -237,7 +227,4 @@ def save_accuracy_by_training_count_png(confusion: np.ndarray, train_counts, pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title or "per-species accuracy against training images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
