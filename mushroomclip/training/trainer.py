@@ -244,8 +244,13 @@ class ContrastiveTrainer(Trainer):
     def logits(self, split) -> tuple[np.ndarray, np.ndarray]:
         """``(labels, logits)`` of every image of ``split``, through the evaluation loop (each process scores its
         share of the images), without logging anything."""
-        # Not predict(): its on_predict event would send them to wandb/tensorboard as "test" metrics.
-        out = self.evaluation_loop(self.get_test_dataloader(split), "Scoring")
+        # Not predict(): its on_predict event would send them to wandb/tensorboard as "test" metrics. Nor the
+        # loop's compute_metrics: the caller scores the logits (held-out species' images carry ids beyond the head).
+        compute_metrics, self.compute_metrics = self.compute_metrics, None
+        try:
+            out = self.evaluation_loop(self.get_test_dataloader(split), "Scoring")
+        finally:
+            self.compute_metrics = compute_metrics
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, ProgressCallback):  # closes the progress bar of the loop
                 callback.on_predict(self.args, self.state, self.control)
