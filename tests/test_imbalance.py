@@ -62,18 +62,27 @@ def test_subsampling_follows_the_profile_exactly_and_is_deterministic_per_seed()
     assert sorted(other.used) == sorted(result.used) and not np.array_equal(other.indices, result.indices)
     record = result.record()
     assert record["images_before"] == 500 and record["images_after"] == 145 and record["ratio_used"] == 100
-    assert record["capped"] == [] and record["species"][1]["requested"] == 31
+    assert record["n_max"] == 100 and record["species"][1]["requested"] == 31
 
 
-def test_a_species_with_fewer_images_than_its_target_keeps_them_all_and_is_recorded():
+def test_on_already_imbalanced_data_the_plentiful_species_are_the_head_and_the_profile_stays_exact():
     taxonomy = load_taxonomy()
     labels = _labels({0: 40, 1: 12, 2: 40, 3: 40})
-    # find a seed that ranks species 1 (12 images) at the head, where the target is 40
-    seed = next(s for s in range(100) if np.random.default_rng(s).permutation([0, 1, 2, 3])[0] == 1)
-    result = subsample(labels, taxonomy, {"profile": "step", "ratio": 4, "seed": seed})
-    assert result.requested == [40, 40, 10, 10] and result.used == [12, 40, 10, 10]
-    assert result.record()["capped"] == [taxonomy.classes[1]]
-    assert result.record()["ratio_used"] == 4
+    for seed in range(5):  # ties (40, 40, 40) in the seeded order, the 12 last: the step profile fits exactly
+        result = subsample(labels, taxonomy, {"profile": "step", "ratio": 4, "seed": seed})
+        assert result.species[3] == taxonomy.classes[1] and result.requested == result.used == [40, 40, 10, 10]
+        assert result.record()["ratio_used"] == 4
+    # one species of 500 and nine of 60: 500 * 100 ** (-1/9) = 299 > 60, so n_max comes down to the largest
+    # that the 60s can follow: 101 * 100 ** (-1/9) = 60.5 -> 60 (102 would ask for 61). A seeded rank put a 60 at
+    # the head for some seeds and the kept ratio moved with the seed (12, 21, 60 for seeds 0, 1, 2).
+    labels = _labels({c: 500 if c == 5 else 60 for c in range(10)})
+    for seed in range(3):
+        result = subsample(labels, taxonomy, {"profile": "exponential", "ratio": 100, "seed": seed})
+        assert result.species[0] == taxonomy.classes[5] and result.requested[:2] == [101, 60]
+        assert result.used == result.requested == target_counts("exponential", 100, 101, 10)
+        assert result.record()["ratio_used"] == 101 and result.record()["n_max"] == 101
+        kept = labels[result.indices]
+        assert [int((kept == taxonomy.id(s)).sum()) for s in result.species] == result.used
 
 
 def test_only_the_training_split_is_subsampled(prepared):

@@ -1,19 +1,22 @@
 """An artificially long-tailed training split: ``data.imbalance: {profile, ratio, seed}``.
 
 Only the training split is subsampled; validation and test stay as prepared, so a run's figures are comparable
-with those of a run on the whole data. The ``C`` species that have training images are ranked by a seeded
-permutation (``numpy.random.default_rng(seed).permutation`` of their ids in table order), and the species of rank
-``i`` (0 = head) is given a target of images, ``n_max`` being the largest number of training images of a species:
+with those of a run on the whole data. The ``C`` species that have training images are ranked by their number of
+training images, most first (equal numbers in the order of a seeded permutation,
+``numpy.random.default_rng(seed).permutation`` of their ids in table order: on balanced data the seed alone ranks
+them), and the species of rank ``i`` (0 = head) is asked for
 
 - ``exponential`` (Cui et al. 2019; Cao et al. 2019, LDAM): ``n_i = max(1, floor(n_max * ratio ** (-i / (C - 1))))``
   (``n_0 = n_max``, ``n_{C-1} = floor(n_max / ratio)``);
 - ``step`` (Cao et al. 2019): the first ``ceil(C / 2)`` ranks keep ``n_max``, the other ``floor(C / 2)``
   ``max(1, floor(n_max / ratio))``.
 
-(The floor allows 1e-9 of float rounding, so that ``500 * 100 ** -1`` is 5.) A species keeps
-``min(n_i, available)`` images: fewer than its target where it has fewer (``capped`` in the record), and never
-none, so no species vanishes. Which images it keeps is drawn with ``default_rng([seed, class id])``. The same
-data and seed always give the same images; :meth:`Imbalance.record` is the run's ``class_counts.json``.
+(The floor allows 1e-9 of float rounding, so that ``500 * 100 ** -1`` is 5.) ``n_max`` is the largest number, at
+most the head's images, for which every species has its target: the kept counts follow the profile exactly,
+whatever the data's own imbalance (ranking the plentiful species first keeps ``n_max`` near the largest count; a
+seeded rank would let a rare species at the head shrink it, and the ratio the seed gives). Which images a species
+keeps is drawn with ``default_rng([seed, class id])``. The same data and seed always give the same images;
+:meth:`Imbalance.record` is the run's ``class_counts.json``.
 """
 
 from __future__ import annotations
@@ -93,17 +96,27 @@ class Imbalance:
         used = [u for u in self.used if u > 0]
         return {
             **self.spec,
-            "n_max": max(self.available),
+            "n_max": self.requested[0],
             "num_species": len(self.species),
             "images_before": int(sum(self.available)),
             "images_after": int(sum(self.used)),
             "ratio_used": max(used) / min(used),
-            "capped": [s for s, a, r in zip(self.species, self.available, self.requested) if a < r],
             "species": [
                 {"rank": i, "species": s, "available": a, "requested": r, "used": u}
                 for i, (s, a, r, u) in enumerate(zip(self.species, self.available, self.requested, self.used))
             ],
         }
+
+
+def largest_n_max(spec: dict, available: np.ndarray) -> int:
+    """The largest ``n_max`` (at most ``available[0]``) whose targets no species of ``available`` (rank order) falls
+    short of."""
+    n = int(available[0])
+    while n > 1 and np.any(np.asarray(target_counts(spec["profile"], spec["ratio"], n, len(available))) > available):
+        # each target is at most n * its factor: the tightest species' images over its factor bound n from above
+        factors = np.asarray(target_counts(spec["profile"], spec["ratio"], n, len(available))) / n
+        n = min(n - 1, int(np.min((available + 1) / factors)))
+    return max(n, 1)
 
 
 def subsample(labels, taxonomy: Taxonomy, spec: dict) -> Imbalance:
@@ -113,10 +126,11 @@ def subsample(labels, taxonomy: Taxonomy, spec: dict) -> Imbalance:
     present = np.flatnonzero(counts)
     if len(present) == 0:
         raise ImbalanceError("data.imbalance: the training split has no images")
-    ranked = np.random.default_rng(spec["seed"]).permutation(present)
+    shuffled = np.random.default_rng(spec["seed"]).permutation(present)
+    ranked = shuffled[np.argsort(-counts[shuffled], kind="stable")]  # most images first; ties: the seeded order
     available = counts[ranked]
-    requested = target_counts(spec["profile"], spec["ratio"], int(counts.max()), len(ranked))
-    used = np.minimum(available, requested)
+    requested = target_counts(spec["profile"], spec["ratio"], largest_n_max(spec, available), len(ranked))
+    used = np.asarray(requested)
     kept = []
     for class_id, n in zip(ranked.tolist(), used.tolist()):
         rows = np.flatnonzero(labels == class_id)
