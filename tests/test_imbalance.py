@@ -148,8 +148,15 @@ def test_head_medium_and_tail_thirds_by_hand():
     # tail: 1 of 2; class 3 F1 = 2*1/(2+1), class 5 absent
     assert by["tail"]["accuracy"] == pytest.approx(1 / 2) and by["tail"]["mf1"] == pytest.approx(2 / 3)
     assert by["tail"]["train_images"] == [5, 5] and by["tail"]["classes"] == 2
+    # equal counts stay in one third, the one of their run's middle place: a step profile's two levels are the
+    # head and the tail (by place alone the medium third held 500, 5, 5), balanced data is all medium
+    groups = frequency_groups([500] * 5 + [5] * 5)
+    assert [g.tolist() for g in groups.values()] == [[0, 1, 2, 3, 4], [], [5, 6, 7, 8, 9]]
+    assert [g.tolist() for g in frequency_groups([7] * 4).values()] == [[], [0, 1, 2, 3], []]
+    # 9, then 6 x 6 over places 1-6 (middle 3, in the medium third of places 3-5), then 2
+    assert [g.tolist() for g in frequency_groups([9, 6, 6, 6, 6, 6, 6, 2]).values()] == [[0], [1, 2, 3, 4, 5, 6], [7]]
     empty = metrics_by_training_count(np.zeros((2, 2), dtype=int), [3, 0])
-    assert empty["head"]["classes"] == 1 and empty["tail"] == {
+    assert empty["medium"]["classes"] == 1 and empty["head"]["classes"] == 0 and empty["tail"] == {
         "classes": 0,
         "train_images": None,
         "images": 0,

@@ -207,6 +207,8 @@ def save_accuracy_by_training_count_png(confusion: np.ndarray, train_counts, pat
     groups = metrics_by_training_count(cm, counts)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, ids in frequency_groups(counts).items():
+        if not len(ids):  # a third without species (ties keep equal counts together: balanced data is all medium)
+            continue
         ids = ids[support[ids] > 0]  # species without images in this split have no accuracy
         g = groups[name]
         pct = "n/a" if g["accuracy"] is None else f"{100 * g['accuracy']:.1f}%"
