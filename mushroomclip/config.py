@@ -610,6 +610,12 @@ def _validate(config: TrainConfig) -> None:
                 f"loss.{key} needs the scores of every class, which loss.name={config.loss.name} does "
                 "not compute: use class_text, hierarchical_soft or hierarchical_xent"
             )
+    if config.loss.logit_adjust > 0 and config.data.sampler == "class_balanced":
+        # Menon et al.'s offset is log of the prior the batches follow; class-balanced draws make it uniform
+        raise ConfigError(
+            "loss.logit_adjust and data.sampler=class_balanced both correct for the long tail (the sampler makes "
+            "every species equally likely, so the adjustment would count the imbalance twice): choose one"
+        )
     if config.data.text_type not in TEXT_TYPES:
         raise ConfigError(f"data.text_type must be one of {', '.join(TEXT_TYPES)}, got {config.data.text_type!r}")
     unknown_towers = set(config.lora.towers) - {"vision", "text"}

@@ -114,8 +114,9 @@ def test_config_takes_the_mapping_fills_defaults_and_names_mistakes():
         ("data.sampler=balanced", "data.sampler must be random or class_balanced, got 'balanced'"),
         ("loss.logit_adjust=-1", "loss.logit_adjust must be 0 .off. or more"),
         ("loss.name=multi_positive", "loss.logit_adjust needs the scores of every class"),
+        ("data.sampler=class_balanced", "would count the imbalance twice.*choose one"),
     ):
-        extra = ["loss.logit_adjust=1"] if override.startswith("loss.name") else []
+        extra = ["loss.logit_adjust=1"] if override.startswith(("loss.name", "data.sampler=class")) else []
         with pytest.raises(ConfigError, match=message):
             load_train_config(ROOT / "configs/tiny.yaml", [override, *extra])
 
@@ -243,7 +244,7 @@ def test_an_imbalanced_run_records_its_counts_groups_and_plot(prepared, tmp_path
 
     out = tmp_path / "long-tail"
     overrides = tiny_overrides(prepared[0], out, **{"training.max_steps": 2, "training.eval_steps": 2})
-    extra = ["data.sampler=class_balanced", "loss.logit_adjust=1.0", "lora.towers=[vision]"]  # frozen text: faster
+    extra = ["data.sampler=class_balanced", "lora.towers=[vision]"]  # frozen text: faster
     cfg = load_train_config(ROOT / "configs/tiny_imbalance.yaml", [*overrides, *extra])
     with caplog.at_level(logging.INFO, logger="mushroomclip"):
         run_training(cfg)
