@@ -106,8 +106,16 @@ def test_below_the_runs_open_set_threshold_the_answer_is_possibly_unknown(taxono
         "Possibly not one of the known species — do not eat; closest: Boletus edulis (porcini), 60%"
     )
     assert answer(CLASSES, probs(edulis=0.7), taxonomy, open_set).kind == "species"  # inclusive, as the others
-    # a certain genus still backs off (an unknown Amanita is best named "Amanita sp.", its dangerous members listed)
-    assert answer(CLASSES, probs(phalloides=0.30, rubescens=0.35, velosa=0.32), taxonomy, open_set).kind == "genus"
+    # a certain genus still backs off (an unknown Amanita is best named "Amanita sp.", its dangerous members listed),
+    # saying that the species may be none the model knows
+    result = answer(CLASSES, probs(phalloides=0.30, rubescens=0.35, velosa=0.32), taxonomy, open_set)
+    assert result.kind == "genus" and result.headline.startswith(
+        "Amanita sp., 97%, possibly a species outside the known ones — this genus includes Amanita phalloides"
+    )
+    assert (
+        "possibly"
+        not in answer(CLASSES, probs(phalloides=0.30, rubescens=0.35, velosa=0.32), taxonomy, DEFAULTS).headline
+    )
     with pytest.raises(ValueError, match="unknown threshold"):
         Thresholds(unknown=1.5)
 
@@ -136,7 +144,8 @@ def test_thresholds_come_from_the_run_when_it_records_them(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": {"unknown": unknown}}))  # run.unknown_tpr only
     recorded = run_thresholds(tmp_path)
     assert (recorded.species, recorded.genus, recorded.unknown) == (DEFAULTS.species, DEFAULTS.genus, 0.42)
-    assert "unknown-species threshold chosen on validation to keep 95% of known images" in recorded.source
+    assert recorded.source.startswith("documented defaults; the run")  # species and genus: not the run's own
+    assert "unknown-species threshold chosen on validation to keep 95% of known images, recorded by" in recorded.source
 
 
 def test_predictions_csv_has_one_row_per_image_unreadable_ones_included(tmp_path, taxonomy):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -147,6 +148,11 @@ def test_a_run_holding_out_the_last_species_of_its_table_finishes(tmp_path):
     assert metrics["open_set"]["unknown_images"] > 0 and np.isfinite(metrics["open_set"]["metrics"]["msp"]["auroc"])
 
 
+def csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_a_card_says_an_open_set_threshold_of_a_run_without_hold_out_was_not_measured():
     from mushroomclip.hub import describe_open_set
 
@@ -157,15 +163,21 @@ def test_a_card_says_an_open_set_threshold_of_a_run_without_hold_out_was_not_mea
     assert text.endswith("was not measured (the run held out none).")
 
 
-def test_predict_says_when_a_photo_falls_below_the_runs_open_set_threshold(open_run, prepared, capsys):
+def test_predict_says_when_a_photo_falls_below_the_runs_open_set_threshold(open_run, prepared, capsys, tmp_path):
     import predict
 
     out = open_run
     threshold = json.loads((out / "metrics.json").read_text())["thresholds"]["unknown"]["threshold"]
-    photos = sorted((prepared[0] / "test").rglob("*.jpg"))[:12]
-    assert predict.main([*map(str, photos), "--adapter", str(out), "--format", "json", "--top-k", "1"]) == 0
+    photos = sorted((prepared[0] / "test").rglob("*.jpg"))  # the held-out species too
+    csv = tmp_path / "answers.csv"
+    argv = [*map(str, photos), "--adapter", str(out), "--format", "json", "--top-k", "1", "--csv", str(csv)]
+    assert predict.main(argv) == 0
     records = json.loads(capsys.readouterr().out)
     flags = {r["image"]: r["possibly_unknown"] for r in records}
+    # every output gives the same answer: the JSON's is the CSV's (and the app's), genus back-off included
+    answers = {row["image"]: (row["kind"], row["answer"]) for row in csv_rows(csv)}
+    assert {r["image"]: (r["answer"]["kind"], r["answer"]["text"]) for r in records} == answers
+    assert len(answers) == len(photos) and any(flags.values()), flags
     for r in records:  # probabilities are printed rounded: leave out the ones at the threshold
         if abs(r["predictions"][0]["probability"] - threshold) > 1e-3:
             assert flags[r["image"]] == (r["predictions"][0]["probability"] < threshold)

@@ -157,13 +157,18 @@ def test_head_medium_and_tail_thirds_by_hand():
     # 9, then 6 x 6 over places 1-6 (middle 3, in the medium third of places 3-5), then 2
     assert [g.tolist() for g in frequency_groups([9, 6, 6, 6, 6, 6, 6, 2]).values()] == [[0], [1, 2, 3, 4, 5, 6], [7]]
     empty = metrics_by_training_count(np.zeros((2, 2), dtype=int), [3, 0])
-    assert empty["medium"]["classes"] == 1 and empty["head"]["classes"] == 0 and empty["tail"] == {
-        "classes": 0,
-        "train_images": None,
-        "images": 0,
-        "accuracy": None,
-        "mf1": None,
-    }
+    assert (
+        empty["medium"]["classes"] == 1
+        and empty["head"]["classes"] == 0
+        and empty["tail"]
+        == {
+            "classes": 0,
+            "train_images": None,
+            "images": 0,
+            "accuracy": None,
+            "mf1": None,
+        }
+    )
 
 
 # --- logit adjustment ---

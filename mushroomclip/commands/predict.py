@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from mushroomclip.data.transforms import ImageError, image_files
 from mushroomclip.models.backbones import ModelLoadError
 from mushroomclip.models.classifier import AdapterError, load_classifier
-from mushroomclip.prediction.answer import UNKNOWN_TEXT, answer, csv_row, predictions_csv
+from mushroomclip.prediction.answer import answer, csv_row, predictions_csv
 from mushroomclip.prediction.identify import thresholds_for
 
 BATCH = 32  # images per forward pass: a folder of thousands of photos is never decoded at once
@@ -40,8 +40,8 @@ def print_table(record: dict) -> None:
             f"  {rank}. {pred['species']:<28} {pred['common_name']:<28} {100 * pred['probability']:5.1f}%  "
             f"{pred['edibility']:<12} {lineage['family']} < {lineage['order']} < {lineage['class']}"
         )
-    if record.get("possibly_unknown"):
-        print(f"  -> {UNKNOWN_TEXT} (top-1 probability below the run's open-set threshold)")
+    if record.get("possibly_unknown"):  # the same answer as --csv and the app give
+        print(f"  -> {record['answer']['text']} (top-1 probability below the run's open-set threshold)")
 
 
 def warn_if_dangerous(record: dict) -> None:
@@ -121,11 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         probs = classifier.logits(torch.stack(pixels)).softmax(dim=-1)
         results = classifier.ranked(probs, top_k=args.top_k)
-        if args.csv:
-            rows += [
-                csv_row(str(path), answer(classifier.classes, p.double().numpy(), tax, thresholds, args.top_k))
-                for path, p in zip(readable, probs)
-            ]
+        answers = [answer(classifier.classes, p.double().numpy(), tax, thresholds, args.top_k) for p in probs]
+        rows += [csv_row(str(path), a) for path, a in zip(readable, answers)]
         batch = [
             {
                 "image": str(path),
@@ -139,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                     }
                     for p in preds
                 ],
+                "answer": {"kind": a.kind, "text": a.headline},  # the answer of --csv and the app
             }
-            for path, preds in zip(readable, results)
+            for path, preds, a in zip(readable, results, answers)
         ]
         if thresholds.unknown is not None:  # the run chose an open-set threshold: say when an image falls below it
             for record, p in zip(batch, probs):

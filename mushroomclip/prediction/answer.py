@@ -23,6 +23,7 @@ THRESHOLDS_KEY = "thresholds"
 WARNING_TEXT = "Lookalike of a {kind} species ({names}) — never eat on the basis of this app."
 NOT_SURE_TEXT = "Not sure — do not eat"
 UNKNOWN_TEXT = "Possibly not one of the known species — do not eat"
+UNKNOWN_IN_GENUS_TEXT = "possibly a species outside the known ones"  # a genus back-off below the open-set threshold
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ def run_thresholds(run_dir: str | Path | None) -> Thresholds:
     recorded = json.loads(path.read_text()).get(THRESHOLDS_KEY)
     if not recorded:
         return Thresholds()
-    source = f"recorded by the run ({path})"
+    own = "species" in recorded or "genus" in recorded  # a run with only run.unknown_tpr keeps the defaults
+    source = f"recorded by the run ({path})" if own else f"documented defaults; the run ({path}) records none"
     if "max_danger" in recorded:  # written by mushroomclip.evaluation.selective.SelectiveThreshold.record
         source += (
             f"; species threshold chosen on {recorded.get('chosen_on', 'validation')} for a dangerous->edible "
@@ -62,7 +64,7 @@ def run_thresholds(run_dir: str | Path | None) -> Thresholds:
     if unknown:
         source += (
             f"; unknown-species threshold chosen on {unknown['chosen_on']} to keep {100 * unknown['tpr']:g}% of "
-            "known images"
+            f"known images{'' if own else ', recorded by the run'}"
         )
     return Thresholds(
         float(recorded.get("species", Thresholds.species)),
@@ -154,6 +156,8 @@ def answer(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, thresholds
         members = [c for c in classes if taxonomy[c].genus == genus]
         dangerous = [c for c in members if taxonomy[c].edibility in DANGEROUS]
         headline = f"{genus} sp., {100 * genus_p:.0f}%"
+        if maybe_unknown:  # the genus is likely, the species may be none the model knows
+            headline += f", {UNKNOWN_IN_GENUS_TEXT}"
         if dangerous:
             headline += f" — this genus includes {', '.join(dangerous)}"
         warning = danger_warning(list(dict.fromkeys([r.species for r in rows] + dangerous)), taxonomy)
