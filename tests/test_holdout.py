@@ -139,8 +139,11 @@ def test_a_run_holding_out_the_last_species_of_its_table_finishes(tmp_path):
     assert full.id(last) == len(full) - 1  # the prepared ids index the bundled table: beyond the 168 known
     out = tmp_path / "run"
     overrides = tiny_overrides(tmp_path / "prepared", out, **{"training.max_steps": 2, "training.eval_steps": 2})
-    run_training(load_train_config(ROOT / "configs/tiny.yaml", [*overrides, f"data.holdout_species=[{last}]"]))
+    held = [f"data.holdout_species=[{last}]", "run.unknown_tpr=0.8"]
+    run_training(load_train_config(ROOT / "configs/tiny.yaml", [*overrides, *held]))
     metrics = json.loads((out / "metrics.json").read_text())
+    # run.unknown_tpr sets predict.py's threshold only: the open-set metric stays FPR at 95% TPR, as every model's
+    assert metrics["thresholds"]["unknown"]["tpr"] == 0.8 and metrics["open_set"]["tpr"] == 0.95
     assert (
         metrics["open_set"]["held_out"] == [last]
         and len(json.loads((out / "classes.json").read_text())["species"]) == len(full) - 1

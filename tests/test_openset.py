@@ -40,6 +40,8 @@ def test_fpr_at_95_tpr_by_hand():
     assert threshold_at_tpr(known, 0.95) == pytest.approx(0.10)
     unknown = np.array([0.0, 0.05, 0.1, 0.5])  # 0.1 and 0.5 are accepted
     assert fpr_at_tpr(known, unknown, 0.95) == 0.5
+    # the largest threshold that keeps the share: 55 of 100, though 0.55 * 100 is 55.000000000000007 in floats
+    assert threshold_at_tpr(np.arange(1, 101) / 100, 0.55) == pytest.approx(0.46)
 
 
 def test_oscr_by_hand():

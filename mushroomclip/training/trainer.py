@@ -548,7 +548,7 @@ def evaluate_best(trainer: ContrastiveTrainer, splits, run: RunArguments, holdou
     if run.test_after:
         result["test"], test_labels, test_scores = trainer.score(splits["test"], keep_scores=True)
         if holdout is not None:
-            result["open_set"] = open_set_result(trainer, holdout, test_labels, test_scores, tpr)
+            result["open_set"] = open_set_result(trainer, holdout, test_labels, test_scores)
     if logger.isEnabledFor(logging.DEBUG):  # to compare the ranks of a multi-process run
         lora_sum = sum(p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if "lora_" in n)
         logger.debug(
@@ -561,10 +561,12 @@ def evaluate_best(trainer: ContrastiveTrainer, splits, run: RunArguments, holdou
     return result
 
 
-def open_set_result(trainer: ContrastiveTrainer, holdout: Holdout, labels, logits, tpr: float) -> dict | None:
+def open_set_result(trainer: ContrastiveTrainer, holdout: Holdout, labels, logits) -> dict | None:
     """The known test images (``labels``, ``logits``) against the held-out species' test images: every
-    open-set score's AUROC, FPR at ``tpr`` and OSCR with bootstrap intervals (:mod:`evaluation.openset`);
+    open-set score's AUROC, FPR at 95% TPR and OSCR with bootstrap intervals (:mod:`evaluation.openset`; at 95%
+    whatever ``run.unknown_tpr`` is, which sets only predict.py's threshold, so that every model's FPR95 compares);
     ``scores`` keeps the per-image scores for the ROC figure."""
+    tpr = DEFAULT_TPR
     unknown = holdout.unknown["test"]
     if not len(unknown):
         logger.warning("data.holdout_species: the held-out species have no test images; no open-set metrics")
