@@ -73,16 +73,29 @@ def test_on_already_imbalanced_data_the_plentiful_species_are_the_head_and_the_p
         assert result.species[3] == taxonomy.classes[1] and result.requested == result.used == [40, 40, 10, 10]
         assert result.record()["ratio_used"] == 4
     # one species of 500 and nine of 60: 500 * 100 ** (-1/9) = 299 > 60, so n_max comes down to the largest
-    # that the 60s can follow: 101 * 100 ** (-1/9) = 60.5 -> 60 (102 would ask for 61). A seeded rank put a 60 at
-    # the head for some seeds and the kept ratio moved with the seed (12, 21, 60 for seeds 0, 1, 2).
+    # that the 60s can follow, 101 (101 * 100 ** (-1/9) = 60.5 -> 60; 102 would ask for 61), and then to 100, where
+    # the tail's floor(n_max / 100) makes the ratio exactly 100 (101 / 1 is 101). A seeded rank put a 60 at the
+    # head for some seeds and the kept ratio moved with the seed (12, 21, 60 for seeds 0, 1, 2).
     labels = _labels({c: 500 if c == 5 else 60 for c in range(10)})
     for seed in range(3):
         result = subsample(labels, taxonomy, {"profile": "exponential", "ratio": 100, "seed": seed})
-        assert result.species[0] == taxonomy.classes[5] and result.requested[:2] == [101, 60]
-        assert result.used == result.requested == target_counts("exponential", 100, 101, 10)
-        assert result.record()["ratio_used"] == 101 and result.record()["n_max"] == 101
+        assert result.species[0] == taxonomy.classes[5] and result.requested[:2] == [100, 59]
+        assert result.used == result.requested == target_counts("exponential", 100, 100, 10)
+        assert result.record()["ratio_used"] == 100 and result.record()["n_max"] == 100
         kept = labels[result.indices]
         assert [int((kept == taxonomy.id(s)).sum()) for s in result.species] == result.used
+
+
+def test_n_max_gives_up_less_than_the_ratio_to_make_the_ratio_exact():
+    taxonomy = load_taxonomy()
+    # every species can follow n_max = 39 (39, 28, 20, ... 5, 3), but 39 / floor(3.9) = 13; 30 / 3 = 10
+    labels = _labels(dict(zip(range(8), [39, 31, 31, 30, 30, 28, 27, 25])))
+    result = subsample(labels, taxonomy, {"profile": "exponential", "ratio": 10, "seed": 0})
+    assert result.requested == target_counts("exponential", 10, 30, 8) == [30, 21, 15, 11, 8, 5, 4, 3]
+    assert result.record()["ratio_used"] == 10
+    # 7 images cannot be cut 10 : 1: the largest n_max stays, and ratio_used says what the split has
+    result = subsample(_labels({0: 7, 1: 7}), taxonomy, {"profile": "step", "ratio": 10, "seed": 0})
+    assert result.used == [7, 1] and result.record()["ratio_used"] == 7
 
 
 def test_only_the_training_split_is_subsampled(prepared):

@@ -12,7 +12,8 @@ them), and the species of rank ``i`` (0 = head) is asked for
   ``max(1, floor(n_max / ratio))``.
 
 (The floor allows 1e-9 of float rounding, so that ``500 * 100 ** -1`` is 5.) ``n_max`` is the largest number, at
-most the head's images, for which every species has its target: the kept counts follow the profile exactly,
+most the head's images, for which every species has its target, lowered by less than ``ratio`` where that makes
+``n_max / n_{C-1}`` exactly ``ratio`` (:func:`choose_n_max`): the kept counts follow the profile exactly,
 whatever the data's own imbalance (ranking the plentiful species first keeps ``n_max`` near the largest count; a
 seeded rank would let a rare species at the head shrink it, and the ratio the seed gives). Which images a species
 keeps is drawn with ``default_rng([seed, class id])``. The same data and seed always give the same images;
@@ -119,6 +120,18 @@ def largest_n_max(spec: dict, available: np.ndarray) -> int:
     return max(n, 1)
 
 
+def choose_n_max(spec: dict, available: np.ndarray) -> int:
+    """:func:`largest_n_max`, lowered by less than ``ratio`` where that makes the kept head / tail ratio exactly
+    ``ratio`` (the floor of the tail's target otherwise moves it: 39 / floor(3.9) = 13 for a ratio of 10)."""
+    n = largest_n_max(spec, available)
+    if len(available) < 2:
+        return n
+    for m in range(n, max(0, n - math.ceil(spec["ratio"])), -1):
+        if math.isclose(m / target_counts(spec["profile"], spec["ratio"], m, len(available))[-1], spec["ratio"]):
+            return m
+    return n  # no n_max near it gives the ratio exactly (a head of fewer than `ratio` images): ratio_used says
+
+
 def subsample(labels, taxonomy: Taxonomy, spec: dict) -> Imbalance:
     """The rows of a training split (its ``labels``) that ``spec`` (resolved ``data.imbalance``) keeps."""
     labels = np.asarray(labels)
@@ -129,7 +142,7 @@ def subsample(labels, taxonomy: Taxonomy, spec: dict) -> Imbalance:
     shuffled = np.random.default_rng(spec["seed"]).permutation(present)
     ranked = shuffled[np.argsort(-counts[shuffled], kind="stable")]  # most images first; ties: the seeded order
     available = counts[ranked]
-    requested = target_counts(spec["profile"], spec["ratio"], largest_n_max(spec, available), len(ranked))
+    requested = target_counts(spec["profile"], spec["ratio"], choose_n_max(spec, available), len(ranked))
     used = np.asarray(requested)
     kept = []
     for class_id, n in zip(ranked.tolist(), used.tolist()):
