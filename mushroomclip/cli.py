@@ -47,11 +47,17 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command named by ``argv[0]`` with the rest of ``argv``; its exit status, 2 for an unknown one."""
+    return run_program(_run, argv)
+
+
+def run_program(program, argv: list[str] | None = None) -> int:
+    """``program(argv)``'s exit status, and 1 without a traceback when the reader of stdout leaves early
+    (``mushroomclip --help | head``, ``python predict.py photos/ | head``). The top-level scripts run through it."""
     try:
-        status = _run(argv)
+        status = program(argv)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
         return status
-    except BrokenPipeError:  # `mushroomclip --help | head`: the reader took what it wanted and left
+    except BrokenPipeError:  # the reader took what it wanted and left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error from the exit's flush
         return 1
 

@@ -14,6 +14,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -22,7 +23,10 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+# Loading transformers' integrations prints a line with WANDB_MODE=offline: stdout is for results (JSON, tables).
+with contextlib.redirect_stdout(sys.stderr):
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
 from mushroomclip.data.holdout import HoldoutError, parse_fraction
 from mushroomclip.data.imbalance import ImbalanceError, resolve_imbalance

@@ -1,5 +1,6 @@
 """The command-line tools as a user runs them: flags documented, summaries printed, errors in one line."""
 
+import os
 import re
 import subprocess
 import sys
@@ -92,12 +93,32 @@ def test_python_m_convert_still_runs_the_convert_command():
     assert result.returncode == 2 and "the following arguments are required: --model" in result.stderr
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-m", "mushroomclip", "--help"],
+        ["-m", "mushroomclip", "evaluate", "--list-models"],
+        ["evaluate_zero_shot.py", "--list-models"],  # a top-level script
+    ],
+)
 def test_a_reader_that_leaves_early_gets_no_traceback(args):
-    """``mushroomclip --help | head -1``: the pipe is closed before the command writes (deterministically here)."""
+    """``mushroomclip --help | head -1``, ``python evaluate_zero_shot.py --list-models | head -1``: the pipe is
+    closed before the command writes (deterministically here), even before its imports (transformers prints a line
+    on import under WANDB_MODE=offline, which goes to stderr)."""
+    env = os.environ | {"WANDB_MODE": "offline"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mushroomclip", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     process.stdout.close()  # the reader is gone before the command has imported anything
     stderr = process.stderr.read().decode()
-    assert process.wait(timeout=120) == 1 and stderr == ""
+    assert process.wait(timeout=120) == 1 and stderr in ("", "[INFO] Running in WANDB offline mode\n"), stderr
+
+
+def test_stdout_holds_only_the_results_under_wandb_offline():
+    """transformers prints "[INFO] Running in WANDB offline mode" when it loads its integrations: on stderr, so that a
+    program's stdout (a JSON, a table) stays parseable."""
+    env = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "evaluate_zero_shot.py", "--list-models"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.lstrip().startswith("clip-b32"), result.stdout[:200]
