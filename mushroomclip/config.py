@@ -14,7 +14,6 @@ import importlib.util
 import math
 import os
 import re
-import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -24,8 +23,10 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-# Loading transformers' integrations prints a line with WANDB_MODE=offline: stdout is for results (JSON, tables).
-with contextlib.redirect_stdout(sys.stderr):
+# Loading transformers' integrations prints "[INFO] Running in WANDB offline mode" under WANDB_MODE=offline, whether
+# wandb is used or not: not into stdout, which is for results (JSON, tables), nor above a one-line error on stderr
+# (a run that reports to wandb says where its offline files go through wandb's own lines).
+with open(os.devnull, "w") as _quiet, contextlib.redirect_stdout(_quiet):
     from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
 from mushroomclip.data.holdout import HoldoutError, parse_fraction
