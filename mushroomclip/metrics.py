@@ -246,20 +246,22 @@ FREQUENCY_GROUPS = ("head", "medium", "tail")
 def frequency_groups(train_counts) -> dict[str, np.ndarray]:
     """The classes with training images, most images first (ties: lower class id first), cut into thirds:
     ``head``, ``medium``, ``tail`` (``numpy.array_split``: sizes differ by at most one, the larger ones first).
-    Classes with equal counts stay together, in the third of the middle place of their run (the earlier of two): a
-    step profile's two levels are the head and the tail. A balanced split (every count equal) is all ``medium``:
-    it has no head or tail to speak of."""
+    Classes with equal counts stay together: those with the most images are the head, those with the fewest the
+    tail (a step profile's two levels, whatever C), the runs between in the third of their middle place (the earlier
+    of two). A balanced split (every count equal) is all ``medium``: it has no head or tail to speak of."""
     counts = np.asarray(train_counts)
     trained = np.flatnonzero(counts > 0)
     order = trained[np.argsort(-counts[trained], kind="stable")]
     third = np.repeat(np.arange(3), [len(part) for part in np.array_split(order, 3)])  # each place's third
     ranked = counts[order]
-    if len(order) and ranked[0] == ranked[-1]:
+    if not len(order) or ranked[0] == ranked[-1]:
         return {name: order if name == "medium" else order[:0] for name in FREQUENCY_GROUPS}
-    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]]) if len(order) else []
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
     group = np.empty(len(order), dtype=int)
-    for start, end in zip(starts, [*starts[1:], len(order)]):
+    ends = [*starts[1:], len(order)]
+    for start, end in zip(starts, ends):
         group[start:end] = third[(start + end - 1) // 2]
+    group[: ends[0]], group[starts[-1] :] = 0, 2  # the most and the fewest images: always the head and the tail
     return {name: order[group == g] for g, name in enumerate(FREQUENCY_GROUPS)}
 
 

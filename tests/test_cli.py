@@ -122,3 +122,7 @@ def test_stdout_holds_only_the_results_under_wandb_offline():
     )
     assert result.returncode == 0 and result.stdout.lstrip().startswith("clip-b32"), result.stdout[:200]
     assert "WANDB" not in result.stderr
+    # the library too, whatever its first import (the trainers load transformers.Trainer before anything of ours)
+    code = "import mushroomclip.training.supervised"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "", result.stdout

@@ -218,6 +218,7 @@ def help_texts(commands: list[tuple[list[str], str]]) -> list[str]:
     texts = []
     for (status, out, err), (_, label) in zip(json.loads(result.stdout.splitlines()[-1]), commands, strict=True):
         assert status == 0, f"`{label} --help` exited {status}:\n{err[-3000:]}"
+        assert "usage:" in out, f"`{label} --help` printed no usage on stdout"  # else its flags would go unchecked
         texts.append(out)
     return texts
 

@@ -167,6 +167,10 @@ def test_head_medium_and_tail_thirds_by_hand():
     groups = frequency_groups([500] * 5 + [5] * 5)
     assert [g.tolist() for g in groups.values()] == [[0, 1, 2, 3, 4], [], [5, 6, 7, 8, 9]]
     assert [g.tolist() for g in frequency_groups([7] * 4).values()] == [[], [0, 1, 2, 3], []]
+    for c in range(2, 13):  # a step profile: its two levels are the head and the tail whatever the number of species
+        counts = target_counts("step", 10, 100, c)
+        groups = frequency_groups(counts)
+        assert [len(g) for g in groups.values()] == [c - c // 2, 0, c // 2], c
     # 9, then 6 x 6 over places 1-6 (middle 3, in the medium third of places 3-5), then 2
     assert [g.tolist() for g in frequency_groups([9, 6, 6, 6, 6, 6, 6, 2]).values()] == [[0], [1, 2, 3, 4, 5, 6], [7]]
     empty = metrics_by_training_count(np.zeros((2, 2), dtype=int), [3, 0])

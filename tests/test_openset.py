@@ -42,6 +42,7 @@ def test_fpr_at_95_tpr_by_hand():
     assert fpr_at_tpr(known, unknown, 0.95) == 0.5
     # the largest threshold that keeps the share: 55 of 100, though 0.55 * 100 is 55.000000000000007 in floats
     assert threshold_at_tpr(np.arange(1, 101) / 100, 0.55) == pytest.approx(0.46)
+    assert threshold_at_tpr(np.array([0.9, 0.5, 0.1]), 1e-10) == 0.9  # a tiny rate keeps the best image, not none
 
 
 def test_oscr_by_hand():

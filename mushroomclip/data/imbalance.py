@@ -129,7 +129,7 @@ def choose_n_max(spec: dict, available: np.ndarray) -> int:
     for m in range(n, max(0, n - math.ceil(spec["ratio"])), -1):
         if math.isclose(m / target_counts(spec["profile"], spec["ratio"], m, len(available))[-1], spec["ratio"]):
             return m
-    return n  # no n_max near it gives the ratio exactly (a head of fewer than `ratio` images): ratio_used says
+    return n  # no n_max near it gives the ratio exactly (n_max below the ratio, a fractional ratio): ratio_used says
 
 
 def subsample(labels, taxonomy: Taxonomy, spec: dict) -> Imbalance:

@@ -56,7 +56,8 @@ def threshold_at_tpr(known: np.ndarray, tpr: float = DEFAULT_TPR) -> float:
     if not 0 < tpr <= 1:
         raise ValueError(f"the true positive rate must be in (0, 1], got {tpr}")
     ordered = np.sort(np.asarray(known, dtype=np.float64))[::-1]
-    return float(ordered[int(np.ceil(tpr * len(ordered) - 1e-9)) - 1])  # 0.55 * 100 is 55.000000000000007
+    keep = max(1, int(np.ceil(tpr * len(ordered) - 1e-9)))  # 0.55 * 100 is 55.000000000000007; at least one
+    return float(ordered[keep - 1])
 
 
 def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = DEFAULT_TPR) -> float:
