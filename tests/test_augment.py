@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -66,6 +67,29 @@ def test_exif_rotation_is_applied_as_the_datasets_image_feature_does():
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     data = encoded(gradient(), "JPEG", quality=95, exif=exif)
     assert decode_rgb({"bytes": data, "path": None}).shape == (3, 40, 24)
+
+
+def test_without_torchcodecs_image_decoders_torchvision_decodes_the_same_pixels(monkeypatch):
+    """An older torch (2.9-2.13, which pyproject allows) has a TorchCodec without image decoders, or one built for
+    another torch: torchvision.io's decoder (the same libjpeg-turbo / libpng) then gives the same pixels."""
+    import warnings
+
+    from mushroomclip.data import transforms
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photos = [
+        encoded(gradient(), "JPEG", quality=95, exif=exif),
+        encoded(gradient(), "PNG"),
+        encoded(gradient().convert("L"), "PNG"),
+        encoded(Image.fromarray(np.arange(24 * 40, dtype=np.uint16).reshape(24, 40) * 60), "PNG"),  # 16-bit
+    ]
+    expected = [decode_rgb({"bytes": data, "path": None}) for data in photos]
+    monkeypatch.setattr(transforms, "_codec_decode_image", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its decoders
+        for data, pixels in zip(photos, expected, strict=True):
+            assert torch.equal(decode_rgb({"bytes": data, "path": None}), pixels)
 
 
 def test_corrupt_file_is_a_clear_error_naming_it(tmp_path):
@@ -216,7 +240,7 @@ def test_decompression_bomb_is_refused_from_its_header_before_any_decoder_runs(m
     def no_decoding(*args, **kwargs):
         raise AssertionError("torchvision decoded an image over the pixel limit")
 
-    monkeypatch.setattr(augment, "decode_image", no_decoding)
+    monkeypatch.setattr(augment, "_decode_fast", no_decoding)
     with pytest.raises(augment.ImageError, match="400000000 pixels: over Pillow's decompression-bomb limit") as err:
         decode_rgb({"bytes": png_claiming(20000, 20000), "path": "bomb.png"})
     assert err.value.where == "bomb.png" and "MAX_IMAGE_PIXELS" in err.value.reason
@@ -284,7 +308,7 @@ def test_jpeg_and_png_decode_through_torchcodec_to_torchvisions_former_pixels(fm
 
     from mushroomclip.data import transforms
 
-    assert transforms.decode_image.__module__.startswith("torchcodec")
+    assert transforms._codec_decode_image.__module__.startswith("torchcodec")  # this torch has them
     exif = Image.Exif()
     exif[0x0112] = 6
     data = encoded(gradient(), fmt, **({"quality": 90, "exif": exif} if fmt == "JPEG" else {}))

@@ -31,8 +31,24 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchcodec.decoders import decode_image  # torchvision.io's image decoders moved here (torchvision 0.29)
 from torchvision.transforms import v2
+
+try:  # torchvision.io's image decoders moved here (torchvision 0.29)
+    from torchcodec.decoders import decode_image as _codec_decode_image
+except (ImportError, OSError, RuntimeError):  # a TorchCodec without them, or built for another torch (torch < 2.14)
+    _codec_decode_image = None
+
+
+def _decode_fast(encoded: torch.Tensor) -> torch.Tensor:
+    """JPEG / PNG bytes as RGB pixels, EXIF orientation applied: TorchCodec's decoder, else (an older torch, whose
+    TorchCodec has no image decoders) the same libjpeg-turbo / libpng decoder in torchvision.io."""
+    if _codec_decode_image is not None:
+        return _codec_decode_image(encoded, mode="RGB", output_dtype="auto")
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as torchvision_decode_image
+
+    return torchvision_decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+
 
 # JPEG and PNG, nearly all of the data, go through TorchCodec (libjpeg-turbo, libpng); anything else (WebP, BMP, TIFF, a JPEG
 # flavour libjpeg-turbo refuses) through Pillow, which validated every image when the data was prepared.
@@ -98,7 +114,7 @@ def decode_rgb(image) -> torch.Tensor:
             if data.startswith(_FAST_SIGNATURES):
                 encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                 with contextlib.suppress(RuntimeError):  # a flavour libjpeg-turbo refuses: Pillow below
-                    pixels = decode_image(encoded, mode="RGB", output_dtype="auto")  # EXIF orientation applied
+                    pixels = _decode_fast(encoded)  # EXIF orientation applied
                     # a 16-bit PNG decodes to uint16: keep its 8 high bits, as for any other photo
                     return pixels if pixels.dtype == torch.uint8 else (pixels.to(torch.int32) >> 8).to(torch.uint8)
             return _pil_rgb(pil)
