@@ -70,8 +70,8 @@ def test_exif_rotation_is_applied_as_the_datasets_image_feature_does():
 
 
 def test_without_torchcodecs_image_decoders_torchvision_decodes_the_same_pixels(monkeypatch):
-    """An older torch (2.9-2.13, which pyproject allows) has a TorchCodec without image decoders, or one built for
-    another torch: torchvision.io's decoder (the same libjpeg-turbo / libpng) then gives the same pixels."""
+    """With an older torch (pyproject allows 2.9) TorchCodec's image decoders may be missing (before 0.16) or not
+    load (built for another torch): torchvision.io's decoder (the same libjpeg-turbo / libpng) gives the same pixels."""
     import warnings
 
     from mushroomclip.data import transforms

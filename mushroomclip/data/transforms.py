@@ -35,13 +35,13 @@ from torchvision.transforms import v2
 
 try:  # torchvision.io's image decoders moved here (torchvision 0.29)
     from torchcodec.decoders import decode_image as _codec_decode_image
-except (ImportError, OSError, RuntimeError):  # a TorchCodec without them, or built for another torch (torch < 2.14)
+except (ImportError, OSError, RuntimeError):  # a TorchCodec before 0.16 (none), or one built for another torch
     _codec_decode_image = None
 
 
 def _decode_fast(encoded: torch.Tensor) -> torch.Tensor:
-    """JPEG / PNG bytes as RGB pixels, EXIF orientation applied: TorchCodec's decoder, else (an older torch, whose
-    TorchCodec has no image decoders) the same libjpeg-turbo / libpng decoder in torchvision.io."""
+    """JPEG / PNG bytes as RGB pixels, EXIF orientation applied: TorchCodec's decoder, else (an older TorchCodec, or
+    one that does not load with this torch) the same libjpeg-turbo / libpng decoder in torchvision.io."""
     if _codec_decode_image is not None:
         return _codec_decode_image(encoded, mode="RGB", output_dtype="auto")
     from torchvision.io import ImageReadMode
