@@ -266,3 +266,31 @@ def test_a_diverging_supervised_run_stops_in_one_line_and_writes_nothing(prepare
     assert main(["--config", str(ROOT / "configs/tiny_supervised.yaml"), *args]) == 2
     line = assert_one_error_line(capsys.readouterr().err, "training diverged at step ")
     assert "training.learning_rate (now 1e+10)" in line and not out.exists()
+
+
+def test_new_species_protocol_takes_a_supervised_run_with_its_pooled_features(prepared, tmp_path):
+    """mushroomclip novel on a supervised run: SimpleShot on the pooled features before the head, as training
+    started (the run's own seeded initialisation) and after it."""
+    from mushroomclip.evaluation.novel import NovelArguments, evaluate_novel
+    from mushroomclip.models.supervised import initial_classifier
+
+    out = tmp_path / "open"
+    run_training(
+        load_train_config(
+            ROOT / "configs/tiny_supervised.yaml", [*overrides(prepared[0], out), "data.holdout_species=0.34"]
+        )
+    )
+    rows = evaluate_novel(NovelArguments(run=str(out), shots="1,3", seeds=2, num_workers=0))
+    assert {(r["backbone"], r["setting"], r["k"]) for r in rows} == {
+        (b, s, k) for b in ("original", "fine-tuned") for s in ("novel", "generalised") for k in (1, 3)
+    }
+    summary = (out / "novel_species/summary.md").read_text()
+    assert "| original (tiny-resnet) | 1 |" in summary and "randomly initialised test model" in summary
+    # the original features are those of the run's start: its seed's initialisation, the same on every call
+    tuned = load_classifier(str(out))
+    record = json.loads((out / "classes.json").read_text())
+    start = [initial_classifier(record, tuned.taxonomy, seed=0) for _ in range(2)]
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    first, again, trained_features = (c.image_features(pixels) for c in (*start, tuned))
+    assert torch.equal(first, again) and first.shape == (2, 32)  # tiny-resnet's last stage: 32 channels, pooled
+    assert not torch.allclose(first, trained_features)  # a full fine-tune moved the backbone

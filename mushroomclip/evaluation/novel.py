@@ -9,7 +9,9 @@ of the run's ORIGINAL base model and of its FINE-TUNED one (LoRA applied), for e
   centroids from all their training photos and the new ones' from ``k``; reported as the accuracy on the known
   species' photos, on the new species' photos, and their harmonic mean (as generalised few-shot work reports).
 
-Features are computed on whole prepared splits (cached like ``evaluate_zero_shot.py``'s) and split by label.
+Features are computed on whole prepared splits (cached like ``evaluate_zero_shot.py``'s) and split by label. For a
+supervised classifier run they are the network's pooled output before its head, as training started (pretrained
+weights, or the run's random initialisation for one from scratch) and after it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mushroomclip.evaluation.fewshot import sample_support, simpleshot_scores
 from mushroomclip.metrics import classification_metrics, save_json
 from mushroomclip.models.backbones import REGISTRY, load_backbone
 from mushroomclip.models.classifier import AdapterError, backbone_name, is_supervised_run, load_classifier
+from mushroomclip.models.supervised import TINY_RESNET, SupervisedClassifier, initial_classifier
 from mushroomclip.provenance import run_provenance
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,18 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 
+class PooledFeatures:
+    """A supervised classifier seen as a backbone of image features (what :func:`cached_image_features` asks of
+    one): its pooled output before the head, the head's logits being over the known species only."""
+
+    def __init__(self, classifier: SupervisedClassifier):
+        self.classifier, self.name, self.preprocess = classifier, classifier.name, classifier.preprocess
+        self.cache_id, self.device = f"{classifier.cache_id}|pooled", classifier.device
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.classifier.image_features(pixels)
+
+
 class NovelSpeciesError(ValueError):
     """The run cannot be evaluated on new species (no hold-out, or data without its species)."""
 
@@ -50,7 +65,9 @@ class NovelSpeciesError(ValueError):
 class NovelArguments:
     """The flags of ``mushroomclip novel``."""
 
-    run: str = field(metadata={"help": "a finished LoRA run trained with data.holdout_species (runs/NAME)"})
+    run: str = field(
+        metadata={"help": "a finished run (LoRA CLIP or supervised) trained with data.holdout_species (runs/NAME)"}
+    )
     shots: str = field(default="1,5,10", metadata={"help": "support photos per new species, comma-separated"})
     seeds: int = field(default=5, metadata={"help": "support draws (seeds 0..N-1); mean and std reported"})
     data: str | None = field(default=None, metadata={"help": "prepared data folder; unset: the run's data.path"})
@@ -118,8 +135,6 @@ def _run_record(run_dir: Path) -> tuple[dict, dict]:
             f"{run_dir} held out no species (no {HOLDOUT_FILE}); train with data.holdout_species (e.g. 0.1) so that "
             "new species exist that the run never saw"
         )
-    if is_supervised_run(run_dir):
-        raise NovelSpeciesError(f"{run_dir} is a supervised classifier: this protocol needs a CLIP LoRA run")
     return json.loads((run_dir / HOLDOUT_FILE).read_text()), yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
@@ -138,14 +153,20 @@ def evaluate_novel(args: NovelArguments) -> list[dict]:
     new = np.array([taxonomy.id(c) for c in holdout["held_out"]])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        tuned = load_classifier(str(run_dir), device=device).backbone
+        tuned = load_classifier(str(run_dir), device=device)
     except AdapterError as err:
         raise NovelSpeciesError(str(err)) from None
     record = json.loads((run_dir / "classes.json").read_text())
-    expected = (record.get("base_conversion") or {}).get("weights")
-    original = load_backbone(backbone_name(record["base_model"], expected), device=device)
-    spec = REGISTRY.get(record["base_model"])
-    random_base = bool(spec and spec.tiny) or bool(config["model"].get("random_weights"))
+    if is_supervised_run(run_dir):  # the features before the head: as training started, and after it
+        seed = config["training"]["seed"]
+        original = PooledFeatures(initial_classifier(record, tuned.taxonomy, seed, device))
+        tuned = PooledFeatures(tuned)
+        random_base = record["base_model"] == TINY_RESNET
+    else:
+        expected = (record.get("base_conversion") or {}).get("weights")
+        original, tuned = load_backbone(backbone_name(record["base_model"], expected), device=device), tuned.backbone
+        spec = REGISTRY.get(record["base_model"])
+        random_base = bool(spec and spec.tiny) or bool(config["model"].get("random_weights"))
     output = Path(args.output or run_dir / "novel_species")
     cache = output / ".cache"
     results, rows = {}, []

@@ -22,7 +22,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ResNetConfig
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ResNetConfig, set_seed
 from transformers.image_utils import PILImageResampling, pil_torch_interpolation_mapping
 from transformers.utils import logging as hf_logging
 
@@ -384,10 +384,30 @@ class SupervisedClassifier(Classifier):
         """The classifier as one ``transformers`` model (a LoRA run's adapter merged into its weights)."""
         return self.model.merge_and_unload() if isinstance(self.model, PeftModel) else self.model
 
+    @torch.inference_mode()
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` fp32 features of a uint8 batch: the network's pooled output before its head (what a few-shot
+        classifier of new species is built on, :mod:`mushroomclip.evaluation.novel`)."""
+        net = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        pixels = normalize(pixels.to(self.device), self.preprocess.mean, self.preprocess.std).to(self.dtype)
+        pooled = getattr(net.base_model(pixel_values=pixels), "pooler_output", None)
+        if pooled is None:
+            raise AdapterError(f"{self.name}: {type(net).__name__} gives no pooled features before its head")
+        return pooled.flatten(1).float().cpu()
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """The logits, as evaluation's feature cache (:func:`~mushroomclip.evaluation.features.image_features`)
         asks a backbone for its image features: a supervised model's scores need nothing more."""
         return self.logits(pixels)
+
+
+def initial_classifier(record: dict, taxonomy: Taxonomy, seed: int, device: str = "cpu") -> SupervisedClassifier:
+    """A supervised run's network as its training started (``record``: its classes.json): the pretrained weights, or
+    the random initialisation of ``seed`` (the run's ``training.seed``) for a run from scratch, with a new head."""
+    set_seed(seed)
+    built = build_classifier(record["base_model"], record["species"], record["pretrained"])
+    cache_id = f"supervised-initial:{record['base_model']}:{built.record['weights']}:{seed}"
+    return SupervisedClassifier(built.model, record, taxonomy, record["base_model"], cache_id, device)
 
 
 def load_supervised_classifier(
