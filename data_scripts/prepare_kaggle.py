@@ -3,16 +3,9 @@
 
 import sys
 
-from mushroomclip.cli import run_program
+from mushroomclip.cli import command_main, run_program
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``mushroomclip prepare``'s ``main``, imported when called: under :func:`run_program`, so that even what the
-    imports print meets a reader who left early without a traceback."""
-    from mushroomclip.commands.prepare import main as run
-
-    return run(argv)
-
+main = command_main("prepare")
 
 if __name__ == "__main__":
     sys.exit(run_program(main))

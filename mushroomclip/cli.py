@@ -62,6 +62,17 @@ def run_program(program, argv: list[str] | None = None) -> int:
         return 1
 
 
+def command_main(name: str):
+    """``mushroomclip NAME``'s ``main(argv)``, its module imported when it is called: the top-level scripts
+    (``predict.py`` ...) run it under :func:`run_program`, so that even what the imports print meets a reader who
+    left early without a traceback."""
+
+    def main(argv: list[str] | None = None) -> int:
+        return importlib.import_module(COMMANDS[name][0]).main(argv)
+
+    return main
+
+
 def _run(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):

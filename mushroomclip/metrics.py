@@ -252,10 +252,10 @@ def frequency_groups(train_counts) -> dict[str, np.ndarray]:
     counts = np.asarray(train_counts)
     trained = np.flatnonzero(counts > 0)
     order = trained[np.argsort(-counts[trained], kind="stable")]
-    third = np.repeat(np.arange(3), [len(part) for part in np.array_split(order, 3)])  # each place's third
     ranked = counts[order]
     if not len(order) or ranked[0] == ranked[-1]:
         return {name: order if name == "medium" else order[:0] for name in FREQUENCY_GROUPS}
+    third = np.repeat(np.arange(3), [len(part) for part in np.array_split(order, 3)])  # each place's third
     starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
     group = np.empty(len(order), dtype=int)
     ends = [*starts[1:], len(order)]

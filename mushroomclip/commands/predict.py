@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         probs = classifier.logits(torch.stack(pixels)).softmax(dim=-1)
         results = classifier.ranked(probs, top_k=args.top_k)
         answers = [answer(classifier.classes, p.double().numpy(), tax, thresholds, args.top_k) for p in probs]
-        rows += [csv_row(str(path), a) for path, a in zip(readable, answers)]
+        if args.csv:
+            rows += [csv_row(str(path), a) for path, a in zip(readable, answers)]
         batch = [
             {
                 "image": str(path),

@@ -113,10 +113,12 @@ def largest_n_max(spec: dict, available: np.ndarray) -> int:
     """The largest ``n_max`` (at most ``available[0]``) whose targets no species of ``available`` (rank order) falls
     short of."""
     n = int(available[0])
-    while n > 1 and np.any(np.asarray(target_counts(spec["profile"], spec["ratio"], n, len(available))) > available):
+    while n > 1:
+        targets = np.asarray(target_counts(spec["profile"], spec["ratio"], n, len(available)))
+        if np.all(targets <= available):
+            break
         # each target is at most n * its factor: the tightest species' images over its factor bound n from above
-        factors = np.asarray(target_counts(spec["profile"], spec["ratio"], n, len(available))) / n
-        n = min(n - 1, int(np.min((available + 1) / factors)))
+        n = min(n - 1, int(np.min((available + 1) / (targets / n))))
     return max(n, 1)
 
 

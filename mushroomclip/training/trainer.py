@@ -566,20 +566,19 @@ def open_set_result(trainer: ContrastiveTrainer, holdout: Holdout, labels, logit
     open-set score's AUROC, FPR at 95% TPR and OSCR with bootstrap intervals (:mod:`evaluation.openset`; at 95%
     whatever ``run.unknown_tpr`` is, which sets only predict.py's threshold, so that every model's FPR95 compares);
     ``scores`` keeps the per-image scores for the ROC figure."""
-    tpr = DEFAULT_TPR
     unknown = holdout.unknown["test"]
     if not len(unknown):
         logger.warning("data.holdout_species: the held-out species have no test images; no open-set metrics")
         return None
     _, unknown_logits = trainer.logits(unknown)
     scores = OpenSetScores.from_logits(logits, labels, unknown_logits, trainer.cosine_scale())
-    metrics = open_set_metrics(scores, tpr, bootstrap=OPEN_SET_BOOTSTRAP, seed=trainer.args.seed)
+    metrics = open_set_metrics(scores, DEFAULT_TPR, bootstrap=OPEN_SET_BOOTSTRAP, seed=trainer.args.seed)
     return {
         "split": "test",
         "known_images": len(labels),
         "unknown_images": len(unknown),
         "held_out": holdout.held_out,
-        "tpr": tpr,
+        "tpr": DEFAULT_TPR,
         "bootstrap": OPEN_SET_BOOTSTRAP,
         "metrics": metrics,
         "scores": scores,
