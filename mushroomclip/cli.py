@@ -88,9 +88,10 @@ def _run(argv: list[str] | None) -> int:
         print(f"error: unknown command {name!r}; {hint}choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     program = importlib.import_module(COMMANDS[name][0])
-    # argparse names the program after sys.argv[0]: "mushroomclip predict" in the command's usage and errors
-    script, sys.argv[0] = sys.argv[0], f"mushroomclip {name}"
+    # argparse names the program after sys.argv[0]: "mushroomclip predict" in the command's usage and errors; the
+    # results' provenance records sys.argv as the command ("mushroomclip predict ARGS", not "... predict predict ...")
+    saved, sys.argv = sys.argv, [f"mushroomclip {name}", *args]
     try:
         return program.main(args)
     finally:
-        sys.argv[0] = script
+        sys.argv = saved

@@ -126,3 +126,16 @@ def test_stdout_holds_only_the_results_under_wandb_offline():
     code = "import mushroomclip.training.supervised"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == "", result.stdout
+
+
+def test_a_commands_results_record_the_command_as_typed(dirty_download, tmp_path):
+    """``mushroomclip prepare ARGS``: the provenance says so (it said ``mushroomclip prepare prepare ARGS``)."""
+    import json
+
+    from mushroomclip import cli
+
+    out = tmp_path / "prepared"
+    args = ["--source", str(dirty_download[0]), "--output", str(out), "--num-proc", "1", "--no-progress"]
+    assert cli.main(["prepare", *args]) == 0
+    command = json.loads((out / "prepare_report.json").read_text())["provenance"]["command"]
+    assert command == " ".join(["mushroomclip prepare", *args])

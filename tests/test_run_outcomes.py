@@ -200,3 +200,12 @@ def test_resume_from_a_checkpoint_that_cannot_be_read_back_is_one_line(prepared,
         assert status == 2 and line.endswith("resume from the checkpoint before it, or start over with --overwrite")
         (checkpoint / name).write_bytes(original)
     assert run_cli(capsys, short_run(prepared[0], out, "--resume"))[0] == 0  # intact again: it resumes
+
+
+def test_a_held_out_species_without_images_is_one_line(prepared, tmp_path, capsys):
+    from mushroomclip.taxonomy import load_taxonomy
+
+    absent = next(c for c in load_taxonomy().classes if not (prepared[0] / "train" / c).is_dir())
+    status, err = run_cli(capsys, short_run(prepared[0], tmp_path / "run", f"data.holdout_species=[{absent}]"))
+    assert status == 2 and not (tmp_path / "run").exists()
+    assert_one_error_line(err, f"data.holdout_species: {absent}")

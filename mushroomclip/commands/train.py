@@ -15,6 +15,8 @@ import sys
 
 from mushroomclip.commands import console_logging
 from mushroomclip.config import ConfigError, load_train_config
+from mushroomclip.data.holdout import HoldoutError
+from mushroomclip.data.imbalance import ImbalanceError
 from mushroomclip.models.backbones import ModelLoadError
 from mushroomclip.models.classifier import AdapterError
 from mushroomclip.taxonomy import TaxonomyError
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_training(cfg)
     except (
         ConfigError,
+        HoldoutError,
+        ImbalanceError,
         ModelLoadError,
         AdapterError,
         TaxonomyError,
