@@ -70,7 +70,7 @@ def test_uncertain_species_backs_off_to_a_certain_genus_naming_its_dangerous_mem
     result = answer(CLASSES, p, taxonomy, DEFAULTS)
     assert result.kind == "genus" and math.isclose(result.probability, 0.97)
     assert result.headline == "Amanita sp., 97% — this genus includes Amanita phalloides"
-    assert result.genus_dangerous == ["Amanita phalloides"] and "deadly" in result.warning
+    assert result.dangerous_members == ["Amanita phalloides"] and "deadly" in result.warning
 
 
 def test_back_off_takes_the_most_probable_genus_even_when_the_top_species_is_elsewhere(taxonomy):
@@ -78,6 +78,22 @@ def test_back_off_takes_the_most_probable_genus_even_when_the_top_species_is_els
     result = answer(CLASSES, p, taxonomy, Thresholds(species=0.5, genus=0.6))
     assert result.rows[0].species == "Agaricus augustus"
     assert result.kind == "genus" and result.headline.startswith("Amanita sp., 60%")
+
+
+def test_uncertain_genus_backs_off_to_a_certain_family_naming_its_dangerous_members(taxonomy):
+    # sheathed woodtuft or its deadly lookalike, funeral bell: no species or genus is certain, the family is
+    classes = ["Kuehneromyces mutabilis", "Galerina marginata", "Hypholoma fasciculare", "Boletus edulis"]
+    p = np.array([0.45, 0.25, 0.15, 0.15])  # Strophariaceae 0.85
+    result = answer(classes, p, taxonomy, DEFAULTS)
+    assert result.kind == "family" and math.isclose(result.probability, 0.85)
+    assert result.headline == (
+        "Strophariaceae (family), 85% — this family includes Galerina marginata, Hypholoma fasciculare"
+    )
+    assert result.dangerous_members == ["Galerina marginata", "Hypholoma fasciculare"]
+    assert result.warning.startswith("Lookalike of a deadly species (Galerina marginata: deadly, Hypholoma")
+    # the genus comes first where it is certain, and below the family threshold nothing is named
+    assert answer(classes, p, taxonomy, Thresholds(genus=0.45)).headline == "Kuehneromyces sp., 45%"
+    assert answer(classes, p, taxonomy, Thresholds(family=0.9)).kind == "not_sure"
 
 
 def test_below_both_thresholds_the_answer_is_not_sure_and_names_the_closest(taxonomy):
@@ -139,7 +155,9 @@ def test_thresholds_come_from_the_run_when_it_records_them(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": {"species": 0.7, "genus": 0.9}}))
     recorded = run_thresholds(tmp_path)
     assert (recorded.species, recorded.genus) == (0.7, 0.9) and str(tmp_path) in recorded.source
-    assert recorded.unknown is None
+    assert recorded.unknown is None and recorded.family == DEFAULTS.family  # a run from before family back-off
+    (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": {"species": 0.7, "genus": 0.9, "family": 0.95}}))
+    assert run_thresholds(tmp_path).family == 0.95
     unknown = {"score": "msp", "threshold": 0.42, "tpr": 0.95, "chosen_on": "validation", "images": 9}
     (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": {"unknown": unknown}}))  # run.unknown_tpr only
     recorded = run_thresholds(tmp_path)

@@ -332,6 +332,27 @@ def test_a_folder_becomes_one_csv_row_per_input_with_the_safety_answer(runs, pre
         assert row["top_species"].split(";") == [r.species for r in expected.rows]
 
 
+def test_the_table_and_json_give_each_photo_the_answer_with_its_warning(runs, prepared, predict_cli):
+    """Not only the ranked list: the abstaining / back-off answer of --csv and the app, below each photo's rows."""
+    from mushroomclip.prediction.answer import Thresholds, answer
+
+    photos = sorted((prepared[0] / "test").rglob("*.jpg"))[:4]
+    classifier = load_classifier(str(runs / "good"))
+    probs = classifier.logits(photos).softmax(dim=-1).double().numpy()
+    expected = [answer(classifier.classes, p, classifier.taxonomy, Thresholds(), k=5) for p in probs]
+    status, out, _ = predict_cli(*photos, "--adapter", runs / "good")
+    assert status == 0
+    assert out.splitlines()[0].startswith("answers: a species from 50%, else its genus from 80% or family from 80%")
+    assert [line[len("  -> ") :] for line in out.splitlines() if line.startswith("  -> ")] == [
+        a.headline for a in expected
+    ]
+    status, out, _ = predict_cli(*photos, "--adapter", runs / "good", "--format", "json")
+    records = json.loads(out)
+    assert [r["answer"] for r in records] == [
+        {"kind": a.kind, "text": a.headline, "warning": a.warning} for a in expected
+    ]
+
+
 def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs, prepared, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 

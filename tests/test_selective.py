@@ -106,9 +106,9 @@ def test_risk_coverage_png_is_written(toy, tmp_path):
 
 def test_the_answer_abstains_below_the_validation_chosen_threshold(toy, tmp_path):
     chosen = choose_threshold(risk_coverage(*case_arrays(), toy), 0.001)
-    (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": chosen.record(genus=0.85)}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": chosen.record(0.85, 0.9)}))
     thresholds = run_thresholds(tmp_path)
-    assert (thresholds.species, thresholds.genus) == (0.75, 0.85)
+    assert (thresholds.species, thresholds.genus, thresholds.family) == (0.75, 0.85, 0.9)
     assert (
         "chosen on validation for a dangerous->edible rate of at most 0.1% (coverage there 50.0%)" in thresholds.source
     )

@@ -32,7 +32,7 @@ WARNING = (
 
 
 def print_table(record: dict) -> None:
-    """One image's ranked candidates, one line each."""
+    """One image's ranked candidates, one line each, then the answer (as --csv and the app give it)."""
     print(f"\n{record['image']}")
     for rank, pred in enumerate(record["predictions"], start=1):
         lineage = pred["lineage"]
@@ -40,8 +40,8 @@ def print_table(record: dict) -> None:
             f"  {rank}. {pred['species']:<28} {pred['common_name']:<28} {100 * pred['probability']:5.1f}%  "
             f"{pred['edibility']:<12} {lineage['family']} < {lineage['order']} < {lineage['class']}"
         )
-    if record.get("possibly_unknown"):  # the same answer as --csv and the app give
-        print(f"  -> {record['answer']['text']} (top-1 probability below the run's open-set threshold)")
+    below = " (top-1 probability below the run's open-set threshold)" if record.get("possibly_unknown") else ""
+    print(f"  -> {record['answer']['text']}{below}")
 
 
 def warn_if_dangerous(record: dict) -> None:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "--csv",
         metavar="FILE",
         default=None,
-        help="also write one row per input to FILE: the answer (species, genus back-off, possibly unknown or not "
+        help="also write one row per input to FILE: the answer (species, genus or family back-off, possibly unknown or not "
         "sure, with the run's thresholds), the top-k, the warning, or why the file could not be read",
     )
     p.add_argument("--base", default=None, help="base model to check the adapter against (default: the one it names)")
@@ -137,13 +137,20 @@ def main(argv: list[str] | None = None) -> int:
                     }
                     for p in preds
                 ],
-                "answer": {"kind": a.kind, "text": a.headline},  # the answer of --csv and the app
+                # the answer of --csv and the app; the warning when a candidate (or backed-off member) is dangerous
+                "answer": {"kind": a.kind, "text": a.headline, "warning": a.warning},
             }
             for path, preds, a in zip(readable, results, answers)
         ]
         if thresholds.unknown is not None:  # the run chose an open-set threshold: say when an image falls below it
             for record, p in zip(batch, probs):
                 record["possibly_unknown"] = bool(p.max().item() < thresholds.unknown)
+        if args.format == "table" and not records:  # above the first image: which thresholds the answers use
+            print(
+                f"answers: a species from {100 * thresholds.species:.4g}%, else its genus from "
+                f"{100 * thresholds.genus:.4g}% or family from {100 * thresholds.family:.4g}% (summed), else not sure "
+                f"— thresholds: {thresholds.source}"
+            )
         for record in batch:
             if args.format == "table":
                 print_table(record)

@@ -4,7 +4,7 @@ The dangerous->edible rate is the one :mod:`mushroomclip.metrics` reports as ``d
 images whose truth is deadly or poisonous, the share that receives a species answer naming an edible species.
 A species answer is given when the top-1 probability reaches the threshold (``>=``, as
 :func:`mushroomclip.prediction.answer.answer` compares); below it the image is abstained on ("not sure — do not
-eat", or a genus back-off that lists the genus's dangerous members), which never names an edible species. The
+eat", or a genus or family back-off that lists its dangerous members), which never names an edible species. The
 denominator is every dangerous image, answered or not, so with no abstention the rate equals
 ``dangerous_as_edible``. The error rate is the selective risk: wrong species among the answered images.
 """
@@ -59,11 +59,13 @@ class SelectiveThreshold:
             f"species among the answered{verdict}"
         )
 
-    def record(self, genus: float) -> dict:
-        """The run's ``metrics.json["thresholds"]``: read back by :func:`mushroomclip.prediction.answer.run_thresholds`."""
+    def record(self, genus: float, family: float) -> dict:
+        """The run's ``metrics.json["thresholds"]`` (with the back-off thresholds ``genus`` and ``family``): read back
+        by :func:`mushroomclip.prediction.answer.run_thresholds`."""
         return {
             "species": self.threshold,
             "genus": genus,
+            "family": family,
             "chosen_on": "validation",
             "max_danger": self.max_danger,
             "coverage": self.coverage,

@@ -489,7 +489,7 @@ def selective_result(run: EvaluationRun, val_labels, val_scores, labels, scores,
         run.note(f"{name}: --max-danger: no threshold: {err}")
         return None
     chosen = choose_threshold(curve, run.args.max_danger)
-    result = {"chosen_on_validation": chosen.record(genus=Thresholds.genus)}
+    result = {"chosen_on_validation": chosen.record(Thresholds.genus, Thresholds.family)}
     result |= {run.args.split: apply_threshold(to_probs(scores), labels, run.taxonomy, chosen.threshold)}
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / "selective.json", result)

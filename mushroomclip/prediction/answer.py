@@ -1,4 +1,4 @@
-"""From class probabilities to the answer a person reads: top-k rows, genus back-off, abstention, warnings.
+"""From class probabilities to the answer a person reads: top-k rows, genus/family back-off, abstention, warnings.
 
 Pure functions on ``(classes, probabilities, taxonomy)``, shared by the web app (``app.py``) and usable by
 ``predict.py``. A species model for mushrooms must never make a dangerous species look like a safe
@@ -23,22 +23,24 @@ THRESHOLDS_KEY = "thresholds"
 WARNING_TEXT = "Lookalike of a {kind} species ({names}) — never eat on the basis of this app."
 NOT_SURE_TEXT = "Not sure — do not eat"
 UNKNOWN_TEXT = "Possibly not one of the known species — do not eat"
-UNKNOWN_IN_GENUS_TEXT = "possibly a species outside the known ones"  # a genus back-off below the open-set threshold
+UNKNOWN_IN_TAXON_TEXT = "possibly a species outside the known ones"  # a back-off below the open-set threshold
 
 
 @dataclass(frozen=True)
 class Thresholds:
     """Below ``species`` (or below ``unknown``, where the run chose one) the top species is not named as the
-    answer; its genus is, if the genus's summed probability reaches ``genus``; otherwise the answer is "possibly
-    not one of the known species" below ``unknown``, else "not sure". ``source`` says where they came from."""
+    answer; the most probable genus is, if its summed probability reaches ``genus``; else the most probable
+    family, if its sum reaches ``family``; otherwise the answer is "possibly not one of the known species" below
+    ``unknown``, else "not sure". ``source`` says where they came from."""
 
     species: float = 0.5  # below 0.5 the top species is less likely than all the others together
     genus: float = 0.8
     source: str = "documented defaults; the run records none"
     unknown: float | None = None  # open set: chosen on validation to keep a stated share of known images
+    family: float = 0.8
 
     def __post_init__(self):
-        for name in ("species", "genus", "unknown"):
+        for name in ("species", "genus", "family", "unknown"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} threshold must be in (0, 1], got {value}")
@@ -71,6 +73,7 @@ def run_thresholds(run_dir: str | Path | None) -> Thresholds:
         float(recorded.get("genus", Thresholds.genus)),
         source,
         float(unknown["threshold"]) if unknown else None,
+        float(recorded.get("family", Thresholds.family)),
     )
 
 
@@ -85,8 +88,8 @@ class Row:
 
 @dataclass
 class Answer:
-    """``kind`` is ``"species"``, ``"genus"``, ``"unknown"`` or ``"not_sure"``; ``headline`` is what the page
-    shows first."""
+    """``kind`` is ``"species"``, ``"genus"``, ``"family"``, ``"unknown"`` or ``"not_sure"``; ``headline`` is
+    what the page shows first."""
 
     kind: str
     headline: str
@@ -94,7 +97,7 @@ class Answer:
     rows: list[Row]
     thresholds: Thresholds
     warning: str | None = None
-    genus_dangerous: list[str] = field(default_factory=list)  # dangerous members of a backed-off genus
+    dangerous_members: list[str] = field(default_factory=list)  # of a backed-off genus or family
 
 
 def fuse_log_probs(log_probs: np.ndarray) -> np.ndarray:
@@ -121,10 +124,16 @@ def top_rows(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, k: int =
     ]
 
 
-def genus_probabilities(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy) -> dict[str, float]:
-    """Summed probability of each genus over its species among ``classes``."""
-    names, genus_ids = np.unique([taxonomy[c].genus for c in classes], return_inverse=True)
-    sums = np.bincount(genus_ids, weights=np.asarray(probs, dtype=np.float64), minlength=len(names))
+#: The ranks an answer backs off to, in order, with how a headline names a taxon of that rank.
+BACK_OFF = {"genus": "{} sp.", "family": "{} (family)"}
+
+
+def rank_probabilities(
+    classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, rank: str = "genus"
+) -> dict[str, float]:
+    """Summed probability of each taxon of ``rank`` (``"genus"``, ``"family"``) over its species among ``classes``."""
+    names, taxon_ids = np.unique([getattr(taxonomy[c], rank) for c in classes], return_inverse=True)
+    sums = np.bincount(taxon_ids, weights=np.asarray(probs, dtype=np.float64), minlength=len(names))
     return dict(zip(names.tolist(), sums.tolist()))
 
 
@@ -140,9 +149,10 @@ def danger_warning(species: list[str], taxonomy: Taxonomy) -> str | None:
 
 def answer(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, thresholds: Thresholds, k: int = 5) -> Answer:
     """The species if it clears ``thresholds.species`` (and ``thresholds.unknown``, where set); else the most
-    probable genus if its summed probability clears ``thresholds.genus`` (naming its dangerous members); else
-    "possibly not one of the known species" below ``thresholds.unknown``, or "not sure". Warns whenever a
-    top-``k`` species, or a member of the backed-off genus, is deadly or poisonous."""
+    probable genus if its summed probability clears ``thresholds.genus``, else the most probable family if its sum
+    clears ``thresholds.family`` (naming the dangerous members of either); else "possibly not one of the known
+    species" below ``thresholds.unknown``, or "not sure". Warns whenever a top-``k`` species, or a member of the
+    backed-off taxon, is deadly or poisonous."""
     probs = np.asarray(probs, dtype=np.float64)
     rows = top_rows(classes, probs, taxonomy, k)
     best = rows[0]
@@ -151,17 +161,19 @@ def answer(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, thresholds
     if best.probability >= thresholds.species and not maybe_unknown:
         headline = f"{best.species} ({best.common_name}), {100 * best.probability:.0f}%"
         return Answer("species", headline, best.probability, rows, thresholds, warning)
-    genus, genus_p = max(genus_probabilities(classes, probs, taxonomy).items(), key=lambda item: item[1])
-    if genus_p >= thresholds.genus:
-        members = [c for c in classes if taxonomy[c].genus == genus]
+    for rank, name in BACK_OFF.items():
+        taxon, taxon_p = max(rank_probabilities(classes, probs, taxonomy, rank).items(), key=lambda item: item[1])
+        if taxon_p < getattr(thresholds, rank):
+            continue
+        members = [c for c in classes if getattr(taxonomy[c], rank) == taxon]
         dangerous = [c for c in members if taxonomy[c].edibility in DANGEROUS]
-        headline = f"{genus} sp., {100 * genus_p:.0f}%"
-        if maybe_unknown:  # the genus is likely, the species may be none the model knows
-            headline += f", {UNKNOWN_IN_GENUS_TEXT}"
+        headline = f"{name.format(taxon)}, {100 * taxon_p:.0f}%"
+        if maybe_unknown:  # the taxon is likely, the species may be none the model knows
+            headline += f", {UNKNOWN_IN_TAXON_TEXT}"
         if dangerous:
-            headline += f" — this genus includes {', '.join(dangerous)}"
+            headline += f" — this {rank} includes {', '.join(dangerous)}"
         warning = danger_warning(list(dict.fromkeys([r.species for r in rows] + dangerous)), taxonomy)
-        return Answer("genus", headline, genus_p, rows, thresholds, warning, dangerous)
+        return Answer(rank, headline, taxon_p, rows, thresholds, warning, dangerous)
     closest = f"closest: {best.species} ({best.common_name}), {100 * best.probability:.0f}%"
     if maybe_unknown:
         headline = f"{UNKNOWN_TEXT}; {closest}"

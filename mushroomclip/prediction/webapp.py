@@ -57,7 +57,7 @@ def answer_html(result: Answer | None, problems: list[str], model: str) -> str:
     t = result.thresholds
     parts.append(
         f'<p class="mc-thresholds"><small>Model: {esc(model)}. Thresholds: species {100 * t.species:.0f}%, '
-        f"genus {100 * t.genus:.0f}% ({esc(t.source)}). {DISCLAIMER}</small></p>"
+        f"genus {100 * t.genus:.0f}%, family {100 * t.family:.0f}% ({esc(t.source)}). {DISCLAIMER}</small></p>"
     )
     return "".join(parts)
 

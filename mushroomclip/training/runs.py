@@ -329,7 +329,7 @@ def write_run_folder(
     }
     if result.get("selective") is not None:  # read back by predict.py and the app (prediction.answer.run_thresholds)
         curve, chosen = result["selective"]
-        record["thresholds"] = chosen.record(genus=Thresholds.genus)
+        record["thresholds"] = chosen.record(Thresholds.genus, Thresholds.family)
         save_risk_coverage_png(curve, run_dir / "risk_coverage.png", chosen, title=f"{run_dir.name} validation")
         logger.info(chosen.summary())
     if result.get("unknown_threshold") is not None:  # read back by predict.py and the app
