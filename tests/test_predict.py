@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -351,6 +352,35 @@ def test_the_table_and_json_give_each_photo_the_answer_with_its_warning(runs, pr
     assert [r["answer"] for r in records] == [
         {"kind": a.kind, "text": a.headline, "warning": a.warning} for a in expected
     ]
+
+
+def test_the_benchmarks_answers_row_counts_what_predict_answers(runs, prepared, tmp_path, predict_cli):
+    """evaluate's "answers with back-off" (species named / genus / family / abstained) is what predict.py --csv
+    answers for every test photo, with the run's own recorded thresholds."""
+    import pandas as pd
+
+    from mushroomclip.evaluation.selective import LEVELS
+
+    run = copy_run(runs, tmp_path / "runs" / "good")
+    photos = sorted((prepared[0] / "test").rglob("*.jpg"))
+    top = np.sort(load_classifier(str(run)).logits(photos).softmax(dim=-1).max(dim=-1).values.double().numpy())
+    between = lambda q: float(top[int(q * len(top))] + top[int(q * len(top)) + 1]) / 2  # noqa: E731 (no ties)
+    recorded = {"species": between(0.7), "genus": between(0.4), "family": between(0.2)}
+    (run / "metrics.json").write_text(json.dumps({"thresholds": recorded}))
+    status, _, _ = predict_cli(prepared[0] / "test", "--adapter", run, "--csv", tmp_path / "a.csv")
+    assert status == 0
+    kinds = pd.read_csv(tmp_path / "a.csv", keep_default_na=False)["kind"]
+    args = EvaluationArguments(
+        data=str(prepared[0]), models="", include_adapters=str(tmp_path / "runs"), shots="", output=str(tmp_path / "r")
+    )
+    [row] = evaluate(dataclasses.replace(args, num_workers=0))
+    answers = row["answers"]
+    assert {k: answers["thresholds"][k] for k in recorded} == recorded and answers["images"] == len(kinds)
+    for level in LEVELS:
+        assert answers[level]["share"] == pytest.approx((kinds == level).mean()), level
+    assert answers["abstained"] == pytest.approx(kinds.isin(["not_sure", "unknown"]).mean())
+    assert answers["species"]["share"] > 0 and answers["abstained"] > 0
+    assert "## Answers with back-off" in (tmp_path / "r" / "summary.md").read_text()
 
 
 def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs, prepared, tmp_path, caplog):

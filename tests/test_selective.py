@@ -182,3 +182,67 @@ def test_evaluate_max_danger_chooses_on_validation_and_reports_the_evaluated_spl
     )
     with pytest.raises(ValueError, match=r"--max-danger must be in \[0, 1\)"):
         EvaluationArguments(max_danger=1.5)
+
+
+# What the answers with back-off give on a labelled split (the benchmark's "answers" table).
+
+
+def test_answer_outcomes_are_answer_applied_to_every_image():
+    """The vectorised count agrees with prediction.answer.answer image by image, at every level."""
+    from mushroomclip.evaluation.selective import LEVELS, answer_outcomes
+    from mushroomclip.prediction.answer import Thresholds
+
+    full = load_taxonomy()
+    taxonomy = full.subset(
+        [s.label for s in full.species if s.family in ("Strophariaceae", "Amanitaceae", "Boletaceae", "Agaricaceae")]
+    )
+    rng = np.random.default_rng(0)
+    n = 600
+    probs = rng.dirichlet(np.full(len(taxonomy), 0.15), size=n)
+    labels = rng.integers(0, len(taxonomy), size=n)
+    for thresholds in (Thresholds(0.6, 0.5, family=0.6), Thresholds(0.6, 0.7, unknown=0.8, family=0.5), Thresholds()):
+        got = answer_outcomes(probs, labels, taxonomy, thresholds)
+        answers = [answer(taxonomy.classes, p, taxonomy, thresholds) for p in probs]
+        kinds = np.array([a.kind if a.kind in LEVELS else "abstained" for a in answers])
+        truth = [taxonomy.species[y] for y in labels]
+        holds = np.array(
+            [
+                {
+                    "species": a.rows[0].species == t.label,
+                    "genus": a.headline.startswith(f"{t.genus} sp.,"),
+                    "family": a.headline.startswith(f"{t.family} (family),"),
+                }.get(a.kind, False)
+                for a, t in zip(answers, truth)
+            ]
+        )
+        for level in LEVELS:
+            mask = kinds == level
+            assert got[level]["share"] == pytest.approx(mask.mean())
+            assert got[level]["right"] == (pytest.approx(holds[mask].mean()) if mask.any() else None)
+        assert got["abstained"] == pytest.approx((kinds == "abstained").mean())
+        assert got["right"] == pytest.approx(holds.mean())
+        edible_named = np.array([a.kind == "species" and a.rows[0].edibility == "edible" for a in answers])
+        dangerous = np.array([t.edibility in ("deadly", "poisonous") for t in truth])
+        assert got["dangerous_as_edible"] == pytest.approx((edible_named & dangerous).sum() / dangerous.sum())
+    # the first setting reaches every level, so each branch above was compared
+    first = answer_outcomes(probs, labels, taxonomy, Thresholds(0.6, 0.5, family=0.6))
+    assert all(first[level]["share"] > 0 for level in LEVELS) and first["abstained"] > 0
+
+
+def test_answer_outcomes_by_hand(toy):
+    from mushroomclip.evaluation.selective import answer_outcomes
+    from mushroomclip.prediction.answer import Thresholds
+
+    # at species 0.75, genus 0.85: the A1 at 0.7 on A2 backs off to genus Ab (0.9, right); the B1 at 0.6 on C1
+    # and the A2 at 0.5 abstain (no genus or family reaches 0.85); the three above 0.75 are named, all right
+    got = answer_outcomes(*case_arrays(), toy, Thresholds(0.75, 0.85, family=0.95))
+    assert (got["species"]["share"], got["species"]["right"]) == (pytest.approx(3 / 6), 1.0)
+    assert (got["genus"]["share"], got["genus"]["right"]) == (pytest.approx(1 / 6), 1.0)
+    assert (got["family"]["share"], got["family"]["right"]) == (0.0, None)
+    assert got["abstained"] == pytest.approx(2 / 6) and got["right"] == pytest.approx(4 / 6)
+    assert got["dangerous_as_edible"] == 0.0 and got["dangerous_images"] == 4
+    # answering every image as a species gives metrics.py's OA and dangerous->edible rate
+    everything = answer_outcomes(*case_arrays(), toy, Thresholds(species=1e-9))
+    metrics = classification_metrics(*reversed(case_arrays()), 4, taxonomy=toy)
+    assert everything["species"]["share"] == 1.0 and everything["species"]["right"] == pytest.approx(metrics["oa"])
+    assert everything["dangerous_as_edible"] == pytest.approx(metrics["dangerous_as_edible"])

@@ -131,9 +131,13 @@ def test_output_files_have_the_documented_fields(evaluated):
         few = json.loads((out / "few_shot" / model / "k3" / "metrics.json").read_text())
         assert few["k"] == 3 and len(few["runs"]) == 2 and set(few["summary"]["miou"]) == {"mean", "std"}
         assert (out / "probe" / model / "metrics.json").is_file()
-    summary = (out / "summary.md").read_text()
+    summary, answers = (out / "summary.md").read_text().split("\n## Answers with back-off")
     assert summary.count("| tiny-clip | zero-shot |") == 2 and "| tiny-openclip | 3-shot |" in summary
     assert len(rows) == 2 * (2 + 2 + 1)
+    # what predict.py would answer: a row per zero-shot head (few-shot and probe rows have no single answer)
+    assert answers.count("| tiny-clip | zero-shot |") == 2 and "-shot" not in answers.replace("zero-shot", "")
+    for row in rows:
+        assert ("answers" in row) == (row["method"] == "zero-shot")
 
 
 def test_image_features_are_cached_between_runs(evaluated, monkeypatch):
@@ -286,7 +290,8 @@ def test_benchmark_report_has_every_row_and_says_when_it_is_offline(evaluated):
     report = write_report(out).read_text()
     assert OFFLINE_NOTE in report
     assert "| genus acc | family acc | dangerous→edible |" in report
-    assert len([line for line in report.splitlines() if line.startswith("| tiny-")]) == len(rows)
+    table = report.split("\n## ")[0]  # the main table; the answers-with-back-off table follows it
+    assert len([line for line in table.splitlines() if line.startswith("| tiny-")]) == len(rows)
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
     # Bertinetto et al.'s severity-vs-error figure and the best models' risk-coverage curves, linked below the table
     assert "![severity](severity.png)" in report and "![risk_coverage](risk_coverage.png)" in report

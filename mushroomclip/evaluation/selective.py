@@ -15,7 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mushroomclip.prediction.answer import BACK_OFF, Thresholds
 from mushroomclip.taxonomy import Taxonomy
+
+#: The levels an answer names, in order (:func:`mushroomclip.prediction.answer.answer`); below all, it abstains.
+LEVELS = ("species", *BACK_OFF)
 
 
 @dataclass(frozen=True)
@@ -155,3 +159,52 @@ def apply_threshold(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, t
         "images": int(len(labels)),
         "dangerous_images": int(dangerous.sum()),
     }
+
+
+def answer_outcomes(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, thresholds: Thresholds) -> dict:
+    """What :func:`mushroomclip.prediction.answer.answer` tells a person about each image of a labelled split,
+    counted without a loop: the share of images answered at each level (species, genus back-off, family
+    back-off; the rest abstain: "not sure" or "possibly not one of the known species"), how often that answer
+    holds (the true species, or a taxon that contains it), and the dangerous->edible rate of the answers (only a
+    species answer can name an edible species; over every deadly or poisonous image)."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    if probs.ndim != 2 or probs.shape != (len(labels), len(taxonomy)) or len(labels) == 0:
+        raise ValueError(f"probabilities must have shape (N, {len(taxonomy)}) for N > 0 labels, got {probs.shape}")
+    rows = np.arange(len(labels))
+    top = probs.argmax(axis=1)  # the first of equal maxima, as answer()'s stable ranking
+    top_p = probs[rows, top]
+    maybe_unknown = top_p < thresholds.unknown if thresholds.unknown is not None else np.zeros(len(labels), bool)
+    named = {"species": (top_p >= thresholds.species) & ~maybe_unknown}
+    right = {"species": top == labels}
+    undecided = ~named["species"]
+    for rank in BACK_OFF:
+        # taxa by name, sorted, as prediction.answer.rank_probabilities sums them
+        _, taxon = np.unique([getattr(s, rank) for s in taxonomy.species], return_inverse=True)
+        sums = probs @ np.eye(taxon.max() + 1)[taxon]  # (N, taxa): each taxon's summed probability
+        best = sums.argmax(axis=1)
+        named[rank] = undecided & (sums[rows, best] >= getattr(thresholds, rank))
+        right[rank] = best == taxon[labels]
+        undecided &= ~named[rank]
+    dangerous = taxonomy.dangerous_mask[labels]
+    to_edible = dangerous & named["species"] & taxonomy.edible_mask[top]
+    out = {
+        "thresholds": {
+            "species": thresholds.species,
+            "genus": thresholds.genus,
+            "family": thresholds.family,
+            "unknown": thresholds.unknown,
+            "source": thresholds.source,
+        },
+        "images": int(len(labels)),
+        "dangerous_images": int(dangerous.sum()),
+    }
+    for level in LEVELS:
+        mask = named[level]
+        out[level] = {
+            "share": float(mask.mean()),
+            "right": float(right[level][mask].mean()) if mask.any() else None,
+        }
+    out["abstained"] = float(undecided.mean())
+    out["right"] = float(sum((named[level] & right[level]).sum() for level in LEVELS) / len(labels))
+    out["dangerous_as_edible"] = float(to_edible.sum() / dangerous.sum()) if dangerous.any() else None
+    return out

@@ -6,6 +6,7 @@ embeddings, cached) and, from the same features, SimpleShot for every k x seed a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -24,13 +25,14 @@ from mushroomclip.evaluation.fewshot import linear_probe_scores, sample_support,
 from mushroomclip.evaluation.openset import DEFAULT_TPR, SCORES, OpenSetScores, open_set_metrics, summary_line
 from mushroomclip.evaluation.plots import save_open_set_roc_png, save_risk_coverage_png
 from mushroomclip.evaluation.reporting import write_results
-from mushroomclip.evaluation.selective import apply_threshold, choose_threshold, risk_coverage
+from mushroomclip.evaluation.selective import LEVELS, answer_outcomes, apply_threshold, choose_threshold, risk_coverage
 from mushroomclip.metrics import classification_metrics, format_report, save_json
 from mushroomclip.models.backbones import Backbone, load_backbone, resolve_spec
 from mushroomclip.models.classifier import AdapterError, Classifier, data_mismatch, find_adapters, load_classifier
 from mushroomclip.models.prompts import cached_class_text_embeddings, text_types
 from mushroomclip.models.supervised import SupervisedClassifier
 from mushroomclip.prediction.answer import Thresholds
+from mushroomclip.prediction.identify import thresholds_for
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 
 logger = logging.getLogger(__name__)
@@ -346,6 +348,7 @@ class EvaluatedModel:
     text_types: list[str]
     classifier: Classifier | None = None
     training: str = ""  # a run's loss and safety settings (:func:`training_label`)
+    source: str | None = None  # a run's folder or Hub repo: where its recorded thresholds are read
 
 
 def load_evaluation_data(args: EvaluationArguments) -> EvaluationRun:
@@ -401,9 +404,9 @@ def load_model(run: EvaluationRun, name: str, found: bool) -> EvaluatedModel | N
         run.note(f"{name}: {reason}; evaluated because --models names it", prefix="note: ")
     training = training_label(folder)
     if isinstance(classifier, SupervisedClassifier):  # its "features" are its logits (its encode_images)
-        return EvaluatedModel(classifier.name, classifier.to(run.device, run.dtype), [], classifier, training)
+        return EvaluatedModel(classifier.name, classifier.to(run.device, run.dtype), [], classifier, training, folder)
     backbone = classifier.backbone.to(run.device, run.dtype)
-    return EvaluatedModel(backbone.name, backbone, [classifier.record["text_type"]], classifier, training)
+    return EvaluatedModel(backbone.name, backbone, [classifier.record["text_type"]], classifier, training, folder)
 
 
 def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Features) -> list[dict]:
@@ -443,6 +446,7 @@ def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
             validation = run.features(model.backbone, model.name, "validation")
             val_scores = zero_shot_scores(validation[0], class_emb, model.backbone.logit_scale)
             row["selective"] = selective_result(run, validation[1], val_scores, labels, scores, out, model.name)
+        row["answers"] = answers_result(run, model, labels, scores, row.get("selective"))
         rows.append(row)
         templates = f"its own {len(model.classifier.record['templates'])}" if adapter else args.templates
         kind = "LoRA adapter" if adapter else "zero-shot"
@@ -476,21 +480,42 @@ def supervised_row(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
     if run.args.max_danger is not None:
         validation = run.features(model.backbone, model.name, "validation")  # its logits
         row["selective"] = selective_result(run, validation[1], validation[0], labels, logits, out, model.name)
+    row["answers"] = answers_result(run, model, labels, logits, row.get("selective"))
     return row
+
+
+def probabilities(scores) -> np.ndarray:
+    """Class probabilities (float64 softmax) of logits or scaled cosine scores."""
+    return torch.softmax(torch.as_tensor(scores, dtype=torch.float64), dim=1).numpy()
+
+
+def answers_result(run: EvaluationRun, model: EvaluatedModel, labels, scores, selective: dict | None) -> dict:
+    """What predict.py and the app would answer on the evaluated split (:func:`answer_outcomes`): with a run's own
+    recorded thresholds, the documented defaults for a base model, and the species threshold ``--max-danger``
+    chose on validation where it chose one."""
+    thresholds = thresholds_for(model.source) if model.source else Thresholds()
+    if selective:
+        chosen = selective["chosen_on_validation"]
+        thresholds = dataclasses.replace(
+            thresholds,
+            species=chosen["species"],
+            source=f"species threshold chosen on validation by --max-danger {chosen['max_danger']:g}; "
+            + thresholds.source,
+        )
+    return answer_outcomes(probabilities(scores), labels, run.taxonomy, thresholds)
 
 
 def selective_result(run: EvaluationRun, val_labels, val_scores, labels, scores, out: Path, name: str) -> dict | None:
     """The ``--max-danger`` threshold chosen on validation (``val_*``), what it gives on the evaluated split
     (``labels``, ``scores``), ``selective.json`` and the validation ``risk_coverage.png`` in ``out``."""
-    to_probs = lambda x: torch.softmax(torch.as_tensor(x, dtype=torch.float64), dim=1).numpy()  # noqa: E731
     try:
-        curve = risk_coverage(to_probs(val_scores), val_labels, run.taxonomy)
+        curve = risk_coverage(probabilities(val_scores), val_labels, run.taxonomy)
     except ValueError as err:  # no deadly or poisonous validation image
         run.note(f"{name}: --max-danger: no threshold: {err}")
         return None
     chosen = choose_threshold(curve, run.args.max_danger)
     result = {"chosen_on_validation": chosen.record(Thresholds.genus, Thresholds.family)}
-    result |= {run.args.split: apply_threshold(to_probs(scores), labels, run.taxonomy, chosen.threshold)}
+    result |= {run.args.split: apply_threshold(probabilities(scores), labels, run.taxonomy, chosen.threshold)}
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / "selective.json", result)
     save_risk_coverage_png(curve, out / "risk_coverage.png", chosen, title=f"{name} validation")
@@ -627,6 +652,8 @@ def summary_markdown(rows: list[dict], title: str, notes: list[str] = ()) -> str
         lines.append(f"| {r['model']} | {r['method']} | {r['text_type'] or '-'} | " + " | ".join(cells) + " |")
     if any(r.get("selective") for r in rows):
         lines += ["", *selective_table([r for r in rows if r.get("selective")])]
+    if any(r.get("answers") for r in rows):
+        lines += ["", *answers_table([r for r in rows if r.get("answers")])]
     if any("open_set" in r for r in rows):
         lines += ["", *open_set_table([r for r in rows if "open_set" in r])]
     return "\n".join(lines) + "\n"
@@ -649,6 +676,33 @@ def selective_table(rows: list[dict]) -> list[str]:
             f"| {r['model']} | {r['method']} | {r['text_type'] or '-'} | {chosen['species']:.4f} | "
             f"{_pct(chosen['coverage'])} | {_pct(applied['coverage'])} | {_pct(applied['dangerous_as_edible'])} | "
             f"{_pct(applied['error'])} |"
+        )
+    return lines
+
+
+def answers_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: per row, how its answers split into species named, genus and family back-offs and
+    abstentions, each with how often it holds, and the dangerous->edible rate of the answers."""
+    lines = [
+        "## Answers with back-off: what predict.py and the app would say (% of images; in brackets, % right)",
+        "",
+        "Below the species threshold an answer names the most probable genus if its summed probability reaches the "
+        'genus threshold, else the family likewise, else abstains ("not sure — do not eat"); only a named species '
+        "can call a deadly or poisonous mushroom edible. Thresholds: a run's own, else the defaults, or "
+        "`--max-danger`'s.",
+        "",
+        "| model | method | text type | thresholds (species / genus / family) | species | genus sp. | family "
+        "| abstained | right overall | dangerous→edible |",
+        "|---" * 10 + "|",
+    ]
+    for r in rows:
+        a = r["answers"]
+        t = a["thresholds"]
+        levels = [f"{_pct(a[level]['share'])} ({_pct(a[level]['right'])})" for level in LEVELS]
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['text_type'] or '-'} | {t['species']:.3g} / {t['genus']:.3g} / "
+            f"{t['family']:.3g} | " + " | ".join(levels) + f" | {_pct(a['abstained'])} | {_pct(a['right'])} | "
+            f"{_pct(a['dangerous_as_edible'])} |"
         )
     return lines
 
