@@ -102,7 +102,7 @@ bench-zero-shot: setup $(SPEED_DATA)/prepare_report.json  ## zero-shot encoding 
 	  --num-workers $(WORKERS) --output $(BENCH_OUT) $(if $(ZS_BATCHES),--batches $(ZS_BATCHES))
 
 TOWERS ?= vision,text
-bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s (data, model only, run_clip.py baseline), FLOPs, MFU, peak memory -> results/bench/*.json (TOWERS=vision: frozen text; BATCH, STEPS, WORKERS, SPEED_*)
+bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s (data, model only, run_clip.py baseline), FLOPs, MFU, peak memory -> results/bench/*.json (TOWERS=vision: frozen text; BENCH_MODEL=resnet-50: supervised; BATCH, STEPS, WORKERS, SPEED_*)
 	$(OFFLINE) $(PY) -m mushroomclip.evaluation.benchmark train-speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --num-workers $(WORKERS) \
 	  --towers $(TOWERS) --output $(BENCH_OUT) $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--steps $(STEPS))
 

@@ -83,7 +83,7 @@ def test_mfu_is_achieved_flops_over_each_peak():
 
 def test_baseline_loss_is_clip_loss_of_each_image_with_its_own_caption(prepared):
     from mushroomclip.data.splits import load_splits, prepared_taxonomy
-    from mushroomclip.evaluation.benchmark import _lora_model
+    from mushroomclip.evaluation.throughput import _lora_model
     from mushroomclip.models.backbones import offline_clip_tokenizer
     from mushroomclip.training.losses import clip_loss
 
@@ -205,3 +205,27 @@ def test_table_command_says_what_is_missing(tmp_path, capsys):
     (tmp_path / "bench" / "train.json").write_text(json.dumps(_gpu_result()))
     assert main(["table", "--readme", str(readme), "--results", str(tmp_path / "bench")]) == 2
     assert "bench-table:start" in capsys.readouterr().err and readme.read_text() == "# no markers\n"
+
+
+def test_supervised_training_speed_is_measured_the_same_way(prepared, tmp_path, capsys):
+    """bench-train for a supervised classifier: the classifier trainer's cross-entropy step, full fine-tune, every
+    figure of a CLIP result but the run_clip.py baseline (a CLIP recipe)."""
+    from mushroomclip.evaluation.benchmark import main
+
+    common = ["--data", str(prepared[0]), "--num-workers", "0", "--output", str(tmp_path)]
+    assert main(["train-speed", "--model", "tiny-resnet", "--batch-size", "4", "--steps", "1", *common]) == 0
+    result = json.loads((tmp_path / "train-tiny-resnet-full-cpu.json").read_text())
+    assert set(speed.TRAIN_FIELDS) - {"baseline", "speedup_vs_baseline"} <= set(result)
+    assert "baseline" not in result and result["towers"] is None
+    assert result["step"] == "training step (forward + backward), full fine-tune, cross-entropy"
+    assert result["flops_per_step"] > 0 and result["model_only"]["images_per_s"] > 0
+    assert "| bench-train | with the data pipeline | `tiny-resnet`" in capsys.readouterr().out
+
+
+def test_the_offline_resnet_50_is_microsoft_resnet_50s_network():
+    """Built from ResNetConfig's defaults: with ImageNet's 1000 classes, ResNet-50's 25,557,032 parameters."""
+    from mushroomclip.models.supervised import random_classifier
+
+    built = random_classifier("resnet-50", [f"c{i}" for i in range(1000)])
+    assert sum(p.numel() for p in built.model.parameters()) == 25_557_032
+    assert (built.preprocess.size, built.preprocess.resize_size) == ((224, 224), 256)

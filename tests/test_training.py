@@ -461,7 +461,7 @@ def test_wandb_reporting_works_offline(prepared, tmp_path, monkeypatch):
 
 
 def test_speed_benchmarks_run_on_the_tiny_model_and_count_every_image(prepared):
-    from mushroomclip.evaluation.benchmark import measure_speed, measure_train_speed
+    from mushroomclip.evaluation.throughput import measure_speed, measure_train_speed
 
     zero_shot = measure_speed(str(prepared[0]), "tiny-clip", 16, 0, "cpu", "train", 2)
     assert zero_shot["images"] == 32 and zero_shot["pipeline"]["images_per_s"] > 0

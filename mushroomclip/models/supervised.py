@@ -72,6 +72,30 @@ TINY_PREPROCESS = PreprocessConfig(
 )
 
 
+#: Architectures built from a config with random weights, for the speed benchmark (``make bench-train
+#: BENCH_MODEL=resnet-50``), which needs no download: ``transformers.ResNetConfig()``'s defaults are ResNet-50
+#: (bottleneck blocks 3-4-6-3, widths 256-2048), the network of ``microsoft/resnet-50``, and its preprocessing is
+#: that checkpoint's image processor's (shortest edge 224 / crop_pct 0.875: resize 256, crop 224, bicubic).
+CLASSIFIERS = {
+    TINY_RESNET: (tiny_resnet_config, TINY_PREPROCESS),
+    "resnet-50": (
+        lambda classes: ResNetConfig(id2label=_label_maps(classes)[0], label2id=_label_maps(classes)[1]),
+        PreprocessConfig(
+            size=(224, 224), resize_size=256, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD
+        ),
+    ),
+}
+
+
+def random_classifier(name: str, classes: list[str]) -> SupervisedModel:
+    """The architecture ``name`` of :data:`CLASSIFIERS` with a head for ``classes``, randomly initialised (seed 0)."""
+    config, preprocess = CLASSIFIERS[name]
+    torch.manual_seed(0)
+    model = AutoModelForImageClassification.from_config(config(classes), dtype=torch.float32)
+    record = {"base_model": name, "pretrained": False, "weights": "random (seed 0)", "num_labels": len(classes)}
+    return SupervisedModel(model, preprocess, record)
+
+
 def _label_maps(classes: list[str]) -> tuple[dict, dict]:
     """A config's ``id2label`` and ``label2id``: the head's outputs are the taxonomy's classes, in order."""
     return dict(enumerate(classes)), {name: i for i, name in enumerate(classes)}
@@ -90,10 +114,7 @@ def build_classifier(base: str, classes: list[str], pretrained: bool = True) -> 
             raise ModelLoadError(
                 f"{TINY_RESNET} is a random test model without pretrained weights; set model.pretrained: false"
             )
-        torch.manual_seed(0)  # the same random backbone in every process and on reload (LoRA runs rely on it)
-        model = AutoModelForImageClassification.from_config(tiny_resnet_config(classes), dtype=torch.float32)
-        record = {"base_model": TINY_RESNET, "pretrained": False, "weights": "random (seed 0)"}
-        return SupervisedModel(model, TINY_PREPROCESS, record | {"num_labels": len(classes)})
+        return random_classifier(TINY_RESNET, classes)  # seed 0: the same backbone in every process and on reload
     folder = Path(base).is_dir()
     local_only = not folder and not hub_reachable()  # offline: the cache only, no minute of retries
     config = _hub_call(base, local_only, "config.json", _classifier_config, base, classes, local_only)

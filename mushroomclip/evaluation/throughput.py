@@ -1,0 +1,321 @@
+"""The speed measurements behind `make bench-zero-shot` and `make bench-train`: images/s with the real data
+pipeline vs tensors already on the device (model only), in the steady state, with FLOPs per step, MFU and peak
+memory (the arithmetic, JSON and table are :mod:`mushroomclip.evaluation.speed`'s).
+
+Models have random weights: speed does not depend on them. Training is measured for CLIP architectures (LoRA,
+class_text loss, and the ``run_clip.py``-style baseline) and for the supervised classifiers of
+:data:`CLASSIFIERS` (full fine-tune, cross-entropy).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+
+import torch
+from transformers import TrainingArguments
+
+from mushroomclip.config import DataArguments, LoraArguments
+from mushroomclip.data.splits import load_splits, prepared_taxonomy
+from mushroomclip.data.transforms import background_worker, pixel_stats, train_images
+from mushroomclip.evaluation import speed
+from mushroomclip.evaluation.features import PreprocessedImages
+from mushroomclip.models.backbones import load_backbone, offline_clip_tokenizer
+from mushroomclip.models.lora import add_lora
+from mushroomclip.models.prompts import class_prompts
+from mushroomclip.models.supervised import CLASSIFIERS, random_classifier
+from mushroomclip.training.supervised import ClassifierTrainer
+from mushroomclip.training.trainer import ContrastiveTrainer, collate
+
+
+def _images_per_s(batches, run, timed: int, skip: int, device: str, count=len) -> tuple[float, int]:
+    """Images/s of ``run(batch)`` over ``timed`` batches, after one warm-up and ``skip`` untimed ones;
+    and how many images were timed (``count(batch)`` each)."""
+    batches = iter(batches)
+    for _ in range(1 + skip):
+        run(next(batches))
+    speed.sync(device)
+    start, seen = time.perf_counter(), 0
+    for _ in range(timed):
+        batch = next(batches)
+        run(batch)
+        seen += count(batch)
+    speed.sync(device)
+    return seen / (time.perf_counter() - start), seen
+
+
+def _steady_state_plan(
+    data: str, what: str, available: int, batch_size: int, num_workers: int, timed: int, target: str, knob: str
+) -> tuple[int, int]:
+    """``(skip, needed)`` batches for a steady-state measurement: the batches the workers prefetched while
+    the warm-up one was made (DataLoader's prefetch_factor, 2 per worker) pass untimed, and the timed ones
+    stay inside one epoch (an epoch's first batch waits for a worker: once per epoch, which a short window
+    would overweight). A clear error when ``available`` batches are fewer."""
+    skip = 2 * num_workers
+    needed = 1 + skip + timed
+    if available < needed:
+        raise ValueError(
+            f"{data}: {what} makes {available} batches of {batch_size}, and a steady-state measurement needs "
+            f"{needed} (1 warm-up, {skip} prefetched, {timed} timed): prepare more images ({target} does), "
+            f"or lower {knob}, --batch-size or --num-workers"
+        )
+    return skip, needed
+
+
+def measure_speed(
+    data: str, model: str, batch_size: int, num_workers: int, device: str, split: str, batches: int
+) -> dict:
+    """Images/s of zero-shot image encoding with the real data pipeline vs tensors on the device (model only),
+    in the steady state (:func:`_steady_state_plan`)."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    backbone = load_backbone(model, device=device, dtype=dtype, random_weights=True)
+    images = PreprocessedImages(load_splits(data)[split], backbone.preprocess)
+    skip, needed = _steady_state_plan(
+        data,
+        f"the {split} split",
+        len(images) // batch_size,
+        batch_size,
+        num_workers,
+        batches,
+        "make bench-zero-shot",
+        "--batches",
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(images, range(needed * batch_size)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.startswith("cuda"),
+        worker_init_fn=background_worker,
+    )
+
+    with torch.inference_mode():
+        sample = images[0][0]  # uint8, as every evaluation image reaches the model
+        on_device = [
+            torch.randint(0, 256, (batch_size, *sample.shape), dtype=torch.uint8, device=device) for _ in range(2)
+        ]
+        synthetic = [on_device[i % 2] for i in range(1 + batches)]
+        speed.reset_peak_memory(device)
+        first, _ = _images_per_s(synthetic, backbone.encode_images, batches, 0, device)
+        pipeline, seen = _images_per_s((pixels for pixels, _ in loader), backbone.encode_images, batches, skip, device)
+        # before and after: first-call slowness must not flatter the pipeline
+        model_only = max(first, _images_per_s(synthetic, backbone.encode_images, batches, 0, device)[0])
+        memory = speed.peak_memory(device)
+        flops = speed.count_flops(backbone.encode_images, on_device[0])
+        split_encode = _encode_split(images, backbone, batch_size, num_workers, device)
+    peak = speed.peaks(device, dtype)
+    return {
+        "benchmark": "bench-zero-shot",
+        "model": model,
+        "device": device,
+        "dtype": str(dtype),
+        "batch_size": batch_size,
+        "batches": batches,
+        "images": seen,
+        "num_workers": num_workers,
+        "data": str(data),
+        "step": "batch encoded (forward)",
+        "flops_per_step": flops,
+        **peak,
+        "pipeline": speed.variant(pipeline, flops, batch_size, peak),
+        "model_only": speed.variant(model_only, flops, batch_size, peak, memory),
+        "ratio": pipeline / model_only,
+        "split_encode": dict(split_encode, split=split),
+        "machine": speed.machine(device),
+    }
+
+
+def _encode_split(images, backbone, batch_size: int, num_workers: int, device: str) -> dict:
+    """Seconds to encode every image of a split end to end: a fresh loader (worker start-up included)."""
+    loader = torch.utils.data.DataLoader(
+        images,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.startswith("cuda"),
+        worker_init_fn=background_worker,
+    )
+    speed.sync(device)
+    start = time.perf_counter()
+    for pixels, _ in loader:
+        backbone.encode_images(pixels)
+    speed.sync(device)
+    seconds = time.perf_counter() - start
+    return {"images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds}
+
+
+def _lora_model(model: str, device: str, towers: tuple):
+    """A random-weights backbone with the default config's LoRA on ``towers``, in train mode on ``device``."""
+    backbone = load_backbone(model, device=device, random_weights=True)
+    s = LoraArguments()
+    peft = add_lora(backbone.model, s.r, s.alpha, s.dropout, list(towers), s.target_modules, False).to(device).train()
+    return backbone, peft
+
+
+def _train_model(model: str, device: str, towers: tuple, taxonomy, args: TrainingArguments):
+    """The model of ``model`` (random weights, train mode, on ``device``), its trainer (whose ``compute_loss`` is
+    the step's loss), its preprocessing and what the step is: a supervised classifier of :data:`CLASSIFIERS`
+    fully fine-tuned with cross-entropy, else a CLIP backbone with the default LoRA on ``towers`` and the
+    class_text loss over every class's prompt (the default config's template)."""
+    if model in CLASSIFIERS:
+        built = random_classifier(model, taxonomy.classes)
+        net = built.model.to(device).train()
+        trainer = ClassifierTrainer(
+            model=net, args=args, loss_name="cross_entropy", evaluator=None, pixel_stats=pixel_stats(built.preprocess)
+        )
+        return net, trainer, built.preprocess, "training step (forward + backward), full fine-tune, cross-entropy"
+    backbone, net = _lora_model(model, device, towers)
+    d = DataArguments()
+    ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, d.text_type, [d.train_template])]).to(device)
+    trainer = ContrastiveTrainer(
+        model=net,
+        args=args,
+        class_input_ids=ids,
+        loss_name="class_text",
+        evaluator=None,
+        pixel_stats=pixel_stats(backbone.preprocess),
+    )
+    return net, trainer, backbone.preprocess, "training step (forward + backward)"
+
+
+def measure_train_speed(
+    data: str,
+    model: str,
+    batch_size: int,
+    steps: int,
+    num_workers: int,
+    device: str,
+    towers: tuple = ("vision", "text"),
+    baseline: bool = True,
+) -> dict:
+    """Train images/s of steps fed by the real pipeline vs uint8 tensors on the device, in the steady state
+    (:func:`_steady_state_plan`), what the loader alone delivers, and (``baseline``, CLIP only) the same LoRA,
+    batch and precision trained the ``run_clip.py`` way; with FLOPs per step, MFU and peak memory.
+
+    A step is the trainer's own (:func:`_train_model`): ``compute_loss``, backward and AdamW, in bf16 autocast on
+    a GPU. ``model`` is a CLIP architecture (LoRA, ``towers``) or a supervised one of :data:`CLASSIFIERS`.
+    """
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    classifier = model in CLASSIFIERS
+    taxonomy = prepared_taxonomy(data)
+    splits = load_splits(data)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=not device.startswith("cuda"), report_to=[])
+    net, trainer, preprocess, what = _train_model(model, device, towers, taxonomy, args)
+    split = train_images(splits["train"], preprocess)  # the trainer's own pipeline
+    loader = torch.utils.data.DataLoader(
+        split,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        drop_last=True,
+        worker_init_fn=background_worker,
+        pin_memory=device.startswith("cuda"),
+        persistent_workers=num_workers > 0,
+        collate_fn=collate,
+    )
+    params = [p for p in net.parameters() if p.requires_grad]
+    step = speed.train_step(params, lambda inputs: trainer.compute_loss(net, inputs), device)
+
+    def copy(batch: dict) -> None:  # the loader alone: only the copy to the device
+        batch["pixel_values"].to(device, non_blocking=True)
+
+    def count(batch: dict) -> int:
+        return len(batch["labels"])
+
+    skip, _ = _steady_state_plan(
+        data, "the train split", len(loader), batch_size, num_workers, steps, "make bench-train", "--steps"
+    )
+    # Model only: uint8 batches already on the device, as the pipeline's arrive after their copy.
+    size = split[0]["pixel_values"].shape[1:]
+    fixed = [
+        {
+            "pixel_values": torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, device=device),
+            "labels": torch.randint(0, len(taxonomy), (batch_size,), device=device),
+        }
+        for _ in range(2)
+    ]
+    synthetic = [fixed[i % 2] for i in range(steps + 1)]
+    # Model-only before and after the pipeline, the faster one counts: the first steps of a process run
+    # slower (allocator, caches), which must not make the data pipeline look faster than the model.
+    speed.reset_peak_memory(device)
+    first, _ = _images_per_s(synthetic, step, steps, 0, device, count)
+    pipeline, _ = _images_per_s(loader, step, steps, skip, device, count)
+    model_only = max(first, _images_per_s(synthetic, step, steps, 0, device, count)[0])
+    memory = speed.peak_memory(device)
+    loader_only, _ = _images_per_s(loader, copy, steps, skip, device, count)  # the decoding ceiling, a fresh epoch
+    flops = speed.count_flops(step, fixed[0])
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    peak = speed.peaks(device, dtype)
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    result = {
+        "benchmark": "bench-train",
+        "model": model,
+        "device": device,
+        "dtype": str(dtype),
+        "batch_size": batch_size,
+        "steps": steps,
+        "towers": None if classifier else list(towers),
+        "num_workers": num_workers,
+        "data": str(data),
+        "train_images": len(split),
+        "classes": len(taxonomy),
+        "step": what,
+        "flops_per_step": flops,
+        **peak,
+        "pipeline": speed.variant(pipeline, flops, batch_size, peak),
+        "model_only": speed.variant(model_only, flops, batch_size, peak, memory),
+        "loader_only": speed.variant(loader_only),
+        "ratio": pipeline / model_only,
+    }
+    if baseline and not classifier:  # the run_clip.py recipe is CLIP's
+        del trainer, net, step, fixed, synthetic
+        result["baseline"] = _baseline_speed(
+            splits["train"], taxonomy, model, batch_size, steps, num_workers, skip, device, towers, peak
+        )
+        result["speedup_vs_baseline"] = pipeline / result["baseline"]["images_per_s"]
+    result["machine"] = speed.machine(device)
+    return result
+
+
+def _baseline_speed(
+    split,
+    taxonomy,
+    model: str,
+    batch_size: int,
+    steps: int,
+    num_workers: int,
+    skip: int,
+    device: str,
+    towers: tuple,
+    peak: dict,
+) -> dict:
+    """Images/s of the Hugging Face recipe (``run_clip.py``: Pillow + torchvision in ``set_transform``, one
+    caption per image, ``CLIPModel(..., return_loss=True)``) with the same LoRA, batch and precision."""
+    backbone, peft = _lora_model(model, device, towers)
+    d = DataArguments()
+    # offline_clip_tokenizer: the same BPE as openai/clip-vit-*
+    captions = speed.caption_dataset(
+        split, taxonomy, d.text_type, d.train_template, offline_clip_tokenizer(), backbone.preprocess
+    )
+    loader = torch.utils.data.DataLoader(
+        captions,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        drop_last=True,
+        pin_memory=device.startswith("cuda"),
+        collate_fn=speed.caption_collate,
+    )
+    params = [p for p in peft.parameters() if p.requires_grad]
+    step = speed.train_step(params, lambda inputs: speed.baseline_loss(peft, inputs), device)
+    speed.reset_peak_memory(device)
+    batches = iter(loader)
+    rate, _ = _images_per_s(batches, step, steps, skip, device, lambda b: len(b["input_ids"]))
+    memory = speed.peak_memory(device)
+    flops = speed.count_flops(step, speed.caption_collate([captions[i] for i in range(batch_size)]))
+    return {
+        **speed.variant(rate, flops, batch_size, peak, memory),
+        "flops_per_step": flops,
+        "recipe": "run_clip.py: datasets + set_transform (Pillow, torchvision), captions padded to 77, "
+        "CLIPModel(return_loss=True), same LoRA, batch and precision",
+    }
