@@ -171,6 +171,28 @@ class LossArguments:
     )
 
 
+def loss_settings(loss: dict) -> list[str]:
+    """What a run's ``loss`` section changes beyond the loss's name, as results name it: ``β=10`` (hierarchical_soft),
+    ``α=0.1`` (hierarchical_xent), ``danger_weight=1``, ``logit_adjust τ=1``; [] when nothing else is set."""
+    defaults = LossArguments()
+    name, parts = loss.get("name", defaults.name), []
+    if name == "hierarchical_soft":
+        parts.append(f"β={loss.get('beta', defaults.beta):g}")
+    if name == "hierarchical_xent":
+        parts.append(f"α={loss.get('alpha', defaults.alpha):g}")
+    if loss.get("danger_weight"):
+        parts.append(f"danger_weight={loss['danger_weight']:g}")
+    if loss.get("logit_adjust"):
+        parts.append(f"logit_adjust τ={loss['logit_adjust']:g}")
+    return parts
+
+
+def describe_loss(loss: dict) -> str:
+    """A run's loss with its settings (:func:`loss_settings`): ``hierarchical_soft (β=10, danger_weight=1)``."""
+    settings = loss_settings(loss)
+    return loss.get("name", LossArguments.name) + (f" ({', '.join(settings)})" if settings else "")
+
+
 @dataclass
 class RunArguments:
     """What a run does around training that TrainingArguments has no field for."""

@@ -23,6 +23,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from mushroomclip import cli
+from mushroomclip.config import loss_settings
 from mushroomclip.models.backbones import REGISTRY, known_license
 from mushroomclip.models.classifier import run_model_files
 from mushroomclip.models.convert import PREFIX
@@ -200,6 +201,7 @@ def model_card(run_dir: str | Path) -> ModelCard:
         before={key: _pct(baseline, key) for key in CARD_SCORES},
         after={key: _pct(test, key) for key in CARD_SCORES},
         loss=config["loss"]["name"],
+        loss_settings="".join(f", {part}" for part in loss_settings(config["loss"])),
         lr=training["learning_rate"],
         batch_size=training["per_device_train_batch_size"],
         steps=metrics.get("global_step"),

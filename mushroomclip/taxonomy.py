@@ -97,7 +97,7 @@ class Taxonomy:
         except KeyError:
             raise TaxonomyError(
                 f"species {label!r} is not in the taxonomy ({self.source}); "
-                "fix the label or pass --taxonomy FILE to use your own table"
+                "fix the label, or use your own table (--taxonomy FILE; in a training config, data.taxonomy)"
             ) from None
 
     def __getitem__(self, key: int | str) -> Species:

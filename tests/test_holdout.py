@@ -64,6 +64,12 @@ def test_config_takes_a_fraction_or_a_list_and_refuses_other_numbers(tmp_path):
     with pytest.raises(ConfigError, match=r"data.holdout_species 1.5 must be a fraction in \(0, 1\)"):
         load_train_config(ROOT / "configs/tiny.yaml", ["data.holdout_species=1.5"])
 
+    # evaluation's errors name its own flag
+    from mushroomclip.evaluation.zeroshot import EvaluationArguments
+
+    with pytest.raises(ValueError, match=r"^--holdout-species 1.5 must be a fraction in \(0, 1\)"):
+        EvaluationArguments(data=str(tmp_path), holdout_species="1.5")
+
 
 def test_held_out_species_never_reach_training_or_validation(prepared):
     full = prepared_taxonomy(prepared[0])
@@ -186,7 +192,7 @@ def test_predict_says_when_a_photo_falls_below_the_runs_open_set_threshold(open_
             assert flags[r["image"]] == (r["predictions"][0]["probability"] < threshold)
 
 
-def test_zero_shot_and_the_run_are_scored_on_the_same_open_set(open_run, prepared, tmp_path):
+def test_zero_shot_and_the_run_are_scored_on_the_same_open_set(open_run, prepared, tmp_path, caplog):
     """evaluate_zero_shot.py --holdout-species draws the run's hold-out again: the zero-shot head lists only the
     known species, the run is picked up by --include-adapters, and its open-set figures are the run's own."""
     from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
@@ -202,8 +208,15 @@ def test_zero_shot_and_the_run_are_scored_on_the_same_open_set(open_run, prepare
         holdout_species="0.34",
         include_adapters=str(open_run.parent),
     )
-    rows = evaluate(args)
+    with caplog.at_level("INFO", logger="mushroomclip"):
+        rows = evaluate(args)
     assert [(r["model"], r["method"]) for r in rows] == [("tiny-clip", "zero-shot"), (f"lora-{open_run.name}", "LoRA")]
+    # on the console each model's open-set line stands under that model's report, not above it
+    lines = [m.strip().splitlines()[0] for m in caplog.messages if m.strip()]
+    headers = [i for i, line in enumerate(lines) if line.endswith(" on test")]
+    open_set = [i for i, line in enumerate(lines) if line.startswith("open set (")]
+    assert len(headers) == len(open_set) == 2 and headers[0] < open_set[0] < headers[1] < open_set[1], lines
+    assert lines[headers[1]] == f"{rows[1]['model']} LoRA adapter (sci, its own 1 template) on test"
     run_metrics = json.loads((open_run / "metrics.json").read_text())
     for row in rows:
         assert set(row["open_set"]) == {"msp", "max_logit", "energy", "max_cosine"}
@@ -268,3 +281,25 @@ def test_novel_on_a_run_without_hold_out_is_one_line(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("data: {path: x}\n")
     assert main(["--run", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path} held out no species (no holdout_species.json)")
+
+
+def test_a_run_left_out_for_its_hold_out_is_told_how_to_join(open_run, prepared, tmp_path):
+    """Evaluated without the run's hold-out, the run is skipped with the options that would score it."""
+    from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
+
+    args = EvaluationArguments(
+        data=str(prepared[0]),
+        models="tiny-clip",
+        text_type="sci",
+        templates="single",
+        output=str(tmp_path / "results"),
+        shots="",
+        num_workers=0,
+        include_adapters=str(open_run.parent),
+    )
+    assert [r["model"] for r in evaluate(args)] == ["tiny-clip"]
+    summary = (tmp_path / "results/summary.md").read_text()
+    assert (
+        f"> skipped {open_run}: its 167 classes are not this data's 169-species taxonomy; it held out 2 species "
+        "(holdout_species.json): evaluate with --holdout-species 0.34 --holdout-seed 0 to score it"
+    ) in summary

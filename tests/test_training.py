@@ -97,14 +97,15 @@ def test_run_folder_has_every_documented_file(trained):
 
 
 @pytest.mark.parametrize("loss", ["hierarchical_soft", "hierarchical_xent"])
-def test_a_taxonomy_and_safety_aware_run_writes_a_complete_run_folder(prepared, tmp_path, loss):
+def test_a_taxonomy_and_safety_aware_run_writes_a_complete_run_folder(prepared, tmp_path, loss, caplog):
     out = tmp_path / loss
     overrides = tiny_overrides(
         prepared[0], out, **{"training.max_steps": 4, "training.eval_steps": 4, "training.logging_steps": 2}
     )
-    result = run_training(
-        load_train_config(ROOT / "configs/tiny.yaml", [*overrides, f"loss.name={loss}", "loss.danger_weight=1.0"])
-    )
+    with caplog.at_level("INFO", logger="mushroomclip"):
+        result = run_training(
+            load_train_config(ROOT / "configs/tiny.yaml", [*overrides, f"loss.name={loss}", "loss.danger_weight=1.0"])
+        )
     assert result["global_step"] == 4
     losses = [value for _, value in json.loads((out / "metrics.json").read_text())["loss_history"]]
     assert losses and all(math.isfinite(value) for value in losses)
@@ -112,7 +113,9 @@ def test_a_taxonomy_and_safety_aware_run_writes_a_complete_run_folder(prepared, 
         assert (out / name).is_file(), name
     saved = load_train_config(out / "config.yaml").loss
     assert (saved.name, saved.danger_weight) == (loss, 1.0)
-    assert f"loss `{loss}`" in (out / "README.md").read_text()
+    setting = "β=10" if loss == "hierarchical_soft" else "α=0.1"
+    assert f"loss `{loss}`, {setting}, danger_weight=1;" in (out / "README.md").read_text()  # the card says it all
+    assert any(f"loss {loss} ({setting}, danger_weight=1), fp32" in m for m in caplog.messages)  # the run summary
 
 
 def test_run_max_danger_records_the_validation_chosen_threshold_that_predict_reads(prepared, tmp_path, trained):

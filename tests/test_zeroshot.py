@@ -313,6 +313,8 @@ def test_method_names_a_runs_loss_and_safety_settings(tmp_path):
     assert training_label(tmp_path) == "hierarchical_soft β=10, danger_weight=1"
     (tmp_path / "config.yaml").write_text("loss: {name: hierarchical_xent, beta: 10.0, alpha: 0.5, danger_weight: 0}\n")
     assert training_label(tmp_path) == "hierarchical_xent α=0.5"
+    (tmp_path / "config.yaml").write_text("loss: {name: class_text, danger_weight: 0, logit_adjust: 1.0}\n")
+    assert training_label(tmp_path) == "logit_adjust τ=1"
 
 
 def test_k_shot_rows_say_how_many_images_classes_really_had(evaluated, prepared, tmp_path, caplog):
@@ -352,3 +354,14 @@ def test_k_shot_rows_say_how_many_images_classes_really_had(evaluated, prepared,
 def test_shots_accept_ten():
     """The new-species protocol's k values are also evaluate_zero_shot.py's."""
     assert EvaluationArguments(shots="1,5,10").shot_counts == [1, 5, 10]
+
+
+def test_every_result_names_the_loss_settings_a_run_trained_with():
+    """The summary line, the card and the method column say danger_weight, logit_adjust, β and α, not the name alone."""
+    from mushroomclip.config import describe_loss
+
+    assert describe_loss({"name": "class_text", "danger_weight": 0.0, "logit_adjust": 0.0}) == "class_text"
+    assert describe_loss({"name": "cross_entropy", "logit_adjust": 1.0}) == "cross_entropy (logit_adjust τ=1)"
+    assert describe_loss({"name": "hierarchical_xent", "alpha": 0.5, "danger_weight": 2}) == (
+        "hierarchical_xent (α=0.5, danger_weight=2)"
+    )

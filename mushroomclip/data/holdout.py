@@ -28,7 +28,10 @@ class HoldoutError(ValueError):
     """``data.holdout_species`` cannot be applied to this data."""
 
 
-def parse_fraction(spec: list[str] | None) -> float | None:
+OPTION = "data.holdout_species"  # how errors name the option; evaluation passes "--holdout-species"
+
+
+def parse_fraction(spec: list[str] | None, option: str = OPTION) -> float | None:
     """The fraction of ``data.holdout_species`` given as one number (``0.1`` or ``[0.1]``), else None."""
     if spec is None or len(spec) != 1:
         return None
@@ -37,7 +40,7 @@ def parse_fraction(spec: list[str] | None) -> float | None:
     except ValueError:
         return None
     if not 0 < value < 1:
-        raise HoldoutError(f"data.holdout_species {spec[0]} must be a fraction in (0, 1) or a list of species")
+        raise HoldoutError(f"{option} {spec[0]} must be a fraction in (0, 1) or a list of species")
     return value
 
 
@@ -61,7 +64,9 @@ def _allocate(sizes: dict[str, int], n: int) -> dict[str, int]:
     return take
 
 
-def choose_holdout(taxonomy: Taxonomy, spec: list[str] | None, seed: int, present: list[str]) -> list[str]:
+def choose_holdout(
+    taxonomy: Taxonomy, spec: list[str] | None, seed: int, present: list[str], option: str = OPTION
+) -> list[str]:
     """The held-out species (in table order) among ``present`` (the training split's species).
 
     A list of names is taken as given (each must be one of ``present``); a fraction ``f`` holds out
@@ -72,21 +77,21 @@ def choose_holdout(taxonomy: Taxonomy, spec: list[str] | None, seed: int, presen
     if not spec:
         return []
     present = [c for c in taxonomy.classes if c in set(present)]
-    fraction = parse_fraction(spec)
+    fraction = parse_fraction(spec, option)
     if fraction is None:
         for name in spec:
             taxonomy.id(name)  # a TaxonomyError naming an unknown species
         absent = [name for name in spec if name not in present]
         if absent:
             raise HoldoutError(
-                f"data.holdout_species: {', '.join(absent)} has no training images in this data; "
+                f"{option}: {', '.join(absent)} has no training images in this data; "
                 "hold out species the training split has"
             )
         held = set(spec)
     else:
         n = min(max(1, round(fraction * len(present))), len(present) - 2)
         if n < 1:
-            raise HoldoutError(f"data.holdout_species: the data has {len(present)} species; an open set needs 3")
+            raise HoldoutError(f"{option}: the data has {len(present)} species; an open set needs 3")
         edibility = {c: taxonomy[c].edibility for c in present}
         strata = {name: [c for c in present if edibility[c] in kinds] for name, kinds in STRATA.items()}
         strata["other"] = [c for c in present if not any(c in members for members in strata.values())]
@@ -94,7 +99,7 @@ def choose_holdout(taxonomy: Taxonomy, spec: list[str] | None, seed: int, presen
         take = _allocate({name: len(members) for name, members in strata.items()}, n)
         held = {c for name, members in strata.items() for c in rng.permutation(members)[: take[name]]}
     if len(held) > len(present) - 2:
-        raise HoldoutError(f"data.holdout_species holds out {len(held)} of {len(present)} species; keep at least 2")
+        raise HoldoutError(f"{option} holds out {len(held)} of {len(present)} species; keep at least 2")
     return [c for c in taxonomy.classes if c in held]
 
 

@@ -237,7 +237,6 @@ def write_outputs(
     save_novel_species_png(
         rows, output / "novel_species.png", title=f"{run_dir.name}: {len(holdout['held_out'])} new species"
     )
-    logger.info(f"new species from a few photos: {output}/summary.md")
 
 
 def summary_markdown(rows: list[dict], run_dir: Path, held_out: list[str], seeds: int, notes=()) -> str:

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 import yaml
 
+from mushroomclip.config import loss_settings
 from mushroomclip.data.holdout import choose_holdout, parse_fraction
 from mushroomclip.data.splits import load_splits, prepared_taxonomy, split_fingerprint
 from mushroomclip.evaluation.features import cached_image_features
@@ -144,7 +145,7 @@ class EvaluationArguments:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
         text_types(self.text_type)  # a ValueError naming an unknown text type
-        parse_fraction(self.holdout_list)  # a fraction outside (0, 1) is a ValueError
+        parse_fraction(self.holdout_list, "--holdout-species")  # a fraction outside (0, 1) is a ValueError
         if self.max_danger is not None and not 0 <= self.max_danger < 1:
             raise ValueError(f"--max-danger must be in [0, 1), e.g. 0.001, got {self.max_danger}")
         if not all(k.isdigit() for k in _comma_list(self.shots)):
@@ -240,17 +241,11 @@ def training_label(folder: str | Path) -> str:
     if not path.is_file():
         return ""
     loss = (yaml.safe_load(path.read_text()) or {}).get("loss") or {}
-    name, parts = loss.get("name", "class_text"), []
-    if name not in ("class_text", "cross_entropy"):
-        parts.append(
-            {
-                "hierarchical_soft": f"{name} β={loss.get('beta'):g}",
-                "hierarchical_xent": f"{name} α={loss.get('alpha'):g}",
-            }.get(name, name)
-        )
-    if loss.get("danger_weight"):
-        parts.append(f"danger_weight={loss['danger_weight']:g}")
-    return ", ".join(parts)
+    settings = loss_settings(loss)
+    name = loss.get("name", "class_text")
+    if name in ("hierarchical_soft", "hierarchical_xent"):  # the name and its parameter go together
+        return ", ".join([f"{name} {settings[0]}", *settings[1:]])
+    return ", ".join(([] if name in ("class_text", "cross_entropy") else [name]) + settings)
 
 
 @dataclass
@@ -369,7 +364,7 @@ def load_evaluation_data(args: EvaluationArguments) -> EvaluationRun:
     if not args.holdout_list:
         return EvaluationRun(args, taxonomy, splits, device, dtype)
     present = [taxonomy.classes[i] for i in splits["train"].unique("label")]
-    held_out = choose_holdout(taxonomy, args.holdout_list, args.holdout_seed, present)
+    held_out = choose_holdout(taxonomy, args.holdout_list, args.holdout_seed, present, "--holdout-species")
     known = taxonomy.subset([c for c in taxonomy.classes if c not in set(held_out)])
     logger.info("--holdout-species: %d species held out as unknown (%s)", len(held_out), ", ".join(held_out))
     return EvaluationRun(args, known, splits, device, dtype, prepared=taxonomy, held_out=held_out)
@@ -422,6 +417,11 @@ def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
             )
         scores = zero_shot_scores(feats, class_emb, model.backbone.logit_scale)
         metrics = run.metrics(labels, scores)
+        count = len(model.classifier.record["templates"]) if adapter else 0
+        templates = f"its own {count} template{'s' if count != 1 else ''}" if adapter else f"{args.templates} templates"
+        kind = "LoRA adapter" if adapter else "zero-shot"
+        # the model's report first: its open-set and selective lines follow under it
+        logger.info(format_report(metrics, title=f"\n{model.name} {kind} ({text_type}, {templates}) on {args.split}"))
         out = run.output / "zero_shot" / model.name / text_type
         open_set = None
         if run.held_out:
@@ -448,11 +448,6 @@ def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
             row["selective"] = selective_result(run, validation[1], val_scores, labels, scores, out, model.name)
         row["answers"] = answers_result(run, model, labels, scores, row.get("selective"))
         rows.append(row)
-        templates = f"its own {len(model.classifier.record['templates'])}" if adapter else args.templates
-        kind = "LoRA adapter" if adapter else "zero-shot"
-        logger.info(
-            format_report(metrics, title=f"\n{model.name} {kind} ({text_type}, {templates} templates) on {args.split}")
-        )
     return rows
 
 
@@ -467,6 +462,7 @@ def supervised_row(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
         + ")"
     )
     metrics = run.metrics(labels, logits)
+    logger.info(format_report(metrics, title=f"\n{model.name} {method} ({record['base_model']}) on {run.args.split}"))
     out = run.output / "supervised" / model.name
     write_results(out, metrics, run.taxonomy, run.provenance(model=model.name), run.args.seed, f"{model.name} {method}")
     open_set = None
@@ -475,7 +471,6 @@ def supervised_row(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
         open_set = open_set_result(run, labels, logits, unknown, None, out, model.name)
     predictions = _predictions_table(logits, labels, run.sources(run.args.split), run.taxonomy.classes)
     predictions.to_parquet(out / "predictions.parquet")
-    logger.info(format_report(metrics, title=f"\n{model.name} {method} ({record['base_model']}) on {run.args.split}"))
     row = _row(model.name, method, "", metrics, open_set)
     if run.args.max_danger is not None:
         validation = run.features(model.backbone, model.name, "validation")  # its logits

@@ -20,6 +20,7 @@ from huggingface_hub import snapshot_download
 from peft import PeftModel
 from safetensors.torch import load
 
+from mushroomclip.data.holdout import HOLDOUT_FILE
 from mushroomclip.data.transforms import EvalPixels
 from mushroomclip.models.backbones import REGISTRY, Backbone, load_backbone
 from mushroomclip.models.convert import PREFIX, converted_folder, read_recipe, recipe_base
@@ -150,10 +151,23 @@ def find_adapters(folder: str | Path, classes: list[str], data_species: set[str]
         if not (run / model_file).is_file():
             skipped.append(f"skipped {run}: no {model_file} (an unfinished run?)")
         elif reason := data_mismatch(json.loads(record_path.read_text()), classes, data_species):
-            skipped.append(f"skipped {run}: {reason}")
+            skipped.append(f"skipped {run}: {reason}{holdout_hint(run)}")
         else:
             found.append(f"lora:{run}")
     return found, skipped
+
+
+def holdout_hint(run: Path) -> str:
+    """For a run that held species out: the evaluation options that draw its hold-out again (else "")."""
+    path = run / HOLDOUT_FILE
+    if not path.is_file():
+        return ""
+    record = json.loads(path.read_text())
+    spec = ",".join(record["holdout_species"])
+    return (
+        f"; it held out {len(record['held_out'])} species (holdout_species.json): evaluate with "
+        f"--holdout-species {spec} --holdout-seed {record['holdout_seed']} to score it"
+    )
 
 
 def run_model_files(folder: Path) -> tuple[str, str]:

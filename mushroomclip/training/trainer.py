@@ -22,7 +22,7 @@ from datasets import DatasetDict
 from scipy.special import softmax
 from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
 
-from mushroomclip.config import ConfigError, RunArguments, TrainConfig
+from mushroomclip.config import ConfigError, RunArguments, TrainConfig, describe_loss
 from mushroomclip.data.holdout import Holdout, apply_holdout
 from mushroomclip.data.imbalance import Imbalance, apply_imbalance
 from mushroomclip.data.splits import load_splits, prepared_taxonomy
@@ -427,7 +427,7 @@ def run_summary(cfg: TrainConfig, train_losses: list, best: dict, test: dict | N
     tuning = f"LoRA r={cfg.lora.r}" if m.finetune == "lora" else "full fine-tune"
     start = "pretrained" if m.pretrained else "from scratch"
     what = f"{m.base} ({start}) {tuning}" if m.type == "supervised" else f"{m.base} + {tuning}"
-    lines = [f"run {cfg.training.output_dir}: {what}, loss {cfg.loss.name}, {precision}"]
+    lines = [f"run {cfg.training.output_dir}: {what}, loss {describe_loss(dataclasses.asdict(cfg.loss))}, {precision}"]
     if train_losses:
         lines.append(
             f"train loss {train_losses[0][1]:.3f} -> {train_losses[-1][1]:.3f} over {train_losses[-1][0]} steps"
@@ -641,9 +641,9 @@ def load_run_data(cfg: TrainConfig) -> tuple[Taxonomy, DatasetDict, Holdout | No
     )
     if holdout is not None:
         logger.info(
-            "data.holdout_species: %d of %d species held out as unknown (%s)",
+            "data.holdout_species: %d of the %d species with training images held out as unknown (%s)",
             len(holdout.held_out),
-            len(taxonomy),
+            len(holdout.held_out) + len(splits["train"].unique("label")),  # the species the draw chose from
             ", ".join(holdout.held_out),
         )
         taxonomy = holdout.known
