@@ -207,7 +207,7 @@ def model_card(run_dir: str | Path) -> ModelCard:
         steps=metrics.get("global_step"),
         seed=training["seed"],
         repo=REPO,
-        open_set=describe_open_set(metrics),
+        open_set=describe_open_set(metrics) + describe_selective(metrics),
     )
     if supervised:
         return ModelCard.from_template(
@@ -262,6 +262,32 @@ def describe_open_set(metrics: dict) -> str:
             f'one of the known species".{measured}'
         )
     return "".join(f"\n\n{line}" for line in lines)
+
+
+def describe_selective(metrics: dict) -> str:
+    """The card's selective-prediction paragraph (starting with a blank line), or "" for a run without
+    ``run.max_danger``: the species threshold chosen on validation, its coverage, and what validation shows."""
+    t = metrics.get("thresholds") or {}
+    if "max_danger" not in t:
+        return ""
+    floor = (
+        f" (the target alone allowed {100 * t['allowed_by_target']:.1f}%; the default {100 * t['species']:g}% is kept)"
+        if t.get("allowed_by_target") is not None
+        else ""
+    )
+    shown = (
+        f"The validation split shows it: the rate's 95% upper bound is {100 * t['dangerous_as_edible_upper95']:.2f}%."
+        if t.get("target_shown")
+        else f"The validation split does NOT show it: with {t['dangerous_images']} deadly or poisonous images the "
+        f"rate's 95% upper bound is {100 * t['dangerous_as_edible_upper95']:.1f}%."
+    )
+    return (
+        f"\n\n**Selective prediction.** Below a top-1 probability of {100 * t['species']:.1f}%{floor}, chosen on "
+        f"{t['chosen_on']} for a dangerous→edible rate of at most {100 * t['max_danger']:g}%, `predict.py` and the app "
+        f'name no species ("not sure — do not eat", or the genus or family when that is certain). On validation '
+        f"it answers {100 * t['coverage']:.1f}% of {t['images']} images with a dangerous→edible rate of "
+        f"{100 * t['dangerous_as_edible']:.2f}%. {shown} Curve: `risk_coverage.png`."
+    )
 
 
 def describe_supervised_base(record: dict) -> tuple[str, str | None]:

@@ -70,6 +70,36 @@ def test_the_threshold_of_largest_coverage_meeting_the_target_is_chosen(
     assert chosen.met and chosen.max_danger == max_danger
 
 
+def test_a_target_never_makes_answers_bolder_than_the_default_threshold(toy):
+    """At a 50% target the curve allows 0.5; with the floor 0.6 the threshold stays 0.6 and its rates are there."""
+    curve = risk_coverage(*case_arrays(), toy)
+    chosen = choose_threshold(curve, 0.5, floor=0.6)
+    assert (chosen.threshold, chosen.allowed, chosen.floor) == (0.6, 0.5, 0.6)
+    assert (chosen.coverage, chosen.danger, chosen.error) == pytest.approx((5 / 6, 2 / 4, 2 / 5))
+    assert "threshold 0.6000 (the target alone allowed 0.5000; a species is never named below the default 0.6)" in (
+        chosen.summary()
+    )
+    assert chosen.record(0.8, 0.8)["allowed_by_target"] == 0.5
+    # a floor above every confidence answers nothing; below the target's own threshold it changes nothing
+    assert choose_threshold(curve, 0.5, floor=0.95).coverage == 0.0
+    assert choose_threshold(curve, 0.001, floor=0.5).threshold == 0.75
+
+
+def test_the_target_is_shown_only_when_validation_has_enough_dangerous_images():
+    """Clopper-Pearson one-sided 95%: 0 of n bounds the rate by 1 - 0.05^(1/n) (the 'rule of three', ~3/n)."""
+    from scipy import stats
+
+    from mushroomclip.evaluation.selective import SelectiveThreshold
+
+    def chosen(danger, n, target=0.001):
+        return SelectiveThreshold(0.5, target, 0.9, danger, 0.1, images=10 * n, dangerous_images=n)
+
+    assert chosen(0.0, 7).danger_upper95 == pytest.approx(1 - 0.05 ** (1 / 7))  # 34.8%: 7 images show little
+    assert not chosen(0.0, 7).verified and "NOT shown by validation" in chosen(0.0, 7).summary()
+    assert chosen(0.0, 3000).verified and "(95% upper bound 0.10%)" in chosen(0.0, 3000).summary()
+    assert chosen(2 / 100, 100, 0.1).danger_upper95 == pytest.approx(stats.beta.ppf(0.95, 3, 98))
+
+
 def test_equal_confidences_are_answered_together(toy):
     cases = [(A1, [0.9, 0.05, 0.03, 0.02]), (A2, [0.1, 0.8, 0.05, 0.05]), (A1, [0.1, 0.8, 0.05, 0.05])]
     curve = risk_coverage(*case_arrays(cases), toy)
@@ -110,7 +140,8 @@ def test_the_answer_abstains_below_the_validation_chosen_threshold(toy, tmp_path
     thresholds = run_thresholds(tmp_path)
     assert (thresholds.species, thresholds.genus, thresholds.family) == (0.75, 0.85, 0.9)
     assert (
-        "chosen on validation for a dangerous->edible rate of at most 0.1% (coverage there 50.0%)" in thresholds.source
+        "chosen on validation for a dangerous->edible rate of at most 0.1% (coverage there 50.0%); NOT shown by "
+        "validation: the rate's 95% upper bound there is 52.7%" in thresholds.source
     )
     classes = toy.classes
     confident = answer(classes, np.array([0.05, 0.05, 0.1, 0.8]), toy, thresholds)
@@ -128,6 +159,8 @@ def test_summary_states_coverage_at_the_target_and_whether_it_was_met(toy):
     assert chosen.summary() == (
         "selective prediction: threshold 0.7500 answers 50.0% of 6 images (coverage at the target) with "
         "dangerous->edible 0.00% of 4 dangerous images (target 0.1%) and 0.0% wrong species among the answered"
+        " — NOT shown by validation: with 4 dangerous images the rate's 95% upper bound is 52.7%; more deadly and "
+        "poisonous validation photos are needed"
     )
     cases = [(A1, [0.0, 1.0, 0.0, 0.0]), (C1, [0.1, 0.1, 0.0, 0.8])]
     assert "target NOT met" in choose_threshold(risk_coverage(*case_arrays(cases), toy), 0.001).summary()

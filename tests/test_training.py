@@ -127,11 +127,15 @@ def test_run_max_danger_records_the_validation_chosen_threshold_that_predict_rea
     result = run_training(load_train_config(ROOT / "configs/tiny.yaml", [*overrides, "run.max_danger=0.05"]))
     curve, chosen = result["selective"]
     recorded = json.loads((out / "metrics.json").read_text())["thresholds"]
-    assert recorded == json.loads(json.dumps(chosen.record(genus=0.8)))  # predict.py --csv and the app read it
+    assert recorded == json.loads(json.dumps(chosen.record(0.8, 0.8)))  # predict.py and the app read it
+    assert recorded["species"] >= 0.5  # never bolder than the default threshold, whatever the target allows
     assert recorded["max_danger"] == 0.05 and recorded["chosen_on"] == "validation"
     assert recorded["images"] == len(load_splits(prepared[0])["validation"])
     assert (recorded["dangerous_as_edible"] <= 0.05) == chosen.met and 0 <= recorded["coverage"] <= 1
     assert (out / "risk_coverage.png").is_file()
+    card = (out / "README.md").read_text()
+    assert f"**Selective prediction.** Below a top-1 probability of {100 * recorded['species']:.1f}%" in card
+    assert ("The validation split shows it" in card) == recorded["target_shown"]  # a few images show little
     thresholds = run_thresholds(out)
     assert thresholds.species == recorded["species"] and "dangerous->edible rate of at most 5%" in thresholds.source
     _, default_run, _, _ = trained  # off by default: the run records no threshold and writes no curve

@@ -315,6 +315,8 @@ def test_method_names_a_runs_loss_and_safety_settings(tmp_path):
     assert training_label(tmp_path) == "hierarchical_xent α=0.5"
     (tmp_path / "config.yaml").write_text("loss: {name: class_text, danger_weight: 0, logit_adjust: 1.0}\n")
     assert training_label(tmp_path) == "logit_adjust τ=1"
+    (tmp_path / "config.yaml").write_text("loss: {name: cross_entropy}\nrun: {max_danger: 0.001}\n")
+    assert training_label(tmp_path) == "max_danger=0.001"
 
 
 def test_k_shot_rows_say_how_many_images_classes_really_had(evaluated, prepared, tmp_path, caplog):

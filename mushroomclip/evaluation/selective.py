@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 from mushroomclip.prediction.answer import BACK_OFF, Thresholds
 from mushroomclip.taxonomy import Taxonomy
@@ -37,7 +38,9 @@ class RiskCoverage:
 
 @dataclass(frozen=True)
 class SelectiveThreshold:
-    """The lowest threshold (largest coverage) whose validation dangerous->edible rate is at most ``max_danger``."""
+    """The lowest threshold (largest coverage) whose validation dangerous->edible rate is at most ``max_danger``,
+    never below ``floor`` (the default species threshold: a target must not make answers bolder than they are
+    without one)."""
 
     threshold: float
     max_danger: float
@@ -46,18 +49,46 @@ class SelectiveThreshold:
     error: float | None  # None when nothing is answered
     images: int
     dangerous_images: int
+    floor: float = 0.0
+    allowed: float | None = None  # what the target alone allowed, where the floor is higher
 
     @property
     def met(self) -> bool:
         """Whether the target holds on validation (it cannot when even full abstention needs a threshold > 1)."""
         return self.danger <= self.max_danger
 
+    @property
+    def danger_upper95(self) -> float:
+        """The one-sided 95% upper bound (Clopper-Pearson) of the dangerous->edible rate, from the validation
+        split's dangerous images: with few of them a zero count cannot show a small target."""
+        n = self.dangerous_images
+        k = round(self.danger * n)
+        return 1.0 if k >= n else float(stats.beta.ppf(0.95, k + 1, n - k))
+
+    @property
+    def verified(self) -> bool:
+        """Whether validation shows the target: its 95% upper bound is at most ``max_danger``."""
+        return self.danger_upper95 <= self.max_danger
+
     def summary(self) -> str:
-        """One report line: "coverage at the target" and what it costs."""
+        """One report line: "coverage at the target", what it costs, and what validation can show."""
         error = "n/a" if self.error is None else f"{100 * self.error:.1f}%"
-        verdict = "" if self.met else " — target NOT met: even answering nothing below 1.0 exceeds it"
+        floor = (
+            f" (the target alone allowed {self.allowed:.4f}; a species is never named below the default {self.floor:g})"
+            if self.allowed is not None
+            else ""
+        )
+        if not self.met:
+            verdict = " — target NOT met: even answering nothing below 1.0 exceeds it"
+        elif not self.verified:
+            verdict = (
+                f" — NOT shown by validation: with {self.dangerous_images} dangerous images the rate's 95% upper "
+                f"bound is {100 * self.danger_upper95:.1f}%; more deadly and poisonous validation photos are needed"
+            )
+        else:
+            verdict = f" (95% upper bound {100 * self.danger_upper95:.2f}%)"
         return (
-            f"selective prediction: threshold {self.threshold:.4f} answers {100 * self.coverage:.1f}% of "
+            f"selective prediction: threshold {self.threshold:.4f}{floor} answers {100 * self.coverage:.1f}% of "
             f"{self.images} images (coverage at the target) with dangerous->edible {100 * self.danger:.2f}% of "
             f"{self.dangerous_images} dangerous images (target {100 * self.max_danger:g}%) and {error} wrong "
             f"species among the answered{verdict}"
@@ -72,8 +103,12 @@ class SelectiveThreshold:
             "family": family,
             "chosen_on": "validation",
             "max_danger": self.max_danger,
+            "floor": self.floor,
+            "allowed_by_target": self.allowed,
             "coverage": self.coverage,
             "dangerous_as_edible": self.danger,
+            "dangerous_as_edible_upper95": self.danger_upper95,
+            "target_shown": self.verified,
             "error": self.error,
             "images": self.images,
             "dangerous_images": self.dangerous_images,
@@ -118,12 +153,28 @@ def risk_coverage_top1(confidence: np.ndarray, predicted: np.ndarray, labels: np
     )
 
 
-def choose_threshold(curve: RiskCoverage, max_danger: float) -> SelectiveThreshold:
-    """The threshold of largest coverage whose dangerous->edible rate is at most ``max_danger`` (e.g. 0.001)."""
+def choose_threshold(curve: RiskCoverage, max_danger: float, floor: float = 0.0) -> SelectiveThreshold:
+    """The threshold of largest coverage whose dangerous->edible rate is at most ``max_danger`` (e.g. 0.001), and
+    ``floor`` where the target alone would allow a lower one (callers pass the default species threshold, so a
+    target never names a species that the default would not)."""
     if not 0.0 <= max_danger < 1.0:
         raise ValueError(f"--max-danger must be in [0, 1), got {max_danger}")
-    feasible = np.flatnonzero(curve.danger <= max_danger)  # a prefix: danger never falls as coverage grows
     common = {"max_danger": max_danger, "images": curve.images, "dangerous_images": curve.dangerous_images}
+    feasible = np.flatnonzero(curve.danger <= max_danger)  # a prefix: danger never falls as coverage grows
+    if len(feasible) and curve.threshold[feasible[-1]] < floor:
+        # the floor answers the curve's points at or above it: a prefix of the feasible ones
+        at_floor = np.flatnonzero(curve.threshold >= floor)
+        rates = {"coverage": 0.0, "danger": 0.0, "error": None}
+        if len(at_floor):
+            j = at_floor[-1]
+            rates = {
+                "coverage": float(curve.coverage[j]),
+                "danger": float(curve.danger[j]),
+                "error": float(curve.error[j]),
+            }
+        return SelectiveThreshold(
+            float(floor), **rates, **common, floor=floor, allowed=float(curve.threshold[feasible[-1]])
+        )
     if len(feasible):
         i = feasible[-1]
         return SelectiveThreshold(
@@ -132,13 +183,19 @@ def choose_threshold(curve: RiskCoverage, max_danger: float) -> SelectiveThresho
             danger=float(curve.danger[i]),
             error=float(curve.error[i]),
             **common,
+            floor=floor,
         )
     # Even the most confident images reach the target only by answering none of them: a threshold just above.
     above = float(np.nextafter(curve.threshold[0], np.inf))
     if above <= 1.0:
-        return SelectiveThreshold(above, coverage=0.0, danger=0.0, error=None, **common)
+        return SelectiveThreshold(above, coverage=0.0, danger=0.0, error=None, **common, floor=floor)
     return SelectiveThreshold(
-        1.0, coverage=float(curve.coverage[0]), danger=float(curve.danger[0]), error=float(curve.error[0]), **common
+        1.0,
+        coverage=float(curve.coverage[0]),
+        danger=float(curve.danger[0]),
+        error=float(curve.error[0]),
+        **common,
+        floor=floor,
     )
 
 

@@ -62,6 +62,13 @@ def run_thresholds(run_dir: str | Path | None) -> Thresholds:
             f"rate of at most {100 * recorded['max_danger']:g}% (coverage there "
             f"{100 * recorded['coverage']:.1f}%)"
         )
+        if recorded.get("allowed_by_target") is not None:
+            source += f", kept at the default {recorded['species']:g} where the target allowed less"
+        if recorded.get("target_shown") is False:  # too few dangerous validation images to show the rate
+            source += (
+                f"; NOT shown by validation: the rate's 95% upper bound there is "
+                f"{100 * recorded['dangerous_as_edible_upper95']:.1f}%"
+            )
     unknown = recorded.get("unknown")  # written by mushroomclip.evaluation.openset.unknown_threshold
     if unknown:
         source += (

@@ -35,6 +35,7 @@ from mushroomclip.models.backbones import load_backbone
 from mushroomclip.models.classifier import backbone_name, base_record
 from mushroomclip.models.lora import add_lora
 from mushroomclip.models.prompts import class_prompts, class_text_embeddings, templates_for
+from mushroomclip.prediction.answer import Thresholds
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 from mushroomclip.training.collectives import gather_batch
 from mushroomclip.training.losses import PAIRED_LOSSES, LossInputs, loss_context, training_loss
@@ -596,7 +597,7 @@ def selective_threshold(labels: np.ndarray, scores: np.ndarray, taxonomy, max_da
     except ValueError as err:
         logger.warning("run.max_danger: no threshold recorded: %s", err)
         return None
-    return curve, choose_threshold(curve, max_danger)
+    return curve, choose_threshold(curve, max_danger, floor=Thresholds.species)  # never bolder than the default
 
 
 def run_training(cfg: TrainConfig) -> dict:
