@@ -207,7 +207,7 @@ def model_card(run_dir: str | Path) -> ModelCard:
         steps=metrics.get("global_step"),
         seed=training["seed"],
         repo=REPO,
-        open_set=describe_open_set(metrics) + describe_selective(metrics),
+        open_set=describe_mistakes(test, baseline) + describe_open_set(metrics) + describe_selective(metrics),
     )
     if supervised:
         return ModelCard.from_template(
@@ -262,6 +262,30 @@ def describe_open_set(metrics: dict) -> str:
             f'one of the known species".{measured}'
         )
     return "".join(f"\n\n{line}" for line in lines)
+
+
+def describe_mistakes(test: dict | None, baseline: dict | None) -> str:
+    """The card's line on how bad the mistakes are (Bertinetto et al. 2020), before and after training, or ""."""
+    if (
+        not test
+        or test.get("mistake_severity") is None
+        or "top5" not in (test.get("hierarchical_distance_top_k") or {})
+    ):
+        return ""
+
+    def figures(m: dict) -> str:
+        return (
+            f"mistake severity {m['mistake_severity']:.2f}, average distance of the top-5 "
+            f"{m['hierarchical_distance_top_k']['top5']:.2f}"
+        )
+
+    before = ""
+    if baseline and baseline.get("mistake_severity") is not None and baseline.get("hierarchical_distance_top_k"):
+        before = f" (before training: {figures(baseline)})"
+    return (
+        f"\n\nHow bad the mistakes are, in ranks climbed to the common ancestor with the truth (1 = same genus … "
+        f"7 = another kingdom; Bertinetto et al. 2020): {figures(test)}{before}."
+    )
 
 
 def describe_selective(metrics: dict) -> str:

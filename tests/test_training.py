@@ -116,6 +116,12 @@ def test_a_taxonomy_and_safety_aware_run_writes_a_complete_run_folder(prepared, 
     setting = "β=10" if loss == "hierarchical_soft" else "α=0.1"
     assert f"loss `{loss}`, {setting}, danger_weight=1;" in (out / "README.md").read_text()  # the card says it all
     assert any(f"loss {loss} ({setting}, danger_weight=1), fp32" in m for m in caplog.messages)  # the run summary
+    # Bertinetto et al.'s figures travel with the run, so runs compare with the paper's tables
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("test", "validation_best"):
+        assert set(metrics[split]["hierarchical_distance_top_k"]) == {"top1", "top5", "top20"}
+    assert "How bad the mistakes are" in (out / "README.md").read_text()
+    assert any("test mistakes: severity " in m for m in caplog.messages)
 
 
 def test_run_max_danger_records_the_validation_chosen_threshold_that_predict_reads(prepared, tmp_path, trained):

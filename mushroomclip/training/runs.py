@@ -63,6 +63,8 @@ SUMMARY_KEYS = (
     "miou",
     "rank_accuracy",
     "mistake_severity",
+    "mistake_lca_depth",
+    "hierarchical_distance_top_k",  # Bertinetto et al. 2020's average distance of the top-1/5/20
     "dangerous_as_edible",
     "deadly_recall",
 )

@@ -438,6 +438,12 @@ def run_summary(cfg: TrainConfig, train_losses: list, best: dict, test: dict | N
         lines.append(
             f"test: OA {pct(test, 'oa')}  top-5 {pct(test, 'top5')}  mF1 {pct(test, 'mf1')}  mIoU {pct(test, 'miou')}"
         )
+        distance = test.get("hierarchical_distance_top_k") or {}
+        if test.get("mistake_severity") is not None and "top5" in distance:  # Bertinetto et al. 2020's figures
+            lines.append(
+                f"test mistakes: severity {test['mistake_severity']:.2f} ranks, average hierarchical distance of the "
+                f"top-5 {distance['top5']:.2f} ranks"
+            )
     groups = (test or {}).get("by_training_count")
     if cfg.data.imbalance is not None and groups:  # the long tail's question: how do the rare species fare?
         names = [g for g in ("head", "medium", "tail") if g in groups]
