@@ -333,6 +333,17 @@ def test_a_folder_becomes_one_csv_row_per_input_with_the_safety_answer(runs, pre
         assert row["top_species"].split(";") == [r.species for r in expected.rows]
 
 
+def test_a_csv_path_that_cannot_be_written_is_one_line_before_any_prediction(runs, prepared, tmp_path, predict_cli):
+    image = next((prepared[0] / "test").rglob("*.jpg"))
+    for target, expected in (
+        (tmp_path / "missing" / "a.csv", "does not exist; create it"),
+        (tmp_path, "is a folder; name a file"),
+    ):
+        status, out, err = predict_cli(image, "--adapter", runs / "good", "--csv", target)
+        assert status == 2 and out == "" and err.startswith(f"error: --csv {target}: ")
+        assert expected in err and len(err.splitlines()) == 1
+
+
 def test_the_table_and_json_give_each_photo_the_answer_with_its_warning(runs, prepared, predict_cli):
     """Not only the ranked list: the abstaining / back-off answer of --csv and the app, below each photo's rows."""
     from mushroomclip.prediction.answer import Thresholds, answer

@@ -141,8 +141,8 @@ def test_finished_or_different_run_is_refused_and_overwrite_clears_only_what_tra
     status, err = run_cli(capsys, short_run(prepared[0], out, "training.adam_beta2=0.98", "--resume"))
     line = assert_one_error_line(err, f"{out} holds a run stopped at checkpoint-4 with another config")
     assert status == 2 and "(training.adam_beta2: 'unset' -> 0.98)" in line  # a key the first start left unset
-    status, err = run_cli(
-        capsys, short_run(prepared[0], out, "training.max_steps=3", "training.eval_steps=3", "--overwrite")
+    status, err = run_cli(  # overrides after a flag count too (argparse refused them once)
+        capsys, short_run(prepared[0], out, "--overwrite", "training.max_steps=3", "training.eval_steps=3")
     )
     assert status == 0, err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-3"]  # checkpoint-4 is gone

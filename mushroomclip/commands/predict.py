@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +44,18 @@ def print_table(record: dict) -> None:
         )
     below = " (top-1 probability below the run's open-set threshold)" if record.get("possibly_unknown") else ""
     print(f"  -> {record['answer']['text']}{below}")
+
+
+def unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at ``path`` (its folder is missing or read-only, or it is a folder), else None."""
+    folder = path.absolute().parent
+    if path.is_dir():
+        return "is a folder; name a file"
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist; create it or name a file in an existing folder"
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "cannot be written here (permission denied); name a file in a folder you can write to"
+    return None
 
 
 def warn_if_dangerous(record: dict) -> None:
@@ -89,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {args.device}, but no CUDA GPU is available here; use --device cpu", file=sys.stderr)
+        return 2
+    if args.csv and (problem := unwritable(Path(args.csv))):  # found now, not after predicting a whole folder
+        print(f"error: --csv {args.csv}: {problem}", file=sys.stderr)
         return 2
     # 1. the files: folders expanded; a missing path is reported, not fatal
     files, problems = image_files(args.images)

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         "(same as run.overwrite=true)",
     )
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.learning_rate=1e-4")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before, between or after the flags
 
     flags = [*(["run.resume=true"] if args.resume else []), *(["run.overwrite=true"] if args.overwrite else [])]
     try:
