@@ -63,15 +63,7 @@ def write_report(results: Path) -> Path:
     out = results / "benchmark.md"
     out.write_text(markdown)
 
-    plt = _pyplot()
-    labels = [f"{r['model']} {r['method']} {r['text_type']}".strip() for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
-    ax.barh(labels[::-1], [100 * (r["miou"] or 0) for r in rows][::-1], color="#bc4749")
-    ax.set_xlabel("mIoU (%)")
-    ax.set_title("offline pipeline check (tiny random models)" if offline else "mIoU by model and method")
-    fig.tight_layout()
-    fig.savefig(results / "benchmark.png", dpi=100)
-    plt.close(fig)
+    save_miou_png(rows, results / "benchmark.png", offline)
     figures = [save_severity_png(rows, results / "severity.png", offline)]
     figures.append(save_best_risk_coverage_png(rows, cfg, results, results / "risk_coverage.png"))
     links = [f"![{path.stem}]({path.name})" for path in figures if path is not None]
@@ -80,38 +72,65 @@ def write_report(results: Path) -> Path:
     return out
 
 
+def _label(row: dict) -> str:
+    return f"{row['model']} {row['method']} {row['text_type']}".strip()
+
+
+def _key_below(fig, lines: list[str], height: float) -> None:
+    """Lay ``fig`` out above a key of ``lines`` (one per line, small type), ``height`` inches of it at the bottom."""
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, height / fig.get_figheight(), 1, 1))
+
+
+def save_miou_png(rows: list[dict], path: Path, offline: bool) -> Path:
+    """mIoU by row, numbered as the key below the bars names them (long method names never push the bars out)."""
+    plt = _pyplot()
+    key = [f"{i:>2}  {_label(r)}" for i, r in enumerate(rows, start=1)]
+    key_height = 0.14 * len(key) + 0.2
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(rows) + 1.5 + key_height))
+    ax.barh([str(i) for i in range(len(rows), 0, -1)], [100 * (r["miou"] or 0) for r in rows][::-1], color="#bc4749")
+    ax.set_xlabel("mIoU (%)")
+    ax.set_xlim(0, 100)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("offline pipeline check (tiny random models)" if offline else "mIoU by model and method")
+    _key_below(fig, key, key_height)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def save_severity_png(rows: list[dict], path: Path, offline: bool) -> Path | None:
     """Bertinetto et al. 2020's figure: per model, the mistake severity (mean LCA height of the wrong answers)
-    and the average hierarchical distance of the top-5 against the top-1 error. Rows without them are left out."""
+    and the average hierarchical distance of the top-5 against the top-1 error. Points are numbered as the key
+    below names them (models at the same point share one label); rows without the figures are left out."""
     points = [r for r in rows if r.get("mistake_severity") is not None and r.get("oa") is not None]
     if not points:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    key = [f"{i:>2}  {_label(r)}" for i, r in enumerate(points, start=1)]
+    key_height = 0.14 * len(key) + 0.2
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + key_height))
     panels = (
         ("mistake_severity", "mistake severity (mean LCA height of mistakes)"),
         ("top5", "average hierarchical distance of the top-5"),
     )
-    for ax, (key, label) in zip(axes, panels):
-        for r in points:
-            y = r["mistake_severity"] if key == "mistake_severity" else (r.get("hierarchical_distance") or {}).get(key)
-            if y is None:
-                continue
-            ax.scatter(100 * (1 - r["oa"]), y, s=25)
-            ax.annotate(
-                f"{r['model']} {r['method']} {r['text_type']}".strip(),
-                (100 * (1 - r["oa"]), y),
-                fontsize=6,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+    for ax, (key_name, label) in zip(axes, panels):
+        at: dict[tuple, list[str]] = {}  # numbers of the models at each point
+        for i, r in enumerate(points, start=1):
+            distance = (r.get("hierarchical_distance") or {}).get(key_name)
+            y = r["mistake_severity"] if key_name == "mistake_severity" else distance
+            if y is not None:
+                at.setdefault((round(100 * (1 - r["oa"]), 1), round(y, 2)), []).append(str(i))  # as read
+        for (x, y), numbers in at.items():
+            ax.scatter(x, y, s=25, color="#1565c0")
+            ax.annotate(",".join(numbers), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
         ax.set_xlabel("top-1 error (%)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle(
         ("offline pipeline check: " if offline else "") + "mistake severity vs top-1 error (lower left is better)"
     )
-    fig.tight_layout()
+    _key_below(fig, key, key_height)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -140,23 +159,25 @@ def save_best_risk_coverage_png(rows: list[dict], cfg: dict, results: Path, path
             )
         except ValueError:  # no deadly or poisonous image in the split
             return None
-        curves.append((f"{r['model']} {r['method']} {r['text_type']}".strip(), curve))
+        curves.append((_label(r), curve))
     if not curves:
         return None
     plt = _pyplot()
-    fig, (risk, danger) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, curve in curves:
-        risk.plot(100 * curve.coverage, 100 * curve.error, label=label)
-        danger.plot(100 * curve.coverage, 100 * curve.danger, label=label)
+    legend_height = 0.22 * len(curves) + 0.2
+    fig, (risk, danger) = plt.subplots(1, 2, figsize=(11, 4 + legend_height))
+    styles = ("-", "--", ":")  # equal curves stay visible: one over another differs in its dashes
+    for (label, curve), style in zip(curves, styles * len(curves)):
+        risk.plot(100 * curve.coverage, 100 * curve.error, style, label=label)
+        danger.plot(100 * curve.coverage, 100 * curve.danger, style)
     for ax, ylabel in ((risk, "error among answered (%)"), (danger, "dangerous->edible (%)")):
         ax.set_xlabel(f"coverage (% of {curves[0][1].images} images answered)")
         ax.set_ylabel(ylabel)
         ax.set_xlim(0, 100)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+    fig.legend(loc="lower left", fontsize=8, frameon=False)
     fig.suptitle(f"risk-coverage of the {len(curves)} best models by mIoU ({cfg['split']} split)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
