@@ -32,7 +32,7 @@ def test_interval_is_the_students_t_interval_of_the_mean():
 def test_differences_are_paired_by_seed_and_the_verdict_says_only_what_the_interval_shows():
     per_seed = {
         "class_text": runs([4.0, 4.2, 3.8]),
-        "hierarchical_soft": runs([3.0, 3.3, 2.7]),  # lower by 1.0, 0.9, 1.1
+        "hierarchical_soft": runs([3.0, 3.3, 2.7], oa=0.4),  # lower by 1.0, 0.9, 1.1; OA 10 points lower
         "hierarchical_xent": runs([4.5, 3.5, 4.1]),  # +0.5, -0.7, +0.3: the interval holds 0
     }
     summary = summarise(per_seed)
@@ -43,6 +43,9 @@ def test_differences_are_paired_by_seed_and_the_verdict_says_only_what_the_inter
     assert "hierarchical_soft lowers mistake severity" in text
     assert "hierarchical_soft: no significant difference in the hierarchical distance of the top-5" in text
     assert "hierarchical_xent: no significant difference in mistake severity" in text
+    assert (
+        "hierarchical_soft lowers test OA" in text and "hierarchical_xent: no significant difference in test OA" in text
+    )
 
 
 def test_docs_table_is_regenerated_between_its_markers(tmp_path):

@@ -398,7 +398,7 @@ def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs,
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "runs"
-    copy_run(runs, folder / "good")
+    copy_run(runs, folder / "lora-good")  # a folder named for its kind keeps its name: not lora-lora-good
     broken = copy_run(runs, folder / "nan")
     weights = load_file(broken / "adapter_model.safetensors")
     next(iter(weights.values())).view(-1)[0] = float("nan")

@@ -115,13 +115,14 @@ def render_table(result: dict) -> str:
         f"data `{data}`; {result['machine']['cores']}-core {result['machine']['cpu']}, no GPU; "
         f"commit {result.get('git_commit')}.",
         "",
-        "| loss | test OA % | test mIoU % | mistake severity | hier. distance top-5 | severity − class_text "
-        "| distance top-5 − class_text |",
-        "|---|---|---|---|---|---|---|",
+        "| loss | test OA % | test mIoU % | mistake severity | hier. distance top-5 | OA − class_text (points) "
+        "| severity − class_text | distance top-5 − class_text |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for loss, row in result["summary"].items():
         delta = row.get("minus_" + BASELINE, {})
-        deltas = [_fmt(delta[key], 1) if key in delta else "-" for key in ("mistake_severity", "hdist_top5")]
+        scales = {"oa": 100, "mistake_severity": 1, "hdist_top5": 1}
+        deltas = [_fmt(delta[key], scale) if key in delta else "-" for key, scale in scales.items()]
         lines.append(
             f"| {loss} | {_fmt(row['oa'], 100)} | {_fmt(row['miou'], 100)} | {_fmt(row['mistake_severity'], 1)} | "
             f"{_fmt(row['hdist_top5'], 1)} | {' | '.join(deltas)} |"
@@ -130,11 +131,15 @@ def render_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-VERDICT_METRICS = {"mistake_severity": "mistake severity", "hdist_top5": "the hierarchical distance of the top-5"}
+VERDICT_METRICS = {
+    "oa": "test OA",
+    "mistake_severity": "mistake severity",
+    "hdist_top5": "the hierarchical distance of the top-5",
+}
 
 
 def verdict(result: dict) -> str:
-    """What the paired intervals say, per loss and metric (lower is better for both), and no more."""
+    """What the paired intervals say, per loss and metric, and no more."""
     parts = []
     for loss, row in result["summary"].items():
         for key, name in VERDICT_METRICS.items():

@@ -157,6 +157,12 @@ def find_adapters(folder: str | Path, classes: list[str], data_species: set[str]
     return found, skipped
 
 
+def run_name(kind: str, folder: Path) -> str:
+    """A run's name in result tables: ``KIND-FOLDER``, or the folder's own name where it already says its kind
+    (``runs/lora-b32`` is ``lora-b32``, not ``lora-lora-b32``)."""
+    return folder.name if folder.name.startswith(f"{kind}-") else f"{kind}-{folder.name}"
+
+
 def holdout_hint(run: Path) -> str:
     """For a run that held species out: the evaluation options that draw its hold-out again (else "")."""
     path = run / HOLDOUT_FILE
@@ -256,5 +262,5 @@ def load_classifier(
         backbone.model.get_base_model().logit_scale.data.fill_(float(np.log(record["logit_scale"])))
     # keyed by the weights' bytes: a retrained adapter never reuses stale caches
     backbone.cache_id = f"{backbone.cache_id}+lora:{hashlib.sha256(weights).hexdigest()[:16]}"
-    backbone.name = f"lora-{folder.name}"
+    backbone.name = run_name("lora", folder)
     return Classifier(backbone, record, taxonomy)

@@ -28,7 +28,14 @@ from transformers.utils import logging as hf_logging
 
 from mushroomclip.data.transforms import EvalPixels, PreprocessConfig, normalize
 from mushroomclip.models.backbones import REDOWNLOAD, ModelLoadError, _first_line, _hf_weights_id, _size_value
-from mushroomclip.models.classifier import CLASSES_FILE, AdapterError, Classifier, _check_finite, _local_dir
+from mushroomclip.models.classifier import (
+    CLASSES_FILE,
+    AdapterError,
+    Classifier,
+    _check_finite,
+    _local_dir,
+    run_name,
+)
 from mushroomclip.models.lora import quiet_peft
 from mushroomclip.models.weights import hub_reachable, offline_note
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
@@ -480,4 +487,4 @@ def load_supervised_classifier(
                 f"of its config.json (e.g. {sorted(info['missing_keys'])[0]})"
             )
     cache_id = f"supervised:{hashlib.sha256(weights).hexdigest()[:16]}"  # a retrained run never reuses stale caches
-    return SupervisedClassifier(model, record, taxonomy, f"supervised-{folder.name}", cache_id, device)
+    return SupervisedClassifier(model, record, taxonomy, run_name("supervised", folder), cache_id, device)
