@@ -153,6 +153,19 @@ def test_unusable_repo_is_one_line_naming_it(hub_cache, files, pretrained, expec
     assert "\n" not in str(err.value) and RESNET_REPO in str(err.value) and expected in str(err.value)
 
 
+def test_a_local_folder_without_its_image_processor_is_told_what_it_lacks(tmp_path):
+    """No network advice for a folder (a merged or fully fine-tuned model saved without preprocessor_config.json)."""
+    files = resnet_files()
+    del files["preprocessor_config.json"]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(ModelLoadError) as err:
+        build_classifier(str(tmp_path), CLASSES[:4], pretrained=True)
+    message = str(err.value)
+    assert "\n" not in message and "the folder has no usable preprocessor config" in message
+    assert "preprocessor_config.json" in message and "hf auth login" not in message
+
+
 def test_timm_snapshot_loads_through_the_timm_wrapper(hub_cache):
     from safetensors.torch import load
 

@@ -47,6 +47,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NOT_A_CLASSIFIER_FIX = "Name an image classification model, e.g. microsoft/resnet-50 or a timm/... model"
+LOCAL_FOLDER_FIX = (
+    "A folder must hold what save_pretrained writes for the model and its image processor (config.json, the "
+    "weights, preprocessor_config.json); or name the Hub model it came from"
+)
 NO_NETWORK_FIX = (
     "Check the network and the Hugging Face login (hf auth login), or use the offline test model tiny-resnet"
 )
@@ -145,6 +149,9 @@ def _hub_call(base: str, local_only: bool, what: str, fn, *args):
     except ModelLoadError:
         raise
     except OSError as err:  # a file is missing here or on the Hub; the repo is private or misspelt
+        if Path(base).is_dir():  # a local folder: no network can help
+            problem = f"the folder has no usable {what} ({_first_line(err)})"
+            raise ModelLoadError(_error(base, problem, LOCAL_FOLDER_FIX)) from None
         problem = f"its {what} cannot be had ({_first_line(err)})" + (f"; {offline_note()}" if local_only else "")
         raise ModelLoadError(_error(base, problem, NO_NETWORK_FIX)) from None
     except (ValueError, ImportError) as err:  # not an architecture AutoModelForImageClassification has
