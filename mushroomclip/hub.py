@@ -207,7 +207,7 @@ def model_card(run_dir: str | Path) -> ModelCard:
         steps=metrics.get("global_step"),
         seed=training["seed"],
         repo=REPO,
-        open_set=describe_mistakes(test, baseline) + describe_open_set(metrics) + describe_selective(metrics),
+        result_paragraphs=describe_mistakes(test, baseline) + describe_open_set(metrics) + describe_selective(metrics),
     )
     if supervised:
         return ModelCard.from_template(
@@ -308,7 +308,7 @@ def describe_selective(metrics: dict) -> str:
     return (
         f"\n\n**Selective prediction.** Below a top-1 probability of {100 * t['species']:.1f}%{floor}, chosen on "
         f"{t['chosen_on']} for a dangerous→edible rate of at most {100 * t['max_danger']:g}%, `predict.py` and the app "
-        f'name no species ("not sure — do not eat", or the genus or family when that is certain). On validation '
+        f'name no species ("not sure — do not eat", or the most probable genus or family when its summed probability reaches its threshold). On validation '
         f"it answers {100 * t['coverage']:.1f}% of {t['images']} images with a dangerous→edible rate of "
         f"{100 * t['dangerous_as_edible']:.2f}%. {shown} Curve: `risk_coverage.png`."
     )

@@ -158,6 +158,11 @@ def test_thresholds_come_from_the_run_when_it_records_them(tmp_path):
     assert recorded.unknown is None and recorded.family == DEFAULTS.family  # a run from before family back-off
     (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": {"species": 0.7, "genus": 0.9, "family": 0.95}}))
     assert run_thresholds(tmp_path).family == 0.95
+    # a --max-danger threshold recorded before targets had a floor never makes answers bolder than the default
+    old = {"species": 0.27, "genus": 0.8, "max_danger": 0.001, "coverage": 1.0, "chosen_on": "validation"}
+    (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": old}))
+    floored = run_thresholds(tmp_path)
+    assert floored.species == DEFAULTS.species and "the run recorded 0.27, below the default" in floored.source
     unknown = {"score": "msp", "threshold": 0.42, "tpr": 0.95, "chosen_on": "validation", "images": 9}
     (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": {"unknown": unknown}}))  # run.unknown_tpr only
     recorded = run_thresholds(tmp_path)

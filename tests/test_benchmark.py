@@ -229,3 +229,13 @@ def test_the_offline_resnet_50_is_microsoft_resnet_50s_network():
     built = random_classifier("resnet-50", [f"c{i}" for i in range(1000)])
     assert sum(p.numel() for p in built.model.parameters()) == 25_557_032
     assert (built.preprocess.size, built.preprocess.resize_size) == ((224, 224), 256)
+
+
+def test_an_unknown_speed_model_is_a_usage_error_naming_every_choice(prepared, capsys):
+    from mushroomclip.evaluation.benchmark import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-speed", "--data", str(prepared[0]), "--model", "resnet50"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown model 'resnet50'" in err and "train-speed also takes" in err
+    assert "resnet-50" in err and "Traceback" not in err

@@ -354,7 +354,9 @@ def test_the_table_and_json_give_each_photo_the_answer_with_its_warning(runs, pr
     expected = [answer(classifier.classes, p, classifier.taxonomy, Thresholds(), k=5) for p in probs]
     status, out, _ = predict_cli(*photos, "--adapter", runs / "good")
     assert status == 0
-    assert out.splitlines()[0].startswith("answers: a species from 50%, else its genus from 80% or family from 80%")
+    assert out.splitlines()[0].startswith(
+        "answers: a species from 50%; else the most probable genus from 80% or family from 80% (summed); else not sure"
+    )
     assert [line[len("  -> ") :] for line in out.splitlines() if line.startswith("  -> ")] == [
         a.headline for a in expected
     ]
@@ -391,6 +393,7 @@ def test_the_benchmarks_answers_row_counts_what_predict_answers(runs, prepared, 
         assert answers[level]["share"] == pytest.approx((kinds == level).mean()), level
     assert answers["abstained"] == pytest.approx(kinds.isin(["not_sure", "unknown"]).mean())
     assert answers["species"]["share"] > 0 and answers["abstained"] > 0
+    assert answers["genus"]["share"] > 0 and answers["family"]["share"] > 0  # every level was compared
     assert "## Answers with back-off" in (tmp_path / "r" / "summary.md").read_text()
 
 
@@ -399,6 +402,7 @@ def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs,
 
     folder = tmp_path / "runs"
     copy_run(runs, folder / "lora-good")  # a folder named for its kind keeps its name: not lora-lora-good
+    copy_run(runs, folder / "good")  # lora-good too: it must not share the other's output folder
     broken = copy_run(runs, folder / "nan")
     weights = load_file(broken / "adapter_model.safetensors")
     next(iter(weights.values())).view(-1)[0] = float("nan")
@@ -413,7 +417,8 @@ def test_a_broken_adapter_among_the_runs_is_skipped_not_fatal_to_the_table(runs,
             num_workers=0,
         )
     )
-    assert [r["model"] for r in rows] == ["lora-good"]
+    assert [r["model"] for r in rows] == ["lora-good", "lora-good-2"]
+    assert (tmp_path / "res/zero_shot/lora-good-2").is_dir() and "is already in the table" in caplog.text
     assert any(line.startswith(f"skipped {broken}: ") and "NaN or inf" in line for line in caplog.messages)
     assert f"> skipped {broken}: " in (tmp_path / "res" / "summary.md").read_text()
 
@@ -424,3 +429,12 @@ def test_a_device_this_machine_lacks_is_one_line(runs, prepared, predict_cli):
     for device, expected in (("cuda", "no CUDA GPU is available here"), ("gpu0", "--device gpu0")):
         status, out, err = predict_cli(image, "--adapter", runs / "good", "--device", device)
         assert status == 2 and out == "" and len(err.splitlines()) == 1 and expected in err
+
+
+def test_the_thresholds_line_says_what_an_open_set_threshold_changes():
+    from mushroomclip.commands.predict import thresholds_line
+    from mushroomclip.prediction.answer import Thresholds
+
+    line = thresholds_line(Thresholds(unknown=0.7, source="test"))
+    assert line.startswith("answers: a species from 70% (the open-set threshold); else the most probable genus")
+    assert "else possibly not one of the known species below 70%, else not sure — thresholds: test" in line

@@ -83,6 +83,12 @@ def test_a_target_never_makes_answers_bolder_than_the_default_threshold(toy):
     # a floor above every confidence answers nothing; below the target's own threshold it changes nothing
     assert choose_threshold(curve, 0.5, floor=0.95).coverage == 0.0
     assert choose_threshold(curve, 0.001, floor=0.5).threshold == 0.75
+    # a weak model whose most confident answer is already a dangerous->edible mistake: the target alone would
+    # answer nothing above 0.3, which is still bolder than the default; the floor holds there too
+    weak = risk_coverage(np.array([[0.25, 0.3, 0.2, 0.25]] * 2), np.array([A1, C1]), toy)  # A2 (edible) at 0.3
+    chosen = choose_threshold(weak, 0.001)
+    assert chosen.threshold == 0.5 and chosen.allowed == pytest.approx(0.3) and chosen.coverage == 0.0
+    assert "a target of 0 can never be shown" in choose_threshold(curve, 0.0).summary()
 
 
 def test_the_target_is_shown_only_when_validation_has_enough_dangerous_images():
@@ -167,17 +173,20 @@ def test_summary_states_coverage_at_the_target_and_whether_it_was_met(toy):
 
 
 @pytest.mark.parametrize("threshold", [0.9, 0.75, 0.7, 0.6, 0.5, 0.95])
-def test_a_threshold_applied_to_a_split_gives_the_curve_at_that_threshold(toy, threshold):
-    from mushroomclip.evaluation.selective import apply_threshold
+def test_the_species_answers_at_a_threshold_are_the_curve_at_that_threshold(toy, threshold):
+    """answer_outcomes' species answers (what a split's selective figures are) follow the risk-coverage curve."""
+    from mushroomclip.evaluation.selective import answer_outcomes
+    from mushroomclip.prediction.answer import Thresholds
 
     probs, labels = case_arrays()
-    applied = apply_threshold(probs, labels, toy, threshold)
+    answers = answer_outcomes(probs, labels, toy, Thresholds(species=threshold))
+    species, danger = answers["species"], answers["dangerous_as_edible"]
     curve = risk_coverage(probs, labels, toy)
     if threshold > curve.threshold[0]:  # nothing answered
-        assert (applied["coverage"], applied["dangerous_as_edible"], applied["error"]) == (0.0, 0.0, None)
+        assert (species["share"], danger, species["right"]) == (0.0, 0.0, None)
         return
     i = np.flatnonzero(curve.threshold >= threshold)[-1]
-    assert (applied["coverage"], applied["dangerous_as_edible"], applied["error"]) == pytest.approx(
+    assert (species["share"], danger, 1 - species["right"]) == pytest.approx(
         (curve.coverage[i], curve.danger[i], curve.error[i])
     )
 
@@ -208,6 +217,11 @@ def test_evaluate_max_danger_chooses_on_validation_and_reports_the_evaluated_spl
     top1 = np.array([p[0] for p in predictions["top5_probs"]])
     threshold = record["chosen_on_validation"]["species"]
     assert record["test"]["coverage"] == pytest.approx((top1 >= threshold).mean(), abs=1e-6)
+    assert threshold >= 0.5  # never bolder than the default
+    # one definition of each rate: the selective table's test figures are the answers table's species answers
+    assert row["answers"]["thresholds"]["species"] == threshold
+    assert record["test"]["coverage"] == row["answers"]["species"]["share"]
+    assert record["test"]["dangerous_as_edible"] == row["answers"]["dangerous_as_edible"]
     assert (out / "risk_coverage.png").stat().st_size > 10_000
     assert (
         "## Selective prediction: threshold chosen on validation for dangerous→edible ≤ 5%"

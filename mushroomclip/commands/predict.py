@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from mushroomclip.data.transforms import ImageError, image_files
 from mushroomclip.models.backbones import ModelLoadError
 from mushroomclip.models.classifier import AdapterError, load_classifier
-from mushroomclip.prediction.answer import answer, csv_row, predictions_csv
+from mushroomclip.prediction.answer import Thresholds, answer, csv_row, predictions_csv
 from mushroomclip.prediction.identify import thresholds_for
 
 BATCH = 32  # images per forward pass: a folder of thousands of photos is never decoded at once
@@ -44,6 +44,23 @@ def print_table(record: dict) -> None:
         )
     below = " (top-1 probability below the run's open-set threshold)" if record.get("possibly_unknown") else ""
     print(f"  -> {record['answer']['text']}{below}")
+
+
+def thresholds_line(t: Thresholds) -> str:
+    """The table's first line: when the answers name a species, back off, or abstain, and where that comes from."""
+    pct = lambda p: f"{100 * p:.4g}%"  # noqa: E731
+    species = (
+        pct(t.species) if t.unknown is None or t.unknown <= t.species else f"{pct(t.unknown)} (the open-set threshold)"
+    )
+    below = (
+        "not sure"
+        if t.unknown is None
+        else f"possibly not one of the known species below {pct(t.unknown)}, else not sure"
+    )
+    return (
+        f"answers: a species from {species}; else the most probable genus from {pct(t.genus)} or family from "
+        f"{pct(t.family)} (summed); else {below} — thresholds: {t.source}"
+    )
 
 
 def unwritable(path: Path) -> str | None:
@@ -163,11 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             for record, p in zip(batch, probs):
                 record["possibly_unknown"] = bool(p.max().item() < thresholds.unknown)
         if args.format == "table" and not records:  # above the first image: which thresholds the answers use
-            print(
-                f"answers: a species from {100 * thresholds.species:.4g}%, else its genus from "
-                f"{100 * thresholds.genus:.4g}% or family from {100 * thresholds.family:.4g}% (summed), else not sure "
-                f"— thresholds: {thresholds.source}"
-            )
+            print(thresholds_line(thresholds))
         for record in batch:
             if args.format == "table":
                 print_table(record)

@@ -33,7 +33,7 @@ from mushroomclip.evaluation.references import REFERENCE_NOTE, reference_rows
 from mushroomclip.evaluation.selective import risk_coverage_top1
 from mushroomclip.evaluation.throughput import measure_speed, measure_train_speed
 from mushroomclip.evaluation.zeroshot import RANDOM_WEIGHTS_NOTE, summary_markdown
-from mushroomclip.models.backbones import hub_reachable
+from mushroomclip.models.backbones import hub_reachable, resolve_spec
 from mushroomclip.models.supervised import CLASSIFIERS
 
 NOVEL_DIR = "novel"
@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.add_argument("--batch-size", type=int, help="per step (default: 256 on a GPU, as lora_b32.yaml; 8 on CPU)")
     train.add_argument("--steps", type=int, help="timed steps, after warm-up (default: 20 on a GPU, 2 on CPU)")
-    train.add_argument("--towers", default="vision,text", help="LoRA towers (vision: frozen text tower)")
+    train.add_argument(
+        "--towers", default="vision,text", help="LoRA towers (vision: frozen text tower); CLIP models only"
+    )
     train.add_argument("--no-baseline", action="store_true", help="skip the run_clip.py-style baseline")
     for cmd in (speed_cmd, train):
         cmd.add_argument("--data", required=True, help="prepared data folder")
@@ -252,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     gpu = args.command in ("speed", "train-speed") and (
         args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     )
+    if args.command in ("speed", "train-speed") and args.model not in CLASSIFIERS:
+        try:
+            resolve_spec(args.model)
+        except ValueError as err:
+            classifiers = f" (train-speed also takes {', '.join(CLASSIFIERS)})" if args.command == "train-speed" else ""
+            p.error(f"--model: {err}{classifiers}")
+    if args.command == "speed" and args.model in CLASSIFIERS:
+        p.error(f"--model {args.model}: a supervised classifier has no zero-shot encoding; measure it with train-speed")
     if args.command == "train-speed":
         towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
         args.batch_size = args.batch_size or (256 if gpu else 8)

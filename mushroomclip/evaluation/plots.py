@@ -113,7 +113,12 @@ def save_risk_coverage_png(
         danger.axhline(
             100 * chosen.max_danger, color="grey", linestyle="--", label=f"target {100 * chosen.max_danger:g}%"
         )
-        label = f"threshold {chosen.threshold:.3f}: coverage {100 * chosen.coverage:.1f}%"
+        shown = (
+            f"95% upper bound {100 * chosen.danger_upper95:.2g}%"
+            if chosen.verified
+            else f"target NOT shown: 95% upper bound {100 * chosen.danger_upper95:.1f}% ({chosen.dangerous_images} dangerous)"
+        )
+        label = f"threshold {chosen.threshold:.3f}: coverage {100 * chosen.coverage:.1f}%; {shown}"
         for ax, value in ((risk, chosen.error), (danger, chosen.danger)):
             ax.axvline(100 * chosen.coverage, color="black", linewidth=0.8, label=label)
             if value is not None:

@@ -49,7 +49,7 @@ class SelectiveThreshold:
     error: float | None  # None when nothing is answered
     images: int
     dangerous_images: int
-    floor: float = 0.0
+    floor: float = Thresholds.species
     allowed: float | None = None  # what the target alone allowed, where the floor is higher
 
     @property
@@ -80,6 +80,8 @@ class SelectiveThreshold:
         )
         if not self.met:
             verdict = " — target NOT met: even answering nothing below 1.0 exceeds it"
+        elif not self.verified and self.max_danger == 0:
+            verdict = " — a target of 0 can never be shown by a sample; ask for a small positive rate such as 0.001"
         elif not self.verified:
             verdict = (
                 f" — NOT shown by validation: with {self.dangerous_images} dangerous images the rate's 95% upper "
@@ -94,7 +96,7 @@ class SelectiveThreshold:
             f"species among the answered{verdict}"
         )
 
-    def record(self, genus: float, family: float) -> dict:
+    def record(self, genus: float = Thresholds.genus, family: float = Thresholds.family) -> dict:
         """The run's ``metrics.json["thresholds"]`` (with the back-off thresholds ``genus`` and ``family``): read back
         by :func:`mushroomclip.prediction.answer.run_thresholds`."""
         return {
@@ -153,69 +155,38 @@ def risk_coverage_top1(confidence: np.ndarray, predicted: np.ndarray, labels: np
     )
 
 
-def choose_threshold(curve: RiskCoverage, max_danger: float, floor: float = 0.0) -> SelectiveThreshold:
+def choose_threshold(curve: RiskCoverage, max_danger: float, floor: float = Thresholds.species) -> SelectiveThreshold:
     """The threshold of largest coverage whose dangerous->edible rate is at most ``max_danger`` (e.g. 0.001), and
-    ``floor`` where the target alone would allow a lower one (callers pass the default species threshold, so a
-    target never names a species that the default would not)."""
+    ``floor`` wherever the target alone would allow a lower one: by default the default species threshold, so a
+    target never names a species that the default would not."""
     if not 0.0 <= max_danger < 1.0:
         raise ValueError(f"--max-danger must be in [0, 1), got {max_danger}")
     common = {"max_danger": max_danger, "images": curve.images, "dangerous_images": curve.dangerous_images}
     feasible = np.flatnonzero(curve.danger <= max_danger)  # a prefix: danger never falls as coverage grows
-    if len(feasible) and curve.threshold[feasible[-1]] < floor:
-        # the floor answers the curve's points at or above it: a prefix of the feasible ones
-        at_floor = np.flatnonzero(curve.threshold >= floor)
-        rates = {"coverage": 0.0, "danger": 0.0, "error": None}
-        if len(at_floor):
-            j = at_floor[-1]
-            rates = {
-                "coverage": float(curve.coverage[j]),
-                "danger": float(curve.danger[j]),
-                "error": float(curve.error[j]),
-            }
-        return SelectiveThreshold(
-            float(floor), **rates, **common, floor=floor, allowed=float(curve.threshold[feasible[-1]])
-        )
     if len(feasible):
         i = feasible[-1]
+        allowed, rates = float(curve.threshold[i]), (curve.coverage[i], curve.danger[i], curve.error[i])
+    else:  # even the most confident images reach the target only by answering none: a threshold just above them
+        allowed, rates = float(np.nextafter(curve.threshold[0], np.inf)), (0.0, 0.0, None)
+        if allowed > 1.0:  # no such threshold: the target is reported as not met
+            allowed, rates = 1.0, (curve.coverage[0], curve.danger[0], curve.error[0])
+    if allowed >= floor:
+        coverage, danger, error = rates
         return SelectiveThreshold(
-            float(curve.threshold[i]),
-            coverage=float(curve.coverage[i]),
-            danger=float(curve.danger[i]),
-            error=float(curve.error[i]),
+            allowed,
+            coverage=float(coverage),
+            danger=float(danger),
             **common,
             floor=floor,
+            error=None if error is None else float(error),
         )
-    # Even the most confident images reach the target only by answering none of them: a threshold just above.
-    above = float(np.nextafter(curve.threshold[0], np.inf))
-    if above <= 1.0:
-        return SelectiveThreshold(above, coverage=0.0, danger=0.0, error=None, **common, floor=floor)
-    return SelectiveThreshold(
-        1.0,
-        coverage=float(curve.coverage[0]),
-        danger=float(curve.danger[0]),
-        error=float(curve.error[0]),
-        **common,
-        floor=floor,
-    )
-
-
-def apply_threshold(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, threshold: float) -> dict:
-    """What answering only the images whose top-1 probability reaches ``threshold`` gives on another split (the
-    rates of :func:`risk_coverage` at that threshold): ``coverage``, ``dangerous_as_edible`` (over every dangerous
-    image, answered or not; None without any), ``error`` among the answered (None when none is)."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
-    predicted = probs.argmax(axis=1)
-    answered = probs[np.arange(len(labels)), predicted] >= threshold
-    dangerous = taxonomy.dangerous_mask[labels]
-    to_edible = dangerous & answered & taxonomy.edible_mask[predicted]
-    return {
-        "threshold": float(threshold),
-        "coverage": float(answered.mean()),
-        "dangerous_as_edible": float(to_edible.sum() / dangerous.sum()) if dangerous.any() else None,
-        "error": float((predicted[answered] != labels[answered]).mean()) if answered.any() else None,
-        "images": int(len(labels)),
-        "dangerous_images": int(dangerous.sum()),
-    }
+    # the floor answers the curve's points at or above it: a prefix of the feasible ones
+    at_floor = np.flatnonzero(curve.threshold >= floor)
+    rates = {"coverage": 0.0, "danger": 0.0, "error": None}
+    if len(at_floor):
+        j = at_floor[-1]
+        rates = {"coverage": float(curve.coverage[j]), "danger": float(curve.danger[j]), "error": float(curve.error[j])}
+    return SelectiveThreshold(float(floor), **rates, **common, floor=floor, allowed=allowed)
 
 
 def answer_outcomes(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, thresholds: Thresholds) -> dict:

@@ -26,7 +26,13 @@ from mushroomclip.evaluation.fewshot import linear_probe_scores, sample_support,
 from mushroomclip.evaluation.openset import DEFAULT_TPR, SCORES, OpenSetScores, open_set_metrics, summary_line
 from mushroomclip.evaluation.plots import save_open_set_roc_png, save_risk_coverage_png
 from mushroomclip.evaluation.reporting import write_results
-from mushroomclip.evaluation.selective import LEVELS, answer_outcomes, apply_threshold, choose_threshold, risk_coverage
+from mushroomclip.evaluation.selective import (
+    LEVELS,
+    SelectiveThreshold,
+    answer_outcomes,
+    choose_threshold,
+    risk_coverage,
+)
 from mushroomclip.metrics import classification_metrics, format_report, save_json
 from mushroomclip.models.backbones import Backbone, load_backbone, resolve_spec
 from mushroomclip.models.classifier import AdapterError, Classifier, data_mismatch, find_adapters, load_classifier
@@ -447,11 +453,11 @@ def zero_shot_rows(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
         )
         method = ("LoRA" + (f" ({model.training})" if model.training else "")) if adapter else "zero-shot"
         row = _row(model.name, method, text_type, metrics, open_set)
+        validation = None
         if args.max_danger is not None:
-            validation = run.features(model.backbone, model.name, "validation")
-            val_scores = zero_shot_scores(validation[0], class_emb, model.backbone.logit_scale)
-            row["selective"] = selective_result(run, validation[1], val_scores, labels, scores, out, model.name)
-        row["answers"] = answers_result(run, model, labels, scores, row.get("selective"))
+            val_feats, val_labels = run.features(model.backbone, model.name, "validation")
+            validation = (zero_shot_scores(val_feats, class_emb, model.backbone.logit_scale), val_labels)
+        row |= safety_results(run, model, labels, scores, validation, out)
         rows.append(row)
     return rows
 
@@ -477,11 +483,8 @@ def supervised_row(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
     predictions = _predictions_table(logits, labels, run.sources(run.args.split), run.taxonomy.classes)
     predictions.to_parquet(out / "predictions.parquet")
     row = _row(model.name, method, "", metrics, open_set)
-    if run.args.max_danger is not None:
-        validation = run.features(model.backbone, model.name, "validation")  # its logits
-        row["selective"] = selective_result(run, validation[1], validation[0], labels, logits, out, model.name)
-    row["answers"] = answers_result(run, model, labels, logits, row.get("selective"))
-    return row
+    validation = run.features(model.backbone, model.name, "validation") if run.args.max_danger is not None else None
+    return row | safety_results(run, model, labels, logits, validation, out)  # validation: its logits
 
 
 def probabilities(scores) -> np.ndarray:
@@ -489,38 +492,48 @@ def probabilities(scores) -> np.ndarray:
     return torch.softmax(torch.as_tensor(scores, dtype=torch.float64), dim=1).numpy()
 
 
-def answers_result(run: EvaluationRun, model: EvaluatedModel, labels, scores, selective: dict | None) -> dict:
-    """What predict.py and the app would answer on the evaluated split (:func:`answer_outcomes`): with a run's own
-    recorded thresholds, the documented defaults for a base model, and the species threshold ``--max-danger``
-    chose on validation where it chose one."""
+def safety_results(
+    run: EvaluationRun, model: EvaluatedModel, labels, scores, validation: Features | None, out: Path
+) -> dict:
+    """``answers``: what predict.py and the app would answer on the evaluated split (:func:`answer_outcomes`), with
+    a run's own recorded thresholds, else the documented defaults; and with ``--max-danger`` (``validation``: its
+    scores and labels) ``selective``: the species threshold chosen on validation, used for the answers too, and
+    what its species answers give on the split (``selective.json``, the validation ``risk_coverage.png``)."""
     thresholds = thresholds_for(model.source) if model.source else Thresholds()
-    if selective:
-        chosen = selective["chosen_on_validation"]
-        thresholds = dataclasses.replace(
-            thresholds,
-            species=chosen["species"],
-            source=f"species threshold chosen on validation by --max-danger {chosen['max_danger']:g}; "
-            + thresholds.source,
-        )
-    return answer_outcomes(probabilities(scores), labels, run.taxonomy, thresholds)
+    chosen = choose_on_validation(run, *validation, out, model.name) if validation is not None else None
+    if chosen is not None:
+        source = f"species threshold chosen on validation by --max-danger {chosen.max_danger:g}; {thresholds.source}"
+        thresholds = dataclasses.replace(thresholds, species=chosen.threshold, source=source)
+    answers = answer_outcomes(probabilities(scores), labels, run.taxonomy, thresholds)
+    if chosen is None:
+        return {"answers": answers}
+    right = answers["species"]["right"]
+    on_split = {  # the species answers, as the answers table counts them (one definition of each rate)
+        "threshold": chosen.threshold,
+        "coverage": answers["species"]["share"],
+        "dangerous_as_edible": answers["dangerous_as_edible"],
+        "error": None if right is None else 1 - right,
+        "images": answers["images"],
+        "dangerous_images": answers["dangerous_images"],
+    }
+    selective = {"chosen_on_validation": chosen.record(), run.args.split: on_split}
+    save_json(out / "selective.json", selective)
+    return {"answers": answers, "selective": selective}
 
 
-def selective_result(run: EvaluationRun, val_labels, val_scores, labels, scores, out: Path, name: str) -> dict | None:
-    """The ``--max-danger`` threshold chosen on validation (``val_*``), what it gives on the evaluated split
-    (``labels``, ``scores``), ``selective.json`` and the validation ``risk_coverage.png`` in ``out``."""
+def choose_on_validation(run: EvaluationRun, val_scores, val_labels, out: Path, name: str) -> SelectiveThreshold | None:
+    """The ``--max-danger`` threshold chosen on validation, with its ``risk_coverage.png`` in ``out``; None (and a
+    note) when validation has no deadly or poisonous image."""
     try:
         curve = risk_coverage(probabilities(val_scores), val_labels, run.taxonomy)
     except ValueError as err:  # no deadly or poisonous validation image
         run.note(f"{name}: --max-danger: no threshold: {err}")
         return None
-    chosen = choose_threshold(curve, run.args.max_danger, floor=Thresholds.species)  # never bolder than the default
-    result = {"chosen_on_validation": chosen.record(Thresholds.genus, Thresholds.family)}
-    result |= {run.args.split: apply_threshold(probabilities(scores), labels, run.taxonomy, chosen.threshold)}
+    chosen = choose_threshold(curve, run.args.max_danger)  # never below the default species threshold
     out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "selective.json", result)
     save_risk_coverage_png(curve, out / "risk_coverage.png", chosen, title=f"{name} validation")
     logger.info(f"{name}: {chosen.summary()}")
-    return result
+    return chosen
 
 
 def open_set_result(
@@ -609,12 +622,17 @@ def evaluate(args: EvaluationArguments) -> list[dict]:
     run = load_evaluation_data(args)
     # 2. the models: --models, then the fitting runs of --include-adapters
     found = adapters_to_include(run)
-    rows = []
+    rows, named = [], set()
     for name in args.model_names + found:
         # 3. the backbone (a LoRA run: its backbone and own class embeddings)
         model = load_model(run, name, found=name in found)
         if model is None:
             continue
+        if model.name in named:  # e.g. runs/b32 and runs/lora-b32: their outputs must not share a folder
+            renamed = f"{model.name}-{sum(n.startswith(model.name) for n in named) + 1}"
+            run.note(f"{name}: a model named {model.name} is already in the table; this one is {renamed}")
+            model.name = renamed
+        named.add(model.name)
         # 4. features of the evaluated split, then the zero-shot head for every text type
         evaluated = run.features(model.backbone, model.name, args.split)
         if isinstance(model.classifier, SupervisedClassifier):  # its own head: the features are its logits
@@ -666,8 +684,8 @@ def selective_table(rows: list[dict]) -> list[str]:
     lines = [
         f"## Selective prediction: threshold chosen on validation for dangerous→edible ≤ {100 * first['max_danger']:g}%",
         "",
-        "",
-        "Never below the default species threshold 0.5 (where the target alone allows less, the table says so). "
+        f"Never below the default species threshold {Thresholds.species:g} (where the target alone allows less, the "
+        "table says so). "
         "Validation shows the target only when the 95% upper bound of its dangerous→edible rate (Clopper-Pearson, "
         "from its deadly and poisonous images) is at most the target.",
         "",

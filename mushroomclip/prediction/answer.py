@@ -64,6 +64,12 @@ def run_thresholds(run_dir: str | Path | None) -> Thresholds:
         )
         if recorded.get("allowed_by_target") is not None:
             source += f", kept at the default {recorded['species']:g} where the target allowed less"
+        elif float(recorded["species"]) < Thresholds.species:  # recorded before targets had a floor
+            source += (
+                f"; the run recorded {float(recorded['species']):.4g}, below the default: the default "
+                f"{Thresholds.species:g} applies (a target never makes answers bolder)"
+            )
+            recorded = recorded | {"species": Thresholds.species}
         if recorded.get("target_shown") is False:  # too few dangerous validation images to show the rate
             source += (
                 f"; NOT shown by validation: the rate's 95% upper bound there is "
