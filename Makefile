@@ -13,7 +13,7 @@ DEMO ?= demo
 BENCH ?= /tmp/mushroomclip-bench
 NPROC ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help setup test demo demo-data app train benchmark bench-prepare bench-zero-shot bench-train bench-hierarchy bench-table lint format clean
+.PHONY: help setup test demo demo-data app train benchmark bench-prepare bench-zero-shot bench-train bench-gpu bench-hierarchy bench-table lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -102,9 +102,21 @@ bench-zero-shot: setup $(SPEED_DATA)/prepare_report.json  ## zero-shot encoding 
 	  --num-workers $(WORKERS) --output $(BENCH_OUT) $(if $(ZS_BATCHES),--batches $(ZS_BATCHES))
 
 TOWERS ?= vision,text
-bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s (data, model only, run_clip.py baseline), FLOPs, MFU, peak memory -> results/bench/*.json (TOWERS=vision: frozen text; BENCH_MODEL=resnet-50: supervised; BATCH, STEPS, WORKERS, SPEED_*)
+bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s (data, model only, run_clip.py baseline), FLOPs, MFU, peak memory -> results/bench/*.json (TOWERS=vision: frozen text; BENCH_MODEL=resnet-50: supervised; LEVERS="--compile ..."; BATCH, STEPS, WORKERS, SPEED_*)
 	$(OFFLINE) $(PY) -m mushroomclip.evaluation.benchmark train-speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --num-workers $(WORKERS) \
-	  --towers $(TOWERS) --output $(BENCH_OUT) $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--steps $(STEPS))
+	  --towers $(TOWERS) --output $(BENCH_OUT) $(if $(BATCH),--batch-size $(BATCH)) $(if $(STEPS),--steps $(STEPS)) $(LEVERS)
+
+# Every speed figure issues 13 and 14 ask for, in order of importance (each writes its JSON as it finishes, so a
+# run cut short keeps what it measured), then the docs table: one command for a session lent a GPU.
+bench-gpu:  ## on a GPU: bench-train (both towers, vision only, each lever alone, ResNet-50), bench-zero-shot, bench-table
+	$(MAKE) bench-train
+	$(MAKE) bench-zero-shot
+	$(MAKE) bench-train TOWERS=vision
+	$(MAKE) bench-train BENCH_MODEL=resnet-50
+	$(MAKE) bench-train LEVERS=--fused-adamw
+	$(MAKE) bench-train LEVERS="--lora-dropout 0"
+	$(MAKE) bench-train LEVERS=--compile
+	$(MAKE) bench-table
 
 HIER_DATA ?= $(BENCH)/genus-signal
 HIER_SEEDS ?= 5

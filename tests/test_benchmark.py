@@ -239,3 +239,49 @@ def test_an_unknown_speed_model_is_a_usage_error_naming_every_choice(prepared, c
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "unknown model 'resnet50'" in err and "train-speed also takes" in err
     assert "resnet-50" in err and "Traceback" not in err
+
+
+def test_speed_levers_keep_the_steps_numerics(prepared):
+    """Issue 13's levers change speed, not what is trained: the compiled loss and its LoRA gradients equal the
+    eager ones, and a fused AdamW step the default one, within float tolerance (tiny-clip, dropout 0)."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from mushroomclip.data.splits import prepared_taxonomy
+    from mushroomclip.evaluation.throughput import Levers, _train_model, step_loss
+
+    taxonomy = prepared_taxonomy(prepared[0])
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[])
+    net, trainer, preprocess, _ = _train_model(
+        "tiny-clip", "cpu", ("vision", "text"), taxonomy, args, Levers(lora_dropout=0.0)
+    )
+    torch.manual_seed(0)
+    batch = {
+        "pixel_values": torch.randint(0, 256, (4, 3, *preprocess.size), dtype=torch.uint8),
+        "labels": torch.randint(0, len(taxonomy), (4,)),
+    }
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def loss_and_grads(loss_of):
+        net.zero_grad(set_to_none=True)
+        loss = loss_of(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    eager, eager_grads = loss_and_grads(step_loss(trainer, net))
+    compiled, compiled_grads = loss_and_grads(step_loss(trainer, net, Levers(compile=True)))
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
+    for a, b in zip(eager_grads, compiled_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    start = [p.detach().clone() for p in params]
+    after = {}
+    for fused in (False, True):
+        with torch.no_grad():
+            for p, value in zip(params, start):
+                p.copy_(value)
+        speed.train_step(params, step_loss(trainer, net), "cpu", fused=fused)(batch)
+        after[fused] = [p.detach().clone() for p in params]
+    for a, b in zip(after[False], after[True], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # an update is lr = 1e-4 in size
+    assert any(not torch.equal(a, s) for a, s in zip(after[True], start))  # the step did move the weights

@@ -31,7 +31,7 @@ from mushroomclip.evaluation.novel import NovelArguments, evaluate_novel
 from mushroomclip.evaluation.plots import _pyplot
 from mushroomclip.evaluation.references import REFERENCE_NOTE, reference_rows
 from mushroomclip.evaluation.selective import risk_coverage_top1
-from mushroomclip.evaluation.throughput import measure_speed, measure_train_speed
+from mushroomclip.evaluation.throughput import Levers, measure_speed, measure_train_speed
 from mushroomclip.evaluation.zeroshot import RANDOM_WEIGHTS_NOTE, summary_markdown
 from mushroomclip.models.backbones import hub_reachable, resolve_spec
 from mushroomclip.models.supervised import CLASSIFIERS
@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         "--towers", default="vision,text", help="LoRA towers (vision: frozen text tower); CLIP models only"
     )
     train.add_argument("--no-baseline", action="store_true", help="skip the run_clip.py-style baseline")
+    train.add_argument("--compile", action="store_true", help="lever: torch.compile the step's loss (model included)")
+    train.add_argument("--fused-adamw", action="store_true", help="lever: AdamW's fused kernel")
+    train.add_argument("--lora-dropout", type=float, help="lever: LoRA dropout (default: the config's, 0.1)")
     for cmd in (speed_cmd, train):
         cmd.add_argument("--data", required=True, help="prepared data folder")
         cmd.add_argument(
@@ -275,9 +278,11 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             towers,
             baseline=not args.no_baseline,
+            levers=Levers(args.compile, args.fused_adamw, args.lora_dropout),
         )
         what = "full" if args.model in CLASSIFIERS else "+".join(towers)
-        _print_and_write(r, f"train-{args.model}-{what}-{'gpu' if gpu else 'cpu'}", Path(args.output))
+        name = f"train-{args.model}-{what}{Levers(args.compile, args.fused_adamw, args.lora_dropout).tag()}"
+        _print_and_write(r, f"{name}-{'gpu' if gpu else 'cpu'}", Path(args.output))
         return 0
     if args.command == "hub-reachable":
         reachable = hub_reachable()

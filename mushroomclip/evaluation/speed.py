@@ -50,6 +50,7 @@ TRAIN_FIELDS = {
     **FIELDS,
     "steps": "timed steps per measurement",
     "towers": "LoRA towers",
+    "levers": "speed levers of the step (compile, fused_adamw, lora_dropout; issue 13)",
     "train_images": "train split size",
     "classes": "class prompts per step",
     "loader_only": "images/s the loader alone delivers",
@@ -215,9 +216,10 @@ def variant(
     return row
 
 
-def train_step(params, loss_of, device: str):
-    """``step(batch)``: loss (bf16 autocast on a GPU), backward, AdamW, as one training step of the benchmark."""
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+def train_step(params, loss_of, device: str, fused: bool = False):
+    """``step(batch)``: loss (bf16 autocast on a GPU), backward, AdamW (``fused``: its fused kernel), as one
+    training step of the benchmark."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
     cuda = device.startswith("cuda")
 
     def step(batch: dict) -> None:
@@ -310,14 +312,18 @@ def table_rows(result: dict) -> list[str]:
     """Markdown table rows, one per measured variant of one result file."""
     r, rows = result, []
     setup = f"`{r['model']}`, batch {r['batch_size']}, {r['dtype'].removeprefix('torch.')}, {r['num_workers']} worker{'s' if r['num_workers'] != 1 else ''}"
+    set_levers = {k: v for k, v in (r.get("levers") or {}).items() if v is not False and v is not None}
     for key, label in VARIANTS.items():
         if key not in r:
             continue
         f, eff = r[key], r[key].get("efficiency") or {}
         mem = f.get("peak_memory")
         memory = f"{mem['bytes'] / 2**30:.2f} GiB ({mem['kind']})" if mem else ""
+        # the baseline is the run_clip.py recipe: of the levers, only the LoRA it trains is the same
+        levers = {k: v for k, v in set_levers.items() if key != "baseline" or k == "lora_dropout"}
+        where = setup + "".join(f", {k}" if v is True else f", {k}={v:g}" for k, v in levers.items())
         rows.append(
-            f"| {r['benchmark']} | {label} | {setup} | {_machine(r['machine'])} | {_num(f['images_per_s'])} | "
+            f"| {r['benchmark']} | {label} | {where} | {_machine(r['machine'])} | {_num(f['images_per_s'])} | "
             f"{_num(eff.get('tflops_per_s'))} | {_pct(eff.get('mfu_spec'))} | {_pct(eff.get('mfu_matmul'))} | {memory} |"
         )
     return rows

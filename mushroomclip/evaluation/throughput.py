@@ -9,9 +9,11 @@ class_text loss, and the ``run_clip.py``-style baseline) and for the supervised 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import TrainingArguments
@@ -144,15 +146,34 @@ def _encode_split(images, backbone, batch_size: int, num_workers: int, device: s
     return {"images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds}
 
 
-def _lora_model(model: str, device: str, towers: tuple):
-    """A random-weights backbone with the default config's LoRA on ``towers``, in train mode on ``device``."""
+def _lora_model(model: str, device: str, towers: tuple, dropout: float | None = None):
+    """A random-weights backbone with the default config's LoRA on ``towers`` (``dropout``: another LoRA dropout),
+    in train mode on ``device``."""
     backbone = load_backbone(model, device=device, random_weights=True)
     s = LoraArguments()
-    peft = add_lora(backbone.model, s.r, s.alpha, s.dropout, list(towers), s.target_modules, False).to(device).train()
+    dropout = s.dropout if dropout is None else dropout
+    peft = add_lora(backbone.model, s.r, s.alpha, dropout, list(towers), s.target_modules, False).to(device).train()
     return backbone, peft
 
 
-def _train_model(model: str, device: str, towers: tuple, taxonomy, args: TrainingArguments):
+@dataclass(frozen=True)
+class Levers:
+    """Speed levers a training step can be measured with (issue 13: each measured on its own, kept where it pays):
+    ``torch.compile`` of the step's loss, AdamW's fused kernel, another LoRA dropout. The defaults are the
+    trainer's own step."""
+
+    compile: bool = False
+    fused_adamw: bool = False
+    lora_dropout: float | None = None  # None: the config default
+
+    def tag(self) -> str:
+        """What a result file's name says of the levers ("" for the trainer's own step)."""
+        parts = ["compile"] * self.compile + ["fused"] * self.fused_adamw
+        parts += [] if self.lora_dropout is None else [f"dropout{self.lora_dropout:g}"]
+        return "".join(f"-{p}" for p in parts)
+
+
+def _train_model(model: str, device: str, towers: tuple, taxonomy, args: TrainingArguments, levers: Levers = Levers()):
     """The model of ``model`` (random weights, train mode, on ``device``), its trainer (whose ``compute_loss`` is
     the step's loss), its preprocessing and what the step is: a supervised classifier of :data:`CLASSIFIERS`
     fully fine-tuned with cross-entropy, else a CLIP backbone with the default LoRA on ``towers`` and the
@@ -164,7 +185,7 @@ def _train_model(model: str, device: str, towers: tuple, taxonomy, args: Trainin
             model=net, args=args, loss_name="cross_entropy", evaluator=None, pixel_stats=pixel_stats(built.preprocess)
         )
         return net, trainer, built.preprocess, "training step (forward + backward), full fine-tune, cross-entropy"
-    backbone, net = _lora_model(model, device, towers)
+    backbone, net = _lora_model(model, device, towers, levers.lora_dropout)
     d = DataArguments()
     ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, d.text_type, [d.train_template])]).to(device)
     trainer = ContrastiveTrainer(
@@ -178,6 +199,16 @@ def _train_model(model: str, device: str, towers: tuple, taxonomy, args: Trainin
     return net, trainer, backbone.preprocess, "training step (forward + backward)"
 
 
+def step_loss(trainer, net, levers: Levers = Levers()):
+    """``loss(batch)`` of a training step: the trainer's ``compute_loss``, compiled whole with ``torch.compile``
+    when ``levers.compile`` (every batch has one shape: drop_last, fixed batch size)."""
+
+    def loss(inputs: dict) -> torch.Tensor:
+        return trainer.compute_loss(net, inputs)
+
+    return torch.compile(loss) if levers.compile else loss
+
+
 def measure_train_speed(
     data: str,
     model: str,
@@ -187,6 +218,7 @@ def measure_train_speed(
     device: str,
     towers: tuple = ("vision", "text"),
     baseline: bool = True,
+    levers: Levers = Levers(),
 ) -> dict:
     """Train images/s of steps fed by the real pipeline vs uint8 tensors on the device, in the steady state
     (:func:`_steady_state_plan`), what the loader alone delivers, and (``baseline``, CLIP only) the same LoRA,
@@ -200,7 +232,7 @@ def measure_train_speed(
     taxonomy = prepared_taxonomy(data)
     splits = load_splits(data)
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=not device.startswith("cuda"), report_to=[])
-    net, trainer, preprocess, what = _train_model(model, device, towers, taxonomy, args)
+    net, trainer, preprocess, what = _train_model(model, device, towers, taxonomy, args, levers)
     split = train_images(splits["train"], preprocess)  # the trainer's own pipeline
     loader = torch.utils.data.DataLoader(
         split,
@@ -214,7 +246,7 @@ def measure_train_speed(
         collate_fn=collate,
     )
     params = [p for p in net.parameters() if p.requires_grad]
-    step = speed.train_step(params, lambda inputs: trainer.compute_loss(net, inputs), device)
+    step = speed.train_step(params, step_loss(trainer, net, levers), device, fused=levers.fused_adamw)
 
     def copy(batch: dict) -> None:  # the loader alone: only the copy to the device
         batch["pixel_values"].to(device, non_blocking=True)
@@ -243,7 +275,8 @@ def measure_train_speed(
     model_only = max(first, _images_per_s(synthetic, step, steps, 0, device, count)[0])
     memory = speed.peak_memory(device)
     loader_only, _ = _images_per_s(loader, copy, steps, skip, device, count)  # the decoding ceiling, a fresh epoch
-    flops = speed.count_flops(step, fixed[0])
+    # counted on the eager step: FlopCounterMode does not see inside a compiled graph (the arithmetic is the same)
+    flops = speed.count_flops(speed.train_step(params, step_loss(trainer, net), device), fixed[0])
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     peak = speed.peaks(device, dtype)
     shutil.rmtree(args.output_dir, ignore_errors=True)
@@ -260,6 +293,7 @@ def measure_train_speed(
         "train_images": len(split),
         "classes": len(taxonomy),
         "step": what,
+        "levers": dataclasses.asdict(levers),
         "flops_per_step": flops,
         **peak,
         "pipeline": speed.variant(pipeline, flops, batch_size, peak),
@@ -270,7 +304,17 @@ def measure_train_speed(
     if baseline and not classifier:  # the run_clip.py recipe is CLIP's
         del trainer, net, step, fixed, synthetic
         result["baseline"] = _baseline_speed(
-            splits["train"], taxonomy, model, batch_size, steps, num_workers, skip, device, towers, peak
+            splits["train"],
+            taxonomy,
+            model,
+            batch_size,
+            steps,
+            num_workers,
+            skip,
+            device,
+            towers,
+            peak,
+            levers.lora_dropout,  # the same LoRA; the other levers are this project's, not the recipe's
         )
         result["speedup_vs_baseline"] = pipeline / result["baseline"]["images_per_s"]
     result["machine"] = speed.machine(device)
@@ -288,10 +332,11 @@ def _baseline_speed(
     device: str,
     towers: tuple,
     peak: dict,
+    lora_dropout: float | None = None,
 ) -> dict:
     """Images/s of the Hugging Face recipe (``run_clip.py``: Pillow + torchvision in ``set_transform``, one
     caption per image, ``CLIPModel(..., return_loss=True)``) with the same LoRA, batch and precision."""
-    backbone, peft = _lora_model(model, device, towers)
+    backbone, peft = _lora_model(model, device, towers, lora_dropout)
     d = DataArguments()
     # offline_clip_tokenizer: the same BPE as openai/clip-vit-*
     captions = speed.caption_dataset(
