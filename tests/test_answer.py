@@ -90,7 +90,7 @@ def test_uncertain_genus_backs_off_to_a_certain_family_naming_its_dangerous_memb
         "Strophariaceae (family), 85% — this family includes Galerina marginata, Hypholoma fasciculare"
     )
     assert result.dangerous_members == ["Galerina marginata", "Hypholoma fasciculare"]
-    assert result.warning.startswith("Lookalike of a deadly species (Galerina marginata: deadly, Hypholoma")
+    assert result.warning.startswith("Lookalike of deadly or poisonous species (Galerina marginata: deadly, Hypholoma")
     # the genus comes first where it is certain, and below the family threshold nothing is named
     assert answer(classes, p, taxonomy, Thresholds(genus=0.45)).headline == "Kuehneromyces sp., 45%"
     assert answer(classes, p, taxonomy, Thresholds(family=0.9)).kind == "not_sure"
@@ -162,7 +162,10 @@ def test_thresholds_come_from_the_run_when_it_records_them(tmp_path):
     old = {"species": 0.27, "genus": 0.8, "max_danger": 0.001, "coverage": 1.0, "chosen_on": "validation"}
     (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": old}))
     floored = run_thresholds(tmp_path)
-    assert floored.species == DEFAULTS.species and "the run recorded 0.27, below the default" in floored.source
+    assert (
+        floored.species == DEFAULTS.species
+        and "0.27 is below the default, so the default 0.5 applies" in floored.source
+    )
     unknown = {"score": "msp", "threshold": 0.42, "tpr": 0.95, "chosen_on": "validation", "images": 9}
     (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": {"unknown": unknown}}))  # run.unknown_tpr only
     recorded = run_thresholds(tmp_path)

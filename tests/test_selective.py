@@ -80,6 +80,7 @@ def test_a_target_never_makes_answers_bolder_than_the_default_threshold(toy):
         chosen.summary()
     )
     assert chosen.record(0.8, 0.8)["allowed_by_target"] == 0.5
+    assert "answers 83.3% of 6 images (coverage at the floor)" in chosen.summary()  # not "at the target"
     # a floor above every confidence answers nothing; below the target's own threshold it changes nothing
     assert choose_threshold(curve, 0.5, floor=0.95).coverage == 0.0
     assert choose_threshold(curve, 0.001, floor=0.5).threshold == 0.75
@@ -146,7 +147,7 @@ def test_the_answer_abstains_below_the_validation_chosen_threshold(toy, tmp_path
     thresholds = run_thresholds(tmp_path)
     assert (thresholds.species, thresholds.genus, thresholds.family) == (0.75, 0.85, 0.9)
     assert (
-        "chosen on validation for a dangerous->edible rate of at most 0.1% (coverage there 50.0%); NOT shown by "
+        "chosen on validation for a dangerous->edible rate of at most 0.1% (coverage 50.0% at 0.75); NOT shown by "
         "validation: the rate's 95% upper bound there is 52.7%" in thresholds.source
     )
     classes = toy.classes

@@ -103,11 +103,14 @@ def save_severity_png(rows: list[dict], path: Path, offline: bool) -> Path | Non
     """Bertinetto et al. 2020's figure: per model, the mistake severity (mean LCA height of the wrong answers)
     and the average hierarchical distance of the top-5 against the top-1 error. Points are numbered as the key
     below names them (models at the same point share one label); rows without the figures are left out."""
-    points = [r for r in rows if r.get("mistake_severity") is not None and r.get("oa") is not None]
+    # numbered as benchmark.png numbers the rows; rows without the figures (few-shot) are left out
+    points = [
+        (i, r) for i, r in enumerate(rows, 1) if r.get("mistake_severity") is not None and r.get("oa") is not None
+    ]
     if not points:
         return None
     plt = _pyplot()
-    key = [f"{i:>2}  {_label(r)}" for i, r in enumerate(points, start=1)]
+    key = [f"{i:>2}  {_label(r)}" for i, r in points]
     key_height = 0.14 * len(key) + 0.2
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + key_height))
     panels = (
@@ -116,7 +119,7 @@ def save_severity_png(rows: list[dict], path: Path, offline: bool) -> Path | Non
     )
     for ax, (key_name, label) in zip(axes, panels):
         at: dict[tuple, list[str]] = {}  # numbers of the models at each point
-        for i, r in enumerate(points, start=1):
+        for i, r in points:
             distance = (r.get("hierarchical_distance") or {}).get(key_name)
             y = r["mistake_severity"] if key_name == "mistake_severity" else distance
             if y is not None:
@@ -291,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         out = write_report(Path(args.results))
         print(out.read_text())
-        print(f"written: {out}, {out.with_suffix('.png')}")
+        figures = [out.with_suffix(".png")] + [out.parent / f for f in ("severity.png", "risk_coverage.png")]
+        print(f"written: {out}, " + ", ".join(str(f) for f in figures if f.is_file()))
         return 0
     if args.command == "novel":
         done = novel_species_rows(Path(args.runs), Path(args.results), args.num_workers)

@@ -120,11 +120,16 @@ def save_risk_coverage_png(
         )
         label = f"threshold {chosen.threshold:.3f}: coverage {100 * chosen.coverage:.1f}%; {shown}"
         for ax, value in ((risk, chosen.error), (danger, chosen.danger)):
-            ax.axvline(100 * chosen.coverage, color="black", linewidth=0.8, label=label)
+            ax.axvline(100 * chosen.coverage, color="black", linewidth=0.8, label=label if ax is risk else None)
             if value is not None:
                 ax.plot(100 * chosen.coverage, 100 * value, "ko")
-        risk.legend(fontsize=8, loc="upper left")
-        danger.legend(fontsize=8, loc="upper left")
+        fig.set_figheight(4.4)
+        fig.legend(loc="lower left", fontsize=8, frameon=False, ncol=2)  # below the axes: never over a curve
+        fig.suptitle(title or "risk-coverage: answering only above a top-1 probability threshold")
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return Path(path)
     fig.suptitle(title or "risk-coverage: answering only above a top-1 probability threshold")
     return _save(fig, path)
 

@@ -91,7 +91,7 @@ class SelectiveThreshold:
             verdict = f" (95% upper bound {100 * self.danger_upper95:.2f}%)"
         return (
             f"selective prediction: threshold {self.threshold:.4f}{floor} answers {100 * self.coverage:.1f}% of "
-            f"{self.images} images (coverage at the target) with dangerous->edible {100 * self.danger:.2f}% of "
+            f"{self.images} images (coverage at the {'floor' if self.allowed is not None else 'target'}) with dangerous->edible {100 * self.danger:.2f}% of "
             f"{self.dangerous_images} dangerous images (target {100 * self.max_danger:g}%) and {error} wrong "
             f"species among the answered{verdict}"
         )

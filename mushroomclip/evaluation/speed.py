@@ -318,7 +318,7 @@ def table_rows(result: dict) -> list[str]:
             continue
         f, eff = r[key], r[key].get("efficiency") or {}
         mem = f.get("peak_memory")
-        memory = f"{mem['bytes'] / 2**30:.2f} GiB ({mem['kind']})" if mem else ""
+        memory = f"{mem['bytes'] / 2**30:.2f} GiB, {mem['kind']}" if mem else ""
         # the baseline is the run_clip.py recipe: of the levers, only the LoRA it trains is the same
         levers = {k: v for k, v in set_levers.items() if key != "baseline" or k == "lora_dropout"}
         where = setup + "".join(f", {k}" if v is True else f", {k}={v:g}" for k, v in levers.items())

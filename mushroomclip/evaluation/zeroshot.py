@@ -712,12 +712,13 @@ def answers_table(rows: list[dict]) -> list[str]:
     """Markdown lines: per row, how its answers split into species named, genus and family back-offs and
     abstentions, each with how often it holds, and the dangerous->edible rate of the answers."""
     lines = [
-        "## Answers with back-off: what predict.py and the app would say (% of images; in brackets, % right)",
+        "## Answers with back-off: predict.py's and the app's answer logic (% of images; in brackets, % right)",
         "",
         "Below the species threshold an answer names the most probable genus if its summed probability reaches the "
         'genus threshold, else the family likewise, else abstains ("not sure — do not eat"); only a named species '
-        "can call a deadly or poisonous mushroom edible. Thresholds: a run's own, else the defaults, or "
-        "`--max-danger`'s.",
+        "can call a deadly or poisonous mushroom edible. Thresholds: a run's own (what predict.py uses), else the "
+        "defaults; with `--max-danger`, the species threshold it chose on validation instead (predict.py keeps "
+        "using what the run records).",
         "",
         "| model | method | text type | thresholds (species / genus / family) | species | genus sp. | family "
         "| abstained | right overall | dangerous→edible |",

@@ -20,7 +20,7 @@ from mushroomclip.taxonomy import DANGEROUS, Taxonomy
 #: threshold chosen on validation for a dangerous->edible target (:mod:`mushroomclip.evaluation.selective`) adds
 #: ``max_danger``, ``coverage`` and the rates it reached.
 THRESHOLDS_KEY = "thresholds"
-WARNING_TEXT = "Lookalike of a {kind} species ({names}) — never eat on the basis of this app."
+WARNING_TEXT = "Lookalike of {what} ({names}) — never eat on the basis of this app."
 NOT_SURE_TEXT = "Not sure — do not eat"
 UNKNOWN_TEXT = "Possibly not one of the known species — do not eat"
 UNKNOWN_IN_TAXON_TEXT = "possibly a species outside the known ones"  # a back-off below the open-set threshold
@@ -57,17 +57,23 @@ def run_thresholds(run_dir: str | Path | None) -> Thresholds:
     own = "species" in recorded or "genus" in recorded  # a run with only run.unknown_tpr keeps the defaults
     source = f"recorded by the run ({path})" if own else f"documented defaults; the run ({path}) records none"
     if "max_danger" in recorded:  # written by mushroomclip.evaluation.selective.SelectiveThreshold.record
-        source += (
-            f"; species threshold chosen on {recorded.get('chosen_on', 'validation')} for a dangerous->edible "
-            f"rate of at most {100 * recorded['max_danger']:g}% (coverage there "
-            f"{100 * recorded['coverage']:.1f}%)"
-        )
+        at = float(recorded["species"])
+        target = f"a dangerous->edible rate of at most {100 * recorded['max_danger']:g}%"
         if recorded.get("allowed_by_target") is not None:
-            source += f", kept at the default {recorded['species']:g} where the target allowed less"
-        elif float(recorded["species"]) < Thresholds.species:  # recorded before targets had a floor
             source += (
-                f"; the run recorded {float(recorded['species']):.4g}, below the default: the default "
-                f"{Thresholds.species:g} applies (a target never makes answers bolder)"
+                f"; for {target} on {recorded.get('chosen_on', 'validation')} the target allowed "
+                f"{recorded['allowed_by_target']:.4g}, and the default floor {recorded.get('floor', Thresholds.species):g} "
+                f"was kept (coverage {100 * recorded['coverage']:.1f}% at {at:.4g})"
+            )
+        else:
+            source += (
+                f"; species threshold chosen on {recorded.get('chosen_on', 'validation')} for {target} "
+                f"(coverage {100 * recorded['coverage']:.1f}% at {at:.4g})"
+            )
+        if at < Thresholds.species:  # recorded before targets had a floor
+            source += (
+                f"; {at:.4g} is below the default, so the default {Thresholds.species:g} applies (a target never "
+                "makes answers bolder)"
             )
             recorded = recorded | {"species": Thresholds.species}
         if recorded.get("target_shown") is False:  # too few dangerous validation images to show the rate
@@ -155,9 +161,11 @@ def danger_warning(species: list[str], taxonomy: Taxonomy) -> str | None:
     dangerous = [s for s in species if taxonomy[s].edibility in DANGEROUS]
     if not dangerous:
         return None
-    kind = "deadly" if any(taxonomy[s].edibility == "deadly" for s in dangerous) else "poisonous"
+    kinds = {taxonomy[s].edibility for s in dangerous}
+    kind = " or ".join(k for k in DANGEROUS if k in kinds)  # "deadly", "poisonous" or "deadly or poisonous"
+    what = f"a {kind} species" if len(dangerous) == 1 else f"{kind} species"
     names = ", ".join(f"{s}: {taxonomy[s].edibility}" for s in dangerous)
-    return WARNING_TEXT.format(kind=kind, names=names)
+    return WARNING_TEXT.format(what=what, names=names)
 
 
 def answer(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, thresholds: Thresholds, k: int = 5) -> Answer:
