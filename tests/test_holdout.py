@@ -192,22 +192,26 @@ def test_predict_says_when_a_photo_falls_below_the_runs_open_set_threshold(open_
             assert flags[r["image"]] == (r["predictions"][0]["probability"] < threshold)
 
 
+def evaluation_args(prepared, tmp_path, open_run, **changes):
+    """evaluate_zero_shot.py's options for tiny-clip and the runs beside ``open_run``, quick settings."""
+    from mushroomclip.evaluation.zeroshot import EvaluationArguments
+
+    common = {"models": "tiny-clip", "text_type": "sci", "templates": "single", "shots": "", "num_workers": 0}
+    return EvaluationArguments(
+        data=str(prepared[0]),
+        output=str(tmp_path / "results"),
+        include_adapters=str(open_run.parent),
+        **common,
+        **changes,
+    )
+
+
 def test_zero_shot_and_the_run_are_scored_on_the_same_open_set(open_run, prepared, tmp_path, caplog):
     """evaluate_zero_shot.py --holdout-species draws the run's hold-out again: the zero-shot head lists only the
     known species, the run is picked up by --include-adapters, and its open-set figures are the run's own."""
-    from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
+    from mushroomclip.evaluation.zeroshot import evaluate
 
-    args = EvaluationArguments(
-        data=str(prepared[0]),
-        models="tiny-clip",
-        text_type="sci",
-        templates="single",
-        output=str(tmp_path / "results"),
-        shots="",
-        num_workers=0,
-        holdout_species="0.34",
-        include_adapters=str(open_run.parent),
-    )
+    args = evaluation_args(prepared, tmp_path, open_run, holdout_species="0.34")
     with caplog.at_level("INFO", logger="mushroomclip"):
         rows = evaluate(args)
     assert [(r["model"], r["method"]) for r in rows] == [("tiny-clip", "zero-shot"), (f"lora-{open_run.name}", "LoRA")]
@@ -285,18 +289,9 @@ def test_novel_on_a_run_without_hold_out_is_one_line(tmp_path, capsys):
 
 def test_a_run_left_out_for_its_hold_out_is_told_how_to_join(open_run, prepared, tmp_path):
     """Evaluated without the run's hold-out, the run is skipped with the options that would score it."""
-    from mushroomclip.evaluation.zeroshot import EvaluationArguments, evaluate
+    from mushroomclip.evaluation.zeroshot import evaluate
 
-    args = EvaluationArguments(
-        data=str(prepared[0]),
-        models="tiny-clip",
-        text_type="sci",
-        templates="single",
-        output=str(tmp_path / "results"),
-        shots="",
-        num_workers=0,
-        include_adapters=str(open_run.parent),
-    )
+    args = evaluation_args(prepared, tmp_path, open_run)
     assert [r["model"] for r in evaluate(args)] == ["tiny-clip"]
     summary = (tmp_path / "results/summary.md").read_text()
     assert (
