@@ -166,6 +166,9 @@ def test_thresholds_come_from_the_run_when_it_records_them(tmp_path):
         floored.species == DEFAULTS.species
         and "0.27 is below the default, so the default 0.5 applies" in floored.source
     )
+    missed = old | {"species": 1.0, "dangerous_as_edible": 0.5}  # even answering nothing below 1.0 missed the target
+    (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": missed}))
+    assert "target NOT met on validation (rate 50.0%)" in run_thresholds(tmp_path).source
     unknown = {"score": "msp", "threshold": 0.42, "tpr": 0.95, "chosen_on": "validation", "images": 9}
     (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": {"unknown": unknown}}))  # run.unknown_tpr only
     recorded = run_thresholds(tmp_path)

@@ -242,10 +242,12 @@ def test_an_unknown_speed_model_is_a_usage_error_naming_every_choice(prepared, c
 
 
 def test_speed_levers_keep_the_steps_numerics(prepared):
-    """Issue 13's levers change speed, not what is trained: the compiled loss and its LoRA gradients equal the
-    eager ones, and a fused AdamW step the default one, within float tolerance (tiny-clip, dropout 0)."""
+    """Issue 13's compile and fused-AdamW levers change speed, not what is trained: the compiled loss and its LoRA
+    gradients equal the eager ones, and a fused AdamW step the default one, within float tolerance (tiny-clip,
+    LoRA dropout 0 so that both see the same computation)."""
     import tempfile
 
+    from torch._dynamo.utils import counters
     from transformers import TrainingArguments
 
     from mushroomclip.data.splits import prepared_taxonomy
@@ -270,7 +272,9 @@ def test_speed_levers_keep_the_steps_numerics(prepared):
         return loss.detach(), [p.grad.clone() for p in params]
 
     eager, eager_grads = loss_and_grads(step_loss(trainer, net))
+    counters.clear()
     compiled, compiled_grads = loss_and_grads(step_loss(trainer, net, Levers(compile=True)))
+    assert counters["stats"]["unique_graphs"] >= 1  # the lever did compile
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
     for a, b in zip(eager_grads, compiled_grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
@@ -280,8 +284,32 @@ def test_speed_levers_keep_the_steps_numerics(prepared):
         with torch.no_grad():
             for p, value in zip(params, start):
                 p.copy_(value)
-        speed.train_step(params, step_loss(trainer, net), "cpu", fused=fused)(batch)
+        step = speed.train_step(params, step_loss(trainer, net), "cpu", fused=fused)
+        step(batch)
+        optimizer = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.optim.AdamW))
+        assert bool(optimizer.defaults["fused"]) == fused
         after[fused] = [p.detach().clone() for p in params]
     for a, b in zip(after[False], after[True], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # an update is lr = 1e-4 in size
     assert any(not torch.equal(a, s) for a, s in zip(after[True], start))  # the step did move the weights
+
+
+def test_levers_are_named_in_the_file_the_record_and_the_table():
+    from mushroomclip.evaluation.throughput import Levers
+
+    assert Levers().tag() == "" and Levers(True, True, 0.0).tag() == "-compile-fused-dropout0"
+    result = json.loads(json.dumps(_gpu_result()))
+    result["levers"] = {"compile": True, "fused_adamw": False, "lora_dropout": 0.0}
+    rows = {row.split(" | ")[1]: row for row in speed.table_rows(result)}
+    assert ", compile, lora_dropout=0 |" in rows["with the data pipeline"]
+    assert ", lora_dropout=0 |" in rows["HF `run_clip.py`-style baseline, with its data"]  # the same LoRA only
+    assert "compile" not in rows["HF `run_clip.py`-style baseline, with its data"]
+
+
+def test_lora_dropout_is_refused_where_there_is_no_lora(prepared, capsys):
+    from mushroomclip.evaluation.benchmark import main
+
+    for model, value, expected in (("tiny-resnet", "0", "without LoRA"), ("tiny-clip", "1.5", "must be in [0, 1)")):
+        with pytest.raises(SystemExit):
+            main(["train-speed", "--data", str(prepared[0]), "--model", model, "--lora-dropout", value])
+        assert expected in capsys.readouterr().err

@@ -70,7 +70,7 @@ def test_the_threshold_of_largest_coverage_meeting_the_target_is_chosen(
     assert chosen.met and chosen.max_danger == max_danger
 
 
-def test_a_target_never_makes_answers_bolder_than_the_default_threshold(toy):
+def test_a_target_never_makes_answers_bolder_than_the_default_threshold(toy, tmp_path):
     """At a 50% target the curve allows 0.5; with the floor 0.6 the threshold stays 0.6 and its rates are there."""
     curve = risk_coverage(*case_arrays(), toy)
     chosen = choose_threshold(curve, 0.5, floor=0.6)
@@ -80,6 +80,11 @@ def test_a_target_never_makes_answers_bolder_than_the_default_threshold(toy):
         chosen.summary()
     )
     assert chosen.record(0.8, 0.8)["allowed_by_target"] == 0.5
+    # predict.py reads the floored record back as it is: the floor kept, the coverage at it
+    (tmp_path / "metrics.json").write_text(json.dumps({"thresholds": chosen.record()}))
+    source = run_thresholds(tmp_path).source
+    assert "the target allowed 0.5, and the default floor 0.6 was kept (coverage 83.3% at 0.6)" in source
+    assert run_thresholds(tmp_path).species == 0.6 and "NOT met" not in source
     assert "answers 83.3% of 6 images (coverage at the floor)" in chosen.summary()  # not "at the target"
     # a floor above every confidence answers nothing; below the target's own threshold it changes nothing
     assert choose_threshold(curve, 0.5, floor=0.95).coverage == 0.0
@@ -122,6 +127,7 @@ def test_when_even_the_most_confident_answer_is_dangerous_nothing_is_answered(to
     cases[0] = (A1, [0.0, 1.0, 0.0, 0.0])  # a threshold above 1 does not exist: the target is reported as not met
     chosen = choose_threshold(risk_coverage(*case_arrays(cases), toy), 0.001)
     assert chosen.threshold == 1.0 and chosen.danger == 1.0 and not chosen.met
+    assert "(coverage at the threshold)" in chosen.summary() and "target NOT met" in chosen.summary()
 
 
 def test_bad_inputs_are_clear_errors(toy):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -268,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--model: {err}{classifiers}")
     if args.command == "speed" and args.model in CLASSIFIERS:
         p.error(f"--model {args.model}: a supervised classifier has no zero-shot encoding; measure it with train-speed")
+    if args.command == "train-speed" and args.lora_dropout is not None:
+        if args.model in CLASSIFIERS:
+            p.error(f"--lora-dropout: {args.model} is trained in full here, without LoRA; leave it out")
+        if not 0 <= args.lora_dropout < 1:  # lora.dropout's own range (config.py)
+            p.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout:g}")
     if args.command == "train-speed":
+        levers = Levers(args.compile, args.fused_adamw, args.lora_dropout)
         towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
         args.batch_size = args.batch_size or (256 if gpu else 8)
         args.steps = args.steps or (20 if gpu else 2)
@@ -281,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             towers,
             baseline=not args.no_baseline,
-            levers=Levers(args.compile, args.fused_adamw, args.lora_dropout),
+            levers=levers,
         )
         what = "full" if args.model in CLASSIFIERS else "+".join(towers)
-        name = f"train-{args.model}-{what}{Levers(args.compile, args.fused_adamw, args.lora_dropout).tag()}"
+        name = f"train-{args.model}-{what}{levers.tag()}"
         _print_and_write(r, f"{name}-{'gpu' if gpu else 'cpu'}", Path(args.output))
         return 0
     if args.command == "hub-reachable":
@@ -294,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         out = write_report(Path(args.results))
         print(out.read_text())
-        figures = [out.with_suffix(".png")] + [out.parent / f for f in ("severity.png", "risk_coverage.png")]
-        print(f"written: {out}, " + ", ".join(str(f) for f in figures if f.is_file()))
+        linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", out.read_text())  # the figures this report wrote
+        print(f"written: {out}, " + ", ".join(str(out.parent / f) for f in [out.with_suffix(".png").name, *linked]))
         return 0
     if args.command == "novel":
         done = novel_species_rows(Path(args.runs), Path(args.results), args.num_workers)

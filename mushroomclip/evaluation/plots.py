@@ -26,9 +26,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
-    """Lay the figure out, write it as a 100-dpi PNG and free it."""
-    fig.tight_layout()
+def _save(fig, path: str | Path, rect: tuple = (0, 0, 1, 1)) -> Path:
+    """Lay the figure out (its axes inside ``rect``), write it as a 100-dpi PNG and free it."""
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=100)
     _pyplot().close(fig)
     return Path(path)
@@ -118,20 +118,16 @@ def save_risk_coverage_png(
             if chosen.verified
             else f"target NOT shown: 95% upper bound {100 * chosen.danger_upper95:.1f}% ({chosen.dangerous_images} dangerous)"
         )
-        label = f"threshold {chosen.threshold:.3f}: coverage {100 * chosen.coverage:.1f}%; {shown}"
+        floor = f" (the default floor; the target allowed {chosen.allowed:.3f})" if chosen.allowed is not None else ""
+        label = f"threshold {chosen.threshold:.3f}{floor}: coverage {100 * chosen.coverage:.1f}%; {shown}"
         for ax, value in ((risk, chosen.error), (danger, chosen.danger)):
             ax.axvline(100 * chosen.coverage, color="black", linewidth=0.8, label=label if ax is risk else None)
             if value is not None:
                 ax.plot(100 * chosen.coverage, 100 * value, "ko")
         fig.set_figheight(4.4)
         fig.legend(loc="lower left", fontsize=8, frameon=False, ncol=2)  # below the axes: never over a curve
-        fig.suptitle(title or "risk-coverage: answering only above a top-1 probability threshold")
-        fig.tight_layout(rect=(0, 0.1, 1, 1))
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return Path(path)
     fig.suptitle(title or "risk-coverage: answering only above a top-1 probability threshold")
-    return _save(fig, path)
+    return _save(fig, path, rect=(0, 0.1, 1, 1) if chosen is not None else (0, 0, 1, 1))
 
 
 def save_open_set_roc_png(scores: OpenSetScores, path: str | Path, title: str = "") -> Path:

@@ -58,6 +58,11 @@ class SelectiveThreshold:
         return self.danger <= self.max_danger
 
     @property
+    def _set_by(self) -> str:
+        """What set the threshold, for the summary: the floor, the target, or (not met) just the threshold."""
+        return "floor" if self.allowed is not None else "target" if self.met else "threshold"
+
+    @property
     def danger_upper95(self) -> float:
         """The one-sided 95% upper bound (Clopper-Pearson) of the dangerous->edible rate, from the validation
         split's dangerous images: with few of them a zero count cannot show a small target."""
@@ -91,7 +96,7 @@ class SelectiveThreshold:
             verdict = f" (95% upper bound {100 * self.danger_upper95:.2f}%)"
         return (
             f"selective prediction: threshold {self.threshold:.4f}{floor} answers {100 * self.coverage:.1f}% of "
-            f"{self.images} images (coverage at the {'floor' if self.allowed is not None else 'target'}) with dangerous->edible {100 * self.danger:.2f}% of "
+            f"{self.images} images (coverage at the {self._set_by}) with dangerous->edible {100 * self.danger:.2f}% of "
             f"{self.dangerous_images} dangerous images (target {100 * self.max_danger:g}%) and {error} wrong "
             f"species among the answered{verdict}"
         )

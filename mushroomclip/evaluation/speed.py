@@ -319,8 +319,13 @@ def table_rows(result: dict) -> list[str]:
         f, eff = r[key], r[key].get("efficiency") or {}
         mem = f.get("peak_memory")
         memory = f"{mem['bytes'] / 2**30:.2f} GiB, {mem['kind']}" if mem else ""
-        # the baseline is the run_clip.py recipe: of the levers, only the LoRA it trains is the same
-        levers = {k: v for k, v in set_levers.items() if key != "baseline" or k == "lora_dropout"}
+        # the baseline is the run_clip.py recipe: of the levers, only the LoRA it trains is the same; the loader
+        # alone runs no step
+        levers = {
+            k: v
+            for k, v in set_levers.items()
+            if key not in ("baseline", "loader_only") or (key, k) == ("baseline", "lora_dropout")
+        }
         where = setup + "".join(f", {k}" if v is True else f", {k}={v:g}" for k, v in levers.items())
         rows.append(
             f"| {r['benchmark']} | {label} | {where} | {_machine(r['machine'])} | {_num(f['images_per_s'])} | "

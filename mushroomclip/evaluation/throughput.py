@@ -275,7 +275,7 @@ def measure_train_speed(
     model_only = max(first, _images_per_s(synthetic, step, steps, 0, device, count)[0])
     memory = speed.peak_memory(device)
     loader_only, _ = _images_per_s(loader, copy, steps, skip, device, count)  # the decoding ceiling, a fresh epoch
-    # counted on the eager step: FlopCounterMode does not see inside a compiled graph (the arithmetic is the same)
+    # counted on the eager step: the same arithmetic whichever kernels Inductor would generate
     flops = speed.count_flops(speed.train_step(params, step_loss(trainer, net), device), fixed[0])
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     peak = speed.peaks(device, dtype)

@@ -70,6 +70,8 @@ def run_thresholds(run_dir: str | Path | None) -> Thresholds:
                 f"; species threshold chosen on {recorded.get('chosen_on', 'validation')} for {target} "
                 f"(coverage {100 * recorded['coverage']:.1f}% at {at:.4g})"
             )
+        if recorded.get("dangerous_as_edible", 0) > recorded["max_danger"]:  # even answering nothing missed it
+            source += f"; target NOT met on validation (rate {100 * recorded['dangerous_as_edible']:.1f}%)"
         if at < Thresholds.species:  # recorded before targets had a floor
             source += (
                 f"; {at:.4g} is below the default, so the default {Thresholds.species:g} applies (a target never "
