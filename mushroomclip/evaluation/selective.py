@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import stats
 
 from mushroomclip.prediction.answer import BACK_OFF, Thresholds
@@ -192,6 +193,18 @@ def choose_threshold(curve: RiskCoverage, max_danger: float, floor: float = Thre
         j = at_floor[-1]
         rates = {"coverage": float(curve.coverage[j]), "danger": float(curve.danger[j]), "error": float(curve.error[j])}
     return SelectiveThreshold(float(floor), **rates, **common, floor=floor, allowed=allowed)
+
+
+def probabilities(scores) -> np.ndarray:
+    """Class probabilities (float64 softmax) of logits or scaled cosine scores."""
+    return torch.softmax(torch.as_tensor(scores, dtype=torch.float64), dim=1).numpy()
+
+
+def choose_on_validation(scores, labels: np.ndarray, taxonomy: Taxonomy, max_danger: float):
+    """``(risk-coverage curve, chosen threshold)`` of a validation split's scores for a dangerous->edible target
+    (:func:`choose_threshold`); a ValueError when the split has no deadly or poisonous image."""
+    curve = risk_coverage(probabilities(scores), labels, taxonomy)
+    return curve, choose_threshold(curve, max_danger)
 
 
 def answer_outcomes(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, thresholds: Thresholds) -> dict:

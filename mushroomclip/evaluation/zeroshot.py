@@ -30,8 +30,8 @@ from mushroomclip.evaluation.selective import (
     LEVELS,
     SelectiveThreshold,
     answer_outcomes,
-    choose_threshold,
-    risk_coverage,
+    choose_on_validation,
+    probabilities,
 )
 from mushroomclip.metrics import classification_metrics, format_report, save_json
 from mushroomclip.models.backbones import Backbone, load_backbone, resolve_spec
@@ -487,11 +487,6 @@ def supervised_row(run: EvaluationRun, model: EvaluatedModel, evaluated: Feature
     return row | safety_results(run, model, labels, logits, validation, out)  # validation: its logits
 
 
-def probabilities(scores) -> np.ndarray:
-    """Class probabilities (float64 softmax) of logits or scaled cosine scores."""
-    return torch.softmax(torch.as_tensor(scores, dtype=torch.float64), dim=1).numpy()
-
-
 def safety_results(
     run: EvaluationRun, model: EvaluatedModel, labels, scores, validation: Features | None, out: Path
 ) -> dict:
@@ -500,7 +495,7 @@ def safety_results(
     scores and labels) ``selective``: the species threshold chosen on validation, used for the answers too, and
     what its species answers give on the split (``selective.json``, the validation ``risk_coverage.png``)."""
     thresholds = thresholds_for(model.source) if model.source else Thresholds()
-    chosen = choose_on_validation(run, *validation, out, model.name) if validation is not None else None
+    chosen = validation_threshold(run, *validation, out, model.name) if validation is not None else None
     if chosen is not None:
         source = f"species threshold chosen on validation by --max-danger {chosen.max_danger:g}; {thresholds.source}"
         thresholds = dataclasses.replace(thresholds, species=chosen.threshold, source=source)
@@ -521,15 +516,14 @@ def safety_results(
     return {"answers": answers, "selective": selective}
 
 
-def choose_on_validation(run: EvaluationRun, val_scores, val_labels, out: Path, name: str) -> SelectiveThreshold | None:
+def validation_threshold(run: EvaluationRun, val_scores, val_labels, out: Path, name: str) -> SelectiveThreshold | None:
     """The ``--max-danger`` threshold chosen on validation, with its ``risk_coverage.png`` in ``out``; None (and a
     note) when validation has no deadly or poisonous image."""
     try:
-        curve = risk_coverage(probabilities(val_scores), val_labels, run.taxonomy)
+        curve, chosen = choose_on_validation(val_scores, val_labels, run.taxonomy, run.args.max_danger)
     except ValueError as err:  # no deadly or poisonous validation image
         run.note(f"{name}: --max-danger: no threshold: {err}")
         return None
-    chosen = choose_threshold(curve, run.args.max_danger)  # never below the default species threshold
     out.mkdir(parents=True, exist_ok=True)
     save_risk_coverage_png(curve, out / "risk_coverage.png", chosen, title=f"{name} validation")
     logger.info(f"{name}: {chosen.summary()}")

@@ -25,7 +25,6 @@ from mushroomclip.data.imbalance import IMBALANCE_FILE
 from mushroomclip.data.splits import REPORT_NAME
 from mushroomclip.metrics import metrics_by_training_count, save_json
 from mushroomclip.models.classifier import run_model_files
-from mushroomclip.prediction.answer import Thresholds
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -331,7 +330,7 @@ def write_run_folder(
     }
     if result.get("selective") is not None:  # read back by predict.py and the app (prediction.answer.run_thresholds)
         curve, chosen = result["selective"]
-        record["thresholds"] = chosen.record(Thresholds.genus, Thresholds.family)
+        record["thresholds"] = chosen.record()
         save_risk_coverage_png(curve, run_dir / "risk_coverage.png", chosen, title=f"{run_dir.name} validation")
         logger.info(chosen.summary())
     if result.get("unknown_threshold") is not None:  # read back by predict.py and the app

@@ -29,13 +29,12 @@ from mushroomclip.data.splits import load_splits, prepared_taxonomy
 from mushroomclip.data.transforms import background_workers, normalize, pixel_stats, train_images
 from mushroomclip.evaluation.features import PreprocessedImages
 from mushroomclip.evaluation.openset import DEFAULT_TPR, OpenSetScores, open_set_metrics, unknown_threshold
-from mushroomclip.evaluation.selective import choose_threshold, risk_coverage
+from mushroomclip.evaluation.selective import choose_on_validation
 from mushroomclip.metrics import classification_metrics, save_json
 from mushroomclip.models.backbones import load_backbone
 from mushroomclip.models.classifier import backbone_name, base_record
 from mushroomclip.models.lora import add_lora
 from mushroomclip.models.prompts import class_prompts, class_text_embeddings, templates_for
-from mushroomclip.prediction.answer import Thresholds
 from mushroomclip.taxonomy import Taxonomy, load_taxonomy
 from mushroomclip.training.collectives import gather_batch
 from mushroomclip.training.losses import PAIRED_LOSSES, LossInputs, loss_context, training_loss
@@ -597,13 +596,11 @@ def selective_threshold(labels: np.ndarray, scores: np.ndarray, taxonomy, max_da
     target is set or validation holds no deadly or poisonous image (said in one line)."""
     if max_danger is None:
         return None
-    probs = torch.softmax(torch.as_tensor(scores, dtype=torch.float64), dim=1).numpy()
     try:
-        curve = risk_coverage(probs, labels, taxonomy)
+        return choose_on_validation(scores, labels, taxonomy, max_danger)  # never bolder than the default
     except ValueError as err:
         logger.warning("run.max_danger: no threshold recorded: %s", err)
         return None
-    return curve, choose_threshold(curve, max_danger, floor=Thresholds.species)  # never bolder than the default
 
 
 def run_training(cfg: TrainConfig) -> dict:
