@@ -92,14 +92,15 @@ BATCH ?=
 STEPS ?=
 ZS_BATCH ?= 256
 ZS_BATCHES ?=
+ZS_LEVERS ?=
 BENCH_OUT ?= results/bench
 $(SPEED_DATA)/prepare_report.json:
 	$(PY) data_scripts/make_synthetic.py --output $(SPEED_DATA)-kaggle --classes $(SPEED_CLASSES) --per-class $(SPEED_PER_CLASS) --size $(SPEED_SIZE) --num-proc $(NPROC)
 	$(PY) data_scripts/prepare_kaggle.py --source $(SPEED_DATA)-kaggle --output $(SPEED_DATA) --num-proc $(NPROC) --no-progress > /dev/null
 
-bench-zero-shot: setup $(SPEED_DATA)/prepare_report.json  ## zero-shot encoding images/s (data vs model only), FLOPs, MFU, peak memory, whole-split time -> results/bench/*.json (ZS_BATCH, ZS_BATCHES, WORKERS, SPEED_*)
+bench-zero-shot: setup $(SPEED_DATA)/prepare_report.json  ## zero-shot encoding images/s (data vs model only), FLOPs, MFU, peak memory, whole-split time -> results/bench/*.json (ZS_LEVERS=--decode-on-device; ZS_BATCH, ZS_BATCHES, WORKERS, SPEED_*)
 	$(OFFLINE) $(PY) -m mushroomclip.evaluation.benchmark speed --data $(SPEED_DATA) --model $(BENCH_MODEL) --batch-size $(ZS_BATCH) \
-	  --num-workers $(WORKERS) --output $(BENCH_OUT) $(if $(ZS_BATCHES),--batches $(ZS_BATCHES))
+	  --num-workers $(WORKERS) --output $(BENCH_OUT) $(if $(ZS_BATCHES),--batches $(ZS_BATCHES)) $(ZS_LEVERS)
 
 TOWERS ?= vision,text
 bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s (data, model only, run_clip.py baseline), FLOPs, MFU, peak memory -> results/bench/*.json (TOWERS=vision: frozen text; BENCH_MODEL=resnet-50: supervised; LEVERS="--compile ..."; BATCH, STEPS, WORKERS, SPEED_*)
@@ -110,13 +111,16 @@ bench-train: setup $(SPEED_DATA)/prepare_report.json  ## LoRA training images/s 
 # run cut short keeps what it measured), then the docs table: one command for a session lent a GPU. A lever that
 # fails (e.g. torch.compile without a compiler) does not stop the rest; the levers' runs skip the baseline, which
 # is the plain run's.
-bench-gpu:  ## on a GPU: bench-train, bench-zero-shot, bench-train TOWERS=vision and BENCH_MODEL=resnet-50, each lever alone, then bench-table
+bench-gpu:  ## on a GPU: bench-train (with its profile), bench-zero-shot, bench-train TOWERS=vision and BENCH_MODEL=resnet-50, each lever alone, then bench-table
 	$(MAKE) bench-train
 	$(MAKE) bench-zero-shot
 	$(MAKE) bench-train TOWERS=vision
 	$(MAKE) bench-train BENCH_MODEL=resnet-50
-	-$(MAKE) bench-train LEVERS="--fused-adamw --no-baseline"
+	-$(MAKE) bench-zero-shot ZS_LEVERS=--decode-on-device
 	-$(MAKE) bench-train LEVERS="--lora-dropout 0"
+	-$(MAKE) bench-train BATCH=1024 LEVERS="--no-baseline"
+	-$(MAKE) bench-train LEVERS="--bf16-base --no-baseline"
+	-$(MAKE) bench-train LEVERS="--fused-adamw --no-baseline"
 	-$(MAKE) bench-train LEVERS="--compile --no-baseline"
 	$(MAKE) bench-table
 

@@ -318,3 +318,46 @@ def test_jpeg_and_png_decode_through_torchcodec_to_torchvisions_former_pixels(fm
             torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True
         )
     assert torch.equal(decode_rgb({"bytes": data, "path": None}), before)
+
+
+def _photos() -> list[bytes]:
+    """A JPEG, an EXIF-rotated JPEG, a greyscale JPEG, a PNG and a WebP: what a prepared folder can hold."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return [
+        encoded(gradient(90, 60), "JPEG", quality=90),
+        encoded(gradient(64, 48), "JPEG", quality=95, exif=exif),
+        encoded(gradient(50, 70).convert("L"), "JPEG"),
+        encoded(gradient(80, 40), "PNG"),
+        encoded(gradient(40, 80), "WEBP", lossless=True),
+    ]
+
+
+@pytest.mark.parametrize("torchcodec", [True, False])
+def test_device_decoding_gives_the_workers_pixels(monkeypatch, torchcodec):
+    """--decode-on-device (issue 13): a batch of encoded images decoded and preprocessed on the device equals
+    EvalPixels' per-image result; on the CPU the decoder is the same libjpeg-turbo, so exactly (with TorchCodec
+    and with torchvision.io's decoder)."""
+    from mushroomclip.data import transforms
+    from mushroomclip.data.transforms import DeviceEvalPixels
+
+    preprocess = square(32, (0.5,) * 3, (0.5,) * 3)
+    photos = _photos()
+    expected = torch.stack([EvalPixels(preprocess)({"bytes": data, "path": None}) for data in photos])
+    if not torchcodec:
+        monkeypatch.setattr(transforms, "_codec_decode_image", None)
+    encoded_batch = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in photos]
+    pixels = DeviceEvalPixels(preprocess, "cpu")(encoded_batch)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (5, 3, 32, 32)
+    assert torch.equal(pixels, expected)
+
+
+def test_device_decoding_of_a_broken_jpeg_names_it(tmp_path):
+    """One broken JPEG in a batch: the batch decoder refuses it, each image is decoded on its own, and the broken one
+    is the same one-line error as on the workers' path, naming the file."""
+    from mushroomclip.data.transforms import DeviceEvalPixels, ImageError
+
+    photos = _photos()[:2] + [encoded(gradient(), "JPEG")[:60]]
+    batch = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in photos]
+    with pytest.raises(ImageError, match=r"cannot decode .*broken\.jpg.*prepare_kaggle"):
+        DeviceEvalPixels(square(32, (0.5,) * 3, (0.5,) * 3), "cpu")(batch, [None, None, str(tmp_path / "broken.jpg")])

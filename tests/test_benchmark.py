@@ -120,9 +120,11 @@ def test_train_and_zero_shot_results_have_every_documented_field(prepared, tmp_p
     common = ["--data", str(prepared[0]), "--model", "tiny-clip", "--num-workers", "0", "--output", str(tmp_path)]
     assert main(["train-speed", "--batch-size", "4", "--steps", "1", *common]) == 0
     assert main(["speed", "--batch-size", "8", "--batches", "1", *common]) == 0
-    train = json.loads((tmp_path / "train-tiny-clip-vision+text-cpu.json").read_text())
+    # a batch other than the device's default is in the name: a BATCH=1024 lever run keeps the default run's file
+    train = json.loads((tmp_path / "train-tiny-clip-vision+text-batch4-cpu.json").read_text())
     zero_shot = json.loads((tmp_path / "zero-shot-tiny-clip-cpu.json").read_text())
     assert set(speed.TRAIN_FIELDS) <= set(train) and set(speed.ZERO_SHOT_FIELDS) <= set(zero_shot)
+    assert set(train["profile"]["forward_by_tower_ms"]) == {"vision", "text"}
     for result in (train, zero_shot):
         assert set(speed.MACHINE_FIELDS) <= set(result["machine"])
         assert result["spec_peak_tflops"] is None and result["spec_peak_source"] == "no spec peak for CPU"
@@ -139,6 +141,13 @@ def test_train_and_zero_shot_results_have_every_documented_field(prepared, tmp_p
     assert zero_shot["split_encode"]["images"] == len(__import__("mushroomclip").load_splits(prepared[0])["train"])
     printed = capsys.readouterr().out
     assert "| bench-train | HF `run_clip.py`-style baseline" in printed and "no spec peak for CPU" in printed
+    assert "profile (model only, 3 steps): a step of" in printed
+    assert zero_shot["decode_on_device"] is False and "decoded_difference" not in zero_shot
+    assert main(["speed", "--batch-size", "8", "--batches", "1", "--decode-on-device", *common]) == 0
+    decoded = json.loads((tmp_path / "zero-shot-tiny-clip-device-decode-cpu.json").read_text())
+    assert decoded["decode_on_device"] is True
+    assert decoded["decoded_difference"]["max_abs"] == 0  # on the CPU: the same libjpeg-turbo as the workers
+    assert "decoded on the device" in capsys.readouterr().out
 
 
 def _gpu_result() -> dict:
@@ -214,7 +223,7 @@ def test_supervised_training_speed_is_measured_the_same_way(prepared, tmp_path, 
 
     common = ["--data", str(prepared[0]), "--num-workers", "0", "--output", str(tmp_path)]
     assert main(["train-speed", "--model", "tiny-resnet", "--batch-size", "4", "--steps", "1", *common]) == 0
-    result = json.loads((tmp_path / "train-tiny-resnet-full-cpu.json").read_text())
+    result = json.loads((tmp_path / "train-tiny-resnet-full-batch4-cpu.json").read_text())
     assert set(speed.TRAIN_FIELDS) - {"baseline", "speedup_vs_baseline"} <= set(result)
     assert "baseline" not in result and result["towers"] is None
     assert result["step"] == "training step (forward + backward), full fine-tune, cross-entropy"
@@ -313,3 +322,103 @@ def test_lora_dropout_is_refused_where_there_is_no_lora(prepared, capsys):
         with pytest.raises(SystemExit):
             main(["train-speed", "--data", str(prepared[0]), "--model", model, "--lora-dropout", value])
         assert expected in capsys.readouterr().err
+
+
+def _tiny_clip_step(prepared, levers=None):
+    """tiny-clip's benchmark training step (LoRA dropout 0 unless ``levers`` say), a fixed batch and its LoRA
+    parameters."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from mushroomclip.data.splits import prepared_taxonomy
+    from mushroomclip.evaluation.throughput import Levers, _train_model
+
+    taxonomy = prepared_taxonomy(prepared[0])
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[])
+    levers = levers or Levers(lora_dropout=0.0)
+    net, trainer, preprocess, _ = _train_model("tiny-clip", "cpu", ("vision", "text"), taxonomy, args, levers)
+    torch.manual_seed(0)
+    batch = {
+        "pixel_values": torch.randint(0, 256, (4, 3, *preprocess.size), dtype=torch.uint8),
+        "labels": torch.randint(0, len(taxonomy), (4,)),
+    }
+    return net, trainer, batch, [p for p in net.parameters() if p.requires_grad]
+
+
+def test_bf16_base_lever_holds_only_frozen_layer_weights_in_bf16_and_keeps_the_loss(prepared):
+    """Issue 13's bf16-frozen-base lever: the frozen linear/conv weights are stored in bf16, LoRA's weights (what
+    AdamW updates), embeddings, norms and logit_scale stay fp32; under bf16 autocast the loss and LoRA gradients
+    are those of the fp32-held model (autocast rounds its weights to bf16 the same way), and the loss is within
+    bf16 tolerance of the fp32 step's."""
+    from mushroomclip.evaluation.throughput import Levers, step_loss
+
+    net, trainer, batch, params = _tiny_clip_step(prepared)
+    held, held_trainer, _, held_params = _tiny_clip_step(prepared, Levers(lora_dropout=0.0, bf16_base=True))
+    held.load_state_dict({k: v.to(held.state_dict()[k].dtype) for k, v in net.state_dict().items()})
+    dtypes = {name: p.dtype for name, p in held.named_parameters()}
+    frozen_linear = [n for n in dtypes if "base_layer.weight" in n or n.endswith("patch_embedding.weight")]
+    assert frozen_linear and all(dtypes[n] == torch.bfloat16 for n in frozen_linear)
+    assert all(p.dtype == torch.float32 for p in held_params)  # LoRA: what trains, and the optimizer's state
+    for name in ("logit_scale", "position_embedding.weight", "layer_norm1.weight", "token_embedding.weight"):
+        matches = [n for n in dtypes if n.endswith(name)]
+        assert matches and all(dtypes[n] == torch.float32 for n in matches), name
+
+    def loss_and_grads(model, trainer, params, autocast=True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = step_loss(trainer, model)(batch)
+        loss.backward()
+        return loss.detach().float(), [p.grad.clone() for p in params]
+
+    reference, reference_grads = loss_and_grads(net, trainer, params)
+    bf16_held, bf16_grads = loss_and_grads(held, held_trainer, held_params)
+    fp32, _ = loss_and_grads(net, trainer, params, autocast=False)
+    assert bf16_held.item() == pytest.approx(reference.item(), rel=1e-3)
+    for a, b in zip(reference_grads, bf16_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-5)
+    assert bf16_held.item() == pytest.approx(fp32.item(), rel=2e-2)  # bf16 has 8 significant bits
+
+
+def test_profile_says_where_a_steps_time_goes(prepared):
+    """The profile of ``make bench-train``: the phases add up to the step, the CLIP towers' forward times are there,
+    the kinds add up to the profiler's clock, the top operators are sorted, and the hooks are gone afterwards."""
+    from mushroomclip.evaluation import profiling
+    from mushroomclip.evaluation.throughput import step_loss
+
+    net, trainer, batch, params = _tiny_clip_step(prepared)
+    step = speed.train_step(params, step_loss(trainer, net), "cpu")
+    profile = profiling.profile_step(step, batch, "cpu", net, steps=2)
+    assert set(profile["phases_ms"]) == {"forward", "backward", "optimizer"}
+    assert profile["step_ms"] == pytest.approx(sum(profile["phases_ms"].values()))
+    assert all(ms > 0 for ms in profile["phases_ms"].values())
+    assert set(profile["forward_by_tower_ms"]) == {"vision", "text"}
+    assert 0 < sum(profile["forward_by_tower_ms"].values()) < profile["clocked_ms"]
+    assert sum(profile["kinds_ms"].values()) == pytest.approx(profile["clocked_ms"])
+    assert profile["kinds_ms"]["matmul"] > 0 and profile["kinds_ms"]["attention"] > 0
+    ms = [op["ms"] for op in profile["top_ops"]]
+    assert ms == sorted(ms, reverse=True) and len(ms) <= profiling.TOP_OPS
+    assert {op["kind"] for op in profile["top_ops"]} <= {k for k, _ in profiling.KINDS} | {profiling.OTHER}
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    line = profiling.summary(profile)
+    assert "vision tower" in line and "text tower" in line and "matmul" in line
+
+
+@pytest.mark.parametrize(
+    ("op", "expected"),
+    [
+        ("aten::mm", "matmul"),
+        ("aten::addmm", "matmul"),
+        ("aten::_scaled_dot_product_flash_attention_backward", "attention"),
+        ("aten::bernoulli_", "dropout and random draws"),
+        ("aten::native_layer_norm_backward", "normalisation"),
+        ("aten::_fused_adamw_", "optimizer"),
+        ("aten::_to_copy", "copy and cast"),
+        ("aten::mul", "elementwise and other"),
+        ("aten::convolution_backward", "convolution"),
+    ],
+)
+def test_profile_kinds_of_operators(op, expected):
+    from mushroomclip.evaluation import profiling
+
+    assert profiling.kind(op) == expected

@@ -150,6 +150,31 @@ def test_image_features_are_cached_between_runs(evaluated, monkeypatch):
     assert calls == []  # every split of every model came from the cache
 
 
+def test_decoding_on_the_device_gives_the_same_features_cached_apart(evaluated, prepared, monkeypatch, tmp_path):
+    """--decode-on-device (issue 13): the workers only read files and each batch is decoded and preprocessed on the
+    device; on the CPU (the same decoder) the features equal the default path's. The cache keeps the two apart: on
+    a GPU nvJPEG's pixels can differ slightly."""
+    import mushroomclip.evaluation.features as features
+
+    cfg, out, _ = evaluated
+    backbone = load_backbone("tiny-clip", device="cpu")
+    split = load_splits(prepared[0])["test"]
+    default, labels = features.image_features(backbone, split, batch_size=7, num_workers=0, progress=False)
+    on_device, device_labels = features.image_features(
+        backbone, split, batch_size=7, num_workers=1, progress=False, decode_on_device=True
+    )
+    np.testing.assert_array_equal(device_labels, labels)
+    np.testing.assert_allclose(on_device, default, rtol=0, atol=1e-6)
+    calls = []
+    real = features.image_features
+    monkeypatch.setattr(features, "image_features", lambda *a, **k: calls.append(k) or real(*a, **k))
+    again = dataclasses.replace(cfg, output=str(tmp_path), cache_dir=str(out / ".cache"), models="tiny-clip", shots="")
+    evaluate(again)
+    assert calls == []  # the default path's features, cached by the evaluated fixture
+    evaluate(dataclasses.replace(again, decode_on_device=True))
+    assert calls and all(k["decode_on_device"] for k in calls)  # not the default path's cached features
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "evaluate_zero_shot.py", *args], cwd=ROOT, capture_output=True, text=True)
 
@@ -168,6 +193,7 @@ FLAGS = (
     "--probe",
     "--batch-size",
     "--num-workers",
+    "--decode-on-device",
     "--device",
     "--random-weights",
     "--bootstrap",

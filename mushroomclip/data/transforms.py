@@ -185,6 +185,46 @@ class EvalPixels:
         return self.transform(decode_rgb(image))
 
 
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes as RGB pixels on ``device``, EXIF orientation applied, decoded as one batch (nvJPEG on a GPU):
+    TorchCodec's decoder, else torchvision.io's."""
+    if _codec_decode_image is not None:
+        from torchcodec.decoders import decode_jpeg
+
+        return decode_jpeg(list(encoded), mode="RGB", device=device)
+    with warnings.catch_warnings():  # deprecated in torchvision 0.29 in favour of TorchCodec's, used above
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+
+class DeviceEvalPixels:
+    """Encoded images (1-D uint8 tensors of a file's bytes) as a batch of the model's evaluation input, made on
+    ``device``: the JPEGs decoded together there (nvJPEG on a GPU), then :func:`eval_transform`'s resize and centre
+    crop, the same ops as :class:`EvalPixels` runs per image in a worker. Other formats, and a JPEG the batch
+    decoder refuses, go through :func:`decode_rgb` on the CPU. For prepared data, whose images were validated
+    when it was made: there is no decompression-bomb check before the batch decoder."""
+
+    def __init__(self, preprocess: PreprocessConfig, device: str | torch.device):
+        self.transform = eval_transform(preprocess)
+        self.device = torch.device(device)
+
+    def __call__(self, encoded: list[torch.Tensor], paths: Sequence[str | None] = ()) -> torch.Tensor:
+        paths = list(paths) or [None] * len(encoded)
+        pixels: list[torch.Tensor | None] = [None] * len(encoded)
+        jpegs = [i for i, e in enumerate(encoded) if bytes(e[:2].tolist()) == _FAST_SIGNATURES[0]]
+        if jpegs:
+            with contextlib.suppress(RuntimeError):  # one image the batch decoder refuses: each on its own below
+                for i, image in zip(jpegs, _decode_jpegs([encoded[i] for i in jpegs], self.device), strict=True):
+                    pixels[i] = image
+        for i, image in enumerate(pixels):
+            if image is None:
+                cell = {"bytes": encoded[i].numpy().tobytes(), "path": paths[i]}
+                pixels[i] = decode_rgb(cell).to(self.device, non_blocking=True)
+        return torch.stack([self.transform(image) for image in pixels])
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 

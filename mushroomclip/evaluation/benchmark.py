@@ -233,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     speed_cmd.add_argument("--split", default="train", help="split to read images from")
     speed_cmd.add_argument("--batch-size", type=int, default=256)
     speed_cmd.add_argument("--batches", type=int, help="timed batches, after warm-up (default: 10 on a GPU, 2 on CPU)")
+    speed_cmd.add_argument(
+        "--decode-on-device",
+        action="store_true",
+        help="lever: workers only read files; each batch is decoded (nvJPEG on a GPU), resized and cropped on the device",
+    )
     train = sub.add_parser(
         "train-speed", help="training throughput: CLIP LoRA, or a supervised classifier (random weights)"
     )
@@ -245,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--compile", action="store_true", help="lever: torch.compile the step's loss (model included)")
     train.add_argument("--fused-adamw", action="store_true", help="lever: AdamW's fused kernel")
     train.add_argument("--lora-dropout", type=float, help="lever: LoRA dropout (default: the config's, 0.1)")
+    train.add_argument(
+        "--bf16-base", action="store_true", help="lever: frozen linear/conv weights held in bf16 (LoRA stays fp32)"
+    )
+    train.add_argument("--no-profile", action="store_true", help="skip the profile of where a step's time goes")
     for cmd in (speed_cmd, train):
         cmd.add_argument("--data", required=True, help="prepared data folder")
         cmd.add_argument(
@@ -275,9 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= args.lora_dropout < 1:  # lora.dropout's own range (config.py)
             p.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout:g}")
     if args.command == "train-speed":
-        levers = Levers(args.compile, args.fused_adamw, args.lora_dropout)
+        levers = Levers(args.compile, args.fused_adamw, args.lora_dropout, args.bf16_base)
         towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
-        args.batch_size = args.batch_size or (256 if gpu else 8)
+        default_batch = 256 if gpu else 8
+        batch_tag = f"-batch{args.batch_size}" if args.batch_size not in (None, default_batch) else ""
+        args.batch_size = args.batch_size or default_batch
         args.steps = args.steps or (20 if gpu else 2)
         r = measure_train_speed(
             args.data,
@@ -289,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             towers,
             baseline=not args.no_baseline,
             levers=levers,
+            profile=not args.no_profile,
         )
         what = "full" if args.model in CLASSIFIERS else "+".join(towers)
-        name = f"train-{args.model}-{what}{levers.tag()}"
+        name = f"train-{args.model}-{what}{batch_tag}{levers.tag()}"
         _print_and_write(r, f"{name}-{'gpu' if gpu else 'cpu'}", Path(args.output))
         return 0
     if args.command == "hub-reachable":
@@ -326,8 +338,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"written: the speed table of {args.readme}")
         return 0
     args.batches = args.batches or (10 if gpu else 2)
-    r = measure_speed(args.data, args.model, args.batch_size, args.num_workers, args.device, args.split, args.batches)
-    _print_and_write(r, f"zero-shot-{args.model}-{'gpu' if gpu else 'cpu'}", Path(args.output))
+    r = measure_speed(
+        args.data,
+        args.model,
+        args.batch_size,
+        args.num_workers,
+        args.device,
+        args.split,
+        args.batches,
+        args.decode_on_device,
+    )
+    where = "-device-decode" if args.decode_on_device else ""
+    _print_and_write(r, f"zero-shot-{args.model}{where}-{'gpu' if gpu else 'cpu'}", Path(args.output))
     return 0
 
 

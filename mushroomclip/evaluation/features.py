@@ -14,7 +14,7 @@ import torch
 from datasets import Image
 from tqdm.auto import tqdm
 
-from mushroomclip.data.transforms import EvalPixels, background_worker
+from mushroomclip.data.transforms import DeviceEvalPixels, EvalPixels, background_worker
 
 
 class PreprocessedImages(torch.utils.data.Dataset):
@@ -35,21 +35,66 @@ class PreprocessedImages(torch.utils.data.Dataset):
         return self.pixels(row["image"]), row["label"]
 
 
-@torch.inference_mode()
-def image_features(
-    backbone, split, batch_size: int = 256, num_workers: int = 2, desc: str = "images", progress: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, D)`` float32 L2-normalised features and ``(N,)`` labels, in split order (a tqdm bar if ``progress``)."""
+class EncodedImages(torch.utils.data.Dataset):
+    """A ``datasets`` split as (file bytes, label, path) triples: the workers only read files, and
+    :class:`mushroomclip.data.transforms.DeviceEvalPixels` decodes and preprocesses each batch on the device."""
+
+    def __init__(self, split):
+        self.split = split.select_columns(["image", "label"]).cast_column("image", Image(decode=False))
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        row = self.split[index]
+        image = row["image"]
+        data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), row["label"], image.get("path")
+
+
+def encoded_collate(rows: list[tuple]) -> tuple[list[torch.Tensor], torch.Tensor, list[str | None]]:
+    encoded, labels, paths = zip(*rows, strict=True)
+    return list(encoded), torch.tensor(labels), list(paths)
+
+
+def image_batches(split, preprocess, device, batch_size: int, num_workers: int, decode_on_device: bool = False):
+    """``(uint8 pixels, labels)`` batches of ``split`` for the model's evaluation input, in split order: decoded and
+    preprocessed by DataLoader workers (:class:`PreprocessedImages`), or with ``decode_on_device`` read by the
+    workers and decoded and preprocessed in batches on ``device`` (:class:`EncodedImages`)."""
+    device = torch.device(device)
     loader = torch.utils.data.DataLoader(
-        PreprocessedImages(split, backbone.preprocess),
+        EncodedImages(split) if decode_on_device else PreprocessedImages(split, preprocess),
         batch_size=batch_size,
         num_workers=num_workers,
-        pin_memory=backbone.device.type == "cuda",
+        pin_memory=device.type == "cuda" and not decode_on_device,
         persistent_workers=False,
         worker_init_fn=background_worker,
+        collate_fn=encoded_collate if decode_on_device else None,
     )
+    if not decode_on_device:
+        yield from loader
+        return
+    pixels = DeviceEvalPixels(preprocess, device)
+    for encoded, labels, paths in loader:
+        yield pixels(encoded, paths), labels
+
+
+@torch.inference_mode()
+def image_features(
+    backbone,
+    split,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    desc: str = "images",
+    progress: bool = True,
+    decode_on_device: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, D)`` float32 L2-normalised features and ``(N,)`` labels, in split order (a tqdm bar if ``progress``);
+    ``decode_on_device``: see :func:`image_batches`."""
+    batches = image_batches(split, backbone.preprocess, backbone.device, batch_size, num_workers, decode_on_device)
+    total = -(-len(split) // batch_size)
     features, labels = [], []
-    for pixels, label in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+    for pixels, label in tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress):
         features.append(backbone.encode_images(pixels).cpu())
         labels.append(label)
     return torch.cat(features).numpy().astype(np.float32), torch.cat(labels).numpy()
@@ -60,9 +105,11 @@ def cached_image_features(
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """:func:`image_features`, stored under ``cache_dir``; returns (features, labels, hit).
 
-    Keyed by ``backbone.cache_id`` (the weights actually loaded and the preprocessing) and the split content.
+    Keyed by ``backbone.cache_id`` (the weights actually loaded and the preprocessing), the split content and where
+    the images are decoded (another decoder's pixels differ by a grey level or so).
     """
-    key = hashlib.sha256(f"{backbone.cache_id}|{fingerprint}".encode()).hexdigest()[:24]
+    where = "|device-decoded" if kwargs.get("decode_on_device") else ""
+    key = hashlib.sha256(f"{backbone.cache_id}|{fingerprint}{where}".encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"images-{backbone.name}-{key}.npz" if cache_dir else None
     if path is not None and path.is_file():
         stored = np.load(path)

@@ -17,9 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from torchvision import transforms as T
 
+from mushroomclip.evaluation.profiling import PHASES, sync
+from mushroomclip.evaluation.profiling import summary as profile_summary
 from mushroomclip.models.prompts import class_prompts
 from mushroomclip.provenance import git_commit, package_versions
 
@@ -50,18 +53,21 @@ TRAIN_FIELDS = {
     **FIELDS,
     "steps": "timed steps per measurement",
     "towers": "LoRA towers",
-    "levers": "speed levers of the step (compile, fused_adamw, lora_dropout; issue 13)",
+    "levers": "speed levers of the step (compile, fused_adamw, lora_dropout, bf16_base; issue 13)",
     "train_images": "train split size",
     "classes": "class prompts per step",
     "loader_only": "images/s the loader alone delivers",
     "baseline": "run_clip.py-style recipe: images/s, flops_per_step, TFLOP/s, MFU, peak_memory",
     "speedup_vs_baseline": "pipeline / baseline images/s, both with their data",
+    "profile": "where a model-only step's time goes: phases_ms, forward_by_tower_ms, kinds_ms, top_ops (absent "
+    "with --no-profile)",
 }
 ZERO_SHOT_FIELDS = {
     **FIELDS,
     "batches": "timed batches",
     "images": "images timed with the pipeline",
     "split_encode": "a whole split encoded end to end: split, images, seconds, images_per_s",
+    "decode_on_device": "whether each batch was decoded and preprocessed on the device (workers only read files)",
 }
 MACHINE_FIELDS = ("cpu", "cores", "gpu", "gpu_memory_bytes", "cuda", "versions", "git_commit", "created")
 # Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets (their "with sparsity" figures halved),
@@ -93,11 +99,6 @@ def spec_peak_tflops(device_name: str | None) -> tuple[float | None, str]:
 def device_name(device: str) -> str | None:
     """The GPU's name, or None on the CPU."""
     return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def count_flops(fn, *args) -> int:
@@ -216,19 +217,28 @@ def variant(
     return row
 
 
-def train_step(params, loss_of, device: str, fused: bool = False):
-    """``step(batch)``: loss (bf16 autocast on a GPU), backward, AdamW (``fused``: its fused kernel), as one
-    training step of the benchmark."""
+def train_step(params, loss_of, device: str, fused: bool = False, autocast: bool | None = None):
+    """``step(batch, clock=None)``: loss (bf16 autocast on a GPU, or where ``autocast`` says), backward, AdamW
+    (``fused``: its fused kernel), as one training step of the benchmark. Each phase is a ``torch.profiler``
+    range (:data:`PHASES`); ``clock(phase)``, when given, is called as each phase ends."""
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
-    cuda = device.startswith("cuda")
+    autocast = device.startswith("cuda") if autocast is None else autocast
+    device_type = torch.device(device).type
 
-    def step(batch: dict) -> None:
-        inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
-            loss = loss_of(inputs)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(batch: dict, clock=None) -> None:
+        clock = clock or (lambda phase: None)
+        with record_function(PHASES[0]):
+            inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with torch.autocast(device_type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+                loss = loss_of(inputs)
+        clock(PHASES[0])
+        with record_function(PHASES[1]):
+            loss.backward()
+        clock(PHASES[1])
+        with record_function(PHASES[2]):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        clock(PHASES[2])
 
     return step
 
@@ -327,6 +337,8 @@ def table_rows(result: dict) -> list[str]:
             if key not in ("baseline", "loader_only") or (key, k) == ("baseline", "lora_dropout")
         }
         where = setup + "".join(f", {k}" if v is True else f", {k}={v:g}" for k, v in levers.items())
+        if r.get("decode_on_device") and key == "pipeline":
+            where += ", decoded on the device"
         rows.append(
             f"| {r['benchmark']} | {label} | {where} | {_machine(r['machine'])} | {_num(f['images_per_s'])} | "
             f"{_num(eff.get('tflops_per_s'))} | {_pct(eff.get('mfu_spec'))} | {_pct(eff.get('mfu_matmul'))} | {memory} |"
@@ -353,6 +365,19 @@ def notes(result: dict) -> str:
         parts.append(
             f"whole {e['split']} split ({e['images']:,} images) encoded in {e['seconds']:.1f} s end to end"
             f" ({15600 * e['seconds'] / e['images']:.1f} s per 15.6k images at that rate)"
+        )
+    if "decoded_difference" in r:
+        d = r["decoded_difference"]
+        parts.append(
+            f"device-decoded pixels vs the workers' on {d['images']} images: at most {d['max_abs']} grey levels apart, "
+            f"{d['mean_abs']:.3f} on average"
+        )
+    if "profile" in r:
+        p = r["profile"]
+        parts.append(
+            f"no profile: {p['error']}"
+            if "error" in p
+            else f"profile (model only, {p['steps']} steps): {profile_summary(p)}"
         )
     return (
         f"- {r['benchmark']} ({r['machine']['created']}, commit {r['machine']['git_commit']}): "

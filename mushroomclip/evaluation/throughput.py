@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ from transformers import TrainingArguments
 from mushroomclip.config import DataArguments, LoraArguments
 from mushroomclip.data.splits import load_splits, prepared_taxonomy
 from mushroomclip.data.transforms import background_worker, pixel_stats, train_images
-from mushroomclip.evaluation import speed
-from mushroomclip.evaluation.features import PreprocessedImages
+from mushroomclip.evaluation import profiling, speed
+from mushroomclip.evaluation.features import image_batches
 from mushroomclip.models.backbones import load_backbone, offline_clip_tokenizer
 from mushroomclip.models.lora import add_lora
 from mushroomclip.models.prompts import class_prompts
@@ -66,14 +67,23 @@ def _steady_state_plan(
 
 
 def measure_speed(
-    data: str, model: str, batch_size: int, num_workers: int, device: str, split: str, batches: int
+    data: str,
+    model: str,
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    split: str,
+    batches: int,
+    decode_on_device: bool = False,
 ) -> dict:
     """Images/s of zero-shot image encoding with the real data pipeline vs tensors on the device (model only),
-    in the steady state (:func:`_steady_state_plan`)."""
+    in the steady state (:func:`_steady_state_plan`); ``decode_on_device``: the pipeline decodes and preprocesses
+    each batch on the device (:func:`mushroomclip.evaluation.features.image_batches`), and the result says how far
+    its pixels are from the workers' (:func:`_decoded_difference`)."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     backbone = load_backbone(model, device=device, dtype=dtype, random_weights=True)
-    images = PreprocessedImages(load_splits(data)[split], backbone.preprocess)
+    images = load_splits(data)[split]
     skip, needed = _steady_state_plan(
         data,
         f"the {split} split",
@@ -84,19 +94,18 @@ def measure_speed(
         "make bench-zero-shot",
         "--batches",
     )
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(images, range(needed * batch_size)),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=device.startswith("cuda"),
-        worker_init_fn=background_worker,
+    loader = image_batches(
+        images.select(range(needed * batch_size)),
+        backbone.preprocess,
+        device,
+        batch_size,
+        num_workers,
+        decode_on_device,
     )
 
     with torch.inference_mode():
-        sample = images[0][0]  # uint8, as every evaluation image reaches the model
-        on_device = [
-            torch.randint(0, 256, (batch_size, *sample.shape), dtype=torch.uint8, device=device) for _ in range(2)
-        ]
+        shape = (batch_size, 3, *backbone.preprocess.size)  # uint8, as every evaluation image reaches the model
+        on_device = [torch.randint(0, 256, shape, dtype=torch.uint8, device=device) for _ in range(2)]
         synthetic = [on_device[i % 2] for i in range(1 + batches)]
         speed.reset_peak_memory(device)
         first, _ = _images_per_s(synthetic, backbone.encode_images, batches, 0, device)
@@ -105,7 +114,7 @@ def measure_speed(
         model_only = max(first, _images_per_s(synthetic, backbone.encode_images, batches, 0, device)[0])
         memory = speed.peak_memory(device)
         flops = speed.count_flops(backbone.encode_images, on_device[0])
-        split_encode = _encode_split(images, backbone, batch_size, num_workers, device)
+        split_encode = _encode_split(images, backbone, batch_size, num_workers, device, decode_on_device)
     peak = speed.peaks(device, dtype)
     return {
         "benchmark": "bench-zero-shot",
@@ -118,57 +127,84 @@ def measure_speed(
         "num_workers": num_workers,
         "data": str(data),
         "step": "batch encoded (forward)",
+        "decode_on_device": decode_on_device,
         "flops_per_step": flops,
         **peak,
         "pipeline": speed.variant(pipeline, flops, batch_size, peak),
         "model_only": speed.variant(model_only, flops, batch_size, peak, memory),
         "ratio": pipeline / model_only,
         "split_encode": dict(split_encode, split=split),
+        **(
+            {"decoded_difference": _decoded_difference(images, backbone.preprocess, device)} if decode_on_device else {}
+        ),
         "machine": speed.machine(device),
     }
 
 
-def _encode_split(images, backbone, batch_size: int, num_workers: int, device: str) -> dict:
+def _decoded_difference(split, preprocess, device: str, count: int = 64) -> dict:
+    """How far the device-decoded evaluation pixels of ``split``'s first ``count`` images are from the workers'
+    (:class:`mushroomclip.data.transforms.EvalPixels`): the largest and the mean absolute difference in grey levels (0-255)."""
+    count = min(count, len(split))
+    on_device = next(image_batches(split.select(range(count)), preprocess, device, count, 0, decode_on_device=True))[0]
+    workers = next(image_batches(split.select(range(count)), preprocess, device, count, 0))[0].to(device)
+    diff = (on_device.int() - workers.int()).abs()
+    return {"images": count, "max_abs": int(diff.max()), "mean_abs": float(diff.float().mean())}
+
+
+def _encode_split(
+    images, backbone, batch_size: int, num_workers: int, device: str, decode_on_device: bool = False
+) -> dict:
     """Seconds to encode every image of a split end to end: a fresh loader (worker start-up included)."""
-    loader = torch.utils.data.DataLoader(
-        images,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=device.startswith("cuda"),
-        worker_init_fn=background_worker,
-    )
     speed.sync(device)
     start = time.perf_counter()
-    for pixels, _ in loader:
+    for pixels, _ in image_batches(images, backbone.preprocess, device, batch_size, num_workers, decode_on_device):
         backbone.encode_images(pixels)
     speed.sync(device)
     seconds = time.perf_counter() - start
     return {"images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds}
 
 
-def _lora_model(model: str, device: str, towers: tuple, dropout: float | None = None):
+def _lora_model(model: str, device: str, towers: tuple, dropout: float | None = None, bf16_base: bool = False):
     """A random-weights backbone with the default config's LoRA on ``towers`` (``dropout``: another LoRA dropout),
-    in train mode on ``device``."""
+    in train mode on ``device``; ``bf16_base``: see :func:`hold_frozen_in_bf16`."""
     backbone = load_backbone(model, device=device, random_weights=True)
     s = LoraArguments()
     dropout = s.dropout if dropout is None else dropout
     peft = add_lora(backbone.model, s.r, s.alpha, dropout, list(towers), s.target_modules, False).to(device).train()
+    if bf16_base:
+        hold_frozen_in_bf16(peft)
     return backbone, peft
+
+
+def hold_frozen_in_bf16(model: torch.nn.Module) -> int:
+    """Store the frozen weights and biases of ``model``'s linear and convolution layers in bf16; LoRA's weights (and
+    so the optimizer) stay fp32. Under bf16 autocast those layers compute in bf16 anyway, from a bf16 copy of the
+    fp32 weights that autocast makes again at every step (it caches only weights that train): held in bf16, that
+    copy is made once. Embeddings, norms and logit_scale keep fp32. Returns the parameters converted."""
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad and p.dtype == torch.float32:
+                    p.data = p.data.to(torch.bfloat16)
+                    converted += 1
+    return converted
 
 
 @dataclass(frozen=True)
 class Levers:
     """Speed levers a training step can be measured with (issue 13: each measured on its own, kept where it pays):
-    ``torch.compile`` of the step's loss, AdamW's fused kernel, another LoRA dropout. The defaults are the
-    trainer's own step."""
+    ``torch.compile`` of the step's loss, AdamW's fused kernel, another LoRA dropout, the frozen base held in bf16.
+    The defaults are the trainer's own step."""
 
     compile: bool = False
     fused_adamw: bool = False
     lora_dropout: float | None = None  # None: the config default
+    bf16_base: bool = False  # frozen linear/conv weights held in bf16 (hold_frozen_in_bf16); the step in bf16 autocast
 
     def tag(self) -> str:
         """What a result file's name says of the levers ("" for the trainer's own step)."""
-        parts = ["compile"] * self.compile + ["fused"] * self.fused_adamw
+        parts = ["compile"] * self.compile + ["fused"] * self.fused_adamw + ["bf16base"] * self.bf16_base
         parts += [] if self.lora_dropout is None else [f"dropout{self.lora_dropout:g}"]
         return "".join(f"-{p}" for p in parts)
 
@@ -185,7 +221,7 @@ def _train_model(model: str, device: str, towers: tuple, taxonomy, args: Trainin
             model=net, args=args, loss_name="cross_entropy", evaluator=None, pixel_stats=pixel_stats(built.preprocess)
         )
         return net, trainer, built.preprocess, "training step (forward + backward), full fine-tune, cross-entropy"
-    backbone, net = _lora_model(model, device, towers, levers.lora_dropout)
+    backbone, net = _lora_model(model, device, towers, levers.lora_dropout, levers.bf16_base)
     d = DataArguments()
     ids = backbone.tokenize([p for [p] in class_prompts(taxonomy, d.text_type, [d.train_template])]).to(device)
     trainer = ContrastiveTrainer(
@@ -219,10 +255,12 @@ def measure_train_speed(
     towers: tuple = ("vision", "text"),
     baseline: bool = True,
     levers: Levers = Levers(),
+    profile: bool = True,
 ) -> dict:
     """Train images/s of steps fed by the real pipeline vs uint8 tensors on the device, in the steady state
     (:func:`_steady_state_plan`), what the loader alone delivers, and (``baseline``, CLIP only) the same LoRA,
-    batch and precision trained the ``run_clip.py`` way; with FLOPs per step, MFU and peak memory.
+    batch and precision trained the ``run_clip.py`` way; with FLOPs per step, MFU and peak memory, and (``profile``)
+    where a model-only step's time goes (:func:`mushroomclip.evaluation.profiling.profile_step`).
 
     A step is the trainer's own (:func:`_train_model`): ``compute_loss``, backward and AdamW, in bf16 autocast on
     a GPU. ``model`` is a CLIP architecture (LoRA, ``towers``) or a supervised one of :data:`CLASSIFIERS`.
@@ -246,7 +284,8 @@ def measure_train_speed(
         collate_fn=collate,
     )
     params = [p for p in net.parameters() if p.requires_grad]
-    step = speed.train_step(params, step_loss(trainer, net, levers), device, fused=levers.fused_adamw)
+    autocast = device.startswith("cuda") or levers.bf16_base  # bf16 weights need bf16 autocast, on a CPU too
+    step = speed.train_step(params, step_loss(trainer, net, levers), device, levers.fused_adamw, autocast)
 
     def copy(batch: dict) -> None:  # the loader alone: only the copy to the device
         batch["pixel_values"].to(device, non_blocking=True)
@@ -276,8 +315,9 @@ def measure_train_speed(
     memory = speed.peak_memory(device)
     loader_only, _ = _images_per_s(loader, copy, steps, skip, device, count)  # the decoding ceiling, a fresh epoch
     # counted on the eager step: the same arithmetic whichever kernels Inductor would generate
-    flops = speed.count_flops(speed.train_step(params, step_loss(trainer, net), device), fixed[0])
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    flops = speed.count_flops(speed.train_step(params, step_loss(trainer, net), device, autocast=autocast), fixed[0])
+    where = _profile(step, fixed[0], device, net) if profile else None
+    dtype = torch.bfloat16 if autocast else torch.float32
     peak = speed.peaks(device, dtype)
     shutil.rmtree(args.output_dir, ignore_errors=True)
     result = {
@@ -301,6 +341,8 @@ def measure_train_speed(
         "loader_only": speed.variant(loader_only),
         "ratio": pipeline / model_only,
     }
+    if where is not None:
+        result["profile"] = where
     if baseline and not classifier:  # the run_clip.py recipe is CLIP's
         del trainer, net, step, fixed, synthetic
         result["baseline"] = _baseline_speed(
@@ -319,6 +361,16 @@ def measure_train_speed(
         result["speedup_vs_baseline"] = pipeline / result["baseline"]["images_per_s"]
     result["machine"] = speed.machine(device)
     return result
+
+
+def _profile(step, batch: dict, device: str, net) -> dict:
+    """:func:`mushroomclip.evaluation.profiling.profile_step`, or what stopped it: the speed figures measured before it
+    are kept either way."""
+    try:
+        return profiling.profile_step(step, batch, device, net)
+    except RuntimeError as err:
+        print(f"warning: no profile: {err}", file=sys.stderr)
+        return {"error": str(err)}
 
 
 def _baseline_speed(

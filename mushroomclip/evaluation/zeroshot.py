@@ -91,6 +91,13 @@ class EvaluationArguments:
     )
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes decoding images"})
+    decode_on_device: bool = field(
+        default=False,
+        metadata={
+            "help": "the workers only read files; each batch of JPEGs is decoded (nvJPEG on a GPU), resized and "
+            "cropped on the device (another JPEG decoder: pixels may differ slightly from the workers')"
+        },
+    )
     device: str = field(
         default="auto", metadata={"help": "auto (cuda if available, bf16 there), cpu, cuda, cuda:1, ..."}
     )
@@ -336,6 +343,7 @@ class EvaluationRun:
             desc=f"{name} {split}",
             batch_size=self.args.batch_size,
             num_workers=self.args.num_workers,
+            decode_on_device=self.args.decode_on_device,
         )
         return feats, labels
 
