@@ -184,6 +184,10 @@ def test_predictions_csv_has_one_row_per_image_unreadable_ones_included(tmp_path
     assert [r["image"] for r in rows] == ["a.jpg", "b.txt"]
     assert rows[0]["top_species"].split(";")[0] == "Boletus edulis" and rows[0]["kind"] == "species"
     assert rows[1]["error"] == "not an image" and rows[1]["answer"] == ""
+    assert rows[0]["thresholds"] == "species 0.5, genus 0.8, family 0.8" and rows[1]["thresholds"] == ""
+    assert rows[0]["thresholds_source"] == DEFAULTS.source
+    open_set = answer(CLASSES, probs(edulis=0.9), taxonomy, Thresholds(species=0.6, unknown=0.42, source="mine"))
+    assert csv_row("c.jpg", open_set)["thresholds"] == "species 0.6, genus 0.8, family 0.8, unknown 0.42"
 
 
 @pytest.fixture(scope="module")

@@ -321,11 +321,13 @@ def test_jpeg_and_png_decode_through_torchcodec_to_torchvisions_former_pixels(fm
 
 
 def _photos() -> list[bytes]:
-    """A JPEG, an EXIF-rotated JPEG, a greyscale JPEG, a PNG and a WebP: what a prepared folder can hold."""
+    """JPEGs (two of one size), an EXIF-rotated JPEG, a greyscale JPEG, a PNG and a WebP: what a prepared folder can
+    hold."""
     exif = Image.Exif()
     exif[0x0112] = 6
     return [
         encoded(gradient(90, 60), "JPEG", quality=90),
+        encoded(gradient(90, 60).transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG", quality=90),
         encoded(gradient(64, 48), "JPEG", quality=95, exif=exif),
         encoded(gradient(50, 70).convert("L"), "JPEG"),
         encoded(gradient(80, 40), "PNG"),
@@ -333,6 +335,7 @@ def _photos() -> list[bytes]:
     ]
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29's, without TorchCodec
 @pytest.mark.parametrize("torchcodec", [True, False])
 def test_device_decoding_gives_the_workers_pixels(monkeypatch, torchcodec):
     """--decode-on-device (issue 13): a batch of encoded images decoded and preprocessed on the device equals
@@ -348,7 +351,7 @@ def test_device_decoding_gives_the_workers_pixels(monkeypatch, torchcodec):
         monkeypatch.setattr(transforms, "_codec_decode_image", None)
     encoded_batch = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in photos]
     pixels = DeviceEvalPixels(preprocess, "cpu")(encoded_batch)
-    assert pixels.dtype == torch.uint8 and pixels.shape == (5, 3, 32, 32)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (6, 3, 32, 32)
     assert torch.equal(pixels, expected)
 
 
@@ -357,7 +360,7 @@ def test_device_decoding_of_a_broken_jpeg_names_it(tmp_path):
     is the same one-line error as on the workers' path, naming the file."""
     from mushroomclip.data.transforms import DeviceEvalPixels, ImageError
 
-    photos = _photos()[:2] + [encoded(gradient(), "JPEG")[:60]]
+    photos = _photos()[:2] + [encoded(gradient(), "JPEG")[:60]]  # the third: cut short
     batch = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in photos]
     with pytest.raises(ImageError, match=r"cannot decode .*broken\.jpg.*prepare_kaggle"):
         DeviceEvalPixels(square(32, (0.5,) * 3, (0.5,) * 3), "cpu")(batch, [None, None, str(tmp_path / "broken.jpg")])

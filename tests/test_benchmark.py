@@ -313,6 +313,28 @@ def test_levers_are_named_in_the_file_the_record_and_the_table():
     assert ", compile, lora_dropout=0 |" in rows["with the data pipeline"]
     assert ", lora_dropout=0 |" in rows["HF `run_clip.py`-style baseline, with its data"]  # the same LoRA only
     assert "compile" not in rows["HF `run_clip.py`-style baseline, with its data"]
+    assert Levers(bf16_base=True).tag() == "-bf16base"
+
+
+def test_data_prepared_at_a_short_side_is_named_in_the_record_the_file_and_the_table(tmp_path, capsys):
+    """SPEED_SHORT_SIDE (issue 13's data lever): the result says how the images were prepared, its file is not the
+    default run's, and the rows fed by the data say so (model-only rows are not)."""
+    from mushroomclip.data.prepare import PrepareArguments, prepare
+    from mushroomclip.data.synthetic import make_synthetic_download
+    from mushroomclip.evaluation.benchmark import main
+    from mushroomclip.evaluation.throughput import prepared_images
+
+    make_synthetic_download(tmp_path / "dl", classes=2, per_class=16, size=64)
+    prepare(PrepareArguments(tmp_path / "dl", tmp_path / "short", short_side=48, num_proc=1, progress=False))
+    assert prepared_images(tmp_path / "short") == {"max_side": 512, "short_side": 48}
+    assert prepared_images(tmp_path / "nowhere") == {}
+    common = ["--data", str(tmp_path / "short"), "--num-workers", "0", "--output", str(tmp_path / "bench")]
+    assert main(["speed", "--model", "tiny-clip", "--batch-size", "4", "--batches", "1", *common]) == 0
+    result = json.loads((tmp_path / "bench" / "zero-shot-tiny-clip-short48-cpu.json").read_text())
+    assert result["prepared"] == {"max_side": 512, "short_side": 48}
+    rows = {row.split(" | ")[1]: row for row in speed.table_rows(result)}
+    assert ", images prepared at short side ≤48 px |" in rows["with the data pipeline"]
+    assert "short side" not in rows["model only (synthetic tensors on the device)"]
 
 
 def test_lora_dropout_is_refused_where_there_is_no_lora(prepared, capsys):

@@ -331,6 +331,8 @@ def test_a_folder_becomes_one_csv_row_per_input_with_the_safety_answer(runs, pre
             expected.warning or "",
         )
         assert row["top_species"].split(";") == [r.species for r in expected.rows]
+        assert row["thresholds"] == "species 0.5, genus 0.8, family 0.8"  # which thresholds gave this answer
+        assert row["thresholds_source"].startswith("documented defaults")
 
 
 def test_a_csv_path_that_cannot_be_written_is_one_line_before_any_prediction(runs, prepared, tmp_path, predict_cli):
@@ -363,8 +365,15 @@ def test_the_table_and_json_give_each_photo_the_answer_with_its_warning(runs, pr
     status, out, _ = predict_cli(*photos, "--adapter", runs / "good", "--format", "json")
     records = json.loads(out)
     assert [r["answer"] for r in records] == [
-        {"kind": a.kind, "text": a.headline, "warning": a.warning} for a in expected
+        {
+            "kind": a.kind,
+            "text": a.headline,
+            "warning": a.warning,
+            "thresholds": {"species": 0.5, "genus": 0.8, "family": 0.8, "unknown": None, "source": a.thresholds.source},
+        }
+        for a in expected
     ]
+    assert records[0]["answer"]["thresholds"]["source"].startswith("documented defaults")
 
 
 def test_the_benchmarks_answers_row_counts_what_predict_answers(runs, prepared, tmp_path, predict_cli):

@@ -269,6 +269,42 @@ def test_large_and_rotated_images_are_reencoded_small_ones_copied(tmp_path):
     assert found["00003.jpg"].read_bytes() == (folder / "00003.jpg").read_bytes()  # small: byte-identical copy
 
 
+def test_short_side_limit_scales_large_images_down_to_it(tmp_path):
+    """--short-side (issue 13: training decodes fewer pixels): an image whose short side is larger is re-encoded with
+    that side at the limit, EXIF rotation applied; the tighter of --max-side and --short-side wins; a smaller image
+    is copied byte for byte; and a run with another limit re-encodes rather than reusing the first run's files."""
+    root = tmp_path / "dl"
+    make_synthetic_download(root, classes=2, per_class=6, size=32)
+    folder = next((root / "merged_dataset").iterdir())
+    Image.new("RGB", (1200, 800), (200, 30, 30)).save(folder / "00000.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 600 x 400, shown 400 x 600
+    Image.new("RGB", (600, 400), (0, 90, 0)).save(folder / "00001.jpg", exif=exif)
+    Image.new("RGB", (300, 200), (0, 0, 90)).save(folder / "00002.jpg")
+    out = tmp_path / "out"
+
+    def sizes(**limits) -> dict:
+        prepare(PrepareArguments(root, out, num_proc=1, progress=False, **limits))
+        found = {
+            Path(r["source"]).name: out / split / r["file_name"]
+            for split in ("train", "validation", "test")
+            for r in read_metadata(out, split)
+            if folder.name in r["source"]
+        }
+        assert found["00003.jpg"].read_bytes() == (folder / "00003.jpg").read_bytes()
+        return {name: Image.open(found[name]).size for name in ("00000.jpg", "00001.jpg", "00002.jpg")}
+
+    assert sizes(short_side=256) == {"00000.jpg": (384, 256), "00001.jpg": (256, 384), "00002.jpg": (300, 200)}
+    assert sizes(short_side=100) == {"00000.jpg": (150, 100), "00001.jpg": (100, 150), "00002.jpg": (150, 100)}
+    assert sizes(max_side=300, short_side=256) == {
+        "00000.jpg": (300, 200),
+        "00001.jpg": (200, 300),
+        "00002.jpg": (300, 200),
+    }
+    with pytest.raises(ValueError, match="--short-side re-encodes images: it needs --copy-mode resize"):
+        PrepareArguments(root, out, short_side=256, copy_mode="copy")
+
+
 def test_copy_and_link_modes_keep_bytes(dirty_download, tmp_path):
     root, _ = dirty_download
     for mode in ("copy", "link"):

@@ -11,6 +11,7 @@ and the others are still predicted; the exit status is then 1 (2 if no image cou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -172,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                     for p in preds
                 ],
                 # the answer of --csv and the app; the warning when a candidate (or backed-off member) is dangerous
-                "answer": {"kind": a.kind, "text": a.headline, "warning": a.warning},
+                "answer": {
+                    "kind": a.kind,
+                    "text": a.headline,
+                    "warning": a.warning,
+                    "thresholds": dataclasses.asdict(a.thresholds),  # which ones gave this answer, and their source
+                },
             }
             for path, preds, a in zip(readable, results, answers)
         ]

@@ -47,6 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --copy-mode resize, re-encode images whose long side is larger, once; 0 keeps every size",
     )
     p.add_argument(
+        "--short-side",
+        type=int,
+        default=0,
+        help="with --copy-mode resize, also re-encode images whose short side is larger, down to it (e.g. 256 for "
+        "224 px models: fewer pixels to decode at every epoch); 0 (default): no limit",
+    )
+    p.add_argument(
         "--copy-mode",
         choices=("resize", "copy", "link"),
         default="resize",
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             keep_oversampling=args.keep_oversampling,
             max_side=args.max_side,
+            short_side=args.short_side,
             copy_mode=args.copy_mode,
             jpeg_quality=args.jpeg_quality,
             num_proc=args.num_proc,

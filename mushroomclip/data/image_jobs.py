@@ -14,6 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 COPY_MODES = ("resize", "copy", "link")
 EXIF_ORIENTATION = 0x0112
+TRANSPOSED = (5, 6, 7, 8)  # the EXIF orientations that swap width and height
 JPEG_NAMES = (".jpg", ".jpeg")
 
 
@@ -51,11 +52,19 @@ def output_names(name: str, mode: str) -> tuple[str, ...]:
     return (safe, safe + ".jpg") if mode == "resize" and Path(safe).suffix.lower() not in JPEG_NAMES else (safe,)
 
 
-def process_image(src: str, dest_dir: str, mode: str, max_side: int, quality: int) -> dict:
+def downscale(width: int, height: int, max_side: int, short_side: int) -> float:
+    """The factor (1: none) that brings the long side to at most ``max_side`` and the short side to at most
+    ``short_side``; 0 leaves that side unlimited. Never an enlargement."""
+    limits = [max_side / max(width, height)] * (max_side > 0) + [short_side / min(width, height)] * (short_side > 0)
+    return min([1.0, *limits])
+
+
+def process_image(src: str, dest_dir: str, mode: str, max_side: int, quality: int, short_side: int = 0) -> dict:
     """Validate ``src`` by decoding it fully and place it in ``dest_dir``.
 
-    In ``resize`` mode an image whose long side exceeds ``max_side`` (or that carries an EXIF
-    rotation) is re-encoded once as an upright RGB JPEG; every other image is copied byte for byte.
+    In ``resize`` mode an image whose long side exceeds ``max_side`` or whose short side exceeds ``short_side``
+    (:func:`downscale`), or that carries an EXIF rotation, is re-encoded once as an upright RGB JPEG (scaled down
+    as far as the tighter limit asks); every other image is copied byte for byte.
     Returns ``{"status": "ok", "sha1", "dest", "dest_size", "dest_mtime_ns", "width", "height", "reencoded"}``,
     ``{"status": <skip reason>, "detail"}`` for a bad source file, or ``{"status": "write_error", "detail"}``
     when the output could not be written (not a property of the source: never cached).
@@ -73,14 +82,19 @@ def process_image(src: str, dest_dir: str, mode: str, max_side: int, quality: in
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            too_big = mode == "resize" and max_side > 0 and max(width, height) > max_side
-            rotated = mode == "resize" and image.getexif().get(EXIF_ORIENTATION, 1) != 1
+            scale = downscale(width, height, max_side, short_side) if mode == "resize" else 1.0
+            too_big = scale < 1
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            rotated = mode == "resize" and orientation != 1
             if too_big or rotated:
+                # the long side's limit alone: the box it always was; else the scaled size, in stored orientation
+                box = (max_side, max_side) if not short_side else (round(width * scale), round(height * scale))
                 if too_big:
-                    image.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+                    image.draft("RGB", box)  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below the box
                 upright = ImageOps.exif_transpose(image).convert("RGB")
                 if too_big:
-                    upright.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+                    box = box[::-1] if orientation in TRANSPOSED else box
+                    upright.thumbnail(box, Image.Resampling.LANCZOS)
                 width, height = upright.size
                 buffer = io.BytesIO()
                 upright.save(buffer, format="JPEG", quality=quality, optimize=False)

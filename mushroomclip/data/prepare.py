@@ -62,6 +62,7 @@ class PrepareArguments:
     seed: int = 42
     keep_oversampling: bool = False
     max_side: int = 512
+    short_side: int = 0
     copy_mode: str = "resize"
     jpeg_quality: int = 90
     num_proc: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -75,8 +76,10 @@ class PrepareArguments:
             raise ValueError(f"--split must be 'official' or 'random', got {self.split!r}")
         if self.copy_mode not in COPY_MODES:
             raise ValueError(f"--copy-mode must be one of {', '.join(COPY_MODES)}, got {self.copy_mode!r}")
-        if self.max_side < 0 or self.num_proc < 1:
-            raise ValueError("--max-side must be >= 0 and --num-proc >= 1")
+        if self.max_side < 0 or self.short_side < 0 or self.num_proc < 1:
+            raise ValueError("--max-side and --short-side must be >= 0, and --num-proc >= 1")
+        if self.short_side and self.copy_mode != "resize":
+            raise ValueError(f"--short-side re-encodes images: it needs --copy-mode resize, not {self.copy_mode}")
 
 
 def _load_cache(output: Path, options_key: str) -> tuple[dict[str, dict], set[str]]:
@@ -117,7 +120,15 @@ def _run_jobs(entries: list[Entry], opts: PrepareArguments, options_key: str, de
     """Process ``entries`` in parallel, logging each result to the cache as it arrives (so an
     interrupted run resumes where it stopped)."""
     jobs = [
-        (i, str(e.src), str(opts.output / e.split / e.label), opts.copy_mode, opts.max_side, opts.jpeg_quality)
+        (
+            i,
+            str(e.src),
+            str(opts.output / e.split / e.label),
+            opts.copy_mode,
+            opts.max_side,
+            opts.jpeg_quality,
+            opts.short_side,
+        )
         for i, e in enumerate(entries)
     ]
     opts.output.mkdir(parents=True, exist_ok=True)
@@ -153,7 +164,8 @@ def _run_jobs(entries: list[Entry], opts: PrepareArguments, options_key: str, de
 
 def _options_key(opts: PrepareArguments) -> str:
     # "2:": results cached before write errors were told apart from bad images are not trusted.
-    return f"2:{opts.copy_mode}:{opts.max_side}:{opts.jpeg_quality}"
+    short = f":short{opts.short_side}" if opts.short_side else ""  # the keys of runs without it stay as they were
+    return f"2:{opts.copy_mode}:{opts.max_side}:{opts.jpeg_quality}{short}"
 
 
 def _skip_name_collisions(plan: Plan, copy_mode: str) -> None:

@@ -208,6 +208,7 @@ class DeviceEvalPixels:
 
     def __init__(self, preprocess: PreprocessConfig, device: str | torch.device):
         self.transform = eval_transform(preprocess)
+        self.size = preprocess.size
         self.device = torch.device(device)
 
     def __call__(self, encoded: list[torch.Tensor], paths: Sequence[str | None] = ()) -> torch.Tensor:
@@ -222,7 +223,14 @@ class DeviceEvalPixels:
             if image is None:
                 cell = {"bytes": encoded[i].numpy().tobytes(), "path": paths[i]}
                 pixels[i] = decode_rgb(cell).to(self.device, non_blocking=True)
-        return torch.stack([self.transform(image) for image in pixels])
+        # images of one size are resized and cropped together: one kernel per size, not per image
+        by_size: dict[tuple, list[int]] = {}
+        for i, image in enumerate(pixels):
+            by_size.setdefault(tuple(image.shape), []).append(i)
+        out = torch.empty((len(pixels), 3, *self.size), dtype=torch.uint8, device=self.device)
+        for indices in by_size.values():
+            out[indices] = self.transform(torch.stack([pixels[i] for i in indices]))
+        return out
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

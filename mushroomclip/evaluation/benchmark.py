@@ -202,6 +202,12 @@ def novel_species_rows(runs: Path, results: Path, num_workers: int) -> list[Path
     return done
 
 
+def _short_side_tag(result: dict) -> str:
+    """What a result file's name says of data prepared with --short-side ("" without)."""
+    short = (result.get("prepared") or {}).get("short_side")
+    return f"-short{short}" if short else ""
+
+
 def _print_and_write(result: dict, name: str, out_dir: Path) -> None:
     """Every figure of ``result`` as the README table would show it, and its JSON file."""
     print(speed.render_table([result]))
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             profile=not args.no_profile,
         )
         what = "full" if args.model in CLASSIFIERS else "+".join(towers)
-        name = f"train-{args.model}-{what}{batch_tag}{levers.tag()}"
+        name = f"train-{args.model}-{what}{batch_tag}{_short_side_tag(r)}{levers.tag()}"
         _print_and_write(r, f"{name}-{'gpu' if gpu else 'cpu'}", Path(args.output))
         return 0
     if args.command == "hub-reachable":
@@ -349,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         args.decode_on_device,
     )
     where = "-device-decode" if args.decode_on_device else ""
+    where += _short_side_tag(r)
     _print_and_write(r, f"zero-shot-{args.model}{where}-{'gpu' if gpu else 'cpu'}", Path(args.output))
     return 0
 

@@ -38,6 +38,7 @@ FIELDS = {
     "batch_size": "images per step",
     "num_workers": "DataLoader workers",
     "data": "prepared folder",
+    "prepared": "how its images were prepared: max_side, short_side (prepare_kaggle.py's --max-side, --short-side)",
     "step": "what one FLOP count covers",
     "flops_per_step": "FlopCounterMode total of one step",
     "spec_peak_tflops": "datasheet dense bf16 peak, null on a CPU or an unknown GPU",
@@ -337,6 +338,8 @@ def table_rows(result: dict) -> list[str]:
             if key not in ("baseline", "loader_only") or (key, k) == ("baseline", "lora_dropout")
         }
         where = setup + "".join(f", {k}" if v is True else f", {k}={v:g}" for k, v in levers.items())
+        if (r.get("prepared") or {}).get("short_side") and key in ("pipeline", "baseline", "loader_only"):
+            where += f", images prepared at short side ≤{r['prepared']['short_side']} px"
         if r.get("decode_on_device") and key == "pipeline":
             where += ", decoded on the device"
         rows.append(

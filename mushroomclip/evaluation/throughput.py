@@ -10,11 +10,13 @@ class_text loss, and the ``run_clip.py``-style baseline) and for the supervised 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
@@ -46,6 +48,16 @@ def _images_per_s(batches, run, timed: int, skip: int, device: str, count=len) -
         seen += count(batch)
     speed.sync(device)
     return seen / (time.perf_counter() - start), seen
+
+
+def prepared_images(data: str) -> dict:
+    """How the images of ``data`` were prepared (``--max-side``, ``--short-side``), from its prepare_report.json; {}
+    without one."""
+    report = Path(data) / "prepare_report.json"
+    if not report.is_file():
+        return {}
+    config = json.loads(report.read_text()).get("provenance", {}).get("config", {})
+    return {"max_side": config.get("max_side"), "short_side": config.get("short_side", 0)}  # 0: before the option
 
 
 def _steady_state_plan(
@@ -127,6 +139,7 @@ def measure_speed(
         "num_workers": num_workers,
         "data": str(data),
         "step": "batch encoded (forward)",
+        "prepared": prepared_images(data),
         "decode_on_device": decode_on_device,
         "flops_per_step": flops,
         **peak,
@@ -331,6 +344,7 @@ def measure_train_speed(
         "num_workers": num_workers,
         "data": str(data),
         "train_images": len(split),
+        "prepared": prepared_images(data),
         "classes": len(taxonomy),
         "step": what,
         "levers": dataclasses.asdict(levers),

@@ -204,7 +204,24 @@ def answer(classes: list[str], probs: np.ndarray, taxonomy: Taxonomy, thresholds
     return Answer("not_sure", f"{NOT_SURE_TEXT}; {closest}", best.probability, rows, thresholds, warning)
 
 
-CSV_COLUMNS = ("image", "answer", "kind", "probability", "warning", "top_species", "top_probabilities", "error")
+CSV_COLUMNS = (
+    "image",
+    "answer",
+    "kind",
+    "probability",
+    "warning",
+    "top_species",
+    "top_probabilities",
+    "error",
+    "thresholds",
+    "thresholds_source",
+)
+
+
+def thresholds_text(t: Thresholds) -> str:
+    """The thresholds an answer was given with, in one cell: ``species 0.5, genus 0.8, family 0.8[, unknown 0.42]``."""
+    limits = {"species": t.species, "genus": t.genus, "family": t.family, "unknown": t.unknown}
+    return ", ".join(f"{name} {value:.4g}" for name, value in limits.items() if value is not None)
 
 
 def csv_row(image: str, result: Answer | None = None, error: str = "") -> dict:
@@ -220,6 +237,8 @@ def csv_row(image: str, result: Answer | None = None, error: str = "") -> dict:
         "top_species": ";".join(r.species for r in result.rows),
         "top_probabilities": ";".join(f"{r.probability:.4f}" for r in result.rows),
         "error": "",
+        "thresholds": thresholds_text(result.thresholds),
+        "thresholds_source": result.thresholds.source,
     }
 
 
