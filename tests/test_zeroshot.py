@@ -393,3 +393,22 @@ def test_every_result_names_the_loss_settings_a_run_trained_with():
     assert describe_loss({"name": "hierarchical_xent", "alpha": 0.5, "danger_weight": 2}) == (
         "hierarchical_xent (α=0.5, danger_weight=2)"
     )
+
+
+def test_a_missing_image_is_the_same_one_line_error_when_decoding_on_the_device(prepared, tmp_path):
+    """--decode-on-device's workers read the files: a prepared image gone since is the error of the default path,
+    naming the file and the fix, not an OSError from a worker."""
+    import shutil
+
+    from mushroomclip.data.transforms import ImageError
+    from mushroomclip.evaluation.features import image_batches
+
+    data = Path(shutil.copytree(prepared[0], tmp_path / "prepared"))
+    split = load_splits(data)["test"].select(range(4))
+    backbone = load_backbone("tiny-clip", device="cpu")
+    missing = sorted((data / "test").rglob("*.jpg"))
+    for path in missing:
+        path.unlink()
+    for on_device in (False, True):
+        with pytest.raises(ImageError, match=r"cannot read .*\.jpg \(FileNotFoundError.*prepare_kaggle\.py"):
+            next(image_batches(split, backbone.preprocess, "cpu", 4, 0, decode_on_device=on_device))

@@ -95,6 +95,18 @@ def _open_checked(data: bytes, where: str):
         raise _image_error(where, "not an image file, or a format Pillow cannot read", _PREPARED_HINT) from None
 
 
+def encoded_bytes(image: dict) -> bytes:
+    """A ``datasets`` image cell's file bytes (``{"bytes", "path"}``, read from ``path`` when ``bytes`` is None); a
+    file that cannot be read is an :class:`ImageError` naming it."""
+    if image.get("bytes") is not None:
+        return image["bytes"]
+    try:
+        return Path(image["path"]).read_bytes()
+    except OSError as err:
+        reason = type(err).__name__ + (f": {err.strerror}" if err.strerror else "")
+        raise _image_error(image["path"], reason, _MOVED_HINT, action="read") from None
+
+
 def decode_rgb(image) -> torch.Tensor:
     """A ``datasets`` image cell (``{"bytes", "path"}`` with ``decode=False``), a file path or a PIL image
     as a ``(3, H, W)`` uint8 tensor, upright (EXIF orientation applied). Anything unreadable, undecodable
@@ -104,11 +116,7 @@ def decode_rgb(image) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         image = {"bytes": None, "path": str(image)}
     where = image.get("path") or "an in-memory image"
-    try:
-        data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
-    except OSError as err:
-        reason = type(err).__name__ + (f": {err.strerror}" if err.strerror else "")
-        raise _image_error(where, reason, _MOVED_HINT, action="read") from None
+    data = encoded_bytes(image)
     try:
         with _open_checked(data, where) as pil:
             if data.startswith(_FAST_SIGNATURES):

@@ -14,7 +14,7 @@ import torch
 from datasets import Image
 from tqdm.auto import tqdm
 
-from mushroomclip.data.transforms import DeviceEvalPixels, EvalPixels, background_worker
+from mushroomclip.data.transforms import DeviceEvalPixels, EvalPixels, background_worker, encoded_bytes
 
 
 class PreprocessedImages(torch.utils.data.Dataset):
@@ -47,9 +47,8 @@ class EncodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         row = self.split[index]
-        image = row["image"]
-        data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), row["label"], image.get("path")
+        data = encoded_bytes(row["image"])
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), row["label"], row["image"].get("path")
 
 
 def encoded_collate(rows: list[tuple]) -> tuple[list[torch.Tensor], torch.Tensor, list[str | None]]:
