@@ -86,6 +86,7 @@ SPEED_CLASSES ?= 169
 SPEED_PER_CLASS ?= 130
 SPEED_SIZE ?= 500
 SPEED_SHORT_SIDE ?= 0
+SPEED_SOURCE := $(BENCH)/speed-$(SPEED_CLASSES)x$(SPEED_PER_CLASS)-$(SPEED_SIZE)px-kaggle
 SPEED_DATA := $(BENCH)/speed-$(SPEED_CLASSES)x$(SPEED_PER_CLASS)-$(SPEED_SIZE)px$(if $(filter-out 0,$(SPEED_SHORT_SIDE)),-short$(SPEED_SHORT_SIDE))
 BENCH_MODEL ?= clip-b32
 WORKERS ?= $(NPROC)
@@ -96,8 +97,9 @@ ZS_BATCHES ?=
 ZS_LEVERS ?=
 BENCH_OUT ?= results/bench
 $(SPEED_DATA)/prepare_report.json:
-	$(PY) data_scripts/make_synthetic.py --output $(SPEED_DATA)-kaggle --classes $(SPEED_CLASSES) --per-class $(SPEED_PER_CLASS) --size $(SPEED_SIZE) --num-proc $(NPROC)
-	$(PY) data_scripts/prepare_kaggle.py --source $(SPEED_DATA)-kaggle --output $(SPEED_DATA) --short-side $(SPEED_SHORT_SIDE) \
+	test -f $(SPEED_SOURCE)/synthetic_manifest.json || $(PY) data_scripts/make_synthetic.py --output $(SPEED_SOURCE) \
+	  --classes $(SPEED_CLASSES) --per-class $(SPEED_PER_CLASS) --size $(SPEED_SIZE) --num-proc $(NPROC)
+	$(PY) data_scripts/prepare_kaggle.py --source $(SPEED_SOURCE) --output $(SPEED_DATA) --short-side $(SPEED_SHORT_SIDE) \
 	  --num-proc $(NPROC) --no-progress > /dev/null
 
 bench-zero-shot: setup $(SPEED_DATA)/prepare_report.json  ## zero-shot encoding images/s (data vs model only), FLOPs, MFU, peak memory, whole-split time -> results/bench/*.json (ZS_LEVERS=--decode-on-device; ZS_BATCH, ZS_BATCHES, WORKERS, SPEED_*)
@@ -122,7 +124,7 @@ bench-gpu:  ## on a GPU: bench-train (with its profile), bench-zero-shot, bench-
 	-$(MAKE) bench-zero-shot SPEED_SHORT_SIDE=256
 	-$(MAKE) bench-train SPEED_SHORT_SIDE=256 LEVERS="--no-baseline"
 	-$(MAKE) bench-train LEVERS="--lora-dropout 0"
-	-$(MAKE) bench-train BATCH=1024 LEVERS="--no-baseline"
+	-$(MAKE) bench-train BATCH=1024 STEPS=5 WORKERS=3 LEVERS="--no-baseline"
 	-$(MAKE) bench-train LEVERS="--bf16-base --no-baseline"
 	-$(MAKE) bench-train LEVERS="--fused-adamw --no-baseline"
 	-$(MAKE) bench-train LEVERS="--compile --no-baseline"

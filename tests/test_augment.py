@@ -340,19 +340,63 @@ def _photos() -> list[bytes]:
 def test_device_decoding_gives_the_workers_pixels(monkeypatch, torchcodec):
     """--decode-on-device (issue 13): a batch of encoded images decoded and preprocessed on the device equals
     EvalPixels' per-image result; on the CPU the decoder is the same libjpeg-turbo, so exactly (with TorchCodec
-    and with torchvision.io's decoder)."""
+    and with torchvision.io's decoder). The EXIF-rotated JPEG, the PNG and the WebP take the CPU path (torchvision's
+    CUDA decoder would ignore the rotation), and the counts say so."""
     from mushroomclip.data import transforms
-    from mushroomclip.data.transforms import DeviceEvalPixels
+    from mushroomclip.data.transforms import DeviceEvalPixels, device_decodable
 
     preprocess = square(32, (0.5,) * 3, (0.5,) * 3)
     photos = _photos()
     expected = torch.stack([EvalPixels(preprocess)({"bytes": data, "path": None}) for data in photos])
     if not torchcodec:
         monkeypatch.setattr(transforms, "_codec_decode_image", None)
-    encoded_batch = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in photos]
-    pixels = DeviceEvalPixels(preprocess, "cpu")(encoded_batch)
+    assert [device_decodable(data) for data in photos] == [True, True, False, True, False, False]
+    decoder = DeviceEvalPixels(preprocess, "cpu")
+    pixels = decoder(photos)
     assert pixels.dtype == torch.uint8 and pixels.shape == (6, 3, 32, 32)
     assert torch.equal(pixels, expected)
+    assert decoder.counts == {
+        "decoder": "torchcodec" if torchcodec else "torchvision.io",
+        "on_device": 3,
+        "on_cpu": 3,
+        "refused_by_device_decoder": 0,
+    }
+
+
+def test_a_jpeg_the_device_decoder_refuses_alone_is_decoded_on_the_cpu(monkeypatch, caplog):
+    """A batch the device's decoder refuses is tried again image by image: only the refused JPEG takes the CPU path
+    (with a warning naming it), and it is counted. A decoder that refuses every JPEG of the first batch does not
+    work here: a clear error, not a silent run on the CPU reported as decoded on the device."""
+    from mushroomclip.data import transforms
+    from mushroomclip.data.transforms import DeviceDecoderError, DeviceEvalPixels
+
+    preprocess = square(32, (0.5,) * 3, (0.5,) * 3)
+    photos = _photos()
+    refused = photos[1]
+    real = transforms._decode_jpegs
+
+    def picky(encoded, device):
+        if any(bytes(e.numpy()) == refused for e in encoded):
+            raise RuntimeError("nvjpeg: unsupported")
+        return real(encoded, device)
+
+    monkeypatch.setattr(transforms, "_decode_jpegs", picky)
+    decoder = DeviceEvalPixels(preprocess, "cpu")
+    expected = torch.stack([EvalPixels(preprocess)({"bytes": data, "path": None}) for data in photos])
+    assert torch.equal(decoder(photos, [f"{i}.jpg" for i in range(6)]), expected)
+    assert (decoder.counts["on_device"], decoder.counts["on_cpu"], decoder.counts["refused_by_device_decoder"]) == (
+        2,
+        4,
+        1,
+    )
+    assert "refused 1.jpg: nvjpeg: unsupported" in caplog.text
+
+    def broken(encoded, device):
+        raise RuntimeError("not compiled with nvjpeg")
+
+    monkeypatch.setattr(transforms, "_decode_jpegs", broken)
+    with pytest.raises(DeviceDecoderError, match="refused every JPEG of the first batch .*not compiled with nvjpeg"):
+        DeviceEvalPixels(preprocess, "cpu")(photos)
 
 
 def test_device_decoding_of_a_broken_jpeg_names_it(tmp_path):
@@ -361,6 +405,5 @@ def test_device_decoding_of_a_broken_jpeg_names_it(tmp_path):
     from mushroomclip.data.transforms import DeviceEvalPixels, ImageError
 
     photos = _photos()[:2] + [encoded(gradient(), "JPEG")[:60]]  # the third: cut short
-    batch = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in photos]
     with pytest.raises(ImageError, match=r"cannot decode .*broken\.jpg.*prepare_kaggle"):
-        DeviceEvalPixels(square(32, (0.5,) * 3, (0.5,) * 3), "cpu")(batch, [None, None, str(tmp_path / "broken.jpg")])
+        DeviceEvalPixels(square(32, (0.5,) * 3, (0.5,) * 3), "cpu")(photos, [None, None, str(tmp_path / "broken.jpg")])

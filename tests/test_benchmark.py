@@ -122,7 +122,7 @@ def test_train_and_zero_shot_results_have_every_documented_field(prepared, tmp_p
     assert main(["speed", "--batch-size", "8", "--batches", "1", *common]) == 0
     # a batch other than the device's default is in the name: a BATCH=1024 lever run keeps the default run's file
     train = json.loads((tmp_path / "train-tiny-clip-vision+text-batch4-cpu.json").read_text())
-    zero_shot = json.loads((tmp_path / "zero-shot-tiny-clip-cpu.json").read_text())
+    zero_shot = json.loads((tmp_path / "zero-shot-tiny-clip-batch8-cpu.json").read_text())
     assert set(speed.TRAIN_FIELDS) <= set(train) and set(speed.ZERO_SHOT_FIELDS) <= set(zero_shot)
     assert set(train["profile"]["forward_by_tower_ms"]) == {"vision", "text"}
     for result in (train, zero_shot):
@@ -144,7 +144,7 @@ def test_train_and_zero_shot_results_have_every_documented_field(prepared, tmp_p
     assert "profile (model only, 3 steps): a step of" in printed
     assert zero_shot["decode_on_device"] is False and "decoded_difference" not in zero_shot
     assert main(["speed", "--batch-size", "8", "--batches", "1", "--decode-on-device", *common]) == 0
-    decoded = json.loads((tmp_path / "zero-shot-tiny-clip-device-decode-cpu.json").read_text())
+    decoded = json.loads((tmp_path / "zero-shot-tiny-clip-device-decode-batch8-cpu.json").read_text())
     assert decoded["decode_on_device"] is True
     assert decoded["decoded_difference"]["max_abs"] == 0  # on the CPU: the same libjpeg-turbo as the workers
     assert "decoded on the device" in capsys.readouterr().out
@@ -330,20 +330,23 @@ def test_data_prepared_at_a_short_side_is_named_in_the_record_the_file_and_the_t
     assert prepared_images(tmp_path / "nowhere") == {}
     common = ["--data", str(tmp_path / "short"), "--num-workers", "0", "--output", str(tmp_path / "bench")]
     assert main(["speed", "--model", "tiny-clip", "--batch-size", "4", "--batches", "1", *common]) == 0
-    result = json.loads((tmp_path / "bench" / "zero-shot-tiny-clip-short48-cpu.json").read_text())
+    result = json.loads((tmp_path / "bench" / "zero-shot-tiny-clip-batch4-short48-cpu.json").read_text())
     assert result["prepared"] == {"max_side": 512, "short_side": 48}
     rows = {row.split(" | ")[1]: row for row in speed.table_rows(result)}
     assert ", images prepared at short side ≤48 px |" in rows["with the data pipeline"]
     assert "short side" not in rows["model only (synthetic tensors on the device)"]
 
 
-def test_lora_dropout_is_refused_where_there_is_no_lora(prepared, capsys):
+def test_lora_levers_are_refused_where_there_is_no_lora(prepared, capsys):
     from mushroomclip.evaluation.benchmark import main
 
     for model, value, expected in (("tiny-resnet", "0", "without LoRA"), ("tiny-clip", "1.5", "must be in [0, 1)")):
         with pytest.raises(SystemExit):
             main(["train-speed", "--data", str(prepared[0]), "--model", model, "--lora-dropout", value])
         assert expected in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # recorded but never applied, as --lora-dropout would have been
+        main(["train-speed", "--data", str(prepared[0]), "--model", "tiny-resnet", "--bf16-base"])
+    assert "--bf16-base: tiny-resnet is trained in full here, with no frozen base" in capsys.readouterr().err
 
 
 def _tiny_clip_step(prepared, levers=None):
@@ -426,6 +429,53 @@ def test_profile_says_where_a_steps_time_goes(prepared):
     assert "vision tower" in line and "text tower" in line and "matmul" in line
 
 
+def test_profile_of_a_gpu_step_counts_kernel_time_once(monkeypatch):
+    """On a GPU (faked ``key_averages()`` entries, as Kineto gives them): an operator's share is the time of the kernels
+    it launched itself, the clock is every device-side event but the annotations' GPU spans (which include idle gaps),
+    and a tower's forward is its CPU-side range (the kernels of the operators inside it), not its GPU span."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from mushroomclip.evaluation import profiling
+
+    def event(key, device_type, self_device=0.0, device_total=0.0, annotation=False, count=2):
+        return SimpleNamespace(
+            key=key,
+            device_type=device_type,
+            self_device_time_total=self_device,
+            device_time_total=device_total,
+            self_cpu_time_total=1.0,
+            cpu_time_total=1.0,
+            count=count,
+            is_user_annotation=annotation,
+        )
+
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [
+        event("aten::mm", cpu, self_device=6000.0, device_total=6000.0),
+        event("aten::mul", cpu, self_device=1000.0, device_total=1000.0),
+        event("cudaLaunchKernel", cpu),
+        event("sm90_xmma_gemm_bf16", gpu, self_device=6000.0, device_total=6000.0),
+        event("elementwise_kernel", gpu, self_device=1000.0, device_total=1000.0),
+        event("Memcpy HtoD", gpu, self_device=1000.0, device_total=1000.0),
+        event("forward: vision tower", cpu, device_total=4000.0),
+        event("forward: vision tower", gpu, self_device=9000.0, device_total=9000.0, annotation=True),
+        event("step: forward", gpu, self_device=20000.0, device_total=20000.0, annotation=True),
+    ]
+    result = profiling.aggregate(events, cuda=True, steps=2)
+    assert result["clocked_ms"] == pytest.approx(4.0)  # (6000 + 1000 + 1000) us over 2 steps
+    assert result["forward_by_tower_ms"] == {"vision": pytest.approx(2.0)}  # the CPU-side range, not the 9 ms span
+    assert result["kinds_ms"] == {"matmul": pytest.approx(3.0), "elementwise and other": pytest.approx(0.5)}
+    assert [(op["op"], op["ms"], op["calls"]) for op in result["top_ops"]] == [
+        ("aten::mm", 3.0, 1.0),
+        ("aten::mul", 0.5, 1.0),
+    ]
+    no_kernels = [e for e in events if e.device_type == cpu]
+    with pytest.raises(RuntimeError, match="recorded no GPU kernel: is CUPTI available"):
+        profiling.aggregate(no_kernels, cuda=True, steps=2)
+
+
 @pytest.mark.parametrize(
     ("op", "expected"),
     [
@@ -444,3 +494,28 @@ def test_profile_kinds_of_operators(op, expected):
     from mushroomclip.evaluation import profiling
 
     assert profiling.kind(op) == expected
+
+
+def test_every_bench_gpu_run_has_the_batches_its_steady_state_needs():
+    """make bench-gpu on a 16-core GPU machine with the default speed data (169 species x 130 images): every run's
+    1 warm-up + 2 prefetched per worker + timed batches fit in the train split, or the run would stop with "prepare
+    more images" (its leading '-' would hide that, and the figure would be missing)."""
+    import re
+    from pathlib import Path
+
+    from mushroomclip.data.synthetic import _split_counts
+    from mushroomclip.evaluation.throughput import _steady_state_plan
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\nbench-gpu:", 1)[1].split("\n\n", 1)[0]
+    runs = [line for line in recipe.splitlines() if re.search(r"bench-(train|zero-shot)\b", line)]
+    assert len(runs) >= 10
+    train_images = 169 * _split_counts(130)["train"]
+    for line in runs:
+        settings = dict(re.findall(r"\b(BATCH|STEPS|WORKERS|ZS_BATCH|ZS_BATCHES)=(\d+)", line))
+        workers = int(settings.get("WORKERS", 16))
+        if "bench-train" in line:
+            batch, timed = int(settings.get("BATCH", 256)), int(settings.get("STEPS", 20))  # train-speed's GPU defaults
+        else:
+            batch, timed = int(settings.get("ZS_BATCH", 256)), int(settings.get("ZS_BATCHES", 10))
+        _steady_state_plan("speed data", "the train split", train_images // batch, batch, workers, timed, "", "")

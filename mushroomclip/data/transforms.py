@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
 import re
 import warnings
@@ -32,6 +33,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
+
+from mushroomclip.data.image_jobs import EXIF_ORIENTATION
+
+logger = logging.getLogger(__name__)
 
 try:  # torchvision.io's image decoders moved here (torchvision 0.29)
     from torchcodec.decoders import decode_image as _codec_decode_image
@@ -193,9 +198,14 @@ class EvalPixels:
         return self.transform(decode_rgb(image))
 
 
+def device_decoder_name() -> str:
+    """The batch JPEG decoder :class:`DeviceEvalPixels` uses: TorchCodec's where it loads, else torchvision.io's."""
+    return "torchcodec" if _codec_decode_image is not None else "torchvision.io"
+
+
 def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """JPEG bytes as RGB pixels on ``device``, EXIF orientation applied, decoded as one batch (nvJPEG on a GPU):
-    TorchCodec's decoder, else torchvision.io's."""
+    """JPEG bytes as RGB pixels on ``device``, decoded as one batch (nvJPEG on a GPU), by
+    :func:`device_decoder_name`'s decoder."""
     if _codec_decode_image is not None:
         from torchcodec.decoders import decode_jpeg
 
@@ -204,33 +214,62 @@ def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[tor
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        return decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        return decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
+
+
+def device_decodable(data: bytes) -> bool:
+    """Whether :class:`DeviceEvalPixels` can give ``data`` to the batch decoder as it is: a JPEG, within Pillow's
+    decompression-bomb limit, without an EXIF rotation (torchvision's CUDA decoder ignores one). Anything else goes
+    through :func:`decode_rgb` on the CPU, which applies the rotation or names what is wrong. Reads the header only:
+    cheap enough for a DataLoader worker."""
+    if not data.startswith(_FAST_SIGNATURES[0]):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.getexif().get(EXIF_ORIENTATION, 1) == 1
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return False
+
+
+class DeviceDecoderError(RuntimeError):
+    """The device's JPEG decoder refused every JPEG of the first batch: it does not work here."""
 
 
 class DeviceEvalPixels:
-    """Encoded images (1-D uint8 tensors of a file's bytes) as a batch of the model's evaluation input, made on
-    ``device``: the JPEGs decoded together there (nvJPEG on a GPU), then :func:`eval_transform`'s resize and centre
-    crop, the same ops as :class:`EvalPixels` runs per image in a worker. Other formats, and a JPEG the batch
-    decoder refuses, go through :func:`decode_rgb` on the CPU. For prepared data, whose images were validated
-    when it was made: there is no decompression-bomb check before the batch decoder."""
+    """Encoded images (a file's bytes) as a batch of the model's evaluation input, made on ``device``: the JPEGs
+    :func:`device_decodable` accepts are decoded together there (nvJPEG on a GPU), then :func:`eval_transform`'s
+    resize and centre crop, the same ops as :class:`EvalPixels` runs per image in a worker. The rest, and a JPEG
+    the device's decoder refuses (tried again on its own), go through :func:`decode_rgb` on the CPU; ``counts``
+    says how many images went each way. If the decoder refuses every JPEG of the first batch, it does not work
+    here: :class:`DeviceDecoderError`."""
 
     def __init__(self, preprocess: PreprocessConfig, device: str | torch.device):
         self.transform = eval_transform(preprocess)
         self.size = preprocess.size
         self.device = torch.device(device)
+        self.counts = {"decoder": device_decoder_name(), "on_device": 0, "on_cpu": 0, "refused_by_device_decoder": 0}
+        self.first_refusal: str | None = None
 
-    def __call__(self, encoded: list[torch.Tensor], paths: Sequence[str | None] = ()) -> torch.Tensor:
+    def __call__(
+        self, encoded: Sequence[bytes], paths: Sequence[str | None] = (), decodable: Sequence[bool] = ()
+    ) -> torch.Tensor:
         paths = list(paths) or [None] * len(encoded)
+        decodable = list(decodable) or [device_decodable(data) for data in encoded]
         pixels: list[torch.Tensor | None] = [None] * len(encoded)
-        jpegs = [i for i, e in enumerate(encoded) if bytes(e[:2].tolist()) == _FAST_SIGNATURES[0]]
-        if jpegs:
-            with contextlib.suppress(RuntimeError):  # one image the batch decoder refuses: each on its own below
-                for i, image in zip(jpegs, _decode_jpegs([encoded[i] for i in jpegs], self.device), strict=True):
-                    pixels[i] = image
+        jpegs = [i for i, ok in enumerate(decodable) if ok]
+        first = self.counts["on_device"] + self.counts["refused_by_device_decoder"] == 0
+        self._decode_on_device(encoded, jpegs, paths, pixels)
+        if first and jpegs and all(pixels[i] is None for i in jpegs):
+            raise DeviceDecoderError(
+                f"the {self.counts['decoder']} JPEG decoder on {self.device} refused every JPEG of the first batch "
+                f"({self.first_refusal}): leave out --decode-on-device"
+            )
         for i, image in enumerate(pixels):
             if image is None:
-                cell = {"bytes": encoded[i].numpy().tobytes(), "path": paths[i]}
-                pixels[i] = decode_rgb(cell).to(self.device, non_blocking=True)
+                pixels[i] = decode_rgb({"bytes": bytes(encoded[i]), "path": paths[i]}).to(self.device)
+                self.counts["on_cpu"] += 1
         # images of one size are resized and cropped together: one kernel per size, not per image
         by_size: dict[tuple, list[int]] = {}
         for i, image in enumerate(pixels):
@@ -239,6 +278,28 @@ class DeviceEvalPixels:
         for indices in by_size.values():
             out[indices] = self.transform(torch.stack([pixels[i] for i in indices]))
         return out
+
+    def _decode_on_device(self, encoded, indices: list[int], paths: list, pixels: list) -> None:
+        """Decode ``indices`` as one batch into ``pixels``; if the decoder refuses the batch, each image on its own
+        (a refused one stays None)."""
+        if not indices:
+            return
+        tensors = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in indices]
+        try:
+            images = _decode_jpegs(tensors, self.device)
+        except RuntimeError as err:
+            if len(indices) > 1:
+                for i in indices:
+                    self._decode_on_device(encoded, [i], paths, pixels)
+                return
+            self.counts["refused_by_device_decoder"] += 1
+            if self.first_refusal is None:
+                self.first_refusal = f"{paths[indices[0]] or 'an image'}: {str(err).splitlines()[0]}"
+                logger.warning("the device's JPEG decoder refused %s; it is decoded on the CPU", self.first_refusal)
+            return
+        for i, image in zip(indices, images, strict=True):
+            pixels[i] = image
+        self.counts["on_device"] += len(indices)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -202,6 +202,9 @@ def novel_species_rows(runs: Path, results: Path, num_workers: int) -> list[Path
     return done
 
 
+DEFAULT_ZS_BATCH = 256  # speed --batch-size; another one is in the result's file name
+
+
 def _short_side_tag(result: dict) -> str:
     """What a result file's name says of data prepared with --short-side ("" without)."""
     short = (result.get("prepared") or {}).get("short_side")
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--readme", default="docs/benchmarks.md", help="the page holding the bench-table markers")
     speed_cmd = sub.add_parser("speed", help="zero-shot image-encoding throughput (random weights)")
     speed_cmd.add_argument("--split", default="train", help="split to read images from")
-    speed_cmd.add_argument("--batch-size", type=int, default=256)
+    speed_cmd.add_argument("--batch-size", type=int, default=DEFAULT_ZS_BATCH)
     speed_cmd.add_argument("--batches", type=int, help="timed batches, after warm-up (default: 10 on a GPU, 2 on CPU)")
     speed_cmd.add_argument(
         "--decode-on-device",
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--model: {err}{classifiers}")
     if args.command == "speed" and args.model in CLASSIFIERS:
         p.error(f"--model {args.model}: a supervised classifier has no zero-shot encoding; measure it with train-speed")
+    if args.command == "train-speed" and args.bf16_base and args.model in CLASSIFIERS:
+        p.error(f"--bf16-base: {args.model} is trained in full here, with no frozen base to hold in bf16; leave it out")
     if args.command == "train-speed" and args.lora_dropout is not None:
         if args.model in CLASSIFIERS:
             p.error(f"--lora-dropout: {args.model} is trained in full here, without LoRA; leave it out")
@@ -355,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         args.decode_on_device,
     )
     where = "-device-decode" if args.decode_on_device else ""
-    where += _short_side_tag(r)
+    where += (f"-batch{args.batch_size}" if args.batch_size != DEFAULT_ZS_BATCH else "") + _short_side_tag(r)
     _print_and_write(r, f"zero-shot-{args.model}{where}-{'gpu' if gpu else 'cpu'}", Path(args.output))
     return 0
 

@@ -14,7 +14,13 @@ import torch
 from datasets import Image
 from tqdm.auto import tqdm
 
-from mushroomclip.data.transforms import DeviceEvalPixels, EvalPixels, background_worker, encoded_bytes
+from mushroomclip.data.transforms import (
+    DeviceEvalPixels,
+    EvalPixels,
+    background_worker,
+    device_decodable,
+    encoded_bytes,
+)
 
 
 class PreprocessedImages(torch.utils.data.Dataset):
@@ -36,8 +42,10 @@ class PreprocessedImages(torch.utils.data.Dataset):
 
 
 class EncodedImages(torch.utils.data.Dataset):
-    """A ``datasets`` split as (file bytes, label, path) triples: the workers only read files, and
-    :class:`mushroomclip.data.transforms.DeviceEvalPixels` decodes and preprocesses each batch on the device."""
+    """A ``datasets`` split as (file bytes, label, path, device-decodable) rows: the workers only read files (and a
+    JPEG's header, :func:`mushroomclip.data.transforms.device_decodable`), and
+    :class:`mushroomclip.data.transforms.DeviceEvalPixels` decodes and preprocesses each batch on the device. Bytes,
+    not tensors: DataLoader pickles them, where each tensor would hold a file descriptor of its own."""
 
     def __init__(self, split):
         self.split = split.select_columns(["image", "label"]).cast_column("image", Image(decode=False))
@@ -48,18 +56,27 @@ class EncodedImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         row = self.split[index]
         data = encoded_bytes(row["image"])
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), row["label"], row["image"].get("path")
+        return data, row["label"], row["image"].get("path"), device_decodable(data)
 
 
-def encoded_collate(rows: list[tuple]) -> tuple[list[torch.Tensor], torch.Tensor, list[str | None]]:
-    encoded, labels, paths = zip(*rows, strict=True)
-    return list(encoded), torch.tensor(labels), list(paths)
+def encoded_collate(rows: list[tuple]) -> tuple[list[bytes], torch.Tensor, list[str | None], list[bool]]:
+    encoded, labels, paths, decodable = zip(*rows, strict=True)
+    return list(encoded), torch.tensor(labels), list(paths), list(decodable)
 
 
-def image_batches(split, preprocess, device, batch_size: int, num_workers: int, decode_on_device: bool = False):
+def image_batches(
+    split,
+    preprocess,
+    device,
+    batch_size: int,
+    num_workers: int,
+    decode_on_device: bool = False,
+    decoder: DeviceEvalPixels | None = None,
+):
     """``(uint8 pixels, labels)`` batches of ``split`` for the model's evaluation input, in split order: decoded and
     preprocessed by DataLoader workers (:class:`PreprocessedImages`), or with ``decode_on_device`` read by the
-    workers and decoded and preprocessed in batches on ``device`` (:class:`EncodedImages`)."""
+    workers and decoded and preprocessed in batches on ``device`` (:class:`EncodedImages`; by ``decoder``, whose
+    ``counts`` then say where each image was decoded, else a new one)."""
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(
         EncodedImages(split) if decode_on_device else PreprocessedImages(split, preprocess),
@@ -73,9 +90,9 @@ def image_batches(split, preprocess, device, batch_size: int, num_workers: int, 
     if not decode_on_device:
         yield from loader
         return
-    pixels = DeviceEvalPixels(preprocess, device)
-    for encoded, labels, paths in loader:
-        yield pixels(encoded, paths), labels
+    decoder = decoder or DeviceEvalPixels(preprocess, device)
+    for encoded, labels, paths, decodable in loader:
+        yield decoder(encoded, paths, decodable), labels
 
 
 @torch.inference_mode()

@@ -39,7 +39,7 @@ OTHER = "elementwise and other"
 def sync(device: str) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 def kind(op: str) -> str:
@@ -102,14 +102,27 @@ def profile_step(step, batch: dict, device: str, model, steps: int = 3) -> dict:
         for _ in range(steps):
             step(batch)
         sync(device)
-    events = prof.key_averages()
+    return {"steps": steps, "phases_ms": phases, "step_ms": sum(phases.values())} | aggregate(
+        prof.key_averages(), cuda, steps
+    )
+
+
+def aggregate(events, cuda: bool, steps: int) -> dict:
+    """The operator view of ``torch.profiler``'s ``key_averages()`` over ``steps`` steps, in milliseconds a step.
+
+    On a GPU each CPU-side operator carries the time of the kernels it launched itself (``self_device_time_total``),
+    and the clock is every device-side event (kernels, copies, memsets; not the annotations' GPU spans, which
+    include idle gaps); a tower's forward is its CPU-side range, whose ``device_time_total`` sums the kernels of the
+    operators inside it. On a CPU: self CPU time, and the range's CPU time.
+    """
     ours = set(PHASES) | {TOWER_RANGE.format(t) for t in TOWER_PREFIX}
 
     def own(e) -> float:  # microseconds
         return e.self_device_time_total if cuda else e.self_cpu_time_total
 
-    ops = [e for e in events if e.device_type == DeviceType.CPU and e.key not in ours]
-    if cuda:  # every kernel, copy and memset the device ran, whichever operator launched it
+    cpu_side = [e for e in events if e.device_type == DeviceType.CPU]
+    ops = [e for e in cpu_side if e.key not in ours]
+    if cuda:
         device_side = (e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", 0))
         clocked = sum(e.self_device_time_total for e in device_side)
         if not clocked:
@@ -121,16 +134,12 @@ def profile_step(step, batch: dict, device: str, model, steps: int = 3) -> dict:
     for e in ops:
         kinds[kind(e.key)] = kinds.get(kind(e.key), 0.0) + own(e) * per_step
     top = sorted(ops, key=own, reverse=True)[:TOP_OPS]
-    towers = {
-        t: (e.device_time_total if cuda else e.cpu_time_total) * per_step
-        for t in TOWER_PREFIX
-        for e in events
-        if e.key == TOWER_RANGE.format(t)
-    }
+    towers = {}
+    for tower in TOWER_PREFIX:
+        ranges = [e for e in cpu_side if e.key == TOWER_RANGE.format(tower)]
+        if ranges:  # none for a model without that tower, or under torch.compile (its graph runs no module hooks)
+            towers[tower] = sum(e.device_time_total if cuda else e.cpu_time_total for e in ranges) * per_step
     return {
-        "steps": steps,
-        "phases_ms": phases,
-        "step_ms": sum(phases.values()),
         "clock": "GPU time of each operator's own kernels" if cuda else "self CPU time of each operator",
         "clocked_ms": clocked * per_step,
         "forward_by_tower_ms": towers,

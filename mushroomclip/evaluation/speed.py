@@ -340,7 +340,7 @@ def table_rows(result: dict) -> list[str]:
         where = setup + "".join(f", {k}" if v is True else f", {k}={v:g}" for k, v in levers.items())
         if (r.get("prepared") or {}).get("short_side") and key in ("pipeline", "baseline", "loader_only"):
             where += f", images prepared at short side ≤{r['prepared']['short_side']} px"
-        if r.get("decode_on_device") and key == "pipeline":
+        if (r.get("device_decoding") or {}).get("on_device") and key == "pipeline":
             where += ", decoded on the device"
         rows.append(
             f"| {r['benchmark']} | {label} | {where} | {_machine(r['machine'])} | {_num(f['images_per_s'])} | "
@@ -369,11 +369,13 @@ def notes(result: dict) -> str:
             f"whole {e['split']} split ({e['images']:,} images) encoded in {e['seconds']:.1f} s end to end"
             f" ({15600 * e['seconds'] / e['images']:.1f} s per 15.6k images at that rate)"
         )
-    if "decoded_difference" in r:
-        d = r["decoded_difference"]
+    if "device_decoding" in r:
+        c, d = r["device_decoding"], r["decoded_difference"]
         parts.append(
-            f"device-decoded pixels vs the workers' on {d['images']} images: at most {d['max_abs']} grey levels apart, "
-            f"{d['mean_abs']:.3f} on average"
+            f"--decode-on-device: {c['on_device']:,} images decoded on the device by {c['decoder']}, {c['on_cpu']:,} "
+            f"on the CPU ({c['refused_by_device_decoder']:,} refused by the device's decoder); of the first "
+            f"{d['images']} images ({d['on_device']} decoded on the device) the pixels are at most {d['max_abs']} grey "
+            f"levels from the workers', {d['mean_abs']:.3f} on average"
         )
     if "profile" in r:
         p = r["profile"]

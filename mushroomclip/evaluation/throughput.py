@@ -23,7 +23,7 @@ from transformers import TrainingArguments
 
 from mushroomclip.config import DataArguments, LoraArguments
 from mushroomclip.data.splits import load_splits, prepared_taxonomy
-from mushroomclip.data.transforms import background_worker, pixel_stats, train_images
+from mushroomclip.data.transforms import DeviceEvalPixels, background_worker, pixel_stats, train_images
 from mushroomclip.evaluation import profiling, speed
 from mushroomclip.evaluation.features import image_batches
 from mushroomclip.models.backbones import load_backbone, offline_clip_tokenizer
@@ -106,6 +106,8 @@ def measure_speed(
         "make bench-zero-shot",
         "--batches",
     )
+    # one decoder for the measured batches and the whole split: its counts say where every image was decoded
+    decoder = DeviceEvalPixels(backbone.preprocess, device) if decode_on_device else None
     loader = image_batches(
         images.select(range(needed * batch_size)),
         backbone.preprocess,
@@ -113,6 +115,7 @@ def measure_speed(
         batch_size,
         num_workers,
         decode_on_device,
+        decoder,
     )
 
     with torch.inference_mode():
@@ -126,7 +129,7 @@ def measure_speed(
         model_only = max(first, _images_per_s(synthetic, backbone.encode_images, batches, 0, device)[0])
         memory = speed.peak_memory(device)
         flops = speed.count_flops(backbone.encode_images, on_device[0])
-        split_encode = _encode_split(images, backbone, batch_size, num_workers, device, decode_on_device)
+        split_encode = _encode_split(images, backbone, batch_size, num_workers, device, decoder)
     peak = speed.peaks(device, dtype)
     return {
         "benchmark": "bench-zero-shot",
@@ -148,7 +151,12 @@ def measure_speed(
         "ratio": pipeline / model_only,
         "split_encode": dict(split_encode, split=split),
         **(
-            {"decoded_difference": _decoded_difference(images, backbone.preprocess, device)} if decode_on_device else {}
+            {
+                "device_decoding": decoder.counts,
+                "decoded_difference": _decoded_difference(images, backbone.preprocess, device),
+            }
+            if decode_on_device
+            else {}
         ),
         "machine": speed.machine(device),
     }
@@ -158,19 +166,26 @@ def _decoded_difference(split, preprocess, device: str, count: int = 64) -> dict
     """How far the device-decoded evaluation pixels of ``split``'s first ``count`` images are from the workers'
     (:class:`mushroomclip.data.transforms.EvalPixels`): the largest and the mean absolute difference in grey levels (0-255)."""
     count = min(count, len(split))
-    on_device = next(image_batches(split.select(range(count)), preprocess, device, count, 0, decode_on_device=True))[0]
-    workers = next(image_batches(split.select(range(count)), preprocess, device, count, 0))[0].to(device)
+    decoder = DeviceEvalPixels(preprocess, device)
+    first = split.select(range(count))
+    on_device = next(image_batches(first, preprocess, device, count, 0, decode_on_device=True, decoder=decoder))[0]
+    workers = next(image_batches(first, preprocess, device, count, 0))[0].to(device)
     diff = (on_device.int() - workers.int()).abs()
-    return {"images": count, "max_abs": int(diff.max()), "mean_abs": float(diff.float().mean())}
+    return {
+        "images": count,
+        "on_device": decoder.counts["on_device"],  # the others took the workers' own path: 0 apart by definition
+        "max_abs": int(diff.max()),
+        "mean_abs": float(diff.float().mean()),
+    }
 
 
-def _encode_split(
-    images, backbone, batch_size: int, num_workers: int, device: str, decode_on_device: bool = False
-) -> dict:
-    """Seconds to encode every image of a split end to end: a fresh loader (worker start-up included)."""
+def _encode_split(images, backbone, batch_size: int, num_workers: int, device: str, decoder=None) -> dict:
+    """Seconds to encode every image of a split end to end: a fresh loader (worker start-up included); with a
+    ``decoder``, decoded on the device by it."""
     speed.sync(device)
     start = time.perf_counter()
-    for pixels, _ in image_batches(images, backbone.preprocess, device, batch_size, num_workers, decode_on_device):
+    batches = image_batches(images, backbone.preprocess, device, batch_size, num_workers, decoder is not None, decoder)
+    for pixels, _ in batches:
         backbone.encode_images(pixels)
     speed.sync(device)
     seconds = time.perf_counter() - start
@@ -184,8 +199,8 @@ def _lora_model(model: str, device: str, towers: tuple, dropout: float | None = 
     s = LoraArguments()
     dropout = s.dropout if dropout is None else dropout
     peft = add_lora(backbone.model, s.r, s.alpha, dropout, list(towers), s.target_modules, False).to(device).train()
-    if bf16_base:
-        hold_frozen_in_bf16(peft)
+    if bf16_base and not hold_frozen_in_bf16(peft):
+        raise ValueError(f"--bf16-base: {model} has no frozen linear or convolution weight in fp32 to hold in bf16")
     return backbone, peft
 
 

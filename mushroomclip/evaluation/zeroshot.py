@@ -95,7 +95,8 @@ class EvaluationArguments:
         default=False,
         metadata={
             "help": "the workers only read files; each batch of JPEGs is decoded (nvJPEG on a GPU), resized and "
-            "cropped on the device (another JPEG decoder: pixels may differ slightly from the workers')"
+            "cropped on the device; other formats and EXIF-rotated JPEGs on the CPU (another JPEG decoder: pixels "
+            "may differ slightly from the workers')"
         },
     )
     device: str = field(
