@@ -122,7 +122,7 @@ def cached_image_features(
     """:func:`image_features`, stored under ``cache_dir``; returns (features, labels, hit).
 
     Keyed by ``backbone.cache_id`` (the weights actually loaded and the preprocessing), the split content and where
-    the images are decoded (another decoder's pixels differ by a grey level or so).
+    the images are decoded (another JPEG decoder's pixels may differ slightly).
     """
     where = "|device-decoded" if kwargs.get("decode_on_device") else ""
     key = hashlib.sha256(f"{backbone.cache_id}|{fingerprint}{where}".encode()).hexdigest()[:24]
